@@ -1,0 +1,136 @@
+"""The default experiment: a small modern decoder on real, offline text.
+
+Three sources are mixed by token share: Python standard-library source code ("code"),
+English prose drawn from it ("prose": docstrings and the pydoc topic pages), and a
+seeded Markov chain whose exact entropy rate is known ("markov"), so the curves show
+how close the model gets to a floor.
+
+Every key the framework reads is declared here, once. Presets (`tiny.py`,
+`gpt2_124m.py`) and experiments start from this function and override values;
+they never add keys. Shared values are `FieldReference`s, so overriding
+`data.context_length` also moves `model.max_len`, and overriding `train.steps`
+moves `optimizer.decay_steps` unless that is overridden too.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+placeholder = config_dict.placeholder
+
+
+def source(kind: str, weight: float, **overrides) -> ml_collections.ConfigDict:
+  """One named data source. Every source declares every field; `kind` picks which apply."""
+  s = ml_collections.ConfigDict()
+  s.kind = kind  # python_stdlib | stdlib_prose | markov | text | jsonl | parquet | array_record | chat_jsonl
+  s.weight = float(weight)  # share of *tokens* fed to the model (normalised over sources)
+  s.path = placeholder(str)  # file, directory or glob (comma-separated allowed) for file kinds
+  s.text_field = "text"  # jsonl / parquet / array_record(json) field holding the document
+  s.val_fraction = 0.05  # held-out share: tail of a single file, seeded document split otherwise
+  s.max_documents = placeholder(int)  # cap for quick runs; None = all
+  # markov: a seeded order-k chain over `num_symbols` printable characters.
+  s.markov = ml_collections.ConfigDict()
+  s.markov.order = 1
+  s.markov.num_symbols = 16
+  s.markov.concentration = 0.2  # Dirichlet concentration of each transition row (lower = lower entropy)
+  s.markov.seed = 1234
+  s.markov.num_documents = 2000
+  s.markov.document_length = 1000  # symbols per document
+  # chat_jsonl: conversations rendered through a template; loss on assistant tokens only if set.
+  s.only_train_on_assistant = True
+  s.update(overrides)
+  return s
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  context_length = config_dict.FieldReference(128)
+  steps = config_dict.FieldReference(300)
+
+  # ---- data ---------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.context_length = context_length  # tokens per training example (inputs; targets shifted by one)
+  c.data.packing = "concat"  # concat: docs joined with EOS, cut into rows | window: random offsets (nanoGPT)
+  c.data.document_masking = True  # attend only within a document (False = GPT-style cross-document attention)
+  c.data.cache_dir = placeholder(str)  # pre-tokenization cache; None = ~/.cache/lmobjective
+  c.data.shuffle_buffer = 0  # unused by index-based pipelines; reserved
+  c.data.tokenizer = ml_collections.ConfigDict()
+  c.data.tokenizer.kind = "sentencepiece"  # sentencepiece | char | byte
+  c.data.tokenizer.model_type = "bpe"  # bpe | unigram (sentencepiece only)
+  c.data.tokenizer.vocab_size = 2048
+  c.data.tokenizer.sample_lines = 200_000  # seeded sample of the mixture used to train it
+  c.data.tokenizer.path = placeholder(str)  # an existing tokenizer file to use instead of training
+  c.data.sources = ml_collections.ConfigDict()
+  c.data.sources.code = source("python_stdlib", 0.6)
+  c.data.sources.prose = source("stdlib_prose", 0.3)
+  c.data.sources.markov = source("markov", 0.1)
+
+  # ---- model --------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.num_layers = 4
+  c.model.num_heads = 4
+  c.model.num_kv_heads = placeholder(int)  # None = num_heads; fewer = grouped-query attention
+  c.model.embed_dim = 256
+  c.model.mlp_dim = placeholder(int)  # None = 4*embed_dim (gelu) or 8/3*embed_dim rounded to 64 (swiglu)
+  c.model.max_len = context_length  # longest context the model supports (learned positions need it)
+  c.model.vocab_size = placeholder(int)  # None = the tokenizer's vocabulary size
+  c.model.position = "rope"  # rope | learned
+  c.model.rope_theta = 10_000.0
+  c.model.norm = "rmsnorm"  # rmsnorm | layernorm
+  c.model.mlp = "swiglu"  # swiglu | gelu
+  c.model.use_bias = False
+  c.model.tie_embeddings = True
+  c.model.dropout = 0.0
+  c.model.init_std = 0.02
+  c.model.param_dtype = "float32"
+  c.model.compute_dtype = "float32"  # float32 | bfloat16 (params stay in param_dtype)
+  c.model.attention = "auto"  # auto (cudnn on GPU with bf16, else xla) | xla | cudnn
+  c.model.remat = "none"  # none | full | dots_saveable
+  c.model.scan_layers = False
+
+  # ---- objective ----------------------------------------------------------
+  c.objective = ml_collections.ConfigDict()
+  c.objective.z_loss = 0.0  # weight of mean(logsumexp^2) added to the training loss
+
+  # ---- optimizer ----------------------------------------------------------
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 3e-3  # peak
+  c.optimizer.end_learning_rate = 3e-4
+  c.optimizer.schedule = "cosine"  # cosine | linear | constant (after linear warmup)
+  c.optimizer.warmup_steps = 30
+  c.optimizer.decay_steps = steps  # steps over which warmup+decay run (includes warmup)
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.decay_embeddings = False  # apply weight decay to embedding tables too
+  c.optimizer.decay_norms_and_biases = False
+  c.optimizer.grad_clip = 1.0  # global-norm clip; 0 disables
+
+  # ---- training -----------------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = steps
+  c.train.batch_size = 32  # global sequences per optimizer step (all devices, all hosts)
+  c.train.grad_accum_steps = 1  # microbatches per step; batch_size must divide evenly
+  c.train.log_every_steps = 10
+
+  # ---- evaluation ---------------------------------------------------------
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 50
+  c.eval.num_batches = 4  # per source
+  c.eval.batch_size = c.train.get_ref("batch_size")
+
+  # ---- checkpointing ------------------------------------------------------
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 100
+  c.checkpoint.keep = 2
+
+  # ---- device mesh (product must equal the device count; -1 = the rest) ----
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  return c

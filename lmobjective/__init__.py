@@ -1,0 +1,1 @@
+"""lmobjective: next-token prediction under a causal mask, scored by masked cross-entropy."""
