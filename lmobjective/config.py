@@ -6,7 +6,9 @@ the run with one line that names the key and what is allowed (`ConfigError`).
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from typing import Any, Iterable
 
 import ml_collections
@@ -18,6 +20,24 @@ class ConfigError(ValueError):
   def __init__(self, key: str, value: Any, allowed: str):
     self.key, self.value, self.allowed = key, value, allowed
     super().__init__(f"config.{key}={value!r}: {allowed}")
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """`path/to/config.py[:arg]` -> its `get_config(arg)`, the way `--config=` reads it (for notebooks)."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location(
+      "lmobjective_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  if module_spec is None or not os.path.exists(path):
+    raise FileNotFoundError(f"config file not found: {path}")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def base_config(preset_file: str, base: str = "default.py", arg: str | None = None):
+  """For presets: the config of a sibling file, independent of the working directory."""
+  path = os.path.join(os.path.dirname(os.path.abspath(preset_file)), base)
+  return load_config_file(path + (f":{arg}" if arg else ""))
 
 
 def get(cfg: ml_collections.ConfigDict, key: str) -> Any:

@@ -1,0 +1,148 @@
+"""Packing: token streams → rows of T+1 tokens → batch fields. Vectorised numpy, no per-token Python.
+
+Letters: R rows, T = context length, C = T + 1 tokens per packed row, D documents.
+Teacher forcing happens here, once: inputs = row[:, :-1], targets = row[:, 1:].
+
+Document convention (concat/window): each document is followed by EOS in the stream. EOS is
+the last *target* of its document and the first *input* of the next one (it doubles as BOS),
+so with document masking a document's first token is predicted from EOS alone and nothing
+of the previous document is visible. A row that starts mid-document starts segment 1 at
+position 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+IGNORE_ID = -100  # targets may carry this where loss_mask is False (not used by default)
+
+
+def append_eos(ids: np.ndarray, lengths_D: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """(stream with EOS after every document, doc start offsets [D+1])."""
+  ends_D = np.cumsum(lengths_D + 1)
+  stream = np.empty(int(ends_D[-1]) if len(ends_D) else 0, np.int64)
+  is_eos = np.zeros(len(stream), bool)
+  is_eos[ends_D - 1] = True
+  stream[is_eos] = eos_id
+  stream[~is_eos] = ids
+  return stream, np.concatenate([[0], ends_D])
+
+
+def num_concat_rows(stream_len: int, T: int) -> int:
+  """Rows r cover stream[r*T : r*T+T+1]: consecutive rows share one token, each other token is a target once."""
+  return max(stream_len - 1, 0) // T
+
+
+def concat_rows(stream: np.ndarray, rows_R: np.ndarray, T: int) -> np.ndarray:
+  return stream[rows_R[:, None] * T + np.arange(T + 1)[None, :]]
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+  x = (x + np.uint64(0x9E3779B97F4A7C15)).astype(np.uint64)
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+def hash_ints(seed: int, key: int, counters_R: np.ndarray) -> np.ndarray:
+  """A pure, vectorised hash of (seed, key, counter) → uint64."""
+  with np.errstate(over="ignore"):
+    h = _splitmix64(np.full(1, seed, np.uint64) * np.uint64(0x100000001B3) + np.uint64(key))
+    return _splitmix64(counters_R.astype(np.uint64) ^ h)
+
+
+def window_starts(seed: int, key: int, counters_R: np.ndarray, stream_len: int, T: int) -> np.ndarray:
+  """nanoGPT-style random offsets in [0, stream_len - T - 1], a pure function of (seed, key, counter)."""
+  return (hash_ints(seed, key, counters_R) % np.uint64(stream_len - T)).astype(np.int64)
+
+
+def window_rows(stream: np.ndarray, starts_R: np.ndarray, T: int) -> np.ndarray:
+  return stream[starts_R[:, None] + np.arange(T + 1)[None, :]]
+
+
+def _positions(starts_RxT: np.ndarray) -> np.ndarray:
+  """Position within the segment, given True at each segment's first input."""
+  T = starts_RxT.shape[1]
+  idx = np.where(starts_RxT, np.arange(T)[None, :], 0)
+  return (np.arange(T)[None, :] - np.maximum.accumulate(idx, axis=1)).astype(np.int32)
+
+
+def lm_fields(tokens_RxC: np.ndarray, eos_id: int, document_masking: bool) -> dict[str, np.ndarray]:
+  """Fields of unpadded pretraining rows; segments come from EOS boundaries."""
+  inputs = tokens_RxC[:, :-1].astype(np.int32)
+  R, T = inputs.shape
+  if document_masking:
+    is_eos = inputs == eos_id
+    seg = (np.cumsum(is_eos, axis=1) + 1 - is_eos[:, :1]).astype(np.int32)
+    starts = is_eos.copy()
+    starts[:, 0] = True
+    pos = _positions(starts)
+  else:
+    seg = np.ones((R, T), np.int32)
+    pos = np.broadcast_to(np.arange(T, dtype=np.int32), (R, T)).copy()
+  return {"inputs": inputs, "targets": tokens_RxC[:, 1:].astype(np.int32),
+          "loss_mask": np.ones((R, T), bool), "segment_ids": seg, "positions": pos,
+          "target_valid": np.ones((R, T), bool)}
+
+
+def padded_fields(tokens_RxC: np.ndarray, seg_RxC: np.ndarray, flags_RxC: np.ndarray,
+                  document_masking: bool) -> dict[str, np.ndarray]:
+  """Fields of padded rows (chat SFT). flags[j]: token j counts as a target. seg 0 = padding."""
+  seg_in, seg_tgt = seg_RxC[:, :-1], seg_RxC[:, 1:]
+  R, T = seg_in.shape
+  target_valid = (seg_tgt > 0) & (seg_tgt == seg_in)
+  if document_masking:
+    starts = np.concatenate([np.ones((R, 1), bool), seg_in[:, 1:] != seg_in[:, :-1]], axis=1)
+    seg, pos = seg_in.astype(np.int32), np.where(seg_in > 0, _positions(starts), 0).astype(np.int32)
+  else:
+    seg = (seg_in > 0).astype(np.int32)
+    pos = np.where(seg_in > 0, np.arange(T, dtype=np.int32)[None, :], 0).astype(np.int32)
+  return {"inputs": tokens_RxC[:, :-1].astype(np.int32), "targets": tokens_RxC[:, 1:].astype(np.int32),
+          "loss_mask": flags_RxC[:, 1:].astype(bool) & target_valid, "segment_ids": seg, "positions": pos,
+          "target_valid": seg_tgt > 0}
+
+
+def first_fit(lengths_D: np.ndarray, capacity: int) -> np.ndarray:
+  """Bin index of each item (in order) under first-fit; items must be <= capacity. Loop over items, not tokens."""
+  free = np.zeros(0, np.int64)
+  bins = np.empty(len(lengths_D), np.int64)
+  for i, n in enumerate(lengths_D):
+    fits = np.flatnonzero(free >= n)
+    if fits.size:
+      bins[i] = fits[0]
+      free[fits[0]] -= n
+    else:
+      bins[i] = len(free)
+      free = np.append(free, capacity - n)
+  return bins
+
+
+def pack_padded(ids: np.ndarray, lengths_D: np.ndarray, flags: np.ndarray, capacity: int,
+                pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+  """First-fit documents into rows of `capacity` tokens, padding the rest. Longer documents are cut.
+
+  Returns tokens, segment ids (1-based per row, 0 = pad), flags, and accounting.
+  """
+  starts_D = np.concatenate([[0], np.cumsum(lengths_D)[:-1]]).astype(np.int64)
+  kept_D = np.minimum(lengths_D, capacity)
+  bins_D = first_fit(kept_D, capacity)
+  R = int(bins_D.max()) + 1 if len(bins_D) else 0
+  order = np.argsort(bins_D, kind="stable")
+  col_start_D = np.empty(len(lengths_D), np.int64)
+  cum = np.cumsum(kept_D[order])
+  first_in_bin = np.concatenate([[True], bins_D[order][1:] != bins_D[order][:-1]])
+  group_base = np.maximum.accumulate(np.where(first_in_bin, cum - kept_D[order], 0))
+  col_start_D[order] = cum - kept_D[order] - group_base
+  seg_D = np.empty(len(lengths_D), np.int64)
+  seg_D[order] = np.arange(len(order)) - np.maximum.accumulate(np.where(first_in_bin, np.arange(len(order)), 0)) + 1
+  doc = np.repeat(np.arange(len(lengths_D)), kept_D)
+  within = np.arange(len(doc)) - np.repeat(np.cumsum(kept_D) - kept_D, kept_D)
+  rows, cols, src = bins_D[doc], col_start_D[doc] + within, starts_D[doc] + within
+  tokens = np.full((R, capacity), pad_id, np.int64)
+  seg = np.zeros((R, capacity), np.int32)
+  out_flags = np.zeros((R, capacity), bool)
+  tokens[rows, cols], seg[rows, cols], out_flags[rows, cols] = ids[src], seg_D[doc], flags[src]
+  acct = {"rows": R, "padding_fraction": float(1 - kept_D.sum() / max(R * capacity, 1)),
+          "truncated_documents": int((lengths_D > capacity).sum()),
+          "truncated_tokens": int((lengths_D - kept_D).sum())}
+  return tokens, seg, out_flags, acct

@@ -1,0 +1,215 @@
+"""Sources: read each configured source into documents and split them into train / validation.
+
+A split never leaks: a single text file → its last `val_fraction` (cut at a line break);
+anything with many documents → a seeded, fixed document split (independent of the training
+seed, so changing `cfg.seed` never moves documents between splits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+
+from lmobjective.config import ConfigError
+from lmobjective.data import stdlib_corpus, synthetic
+from lmobjective.data.errors import DataWarning
+
+BUILTIN_KINDS = ("python_stdlib", "stdlib_prose", "markov")
+FILE_KINDS = ("text", "jsonl", "parquet", "array_record", "chat_jsonl")
+KINDS = BUILTIN_KINDS + FILE_KINDS
+_SPLIT_SEED = 0x53504C4954  # fixed: the validation set must not depend on the run seed
+_ROLES = ("system", "user", "assistant")
+
+
+@dataclasses.dataclass
+class SourceDocs:
+  """Documents of one source: str for text kinds; list of {'role','content'} dicts for chat_jsonl."""
+  name: str
+  train: list[Any]
+  val: list[Any]
+  info: dict[str, Any]
+
+
+def key(name: str, field: str) -> str:
+  return f"data.sources.{name}.{field}"
+
+
+def resolve_paths(name: str, path: str | None) -> list[str]:
+  if not path:
+    raise ConfigError(key(name, "path"), path, "required for this source kind")
+  files = []
+  for part in (p.strip() for p in path.split(",") if p.strip()):
+    p = os.path.expanduser(part)
+    if os.path.isdir(p):
+      found = sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True) if os.path.isfile(f))
+    else:
+      found = sorted(glob.glob(p, recursive=True))
+    if not found:
+      raise ConfigError(key(name, "path"), part, "matches no file")
+    files += found
+  return files
+
+
+def fingerprint(name: str, scfg) -> str:
+  """What the source's content depends on, cheap to compute (file sizes and mtimes, not bytes)."""
+  if scfg.kind in ("python_stdlib", "stdlib_prose"):
+    return stdlib_corpus.fingerprint()
+  if scfg.kind == "markov":
+    return "markov"
+  return json.dumps([(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in resolve_paths(name, scfg.path)])
+
+
+class _Reader:
+  """Decodes bytes as UTF-8; invalid bytes become U+FFFD, counted, with one warning per file."""
+
+  def __init__(self, name: str):
+    self.name, self.replacements = name, 0
+
+  def text(self, raw: bytes, where: str) -> str:
+    try:
+      return raw.decode("utf-8")
+    except UnicodeDecodeError:
+      text = raw.decode("utf-8", errors="replace")
+      n = text.count("\ufffd")
+      self.replacements += n
+      warnings.warn(f"data.sources.{self.name}: {where}: {n} invalid UTF-8 byte sequence(s) replaced "
+                    "with U+FFFD", DataWarning, stacklevel=2)
+      return text
+
+  def file(self, path: str) -> str:
+    with open(path, "rb") as f:
+      raw = f.read()
+    if not raw.strip():
+      raise ConfigError(key(self.name, "path"), path, "file is empty")
+    return self.text(raw, path)
+
+
+def load_source(name: str, scfg) -> SourceDocs:
+  reader, info = _Reader(name), {"kind": scfg.kind}
+  if scfg.kind == "text":
+    files = resolve_paths(name, scfg.path)
+    docs = [reader.file(f) for f in files]
+    if len(docs) == 1:
+      train, val = _tail_split(docs[0], scfg.val_fraction)
+      return _finish(name, scfg, [train] if train else [], [val] if val else [], info, reader)
+  elif scfg.kind == "python_stdlib":
+    docs = stdlib_corpus.code_documents(lambda p: reader.text(open(p, "rb").read(), p))
+  elif scfg.kind == "stdlib_prose":
+    docs = stdlib_corpus.prose_documents(lambda p: reader.text(open(p, "rb").read(), p))
+  elif scfg.kind == "markov":
+    docs, chain = synthetic.markov_documents(scfg.markov)
+    info["entropy_rate_nats"] = chain.entropy_rate_nats()
+    info["entropy_rate_bits_per_byte"] = chain.entropy_rate_bits()
+  elif scfg.kind in ("jsonl", "chat_jsonl"):
+    docs = [d for f in resolve_paths(name, scfg.path) for d in _jsonl(name, scfg, f, reader)]
+  elif scfg.kind == "parquet":
+    docs = [d for f in resolve_paths(name, scfg.path) for d in _parquet(name, scfg, f, reader)]
+  elif scfg.kind == "array_record":
+    docs = [d for f in resolve_paths(name, scfg.path) for d in _array_record(name, scfg, f, reader)]
+  else:
+    raise ConfigError(key(name, "kind"), scfg.kind, f"must be one of {', '.join(KINDS)}")
+  docs = _cap(docs, scfg.max_documents)
+  train, val = _document_split(docs, scfg.val_fraction)
+  return _finish(name, scfg, train, val, info, reader)
+
+
+def _finish(name, scfg, train, val, info, reader) -> SourceDocs:
+  if not train:
+    raise ConfigError(key(name, "path") if scfg.kind in FILE_KINDS else key(name, "kind"),
+                      scfg.path if scfg.kind in FILE_KINDS else scfg.kind,
+                      f"source '{name}' has no training documents after the validation split")
+  if scfg.val_fraction > 0 and not val:
+    raise ConfigError(key(name, "val_fraction"), scfg.val_fraction,
+                      f"source '{name}' has no validation documents after the split")
+  info["non_utf8_replacements"] = reader.replacements
+  return SourceDocs(name, train, val, info)
+
+
+def _tail_split(text: str, val_fraction: float) -> tuple[str, str]:
+  if val_fraction <= 0:
+    return text, ""
+  cut = int(len(text) * (1 - val_fraction))
+  nl = text.find("\n", cut)
+  cut = nl + 1 if 0 <= nl < len(text) - 1 else cut
+  return text[:cut], text[cut:]
+
+
+def _cap(docs: list, max_documents: int | None) -> list:
+  if max_documents is None or len(docs) <= max_documents:
+    return docs
+  keep = np.sort(np.random.default_rng([_SPLIT_SEED, 1]).permutation(len(docs))[:max_documents])
+  return [docs[i] for i in keep]
+
+
+def _document_split(docs: list, val_fraction: float) -> tuple[list, list]:
+  n = len(docs)
+  n_val = 0 if val_fraction <= 0 or n == 0 else max(1, int(round(val_fraction * n)))
+  is_val = np.zeros(n, bool)
+  is_val[np.random.default_rng([_SPLIT_SEED, n]).permutation(n)[:n_val]] = True
+  return [d for d, v in zip(docs, is_val) if not v], [d for d, v in zip(docs, is_val) if v]
+
+
+def _record_text(name, scfg, rec: Any, where: str):
+  if scfg.kind == "chat_jsonl":
+    return _conversation(name, rec, where)
+  if not isinstance(rec, dict) or not isinstance(rec.get(scfg.text_field), str):
+    raise ConfigError(key(name, "text_field"), scfg.text_field, f"{where}: record has no string field of that name")
+  return rec[scfg.text_field]
+
+
+def _conversation(name, rec, where) -> list[dict]:
+  msgs = rec.get("messages") if isinstance(rec, dict) else None
+  ok = isinstance(msgs, list) and all(
+      isinstance(m, dict) and m.get("role") in _ROLES and isinstance(m.get("content"), str) for m in msgs)
+  if not ok:
+    raise ConfigError(key(name, "path"), where,
+                      "chat record must be {'messages': [{'role': system|user|assistant, 'content': str}, ...]}")
+  return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def _jsonl(name, scfg, path, reader) -> list:
+  out = []
+  for i, line in enumerate(reader.file(path).split("\n")):
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ConfigError(key(name, "path"), f"{path}:{i + 1}", f"invalid JSON ({e.msg})") from None
+    out.append(_record_text(name, scfg, rec, f"{path}:{i + 1}"))
+  return out
+
+
+def _parquet(name, scfg, path, reader) -> list[str]:
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  schema = pq.read_schema(path)
+  if scfg.text_field not in schema.names:
+    raise ConfigError(key(name, "text_field"), scfg.text_field, f"{path}: no such column (has {schema.names})")
+  col = pq.read_table(path, columns=[scfg.text_field]).column(scfg.text_field)
+  if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+    return [reader.text(b, path) for b in col.to_pylist() if b]
+  return [t for t in col.to_pylist() if t]
+
+
+def _array_record(name, scfg, path, reader) -> list[str]:
+  import grain
+  src = grain.sources.ArrayRecordDataSource([path])
+  out = []
+  for i in range(len(src)):
+    raw = src[i]
+    text = reader.text(raw, f"{path}[{i}]")
+    if text.lstrip().startswith("{"):
+      try:
+        out.append(_record_text(name, scfg, json.loads(text), f"{path}[{i}]"))
+        continue
+      except json.JSONDecodeError:
+        pass
+    out.append(text)
+  return [t for t in out if t]

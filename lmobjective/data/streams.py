@@ -1,0 +1,92 @@
+"""Row sources: a source's n-th training row as a pure function of (seed, source, n).
+
+counter n → epoch = n // rows_per_epoch, and the row within it comes from a fresh seeded
+permutation for that epoch, so a small source repeats with a new order (epochs are reported).
+`window` draws random offsets instead (nanoGPT); an epoch there is rows_per_epoch draws.
+Letters: R rows asked for, T context length, C = T + 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import numpy as np
+
+from lmobjective.data import packing
+from lmobjective.data.tokenized import Split
+
+
+def source_key(name: str) -> int:
+  """Seeds per source come from its name, so adding a source never reshuffles the others."""
+  return zlib.crc32(name.encode())
+
+
+class _EpochOrder:
+
+  def __init__(self, num_rows: int, seed: int, key: int):
+    self.num_rows, self.seed, self.key = num_rows, seed, key
+    self._perm = functools.lru_cache(maxsize=4)(self._make_perm)
+
+  def _make_perm(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, self.key, epoch]).permutation(self.num_rows)
+
+  def rows(self, counters_R: np.ndarray) -> np.ndarray:
+    epoch_R, within_R = np.divmod(counters_R, self.num_rows)
+    out = np.empty(len(counters_R), np.int64)
+    for e in np.unique(epoch_R):
+      sel = epoch_R == e
+      out[sel] = self._perm(int(e))[within_R[sel]]
+    return out
+
+
+class ConcatRows:
+  """`concat` packing: row r = stream[r*T : r*T+T+1]; rows shuffled per epoch."""
+
+  def __init__(self, split: Split, T: int, eos_id: int, document_masking: bool, seed: int, key: int,
+               shuffle: bool = True):
+    self.stream, self.T, self.eos_id, self.masking = split.ids, T, eos_id, document_masking
+    self.num_rows = packing.num_concat_rows(len(self.stream), T)
+    self._order = _EpochOrder(self.num_rows, seed, key) if shuffle and self.num_rows else None
+
+  def remainder_fraction(self) -> float:
+    """Share of the stream's tokens never used as a target (the tail that does not fill a row)."""
+    return float((len(self.stream) - 1 - self.num_rows * self.T) / max(len(self.stream), 1))
+
+  def fields(self, counters_R: np.ndarray) -> dict[str, np.ndarray]:
+    rows = self._order.rows(counters_R) if self._order else counters_R % self.num_rows
+    return packing.lm_fields(packing.concat_rows(self.stream, rows, self.T), self.eos_id, self.masking)
+
+
+class WindowRows:
+  """`window` packing: rows start at hashed random offsets, a pure function of (seed, source, counter)."""
+
+  def __init__(self, split: Split, T: int, eos_id: int, document_masking: bool, seed: int, key: int):
+    self.stream, self.T, self.eos_id, self.masking = split.ids, T, eos_id, document_masking
+    self.seed, self.key = seed, key
+    self.num_rows = packing.num_concat_rows(len(self.stream), T)
+
+  def remainder_fraction(self) -> float:
+    return 0.0
+
+  def fields(self, counters_R: np.ndarray) -> dict[str, np.ndarray]:
+    starts = packing.window_starts(self.seed, self.key, counters_R, len(self.stream), self.T)
+    return packing.lm_fields(packing.window_rows(self.stream, starts, self.T), self.eos_id, self.masking)
+
+
+class PaddedRows:
+  """Chat SFT: conversations first-fit into padded rows once; rows shuffled per epoch."""
+
+  def __init__(self, split: Split, T: int, pad_id: int, document_masking: bool, seed: int, key: int,
+               shuffle: bool = True):
+    self.tokens, self.seg, self.flags, self.accounting = packing.pack_padded(
+        split.ids, split.lengths, split.flags, T + 1, pad_id)
+    self.masking, self.num_rows = document_masking, self.tokens.shape[0]
+    self._order = _EpochOrder(self.num_rows, seed, key) if shuffle and self.num_rows else None
+
+  def remainder_fraction(self) -> float:
+    return 0.0
+
+  def fields(self, counters_R: np.ndarray) -> dict[str, np.ndarray]:
+    rows = self._order.rows(counters_R) if self._order else counters_R % self.num_rows
+    return packing.padded_fields(self.tokens[rows], self.seg[rows], self.flags[rows], self.masking)

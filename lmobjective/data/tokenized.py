@@ -1,0 +1,82 @@
+"""A source's train/validation splits as token arrays (via the cache): what packing works from."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import numpy as np
+
+from lmobjective.data import cache, packing, sft, sources
+from lmobjective.data.tokenizers import Tokenizer
+
+
+@dataclasses.dataclass
+class Split:
+  """One split. ids: the stream (EOS after every document); doc_starts [D+1]; flags: SFT loss flags."""
+  ids: np.ndarray
+  doc_starts: np.ndarray
+  flags: np.ndarray | None = None
+
+  @property
+  def num_documents(self) -> int:
+    return len(self.doc_starts) - 1
+
+  @property
+  def lengths(self) -> np.ndarray:
+    return np.diff(self.doc_starts)
+
+
+@dataclasses.dataclass
+class TokenizedSource:
+  name: str
+  train: Split
+  val: Split
+  info: dict[str, Any]
+
+
+def _tokenize_split(docs: list, scfg, tok: Tokenizer) -> Split:
+  if scfg.kind == "chat_jsonl":
+    ids, lengths, flags = sft.render(docs, tok, scfg.only_train_on_assistant)
+    return Split(ids, np.concatenate([[0], np.cumsum(lengths)]), flags)
+  ids, lengths = tok.encode_flat(docs)
+  stream, starts = packing.append_eos(ids, lengths, tok.eos_id)
+  return Split(stream, starts)
+
+
+def tokenize(name: str, scfg, tok: Tokenizer) -> TokenizedSource:
+  docs = sources.load_source(name, scfg)
+  out = TokenizedSource(name, _tokenize_split(docs.train, scfg, tok), _tokenize_split(docs.val, scfg, tok), docs.info)
+  for split_name, split in (("train", out.train), ("val", out.val)):
+    tok.check_ids(split.ids, f"data.sources.{name} ({split_name} split)")
+  return out
+
+
+def _source_key(name: str, scfg, tok: Tokenizer) -> str:
+  fields = {k: v for k, v in scfg.to_dict().items() if k != "weight"}
+  return cache.key({"source": fields, "content": sources.fingerprint(name, scfg), "tokenizer": tok.fingerprint()})
+
+
+def load(name: str, scfg, tok: Tokenizer, cache_dir: str | None) -> TokenizedSource:
+  """Tokenized splits from the cache, tokenizing and caching them on a miss (cache_dir None = no cache)."""
+  if cache_dir is None:
+    return tokenize(name, scfg, tok)
+  path = cache.path_for(cache_dir, name, _source_key(name, scfg, tok))
+  hit = cache.load(path, tok.fingerprint())
+  if hit is not None:
+    arrays, meta = hit
+    splits = {s: Split(arrays[f"{s}_ids"].astype(np.int64), arrays[f"{s}_starts"], arrays.get(f"{s}_flags"))
+              for s in ("train", "val")}
+    for s, split in splits.items():
+      tok.check_ids(split.ids, f"data.sources.{name} ({s} split, cache {path})")
+    return TokenizedSource(name, splits["train"], splits["val"], meta["info"])
+  src = tokenize(name, scfg, tok)
+  arrays = {}
+  for s, split in (("train", src.train), ("val", src.val)):
+    arrays[f"{s}_ids"], arrays[f"{s}_starts"] = split.ids, split.doc_starts
+    if split.flags is not None:
+      arrays[f"{s}_flags"] = split.flags
+  cache.save(path, arrays, {"tokenizer": tok.fingerprint(), "info": json.loads(json.dumps(src.info))},
+             tok.vocab_size)
+  return src

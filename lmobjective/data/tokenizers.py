@@ -1,0 +1,251 @@
+"""Tokenizers: SentencePiece (bpe | unigram), character-level and byte-level, behind one interface.
+
+All three round-trip exactly (decode(encode(x)) == x) and know how many UTF-8 bytes each
+token stands for (`token_byte_lengths`), so bits-per-byte is exact. Special ids: pad, EOS
+(control: 0 bytes) and the chat markers of `sft.py` (user-defined pieces: their own bytes).
+SentencePiece keeps code intact: identity normalisation, no dummy prefix, no whitespace
+folding, whitespace-only pieces allowed (indentation), "\\n" a user-defined piece, byte
+fallback for rare characters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import os
+
+import numpy as np
+import sentencepiece as spm
+
+from lmobjective.config import ConfigError
+from lmobjective.data.errors import DataError
+
+CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+META_FILE = "tokenizer.json"
+SPM_FILE = "spm.model"
+
+
+class Tokenizer:
+  """Common interface. Subclasses set kind, vocab_size, pad_id, eos_id and implement the encoders."""
+  kind: str
+  vocab_size: int
+  pad_id: int
+  eos_id: int
+
+  def encode(self, text: str) -> list[int]:
+    raise NotImplementedError
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return [self.encode(t) for t in texts]
+
+  def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(all ids concatenated int64, per-text lengths int64): the fast path for caching."""
+    ids = self.encode_batch(texts)
+    lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
+    return np.fromiter(itertools.chain.from_iterable(ids), np.int64, count=int(lengths.sum())), lengths
+
+  def decode(self, ids) -> str:
+    raise NotImplementedError
+
+  def token_byte_lengths(self) -> np.ndarray:
+    raise NotImplementedError
+
+  def special_id(self, marker: str) -> int:
+    raise NotImplementedError
+
+  def payload(self) -> bytes:
+    """The bytes that define this tokenizer (its fingerprint is their hash)."""
+    raise NotImplementedError
+
+  def fingerprint(self) -> str:
+    return hashlib.sha256(self.kind.encode() + b"\0" + self.payload()).hexdigest()[:16]
+
+  def check_ids(self, ids: np.ndarray, where: str) -> None:
+    if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+      raise DataError(f"{where}: token ids outside the vocabulary [0, {self.vocab_size}) "
+                      f"(min {ids.min()}, max {ids.max()})")
+
+
+class SentencePieceTokenizer(Tokenizer):
+  kind = "sentencepiece"
+
+  def __init__(self, model_proto: bytes, num_threads: int | None = None):
+    self._proto = model_proto
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    self._threads = num_threads or os.cpu_count() or 1
+    self.vocab_size, self.pad_id, self.eos_id = self._sp.vocab_size(), self._sp.pad_id(), self._sp.eos_id()
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return self._sp.encode(list(texts), num_threads=self._threads)
+
+  def decode(self, ids) -> str:
+    return self._sp.decode([int(i) for i in ids])
+
+  def token_byte_lengths(self) -> np.ndarray:
+    sp, out = self._sp, np.zeros(self.vocab_size, np.int32)
+    for i in range(self.vocab_size):
+      if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+        continue
+      out[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+    return out
+
+  def special_id(self, marker: str) -> int:
+    return self._sp.piece_to_id(marker)
+
+  def payload(self) -> bytes:
+    return self._proto
+
+
+class _TableTokenizer(Tokenizer):
+  """Tokenizers defined by a table id -> the bytes it stands for (byte and char kinds)."""
+
+  def _set_table(self, id_bytes: list[bytes]) -> None:
+    self._id_bytes = id_bytes
+    self.vocab_size = len(id_bytes)
+
+  def decode(self, ids) -> str:
+    return b"".join(self._id_bytes[int(i)] for i in ids).decode("utf-8", errors="replace")
+
+  def token_byte_lengths(self) -> np.ndarray:
+    return np.array([len(b) for b in self._id_bytes], np.int32)
+
+  def special_id(self, marker: str) -> int:
+    return self._marker_base + CHAT_MARKERS.index(marker)
+
+
+class ByteTokenizer(_TableTokenizer):
+  """ids 0..255 = bytes, then pad, EOS and the chat markers."""
+  kind = "byte"
+
+  def __init__(self):
+    self.pad_id, self.eos_id, self._marker_base = 256, 257, 258
+    self._set_table([bytes([b]) for b in range(256)] + [b"", b""] + [m.encode() for m in CHAT_MARKERS])
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+  def encode_flat(self, texts):
+    raw = [t.encode("utf-8") for t in texts]
+    lengths = np.fromiter(map(len, raw), np.int64, count=len(raw))
+    return np.frombuffer(b"".join(raw), np.uint8).astype(np.int64), lengths
+
+  def payload(self) -> bytes:
+    return b"byte-v1"
+
+
+class CharTokenizer(_TableTokenizer):
+  """pad, EOS, chat markers, 256 fallback bytes (for characters not seen in training), then characters."""
+  kind = "char"
+  _BYTE_BASE = 2 + len(CHAT_MARKERS)
+
+  def __init__(self, chars: str):
+    self.chars = "".join(sorted(set(chars)))
+    self.pad_id, self.eos_id, self._marker_base = 0, 1, 2
+    base = self._BYTE_BASE + 256
+    self._set_table([b"", b""] + [m.encode() for m in CHAT_MARKERS] + [bytes([b]) for b in range(256)]
+                    + [c.encode("utf-8") for c in self.chars])
+    self._codepoints = np.array([ord(c) for c in self.chars], np.int64)
+    self._char_ids = np.arange(base, base + len(self.chars), dtype=np.int64)
+
+  def _encode_array(self, text: str) -> np.ndarray:
+    cp = np.frombuffer(text.encode("utf-32-le"), np.uint32).astype(np.int64)
+    pos = np.minimum(np.searchsorted(self._codepoints, cp), max(len(self._codepoints) - 1, 0))
+    known = self._codepoints[pos] == cp if len(self._codepoints) else np.zeros(len(cp), bool)
+    if known.all():
+      return self._char_ids[pos]
+    pieces = [[int(self._char_ids[p])] if k else [self._BYTE_BASE + b for b in ch.encode("utf-8")]
+              for ch, p, k in zip(text, pos, known)]  # rare: only texts with unseen characters
+    return np.fromiter(itertools.chain.from_iterable(pieces), np.int64)
+
+  def encode(self, text: str) -> list[int]:
+    return self._encode_array(text).tolist()
+
+  def encode_flat(self, texts):
+    arrays = [self._encode_array(t) for t in texts]
+    lengths = np.fromiter(map(len, arrays), np.int64, count=len(arrays))
+    return (np.concatenate(arrays) if arrays else np.zeros(0, np.int64)), lengths
+
+  def payload(self) -> bytes:
+    return self.chars.encode("utf-8", errors="surrogatepass")
+
+
+# ---- training ---------------------------------------------------------------------------
+
+
+def train_sentencepiece(lines: list[str], tcfg) -> SentencePieceTokenizer:
+  """Deterministic: the caller pre-samples `lines` with a seeded RNG; spm never shuffles."""
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, model_type=tcfg.model_type,
+        vocab_size=tcfg.vocab_size, byte_fallback=True, character_coverage=0.9995,
+        pad_id=0, unk_id=1, bos_id=-1, eos_id=2, user_defined_symbols=["\n", *CHAT_MARKERS],
+        shuffle_input_sentence=False, input_sentence_size=0, max_sentence_length=1 << 14,
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
+        normalization_rule_name="identity", add_dummy_prefix=False, hard_vocab_limit=True,
+        num_threads=os.cpu_count() or 1, minloglevel=2)
+  except RuntimeError as e:
+    msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    raise ConfigError("data.tokenizer.vocab_size", tcfg.vocab_size, f"sentencepiece training failed: {msg}") from None
+  return SentencePieceTokenizer(model.getvalue())
+
+
+def train_char(lines: list[str]) -> CharTokenizer:
+  return CharTokenizer("".join(lines) + "\n")
+
+
+# ---- saving / loading -------------------------------------------------------------------
+
+
+def spec(tcfg) -> dict:
+  """The config fields a saved tokenizer must agree with."""
+  if tcfg.kind == "sentencepiece":
+    return {"kind": tcfg.kind, "model_type": tcfg.model_type, "vocab_size": tcfg.vocab_size}
+  return {"kind": tcfg.kind}
+
+
+def save(tok: Tokenizer, directory: str, tok_spec: dict) -> None:
+  """Atomically: write into a temp dir, then rename it into place."""
+  parent = os.path.dirname(os.path.abspath(directory))
+  os.makedirs(parent, exist_ok=True)
+  tmp = f"{directory}.tmp{os.getpid()}"
+  os.makedirs(tmp, exist_ok=True)
+  meta = {"kind": tok.kind, "spec": tok_spec, "fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size}
+  if isinstance(tok, SentencePieceTokenizer):
+    with open(os.path.join(tmp, SPM_FILE), "wb") as f:
+      f.write(tok.payload())
+  if isinstance(tok, CharTokenizer):
+    meta["chars"] = tok.chars
+  with open(os.path.join(tmp, META_FILE), "w") as f:
+    json.dump(meta, f, ensure_ascii=True, indent=1)
+  try:
+    os.replace(tmp, directory)
+  except OSError:  # another process saved first: keep theirs (same seeded training → same bytes)
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load(path: str, key: str = "data.tokenizer.path") -> tuple[Tokenizer, dict]:
+  """A tokenizer directory (tokenizer.json [+ spm.model]) or a bare SentencePiece .model file."""
+  if os.path.isfile(path):
+    with open(path, "rb") as f:
+      tok = SentencePieceTokenizer(f.read())
+    return tok, {"kind": "sentencepiece"}
+  meta_path = os.path.join(path, META_FILE)
+  if not os.path.isfile(meta_path):
+    raise ConfigError(key, path, f"no tokenizer here (expected a .model file or a directory with {META_FILE})")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  if meta["kind"] == "sentencepiece":
+    with open(os.path.join(path, SPM_FILE), "rb") as f:
+      tok = SentencePieceTokenizer(f.read())
+  elif meta["kind"] == "char":
+    tok = CharTokenizer(meta["chars"])
+  else:
+    tok = ByteTokenizer()
+  return tok, meta.get("spec", {"kind": meta["kind"]})

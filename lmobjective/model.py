@@ -1,0 +1,285 @@
+"""Decoder-only causal transformer (Flax Linen). Returns logits; the objective lives in `objective.py`.
+
+Shape legend: B batch, T tokens (context), D embed, N query heads, K key/value heads,
+H head dim, F MLP hidden, V vocabulary, L layers.
+
+Two families from one module, chosen by config: GPT-2 style (learned positions, LayerNorm,
+GELU MLP, biases) and modern (RoPE, RMSNorm, SwiGLU, grouped-query attention). Parameters
+carry logical axis names (`embed`, `heads`, `mlp`, `vocab`, ...) so a mesh can shard them;
+without axis rules the names are inert.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+Array = jax.Array
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  embed_dim: int = 256
+  mlp_dim: int = 1024
+  max_len: int = 256
+  position: str = "rope"
+  rope_theta: float = 10_000.0
+  norm: str = "rmsnorm"
+  mlp: str = "swiglu"
+  use_bias: bool = False
+  tie_embeddings: bool = True
+  dropout: float = 0.0
+  init_std: float = 0.02
+  param_dtype: Any = jnp.float32
+  compute_dtype: Any = jnp.float32
+  attention: str = "auto"
+  remat: str = "none"
+  scan_layers: bool = False
+
+  @property
+  def head_dim(self) -> int:
+    return self.embed_dim // self.num_heads
+
+  @classmethod
+  def from_config(cls, m: ml_collections.ConfigDict, vocab_size: int) -> "ModelConfig":
+    """Resolves defaults (kv heads, MLP width, vocabulary) from the validated `config.model`."""
+    mlp_dim = m.mlp_dim
+    if mlp_dim is None:
+      mlp_dim = 4 * m.embed_dim if m.mlp == "gelu" else 64 * -(-(8 * m.embed_dim // 3) // 64)
+    return cls(
+        vocab_size=m.vocab_size or vocab_size, num_layers=m.num_layers, num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads or m.num_heads, embed_dim=m.embed_dim, mlp_dim=mlp_dim,
+        max_len=m.max_len, position=m.position, rope_theta=m.rope_theta, norm=m.norm, mlp=m.mlp,
+        use_bias=m.use_bias, tie_embeddings=m.tie_embeddings, dropout=m.dropout, init_std=m.init_std,
+        param_dtype=DTYPES[m.param_dtype], compute_dtype=DTYPES[m.compute_dtype],
+        attention=m.attention, remat=m.remat, scan_layers=m.scan_layers)
+
+
+def _init(std: float, axes: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+
+
+def _dense(cfg: ModelConfig, features, axes, std, name, bias_axes=None) -> nn.Module:
+  return nn.DenseGeneral(
+      features=features, use_bias=cfg.use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
+      kernel_init=_init(std, axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), bias_axes or axes[-1:]),
+      name=name)
+
+
+def _norm(cfg: ModelConfig, name: str) -> nn.Module:
+  scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
+  if cfg.norm == "rmsnorm":
+    return nn.RMSNorm(epsilon=1e-6, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
+                      scale_init=scale_init, name=name)
+  return nn.LayerNorm(epsilon=1e-5, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
+                      use_bias=cfg.use_bias, scale_init=scale_init,
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+                      name=name)
+
+
+def apply_rope(x_BxTxNxH: Array, positions_BxT: Array, theta: float) -> Array:
+  """Rotary position embedding (rotate-half form), computed in float32."""
+  half = x_BxTxNxH.shape[-1] // 2
+  freq_h = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BxTxh = positions_BxT[..., None].astype(jnp.float32) * freq_h
+  sin, cos = jnp.sin(angle_BxTxh)[:, :, None, :], jnp.cos(angle_BxTxh)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxH.dtype)
+
+
+def attention_mask(segment_ids_BxT: Array | None) -> Array | None:
+  """Boolean [B,1,T,T] document mask: query and key in the same segment (causality is added apart).
+
+  Padding (segment 0) attends only to padding, so no query row is ever empty.
+  """
+  if segment_ids_BxT is None:
+    return None
+  return segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
+
+
+def _attention_impl(cfg: ModelConfig) -> str:
+  if cfg.attention != "auto":
+    return cfg.attention
+  on_gpu = jax.default_backend() == "gpu"
+  cudnn_ok = cfg.compute_dtype == jnp.bfloat16 and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128
+  return "cudnn" if on_gpu and cudnn_ok else "xla"
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT, deterministic: bool):
+    cfg = self.cfg
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    std = cfg.init_std
+    q_BxTxNxH = _dense(cfg, (N, H), ("embed", "heads", "head_dim"), std, "query",
+                       ("heads", "head_dim"))(x_BxTxD)
+    k_BxTxKxH = _dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), std, "key",
+                       ("kv_heads", "head_dim"))(x_BxTxD)
+    v_BxTxKxH = _dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), std, "value",
+                       ("kv_heads", "head_dim"))(x_BxTxD)
+    if cfg.position == "rope":
+      q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
+      k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
+    out_BxTxNxH = jax.nn.dot_product_attention(
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT, is_causal=True,
+        implementation=_attention_impl(cfg))
+    out_std = std / (2 * cfg.num_layers) ** 0.5  # GPT-2: residual projections scaled by 1/sqrt(2L)
+    out_BxTxD = nn.DenseGeneral(
+        features=cfg.embed_dim, axis=(-2, -1), use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+        param_dtype=cfg.param_dtype, kernel_init=_init(out_std, ("heads", "head_dim", "embed")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+        name="out")(out_BxTxNxH)
+    return nn.Dropout(cfg.dropout)(out_BxTxD, deterministic=deterministic)
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, deterministic: bool):
+    cfg = self.cfg
+    out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    up = functools.partial(_dense, cfg, cfg.mlp_dim, ("embed", "mlp"), cfg.init_std)
+    if cfg.mlp == "swiglu":
+      h_BxTxF = nn.silu(up("gate")(x_BxTxD)) * up("up")(x_BxTxD)
+    else:
+      h_BxTxF = nn.gelu(up("up")(x_BxTxD), approximate=True)
+    h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("batch", "seq", "mlp"))
+    out_BxTxD = _dense(cfg, cfg.embed_dim, ("mlp", "embed"), out_std, "down", ("embed",))(h_BxTxF)
+    return nn.Dropout(cfg.dropout)(out_BxTxD, deterministic=deterministic)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block. The (carry, None) signature lets `nn.scan` stack it."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT, deterministic: bool):
+    x_BxTxD = x_BxTxD + Attention(self.cfg, name="attn")(
+        _norm(self.cfg, "attn_norm")(x_BxTxD), positions_BxT, mask_Bx1xTxT, deterministic)
+    x_BxTxD = x_BxTxD + Mlp(self.cfg, name="mlp")(_norm(self.cfg, "mlp_norm")(x_BxTxD), deterministic)
+    return nn.with_logical_constraint(x_BxTxD, ("batch", "seq", "embed")), None
+
+
+def _block_class(cfg: ModelConfig):
+  block = Block
+  if cfg.remat != "none":
+    policy = {"full": None, "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+    block = nn.remat(block, policy=policy[cfg.remat], static_argnums=(4,))
+  if cfg.scan_layers:
+    block = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+  return block
+
+
+class Transformer(nn.Module):
+  """`apply(params, inputs_BxT, positions_BxT, segment_ids_BxT) -> logits_BxTxV` (float32-safe dtype).
+
+  The pieces are separate methods so the head can be fused with the loss and so tests can
+  differentiate with respect to the embeddings: `embed` -> `backbone` -> `head`.
+  """
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.token_embed = nn.Embed(
+        cfg.vocab_size, cfg.embed_dim, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
+        embedding_init=_init(cfg.init_std, ("vocab", "embed")))
+    if cfg.position == "learned":
+      self.position_embed = nn.Embed(
+          cfg.max_len, cfg.embed_dim, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
+          embedding_init=_init(cfg.init_std, (None, "embed")))
+    block = _block_class(cfg)
+    if cfg.scan_layers:
+      self.blocks = block(cfg, name="blocks")
+    else:
+      self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.num_layers)]
+    self.final_norm = _norm(cfg, "final_norm")
+    if not cfg.tie_embeddings:
+      self.lm_head = nn.DenseGeneral(
+          cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
+          kernel_init=_init(cfg.init_std, ("embed", "vocab")), name="lm_head")
+    self.drop = nn.Dropout(cfg.dropout)
+
+  def embed(self, inputs_BxT, positions_BxT=None, deterministic: bool = True):
+    x_BxTxD = self.token_embed(inputs_BxT)
+    if self.cfg.position == "learned":
+      x_BxTxD = x_BxTxD + self.position_embed(_positions(inputs_BxT, positions_BxT))
+    return self.drop(x_BxTxD, deterministic=deterministic)
+
+  def backbone(self, x_BxTxD, positions_BxT=None, segment_ids_BxT=None, deterministic: bool = True):
+    """Blocks and the final norm: embeddings -> hidden states [B,T,D]."""
+    positions_BxT = _positions(x_BxTxD[..., 0], positions_BxT)
+    mask = attention_mask(segment_ids_BxT)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "seq", "embed"))
+    if self.cfg.scan_layers:
+      x_BxTxD, _ = self.blocks(x_BxTxD, positions_BxT, mask, deterministic)
+    else:
+      for block in self.blocks:
+        x_BxTxD, _ = block(x_BxTxD, positions_BxT, mask, deterministic)
+    return self.final_norm(x_BxTxD)
+
+  def head(self, h_BxTxD):
+    if self.cfg.tie_embeddings:
+      logits_BxTxV = self.token_embed.attend(h_BxTxD)
+    else:
+      logits_BxTxV = self.lm_head(h_BxTxD)
+    return nn.with_logical_constraint(logits_BxTxV, ("batch", "seq", "vocab"))
+
+  def __call__(self, inputs_BxT, positions_BxT=None, segment_ids_BxT=None, deterministic: bool = True):
+    x_BxTxD = self.embed(inputs_BxT, positions_BxT, deterministic)
+    return self.head(self.backbone(x_BxTxD, positions_BxT, segment_ids_BxT, deterministic))
+
+
+def _positions(inputs_BxT, positions_BxT):
+  if positions_BxT is not None:
+    return positions_BxT
+  return jnp.broadcast_to(jnp.arange(inputs_BxT.shape[1]), inputs_BxT.shape)
+
+
+def count_params(params) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+  """Parameters that take part in a matmul per token: all blocks plus the LM head (V*D).
+
+  Embedding lookups cost no FLOPs; a tied table is counted once, as the head. Norm scales
+  and biases are included (negligible). This is the N of nanoGPT's 6N formula.
+  """
+  D, F, L, V = cfg.embed_dim, cfg.mlp_dim, cfg.num_layers, cfg.vocab_size
+  attn = D * cfg.num_heads * cfg.head_dim + 2 * D * cfg.num_kv_heads * cfg.head_dim
+  attn += cfg.num_heads * cfg.head_dim * D
+  mlp = (3 if cfg.mlp == "swiglu" else 2) * D * F
+  bias = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + D + (2 if cfg.mlp == "swiglu" else 1) * F + D
+  norms = 2 * D * (2 if cfg.norm == "layernorm" and cfg.use_bias else 1)
+  per_layer = attn + mlp + norms + (bias if cfg.use_bias else 0)
+  return L * per_layer + V * D
+
+
+def flops_per_token(cfg: ModelConfig, context_length: int) -> float:
+  """Training FLOPs per token (forward + backward), nanoGPT / PaLM appendix B formula:
+
+      6 * N + 12 * L * D * T
+
+  N = `matmul_params(cfg)` (2 FLOPs per multiply-add, x3 for backward); the second term is the
+  attention scores and weighted sum (QK^T and AV, 2*2*T*D per layer forward, x3), counted over the
+  full T x T square as nanoGPT does (causal masking is not subtracted).
+  """
+  return 6.0 * matmul_params(cfg) + 12.0 * cfg.num_layers * cfg.embed_dim * context_length

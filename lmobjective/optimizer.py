@@ -1,0 +1,58 @@
+"""Optimizer: clip_by_global_norm -> AdamW (masked weight decay) driven by a warmup+decay schedule."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup to `learning_rate`, then cosine/linear decay to `end_learning_rate`.
+
+  Warmup is `peak * (step + 1) / warmup_steps`, so the very first update is not a no-op.
+
+  `decay_steps` counts from step 0 and includes warmup (optax convention); after it the rate stays
+  at `end_learning_rate`. `constant` holds the peak after warmup.
+  """
+  peak, end, warm = opt.learning_rate, opt.end_learning_rate, opt.warmup_steps
+  decay = max(opt.decay_steps - warm, 1)
+  warmup = lambda step: peak * (step + 1) / warm
+  if opt.schedule == "cosine":
+    main = optax.cosine_decay_schedule(peak, decay, alpha=end / peak if peak else 0.0)
+  elif opt.schedule == "linear":
+    main = optax.linear_schedule(peak, end, decay)
+  else:
+    main = optax.constant_schedule(peak)
+  if warm == 0:
+    return main
+  return optax.join_schedules([warmup, main], [warm])
+
+
+def weight_decay_mask(params, decay_embeddings: bool = False, decay_norms_and_biases: bool = False):
+  """True where weight decay applies: matrices, but not norms/biases (1-D) or embeddings by default."""
+
+  def decays(path, leaf) -> bool:
+    names = [str(getattr(k, "key", k)) for k in path]
+    if leaf.ndim < 2:
+      return decay_norms_and_biases
+    if any("embed" in n for n in names) and "lm_head" not in names:
+      return decay_embeddings
+    return True
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  mask = lambda p: weight_decay_mask(p, opt.decay_embeddings, opt.decay_norms_and_biases)
+  adamw = optax.inject_hyperparams(optax.adamw)(
+      learning_rate=learning_rate_schedule(opt), b1=opt.b1, b2=opt.b2, eps=opt.eps,
+      weight_decay=opt.weight_decay, mask=mask)
+  if opt.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(opt.grad_clip), adamw)
+  return optax.chain(optax.identity(), adamw)
+
+
+def current_learning_rate(opt_state) -> jax.Array:
+  """The learning rate the last update used, read from inject_hyperparams' state."""
+  return opt_state[1].hyperparams["learning_rate"]

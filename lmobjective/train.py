@@ -1,0 +1,282 @@
+"""Training entry point and loop.
+
+    python -m lmobjective.train --config=configs/default.py --workdir=runs/default \
+        --config.train.steps=200
+
+`run(config, workdir)` is the library entry point (importable, no globals); `main` only parses
+flags. The loop is split into `build` (data, model, mesh, jitted steps), `init_state`,
+`evaluate` and `run_loop`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags
+
+from lmobjective import config as config_lib
+from lmobjective import data, hardware, launch, metrics_log, objective, plotting, sharding, step
+from lmobjective.model import ModelConfig, Transformer, count_params, flops_per_token
+from lmobjective.optimizer import make_optimizer
+
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything a run needs, built once from the config."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: Any
+  model: Transformer
+  model_cfg: ModelConfig
+  tx: optax.GradientTransformation
+  tokenizer: Any
+  pipeline: Any
+  state_sharding: Any
+  train_fn: Any
+  eval_fn: Any
+  init_fn: Any
+  eval_sets: dict[str, list[dict]]
+  flops_per_token: float
+  peak_flops: float | None
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  config_lib.validate(config)
+  data.validate(config)
+
+
+def _check_batch_divides(config, mesh) -> None:
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = config.train.batch_size // config.train.grad_accum_steps
+  if micro % dp:
+    raise config_lib.ConfigError(
+        "train.batch_size", config.train.batch_size,
+        f"batch_size/grad_accum_steps={micro} must be divisible by the data*fsdp mesh size {dp}")
+  if config.eval.batch_size % dp or config.eval.batch_size % jax.process_count():
+    raise config_lib.ConfigError("eval.batch_size", config.eval.batch_size,
+                                 f"must be divisible by the data*fsdp mesh size {dp}")
+
+
+def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
+  mesh = sharding.make_mesh(config.mesh)
+  _check_batch_divides(config, mesh)
+  tokenizer = data.build_tokenizer(config.data, workdir)
+  n_proc = jax.process_count()
+  pipeline = data.build_pipeline(
+      config.data, tokenizer, seed=config.seed, batch_size=config.train.batch_size // n_proc,
+      process_index=jax.process_index(), process_count=n_proc, cache_dir=config.data.cache_dir)
+  model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size)
+  if model_cfg.vocab_size < tokenizer.vocab_size:
+    raise config_lib.ConfigError("model.vocab_size", model_cfg.vocab_size,
+                                 f"must be >= the tokenizer's vocabulary {tokenizer.vocab_size}")
+  model = Transformer(model_cfg)
+  tx = make_optimizer(config.optimizer)
+  T = config.data.context_length
+  micro_shape = (config.train.batch_size // config.train.grad_accum_steps, T)
+  with sharding.activate(mesh):
+    params_sharding = sharding.param_shardings(model, mesh, micro_shape)
+    init = functools.partial(step.init_state, model, tx, batch_shape=micro_shape)
+    state_shape = jax.eval_shape(init, jax.random.key(0))
+    state_sharding = sharding.state_shardings(state_shape, params_sharding, tx, mesh)
+  init_fn = jax.jit(init, out_shardings=state_sharding)
+  batch_shard, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  train_fn = jax.jit(
+      functools.partial(step.train_step, model=model, tx=tx,
+                        grad_accum_steps=config.train.grad_accum_steps, z_loss=config.objective.z_loss),
+      in_shardings=(state_sharding, batch_shard), out_shardings=(state_sharding, rep), donate_argnums=0)
+  token_bytes = jnp.asarray(tokenizer.token_byte_lengths(), jnp.int32)
+  eval_fn = jax.jit(
+      lambda params, batch: step.eval_step(params, batch, model=model, token_bytes_V=token_bytes),
+      in_shardings=(params_sharding, batch_shard), out_shardings=rep)
+  per_proc_eval = config.eval.batch_size // n_proc
+  eval_sets = {name: pipeline.eval_batches(name, config.eval.num_batches, per_proc_eval)
+               for name in pipeline.source_names} if config.eval.num_batches else {}
+  return Experiment(
+      config=config, workdir=workdir, mesh=mesh, model=model, model_cfg=model_cfg, tx=tx,
+      tokenizer=tokenizer, pipeline=pipeline, state_sharding=state_sharding, train_fn=train_fn,
+      eval_fn=eval_fn, init_fn=init_fn, eval_sets=eval_sets,
+      flops_per_token=flops_per_token(model_cfg, T),
+      peak_flops=hardware.peak_flops_per_device(config.model.compute_dtype))
+
+
+def _device_batch(exp: Experiment, host_batch: dict) -> dict:
+  fields = {k: host_batch[k] for k in step.MODEL_FIELDS}
+  with sharding.activate(exp.mesh):
+    return sharding.global_batch(fields, exp.mesh)
+
+
+def evaluate(exp: Experiment, params) -> dict[str, float]:
+  """val_loss, val_perplexity, val_bits_per_byte overall (token-weighted) and per source."""
+  out, totals = {}, np.zeros(3)
+  for name, batches in exp.eval_sets.items():
+    sums = np.zeros(3)  # loss_sum, num_tokens, bytes_sum
+    for host_batch in batches:
+      s = exp.eval_fn(params, _device_batch(exp, host_batch))
+      sums += np.array([float(s.loss_sum), float(s.num_tokens), float(s.bytes_sum)])
+    m = objective.summarize(sums[0], sums[1], sums[2])
+    out[f"val_loss/{name}"] = m["loss"]
+    if "bits_per_byte" in m:
+      out[f"val_bits_per_byte/{name}"] = m["bits_per_byte"]
+    totals += sums
+  if totals[1] > 0:
+    m = objective.summarize(*totals)
+    out.update(val_loss=m["loss"], val_perplexity=m["perplexity"],
+               val_bits_per_token=m["bits_per_token"], val_bits_per_byte=m.get("bits_per_byte"))
+  return {k: v for k, v in out.items() if v is not None}
+
+
+class TokenAccounting:
+  """Cumulative loss tokens fed per source (summed over processes when logged)."""
+
+  def __init__(self, source_names):
+    self.names = tuple(source_names)
+    self.counts = np.zeros(len(self.names), np.int64)
+
+  def add(self, host_batch: dict) -> None:
+    ids = host_batch["source_ids"][host_batch["loss_mask"].astype(bool)]
+    self.counts += np.bincount(ids[ids >= 0], minlength=len(self.names))[: len(self.names)]
+
+  def record(self) -> dict[str, Any]:
+    counts = self.counts
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
+    total = max(int(counts.sum()), 1)
+    rec = {f"tokens/{n}": int(c) for n, c in zip(self.names, counts)}
+    rec.update({f"share/{n}": float(c) / total for n, c in zip(self.names, counts)})
+    return rec
+
+
+def run_loop(exp: Experiment, state, batches: Iterator[dict], writer: metrics_log.MetricsWriter,
+             accounting: TokenAccounting) -> Any:
+  cfg = exp.config
+  total = cfg.train.steps
+  progress = metrics_log.Progress(total)
+  start = int(state.step)
+  pending, t_last, tokens_seen = [], time.time(), int(accounting.counts.sum())
+  if start == 0 and exp.eval_sets:
+    writer.write({"step": 0, **evaluate(exp, state.params)})
+  for s in range(start, total):
+    host_batch = next(batches)
+    accounting.add(host_batch)
+    state, metrics = exp.train_fn(state, _device_batch(exp, host_batch))
+    pending.append(metrics)
+    done = s + 1
+    if done % cfg.train.log_every_steps == 0 or done == total:
+      record = _train_record(exp, done, jax.device_get(pending), time.time() - t_last, tokens_seen)
+      tokens_seen = record["tokens_seen"]
+      record.update(accounting.record())
+      writer.write(record)
+      progress.update(done, record["train_loss"], record["tokens_per_sec"])
+      pending, t_last = [], time.time()
+    if exp.eval_sets and (done % cfg.eval.every_steps == 0 or done == total):
+      writer.write({"step": done, **evaluate(exp, state.params)})
+      t_last = time.time()  # eval time is not training throughput
+  return state
+
+
+def _train_record(exp, done, metrics_list, seconds, tokens_before) -> dict[str, Any]:
+  n = np.array([m["num_tokens"] for m in metrics_list], np.float64)
+  loss = float((np.array([m["loss"] for m in metrics_list]) * n).sum() / max(n.sum(), 1))
+  last = metrics_list[-1]
+  tokens = len(metrics_list) * exp.config.train.batch_size * exp.config.data.context_length
+  rec = {"step": done, "train_loss": loss, "lr": float(last["lr"]), "grad_norm": float(last["grad_norm"]),
+         "update_norm": float(last["update_norm"]), "param_norm": float(last["param_norm"]),
+         "train_accuracy": float(last["accuracy"]), "tokens_seen": tokens_before + int(n.sum()),
+         "tokens_per_sec": tokens / max(seconds, 1e-9)}
+  if exp.config.objective.z_loss > 0:
+    rec["z_loss"] = float(last["z_loss"])
+  if exp.peak_flops:
+    rec["mfu"] = rec["tokens_per_sec"] * exp.flops_per_token / (exp.peak_flops * jax.device_count())
+  return rec
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  path = os.path.join(workdir, "config.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, path)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains per `config`, writing outputs to `workdir`. Returns the last eval record."""
+  validate(config)
+  lead = jax.process_index() == 0
+  if lead:
+    os.makedirs(workdir, exist_ok=True)
+    write_config(config, workdir)
+  exp = build(config, workdir)
+  state = exp.init_fn(jax.random.key(config.seed))
+  _print_header(exp, state)
+  writer = metrics_log.MetricsWriter(workdir, enabled=lead)
+  accounting = TokenAccounting(exp.pipeline.source_names)
+  try:
+    state = run_loop(exp, state, exp.pipeline.train_iterator(), writer, accounting)
+  finally:
+    writer.close()
+  records = metrics_log.read_metrics(workdir) if lead else []
+  if lead:
+    plotting.save_loss_curves(records, workdir, title=os.path.basename(os.path.abspath(workdir)))
+    print_loss_table(records)
+  evals = [r for r in records if "val_loss" in r]
+  return evals[-1] if evals else {}
+
+
+def _print_header(exp: Experiment, state) -> None:
+  if jax.process_index() != 0:
+    return
+  c = exp.config
+  print(f"lmobjective | devices {jax.device_count()} x {jax.devices()[0].device_kind} | mesh "
+        f"{dict(exp.mesh.shape)} | params {count_params(state.params):,} | vocab {exp.model_cfg.vocab_size}"
+        f" (ln V = {np.log(exp.model_cfg.vocab_size):.3f}) | {c.train.batch_size}x{c.data.context_length}"
+        f" tokens/step | {exp.flops_per_token / 1e6:.1f} MFLOP/token")
+  print("sources: " + ", ".join(f"{n} {w:.2f}" for n, w in zip(exp.pipeline.source_names,
+                                                               exp.pipeline.weights)))
+  sys.stdout.flush()
+
+
+def print_loss_table(records: list[dict]) -> None:
+  evals = [r for r in records if "val_loss" in r]
+  train = {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
+  print(f"{'step':>6} {'train_loss':>10} {'val_loss':>9} {'val_ppl':>9} {'val_bpb':>8}")
+  for r in evals:
+    tl = train.get(r["step"])
+    print(f"{r['step']:>6} {tl if tl is not None else float('nan'):>10.4f} {r['val_loss']:>9.4f} "
+          f"{r['val_perplexity']:>9.2f} {r.get('val_bits_per_byte', float('nan')):>8.4f}")
+  if len(evals) >= 2:
+    print(f"final val loss / step-0 val loss = {evals[-1]['val_loss'] / evals[0]['val_loss']:.3f}")
+
+
+def main(argv, config_flag, workdir_flag) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if workdir_flag.value is None:
+    sys.exit("error: --workdir is required (the directory for this run's outputs)")
+  try:
+    run(config_flag.value, workdir_flag.value)
+  except config_lib.ConfigError as e:
+    sys.exit(f"error: {e}")
+
+
+def cli() -> None:
+  config_flag = launch.define_config_flag()
+  workdir_flag = flags.DEFINE_string("workdir", None, "Directory for this run's outputs.")
+  app.run(functools.partial(main, config_flag=config_flag, workdir_flag=workdir_flag),
+          flags_parser=launch.parse_flags)
+
+
+if __name__ == "__main__":
+  cli()
