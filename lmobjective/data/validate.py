@@ -46,9 +46,7 @@ def _validate_source(cfg, name: str) -> None:
     raise ConfigError(p, name, "source names must be identifiers")
   s = cfg.data.sources[name]
   require_choice(cfg, f"{p}.kind", sources.KINDS)
-  w = s.weight
   require_float(cfg, f"{p}.weight", 0.0)
-  del w
   require_float(cfg, f"{p}.val_fraction", 0.0, 0.5)
   require_int(cfg, f"{p}.max_documents", 1, allow_none=True)
   if s.kind in sources.FILE_KINDS and not s.path:

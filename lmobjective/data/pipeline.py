@@ -1,0 +1,136 @@
+"""The training/eval data pipeline: sources → tokens (cached) → packed rows → mixed, sharded batches.
+
+A batch is a dict of numpy arrays with B rows and T = context_length columns:
+inputs, targets (int32; targets = inputs shifted by one, done here once), loss_mask (bool),
+segment_ids (int32, 1-based per document, 0 = pad), positions (int32), source_ids (int32,
+index into `source_names`, -1 where the target is padding).
+Global batch k holds global rows [k*n*B, (k+1)*n*B); process p builds rows [p*B, (p+1)*B) of it.
+Everything is a pure function of (seed, k), so grain's iterator state is just the next k.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import grain
+import numpy as np
+
+from lmobjective.config import ConfigError
+from lmobjective.data import cache, mixture, streams, tokenized
+from lmobjective.data.tokenizers import Tokenizer
+
+FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+_READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
+
+
+def resolve_cache_dir(data_cfg, cache_dir: str | None) -> str:
+  return os.path.expanduser(cache_dir or data_cfg.cache_dir or cache.default_dir())
+
+
+class Pipeline:
+
+  def __init__(self, data_cfg, tok: Tokenizer, seed: int, batch_size: int, process_index: int = 0,
+               process_count: int = 1, cache_dir: str | None = None):
+    if not 0 <= process_index < process_count:
+      raise ConfigError("process_index", process_index, f"must be in [0, process_count={process_count})")
+    self.tok, self.seed, self.batch_size = tok, seed, batch_size
+    self.process_index, self.process_count = process_index, process_count
+    self.T, self.packing, self.masking = data_cfg.context_length, data_cfg.packing, data_cfg.document_masking
+    self.source_names = tuple(data_cfg.sources.keys())
+    self.weights = mixture.normalise({n: s.weight for n, s in data_cfg.sources.items()})
+    directory = resolve_cache_dir(data_cfg, cache_dir)
+    self.sources = [tokenized.load(n, data_cfg.sources[n], tok, directory) for n in self.source_names]
+    self.kinds = [data_cfg.sources[n].kind for n in self.source_names]
+    self.train_rows = [self._rows(i, src.train, shuffle=True) for i, src in enumerate(self.sources)]
+    for i, rows in enumerate(self.train_rows):
+      if rows.num_rows == 0 and self.weights[i] > 0:
+        raise ConfigError(f"data.sources.{self.source_names[i]}", self.source_names[i],
+                          f"{self.sources[i].train.ids.size} training tokens: too few for one row of "
+                          f"context_length+1={self.T + 1}")
+    self.mixture = mixture.Mixture(self.weights, seed)
+    self._last_step = -1
+
+  def _rows(self, i: int, split, shuffle: bool):
+    key = streams.source_key(self.source_names[i])
+    if self.kinds[i] == "chat_jsonl":
+      return streams.PaddedRows(split, self.T, self.tok.pad_id, self.masking, self.seed, key, shuffle)
+    if self.packing == "window" and shuffle and split.ids.size > self.T + 1:
+      return streams.WindowRows(split, self.T, self.tok.eos_id, self.masking, self.seed, key)
+    return streams.ConcatRows(split, self.T, self.tok.eos_id, self.masking, self.seed, key, shuffle)
+
+  # ---- training ---------------------------------------------------------------------------
+
+  def global_rows(self, step: int) -> np.ndarray:
+    """This process's global row indices of batch `step`."""
+    first = (step * self.process_count + self.process_index) * self.batch_size
+    return np.arange(first, first + self.batch_size, dtype=np.int64)
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    src_B, ctr_B = self.mixture.assign(self.global_rows(step))
+    self._last_step = max(self._last_step, step)
+    return self._assemble(src_B, ctr_B, self.train_rows)
+
+  def _assemble(self, src_B, ctr_B, row_sources) -> dict[str, np.ndarray]:
+    B, T = len(src_B), self.T
+    out = {k: np.zeros((B, T), bool if k == "loss_mask" else np.int32) for k in FIELDS}
+    out["source_ids"] = np.full((B, T), -1, np.int32)
+    for s in np.unique(src_B):
+      sel = np.flatnonzero(src_B == s)
+      f = row_sources[s].fields(ctr_B[sel])
+      for k in FIELDS:
+        out[k][sel] = f[k]
+      out["source_ids"][sel] = np.where(f["target_valid"], s, -1)
+    return out
+
+  def train_iterator(self) -> grain.DatasetIterator:
+    """Infinite; grain state {'next_index': step} is JSON-serialisable (get_state/set_state)."""
+    ds = grain.MapDataset.range(sys.maxsize).map(self.batch)
+    return iter(ds.to_iter_dataset(_READ))
+
+  # ---- evaluation -------------------------------------------------------------------------
+
+  def source_index(self, name: str) -> int:
+    if name not in self.source_names:
+      raise ConfigError("eval source", name, f"unknown source; must be one of {', '.join(self.source_names)}")
+    return self.source_names.index(name)
+
+  def eval_batches(self, source_name: str, num_batches: int, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """Deterministic rows of that source's validation split, in order (this process's share; wraps around)."""
+    s = self.source_index(source_name)
+    rows = self._rows(s, self.sources[s].val, shuffle=False)
+    if rows.num_rows == 0:
+      raise ConfigError(f"data.sources.{source_name}.val_fraction", source_name,
+                        f"validation split has {self.sources[s].val.ids.size} tokens: too few for one row")
+    out = []
+    for b in range(num_batches):
+      first = (b * self.process_count + self.process_index) * batch_size
+      ctr = np.arange(first, first + batch_size, dtype=np.int64)
+      out.append(self._assemble(np.full(batch_size, s), ctr, {s: rows}))
+    return out
+
+  # ---- accounting -------------------------------------------------------------------------
+
+  def stats(self, step: int | None = None) -> dict[str, Any]:
+    """Per-source sizes and accounting; realised shares and epochs after `step` batches (default: produced so far)."""
+    steps = self._last_step + 1 if step is None else step
+    total_rows = steps * self.batch_size * self.process_count
+    rows_S = self.mixture.rows_per_source(total_rows)
+    out = {"steps": steps, "global_rows": total_rows, "tokens": total_rows * self.T, "sources": {}}
+    for i, (name, src, rows) in enumerate(zip(self.source_names, self.sources, self.train_rows)):
+      d = {"kind": self.kinds[i], "weight": float(self.weights[i]),
+           "realised_share": float(rows_S[i] / max(total_rows, 1)),
+           "train_documents": src.train.num_documents, "val_documents": src.val.num_documents,
+           "train_tokens": int(src.train.ids.size), "val_tokens": int(src.val.ids.size),
+           "rows_per_epoch": rows.num_rows, "remainder_fraction": rows.remainder_fraction(),
+           "epochs_seen": float(rows_S[i] / max(rows.num_rows, 1)), **src.info}
+      if isinstance(rows, streams.PaddedRows):
+        d.update(rows.accounting)
+      out["sources"][name] = d
+    return out
+
+
+def build_pipeline(data_cfg, tok: Tokenizer, seed: int, batch_size: int, process_index: int = 0,
+                   process_count: int = 1, cache_dir: str | None = None) -> Pipeline:
+  return Pipeline(data_cfg, tok, seed, batch_size, process_index, process_count, cache_dir)
