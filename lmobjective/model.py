@@ -268,9 +268,9 @@ def matmul_params(cfg: ModelConfig) -> int:
   attn += cfg.num_heads * cfg.head_dim * D
   mlp = (3 if cfg.mlp == "swiglu" else 2) * D * F
   bias = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + D + (2 if cfg.mlp == "swiglu" else 1) * F + D
-  norms = 2 * D * (2 if cfg.norm == "layernorm" and cfg.use_bias else 1)
-  per_layer = attn + mlp + norms + (bias if cfg.use_bias else 0)
-  return L * per_layer + V * D
+  norm = D * (2 if cfg.norm == "layernorm" and cfg.use_bias else 1)
+  per_layer = attn + mlp + 2 * norm + (bias if cfg.use_bias else 0)
+  return L * per_layer + norm + V * D  # + the final norm and the head
 
 
 def flops_per_token(cfg: ModelConfig, context_length: int) -> float:

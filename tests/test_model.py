@@ -1,0 +1,178 @@
+"""Model: initial loss ~ ln V, causality and document isolation by exact gradients, FLOP formula."""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmobjective import model as M
+from lmobjective import objective
+
+MODERN = M.ModelConfig(vocab_size=512, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+                       mlp_dim=128, max_len=64)
+GPT2 = dataclasses.replace(MODERN, num_kv_heads=4, position="learned", norm="layernorm", mlp="gelu",
+                           use_bias=True, tie_embeddings=False)
+
+
+def _init(cfg, T=16, seed=0):
+  model = M.Transformer(cfg)
+  params = nn.unbox(model.init(jax.random.key(seed), jnp.zeros((1, T), jnp.int32))["params"])
+  return model, params
+
+
+@pytest.mark.parametrize("cfg", [MODERN, GPT2], ids=["modern", "gpt2"])
+def test_initial_loss_is_ln_v(cfg):
+  cfg = dataclasses.replace(cfg, vocab_size=4096)
+  model, params = _init(cfg, T=64)
+  tokens = jax.random.randint(jax.random.key(1), (8, 65), 0, cfg.vocab_size)
+  logits = model.apply({"params": params}, tokens[:, :-1])
+  loss_sum, n = objective.cross_entropy(logits, tokens[:, 1:])
+  assert abs(float(loss_sum) / int(n) - math.log(cfg.vocab_size)) < 0.1
+
+
+def _per_position_loss_grads(cfg, segment_ids=None, T=12):
+  """d nll[t] / d embedding[s] for all t, s: [T(query), B, T(key), D]."""
+  model, params = _init(cfg, T)
+  tokens = jax.random.randint(jax.random.key(2), (2, T + 1), 0, cfg.vocab_size)
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  positions = None
+  if segment_ids is not None:
+    seg = np.asarray(segment_ids)
+    positions = np.zeros_like(seg)
+    for b in range(seg.shape[0]):
+      for t in range(1, T):
+        positions[b, t] = positions[b, t - 1] + 1 if seg[b, t] == seg[b, t - 1] else 0
+    positions = jnp.asarray(positions)
+  x = model.apply({"params": params}, inputs, positions, method=M.Transformer.embed)
+
+  def nll_per_position(x):
+    h = model.apply({"params": params}, x, positions, segment_ids, method=M.Transformer.backbone)
+    logits = model.apply({"params": params}, h, method=M.Transformer.head)
+    return objective.token_losses(logits, targets).nll.sum(0)  # [T]
+
+  return np.asarray(jax.jacrev(nll_per_position)(x))
+
+
+@pytest.mark.parametrize("cfg", [MODERN, GPT2], ids=["modern", "gpt2"])
+def test_causality_future_gradients_are_exactly_zero(cfg):
+  g = np.abs(_per_position_loss_grads(cfg)).sum(-1)  # [T, B, T]
+  T = g.shape[0]
+  for t in range(T):
+    assert np.all(g[t, :, t + 1:] == 0.0), f"position {t} sees the future"
+    assert np.all(g[t, :, : t + 1] > 0.0), f"position {t} is blind to its past"
+
+
+def test_segment_mask_isolates_documents():
+  seg = jnp.array([[1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 0],
+                   [1, 1, 2, 2, 2, 2, 2, 2, 3, 3, 0, 0]], jnp.int32)
+  g = np.abs(_per_position_loss_grads(MODERN, seg)).sum(-1)  # [T, B, T]
+  s = np.asarray(seg)
+  for b in range(2):
+    for t in range(12):
+      other_doc = (s[b] != s[b, t])
+      assert np.all(g[t, b, other_doc] == 0.0), (b, t)
+      same_past = (s[b] == s[b, t]) & (np.arange(12) <= t)
+      assert np.all(g[t, b, same_past] > 0.0), (b, t)
+
+
+@pytest.mark.parametrize("cfg", [MODERN, GPT2], ids=["modern", "gpt2"])
+def test_perturbing_one_document_leaves_the_next_unchanged(cfg):
+  model, params = _init(cfg, 10)
+  seg = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 2]], jnp.int32)
+  pos = jnp.array([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]], jnp.int32)
+  a = jnp.array([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]], jnp.int32)
+  b = a.at[0, :4].set(jnp.array([100, 200, 300, 400]))
+  la = model.apply({"params": params}, a, pos, seg)
+  lb = model.apply({"params": params}, b, pos, seg)
+  np.testing.assert_array_equal(np.asarray(la[0, 4:]), np.asarray(lb[0, 4:]))
+  assert np.abs(np.asarray(la[0, :4] - lb[0, :4])).max() > 1e-3
+  # Without the mask the second document does see the first (GPT-style cross-document attention).
+  lc = model.apply({"params": params}, a, pos, jnp.ones_like(seg))
+  ld = model.apply({"params": params}, b, pos, jnp.ones_like(seg))
+  assert np.abs(np.asarray(lc[0, 4:] - ld[0, 4:])).max() > 1e-4
+
+
+@pytest.mark.parametrize("cfg,extra", [(MODERN, 0), (GPT2, 64 * 64 + 512 * 64),
+                                       (dataclasses.replace(MODERN, tie_embeddings=False), 512 * 64)],
+                         ids=["modern-tied", "gpt2-untied", "modern-untied"])
+def test_flop_formula_params_match_the_real_count(cfg, extra):
+  # matmul_params counts the head once and no embedding lookups; the real tree also has the
+  # position table (learned) and the input embedding when untied.
+  _, params = _init(cfg)
+  assert M.count_params(params) == M.matmul_params(cfg) + extra
+  T = 128
+  assert M.flops_per_token(cfg, T) == 6 * M.matmul_params(cfg) + 12 * cfg.num_layers * cfg.embed_dim * T
+
+
+def test_gqa_matches_mha_with_repeated_kv_heads():
+  gqa = MODERN
+  mha = dataclasses.replace(MODERN, num_kv_heads=MODERN.num_heads)
+  model_g, p_g = _init(gqa)
+  model_m, p_m = _init(mha)
+  rep = MODERN.num_heads // MODERN.num_kv_heads
+  p_m = jax.tree.map(lambda x: x, p_m)
+  for i in range(MODERN.num_layers):
+    for name in ("key", "value"):
+      k = p_g[f"block_{i}"]["attn"][name]["kernel"]  # [D, K, H]
+      p_m[f"block_{i}"]["attn"][name]["kernel"] = jnp.repeat(k, rep, axis=1)
+    for name in ("query", "out"):
+      p_m[f"block_{i}"]["attn"][name] = p_g[f"block_{i}"]["attn"][name]
+    for name in ("attn_norm", "mlp_norm", "mlp"):
+      p_m[f"block_{i}"][name] = p_g[f"block_{i}"][name]
+  p_m["token_embed"], p_m["final_norm"] = p_g["token_embed"], p_g["final_norm"]
+  tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, 512)
+  np.testing.assert_allclose(np.asarray(model_g.apply({"params": p_g}, tokens)),
+                             np.asarray(model_m.apply({"params": p_m}, tokens)), atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
+def test_remat_gives_the_same_loss_and_gradients(remat):
+  model, params = _init(MODERN)
+  model_r = M.Transformer(dataclasses.replace(MODERN, remat=remat))
+  tokens = jax.random.randint(jax.random.key(4), (2, 17), 0, 512)
+
+  def loss(p, m):
+    return objective.cross_entropy(m.apply({"params": p}, tokens[:, :-1]), tokens[:, 1:])[0]
+
+  l0, g0 = jax.value_and_grad(loss)(params, model)
+  l1, g1 = jax.value_and_grad(loss)(params, model_r)
+  assert abs(float(l0) - float(l1)) < 1e-5
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
+
+
+def test_scan_layers_matches_unrolled_layers():
+  model, params = _init(MODERN)
+  scanned = M.Transformer(dataclasses.replace(MODERN, scan_layers=True))
+  stacked = {k: v for k, v in params.items() if not k.startswith("block_")}
+  stacked["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                                   *[params[f"block_{i}"] for i in range(MODERN.num_layers)])
+  tokens = jax.random.randint(jax.random.key(5), (2, 16), 0, 512)
+  np.testing.assert_allclose(np.asarray(model.apply({"params": params}, tokens)),
+                             np.asarray(scanned.apply({"params": stacked}, tokens)), atol=1e-5)
+
+
+def test_bf16_compute_keeps_float32_params_and_finite_loss():
+  cfg = dataclasses.replace(MODERN, compute_dtype=jnp.bfloat16)
+  model, params = _init(cfg)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  tokens = jax.random.randint(jax.random.key(6), (2, 17), 0, 512)
+  logits = model.apply({"params": params}, tokens[:, :-1])
+  assert logits.dtype == jnp.bfloat16
+  loss_sum, n = objective.cross_entropy(logits, tokens[:, 1:])
+  assert abs(float(loss_sum) / int(n) - math.log(512)) < 0.2
+
+
+def test_dropout_uses_the_explicit_key():
+  cfg = dataclasses.replace(MODERN, dropout=0.5)
+  model, params = _init(cfg)
+  tokens = jnp.ones((1, 8), jnp.int32)
+  run = lambda k: np.asarray(model.apply({"params": params}, tokens, deterministic=False,
+                                         rngs={"dropout": jax.random.key(k)}))
+  np.testing.assert_array_equal(run(0), run(0))
+  assert np.abs(run(0) - run(1)).max() > 0
+  det = np.asarray(model.apply({"params": params}, tokens))
+  np.testing.assert_array_equal(det, np.asarray(model.apply({"params": params}, tokens)))
