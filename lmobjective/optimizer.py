@@ -52,7 +52,3 @@ def make_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformati
     return optax.chain(optax.clip_by_global_norm(opt.grad_clip), adamw)
   return optax.chain(optax.identity(), adamw)
 
-
-def current_learning_rate(opt_state) -> jax.Array:
-  """The learning rate the last update used, read from inject_hyperparams' state."""
-  return opt_state[1].hyperparams["learning_rate"]

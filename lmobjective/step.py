@@ -90,10 +90,21 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
       "grad_norm": optax.tree.norm(grads),
       "update_norm": optax.tree.norm(updates),
       "param_norm": optax.tree.norm(params),
-      "lr": opt_state[1].hyperparams["learning_rate"],
   }
+  lr = learning_rate(opt_state)
+  if lr is not None:
+    metrics["lr"] = lr
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, metrics
+
+
+def learning_rate(opt_state) -> jax.Array | None:
+  """The rate the last update used, as recorded by `optax.inject_hyperparams` (None if absent)."""
+  has_hparams = lambda x: hasattr(x, "hyperparams")
+  for node in jax.tree.leaves(opt_state, is_leaf=has_hparams):
+    if has_hparams(node) and "learning_rate" in node.hyperparams:
+      return node.hyperparams["learning_rate"]
+  return None
 
 
 def eval_step(params, batch: dict, *, model: nn.Module, token_bytes_V: jax.Array | None = None
