@@ -30,13 +30,14 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def weight_decay_mask(params, decay_embeddings: bool = False, decay_norms_and_biases: bool = False):
-  """True where weight decay applies: matrices, but not norms/biases (1-D) or embeddings by default."""
+  """True where weight decay applies: kernels, but not norm scales, biases or embedding tables by default."""
 
   def decays(path, leaf) -> bool:
+    del leaf  # decided by name: attention biases are 2-D ([heads, head_dim]) but still biases
     names = [str(getattr(k, "key", k)) for k in path]
-    if leaf.ndim < 2:
+    if names[-1] in ("bias", "scale"):
       return decay_norms_and_biases
-    if any("embed" in n for n in names) and "lm_head" not in names:
+    if names[-1] == "embedding":
       return decay_embeddings
     return True
 
@@ -45,7 +46,9 @@ def weight_decay_mask(params, decay_embeddings: bool = False, decay_norms_and_bi
 
 def make_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformation:
   mask = lambda p: weight_decay_mask(p, opt.decay_embeddings, opt.decay_norms_and_biases)
-  adamw = optax.inject_hyperparams(optax.adamw)(
+  # static_args: without it inject_hyperparams calls the mask like a schedule, mask(step), and
+  # silently turns weight decay off everywhere.
+  adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
       learning_rate=learning_rate_schedule(opt), b1=opt.b1, b2=opt.b2, eps=opt.eps,
       weight_decay=opt.weight_decay, mask=mask)
   if opt.grad_clip > 0:
