@@ -16,7 +16,7 @@ from lmobjective.config import ConfigError
 from lmobjective.data import sources, tokenizers
 from lmobjective.data.tokenizers import Tokenizer
 
-_MAX_LINE_CHARS = 2048  # longer lines are cut into chunks (markov documents are single long lines)
+_MAX_LINE_CHARS = 256  # longer lines are cut into chunks (markov documents are single long lines)
 
 
 def source_weights(data_cfg) -> dict[str, float]:
