@@ -43,12 +43,13 @@ class Pipeline:
     directory = resolve_cache_dir(data_cfg, cache_dir)
     self.sources = [tokenized.load(n, data_cfg.sources[n], tok, directory) for n in self.source_names]
     self.kinds = [data_cfg.sources[n].kind for n in self.source_names]
+    self.val_fractions = [data_cfg.sources[n].val_fraction for n in self.source_names]
     self.train_rows = [self._rows(i, src.train, shuffle=True) for i, src in enumerate(self.sources)]
     for i, rows in enumerate(self.train_rows):
       if rows.num_rows == 0 and self.weights[i] > 0:
-        raise ConfigError(f"data.sources.{self.source_names[i]}", self.source_names[i],
-                          f"{self.sources[i].train.ids.size} training tokens: too few for one row of "
-                          f"context_length+1={self.T + 1}")
+        raise ConfigError("data.context_length", self.T,
+                          f"source '{self.source_names[i]}' has {self.sources[i].train.ids.size} training "
+                          f"tokens, too few for one row of context_length+1={self.T + 1}")
     self.mixture = mixture.Mixture(self.weights, seed)
     self._last_step = -1
 
@@ -101,8 +102,9 @@ class Pipeline:
     s = self.source_index(source_name)
     rows = self._rows(s, self.sources[s].val, shuffle=False)
     if rows.num_rows == 0:
-      raise ConfigError(f"data.sources.{source_name}.val_fraction", source_name,
-                        f"validation split has {self.sources[s].val.ids.size} tokens: too few for one row")
+      raise ConfigError(f"data.sources.{source_name}.val_fraction", self.val_fractions[s],
+                        f"source '{source_name}' has {self.sources[s].val.ids.size} validation tokens, "
+                        f"too few for one row of context_length+1={self.T + 1}")
     out = []
     for b in range(num_batches):
       first = (b * self.process_count + self.process_index) * batch_size

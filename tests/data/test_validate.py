@@ -1,0 +1,120 @@
+"""Bad input: each stops with one line naming the source, file or key."""
+
+import json
+
+import pytest
+
+from conftest import file_config, markov_config
+import ml_collections
+
+from configs import default
+from lmobjective import data
+from lmobjective.config import ConfigError
+from lmobjective.data import tokenizers
+
+
+def _raises(fn, needle):
+  with pytest.raises(ConfigError) as e:
+    fn()
+  msg = str(e.value)
+  assert needle in msg, msg
+  assert "\n" not in msg
+
+
+def _build(cfg, tmp_path):
+  return data.build_pipeline(cfg.data, tokenizers.ByteTokenizer(), seed=0, batch_size=2,
+                             cache_dir=str(tmp_path / "c"))
+
+
+def test_default_config_is_valid():
+  data.validate(default.get_config())
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("context_length", 0, "config.data.context_length=0: must be in [1, inf]"),
+    ("context_length", 256, "config.data.context_length=256: must be <= model.max_len=128"),
+    ("packing", "zigzag", "config.data.packing='zigzag': must be one of concat, window"),
+])
+def test_bad_data_keys(key, value, needle):
+  c = ml_collections.ConfigDict(default.get_config().to_dict())  # unlinks context_length from model.max_len
+  c.data[key] = value
+  _raises(lambda: data.validate(c), needle)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("weight", -1.0, "config.data.sources.code.weight=-1.0: must be >= 0.0"),
+    ("weight", float("nan"), "config.data.sources.code.weight=nan: must be a finite number"),
+    ("kind", "csv", "config.data.sources.code.kind='csv': must be one of"),
+    ("val_fraction", 0.9, "config.data.sources.code.val_fraction=0.9: must be <= 0.5"),
+])
+def test_bad_source_fields(field, value, needle):
+  c = default.get_config()
+  c.data.sources.code[field] = value
+  _raises(lambda: data.validate(c), needle)
+
+
+def test_zero_sum_weights():
+  c = default.get_config()
+  for s in c.data.sources.values():
+    s.weight = 0.0
+  _raises(lambda: data.validate(c), "config.data.sources.*.weight=")
+  _raises(lambda: data.validate(c), "at least one weight must be > 0")
+
+
+def test_file_source_without_path():
+  c = default.get_config()
+  c.data.sources.code = default.source("jsonl", 1.0)
+  _raises(lambda: data.validate(c), "config.data.sources.code.path=None: required for kind=jsonl")
+
+
+def test_missing_path(tmp_path):
+  _raises(lambda: _build(file_config("text", tmp_path / "nope*.txt"), tmp_path),
+          f"config.data.sources.f.path='{tmp_path / 'nope*.txt'}': matches no file")
+
+
+def test_empty_file(tmp_path):
+  (tmp_path / "e.jsonl").write_text("\n")
+  _raises(lambda: _build(file_config("jsonl", tmp_path / "e.jsonl"), tmp_path),
+          f"config.data.sources.f.path='{tmp_path / 'e.jsonl'}': file is empty")
+
+
+def test_no_documents_after_the_split(tmp_path):
+  (tmp_path / "one.jsonl").write_text(json.dumps({"text": "only one"}) + "\n")
+  _raises(lambda: _build(file_config("jsonl", tmp_path / "one.jsonl"), tmp_path),
+          "source 'f' has no training documents after the validation split")
+
+
+def test_too_few_tokens_for_a_row(tmp_path):
+  (tmp_path / "s.txt").write_text("tiny\n")
+  _raises(lambda: _build(file_config("text", tmp_path / "s.txt", T=64, val_fraction=0.0), tmp_path),
+          "config.data.context_length=64: source 'f' has 6 training tokens, too few for one row of context_length+1=65")
+
+
+def test_missing_text_field_and_bad_json(tmp_path):
+  (tmp_path / "d.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+  _raises(lambda: _build(file_config("jsonl", tmp_path / "d.jsonl"), tmp_path),
+          f"config.data.sources.f.text_field='text': {tmp_path / 'd.jsonl'}:1: record has no string field")
+  (tmp_path / "b.jsonl").write_text('{"text": "a"}\n{oops\n')
+  _raises(lambda: _build(file_config("jsonl", tmp_path / "b.jsonl"), tmp_path),
+          f"config.data.sources.f.path='{tmp_path / 'b.jsonl'}:2': invalid JSON")
+
+
+def test_no_validation_rows(tmp_path):
+  (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": "x" * 40}) + "\n" for _ in range(10)))
+  pipe = _build(file_config("jsonl", tmp_path / "d.jsonl", T=64, val_fraction=0.1), tmp_path)
+  _raises(lambda: pipe.eval_batches("f", 1, 2), "config.data.sources.f.val_fraction=0.1: source 'f' has 41 "
+          "validation tokens, too few for one row of context_length+1=65")
+
+
+def test_unknown_source_name(tmp_path):
+  pipe = _build(markov_config((1.0,)), tmp_path)
+  _raises(lambda: pipe.eval_batches("web", 1, 2), "config.eval source='web': unknown source; must be one of m0")
+
+
+def test_markov_and_tokenizer_keys():
+  c = default.get_config()
+  c.data.sources.markov.markov.num_symbols = 200
+  _raises(lambda: data.validate(c), "config.data.sources.markov.markov.num_symbols=200: must be in [2, 94]")
+  c = default.get_config()
+  c.data.tokenizer.kind = "wordpiece"
+  _raises(lambda: data.validate(c), "config.data.tokenizer.kind='wordpiece': must be one of sentencepiece, char, byte")
