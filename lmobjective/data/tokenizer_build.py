@@ -73,6 +73,9 @@ def build_tokenizer(data_cfg, workdir: str) -> Tokenizer:
     return tok
   if data_cfg.tokenizer.path is not None:
     tok, _ = tokenizers.load(os.path.expanduser(data_cfg.tokenizer.path))
+    if tok.kind != data_cfg.tokenizer.kind:
+      raise ConfigError("data.tokenizer.kind", data_cfg.tokenizer.kind,
+                        f"data.tokenizer.path={data_cfg.tokenizer.path!r} holds a {tok.kind} tokenizer")
   else:
     tok = train(data_cfg)
   tokenizers.save(tok, run_dir, want if data_cfg.tokenizer.path is None else {"kind": tok.kind})

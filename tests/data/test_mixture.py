@@ -94,3 +94,15 @@ def test_weights_are_normalised_in_source_order(cache_dir):
   pipe = _pipe((3.0, 1.0), cache_dir, B=4, T=16)
   assert pipe.source_names == ("m0", "m1")
   np.testing.assert_allclose(pipe.weights, [0.75, 0.25])
+
+
+def test_many_domains_stay_cheap(cache_dir):
+  weights = tuple(np.linspace(1.0, 3.0, 48))
+  pipe = _pipe(weights, cache_dir, B=64, T=32, num_documents=20, document_length=100)
+  counts = np.zeros(48)
+  for step in range(200):  # 409,600 tokens
+    sid = pipe.batch(step)["source_ids"]
+    counts += np.bincount(sid.ravel(), minlength=48)
+  np.testing.assert_allclose(counts / counts.sum(), pipe.weights, atol=0.002)
+  st = pipe.stats(step=200)["sources"]
+  assert min(s["epochs_seen"] for s in st.values()) > 1.0  # every small source wrapped at least once
