@@ -82,10 +82,10 @@ class _Reader:
                     "with U+FFFD", DataWarning, stacklevel=2)
       return text
 
-  def file(self, path: str) -> str:
+  def file(self, path: str, allow_empty: bool = False) -> str:
     with open(path, "rb") as f:
       raw = f.read()
-    if not raw.strip():
+    if not allow_empty and not raw.strip():
       raise ConfigError(key(self.name, "path"), path, "file is empty")
     return self.text(raw, path)
 
@@ -99,9 +99,9 @@ def load_source(name: str, scfg) -> SourceDocs:
       train, val = _tail_split(docs[0], scfg.val_fraction)
       return _finish(name, scfg, [train] if train else [], [val] if val else [], info, reader)
   elif scfg.kind == "python_stdlib":
-    docs = stdlib_corpus.code_documents(lambda p: reader.text(open(p, "rb").read(), p))
+    docs = stdlib_corpus.code_documents(lambda p: reader.file(p, allow_empty=True))
   elif scfg.kind == "stdlib_prose":
-    docs = stdlib_corpus.prose_documents(lambda p: reader.text(open(p, "rb").read(), p))
+    docs = stdlib_corpus.prose_documents(lambda p: reader.file(p, allow_empty=True))
   elif scfg.kind == "markov":
     docs, chain = synthetic.markov_documents(scfg.markov)
     info["entropy_rate_nats"] = chain.entropy_rate_nats()

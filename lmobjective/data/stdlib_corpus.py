@@ -34,8 +34,8 @@ def fingerprint() -> str:
 
 
 def code_documents(read) -> list[str]:
-  """One document per stdlib .py file. `read(path) -> str` decodes (and counts bad bytes)."""
-  return [read(p) for p in stdlib_files()]
+  """One document per non-empty stdlib .py file. `read(path) -> str` decodes (and counts bad bytes)."""
+  return [t for t in map(read, stdlib_files()) if t.strip()]
 
 
 def prose_documents(read) -> list[str]:

@@ -91,8 +91,7 @@ def _stationary(p_NxS: np.ndarray, order: int) -> np.ndarray:
 
 
 def to_text(symbols: np.ndarray) -> str:
-  return "".join(ALPHABET[i] for i in symbols) if symbols.size < 64 else (
-      np.frombuffer(ALPHABET.encode(), np.uint8)[symbols].tobytes().decode("ascii"))
+  return np.frombuffer(ALPHABET.encode(), np.uint8)[symbols].tobytes().decode("ascii")
 
 
 def markov_documents(mcfg) -> tuple[list[str], MarkovChain]:
