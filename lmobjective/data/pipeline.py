@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any
 
 import grain
@@ -19,6 +20,7 @@ import numpy as np
 
 from lmobjective.config import ConfigError
 from lmobjective.data import cache, mixture, streams, tokenized
+from lmobjective.data.errors import DataWarning
 from lmobjective.data.tokenizers import Tokenizer
 
 FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -105,6 +107,10 @@ class Pipeline:
       raise ConfigError(f"data.sources.{source_name}.val_fraction", self.val_fractions[s],
                         f"source '{source_name}' has {self.sources[s].val.ids.size} validation tokens, "
                         f"too few for one row of context_length+1={self.T + 1}")
+    needed = num_batches * batch_size * self.process_count
+    if needed > rows.num_rows:
+      warnings.warn(f"data.sources.{source_name}: eval asks for {needed} rows, the validation split has "
+                    f"{rows.num_rows}; rows repeat", DataWarning, stacklevel=2)
     out = []
     for b in range(num_batches):
       first = (b * self.process_count + self.process_index) * batch_size
@@ -126,6 +132,7 @@ class Pipeline:
            "train_documents": src.train.num_documents, "val_documents": src.val.num_documents,
            "train_tokens": int(src.train.ids.size), "val_tokens": int(src.val.ids.size),
            "rows_per_epoch": rows.num_rows, "remainder_fraction": rows.remainder_fraction(),
+           "val_rows": self._rows(i, src.val, shuffle=False).num_rows if src.val.ids.size else 0,
            "epochs_seen": float(rows_S[i] / max(rows.num_rows, 1)), **src.info}
       if isinstance(rows, streams.PaddedRows):
         d.update(rows.accounting)

@@ -94,8 +94,10 @@ def test_eval_batches_come_from_the_validation_split_only(tmp_path, packing):
   cfg.data.packing = packing
   pipe = data.build_pipeline(cfg.data, tokenizers.ByteTokenizer(), seed=0, batch_size=2, cache_dir=str(tmp_path / "c"))
   val = sources.load_source("f", cfg.data.sources.f).val
-  ev = pipe.eval_batches("f", num_batches=3, batch_size=4)
-  again = pipe.eval_batches("f", num_batches=3, batch_size=4)
+  with pytest.warns(DataWarning, match="data.sources.f: eval asks for 12 rows, the validation split has 10"):
+    ev = pipe.eval_batches("f", num_batches=3, batch_size=4)
+    again = pipe.eval_batches("f", num_batches=3, batch_size=4)
+  assert pipe.stats(step=0)["sources"]["f"]["val_rows"] == 10
   assert len(ev) == 3 and all(e["inputs"].shape == (4, 8) for e in ev)
   for e, f in zip(ev, again):
     np.testing.assert_array_equal(e["inputs"], f["inputs"])
