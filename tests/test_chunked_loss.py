@@ -1,0 +1,104 @@
+"""Chunked (fused head + loss) cross-entropy equals the dense one: loss, gradients, masks, memory."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmobjective import chunked_loss, objective
+from lmobjective.model import ModelConfig, Transformer
+
+B, T, D, V = 3, 12, 16, 50
+
+
+def _inputs(seed=0):
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
+  h = jax.random.normal(k1, (B, T, D), jnp.float32)
+  w = jax.random.normal(k2, (D, V), jnp.float32) * 0.5
+  targets = jax.random.randint(k3, (B, T), 0, V)
+  targets = targets.at[0, 3].set(objective.IGNORE_INDEX).at[2, -1].set(objective.IGNORE_INDEX)
+  mask = jax.random.bernoulli(k4, 0.7, (B, T))
+  return h, w, targets, mask
+
+
+def _dense(h, w, targets, mask):
+  return objective.cross_entropy(h @ w, targets, mask)
+
+
+def _chunked(h, w, targets, mask, chunk):
+  return chunked_loss.cross_entropy(lambda x: x @ w, h, targets, mask, chunk)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 5, 7, 12, 64])  # 4 and 12 divide T=12; 1, 5, 7 do not
+def test_loss_and_gradients_equal_dense(chunk):
+  h, w, targets, mask = _inputs()
+  loss_fn = lambda f: lambda h, w: f(h, w)[0]
+  dense_loss, dense_n = _dense(h, w, targets, mask)
+  loss, n = _chunked(h, w, targets, mask, chunk)
+  assert int(n) == int(dense_n) == int(objective.valid_targets(targets, mask).sum())
+  np.testing.assert_allclose(loss, dense_loss, rtol=1e-6)
+  g_dense = jax.grad(loss_fn(lambda h, w: _dense(h, w, targets, mask)), argnums=(0, 1))(h, w)
+  g_chunk = jax.grad(loss_fn(lambda h, w: _chunked(h, w, targets, mask, chunk)), argnums=(0, 1))(h, w)
+  for gd, gc in zip(g_dense, g_chunk):
+    assert float(jnp.abs(gd).max()) > 1e-3  # the gradient is not trivially zero
+    np.testing.assert_allclose(gc, gd, atol=1e-5, rtol=1e-5)
+  # masked and ignored positions get no gradient
+  dead = ~objective.valid_targets(targets, mask)
+  assert float(jnp.abs(g_chunk[0][dead]).max()) == 0.0
+
+
+def test_all_sums_match_including_z_loss_and_bytes():
+  h, w, targets, mask = _inputs(1)
+  token_bytes = jnp.arange(V, dtype=jnp.int32) % 4 + 1
+  dense = objective.loss_sums(h @ w, targets, mask, token_bytes)
+  chunked = chunked_loss.loss_sums(lambda x: x @ w, h, targets, mask, 5, token_bytes)
+  for name in dense._fields:
+    np.testing.assert_allclose(getattr(chunked, name), getattr(dense, name), rtol=1e-6, err_msg=name)
+  z = lambda s: s.z_sum
+  gd = jax.grad(lambda w: z(objective.loss_sums(h @ w, targets, mask)))(w)
+  gc = jax.grad(lambda w: z(chunked_loss.loss_sums(lambda x: x @ w, h, targets, mask, 5)))(w)
+  np.testing.assert_allclose(gc, gd, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_model_head_fused_equals_full_model(tied):
+  cfg = ModelConfig(vocab_size=97, num_layers=2, num_heads=2, num_kv_heads=2, embed_dim=32,
+                    mlp_dim=64, max_len=16, tie_embeddings=tied)
+  model = Transformer(cfg)
+  rng = np.random.default_rng(0)
+  batch = {"inputs": jnp.asarray(rng.integers(0, 97, (2, 16)), jnp.int32),
+           "targets": jnp.asarray(rng.integers(0, 97, (2, 16)), jnp.int32),
+           "loss_mask": jnp.asarray(rng.random((2, 16)) < 0.8),
+           "segment_ids": jnp.ones((2, 16), jnp.int32),
+           "positions": jnp.broadcast_to(jnp.arange(16), (2, 16))}
+  params = model.init(jax.random.key(0), batch["inputs"])["params"]
+  assert ("lm_head" in params) != tied
+
+  def loss(params, chunk):
+    s = chunked_loss.model_loss_sums(model, params, batch, chunk_size=chunk)
+    return s.loss_sum, s
+  (l_dense, _), g_dense = jax.value_and_grad(loss, has_aux=True)(params, 0)
+  (l_chunk, _), g_chunk = jax.value_and_grad(loss, has_aux=True)(params, 6)
+  np.testing.assert_allclose(l_chunk, l_dense, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), g_chunk, g_dense)
+
+
+def _loss_and_grad_temp_bytes(chunk, tokens, vocab, dim):
+  h = jax.ShapeDtypeStruct((1, tokens, dim), jnp.float32)
+  w = jax.ShapeDtypeStruct((dim, vocab), jnp.float32)
+  t = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
+  if chunk:
+    f = lambda h, w, t: chunked_loss.cross_entropy(lambda x: x @ w, h, t, None, chunk)[0]
+  else:
+    f = lambda h, w, t: objective.cross_entropy(h @ w, t)[0]
+  compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(h, w, t).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_peak_memory_at_most_a_quarter_of_dense():
+  dense = _loss_and_grad_temp_bytes(0, 2048, 8192, 32)
+  chunked = _loss_and_grad_temp_bytes(256, 2048, 8192, 32)
+  assert dense > 2048 * 8192 * 4  # at least one full float32 logits buffer
+  assert chunked <= dense / 4, (chunked, dense)
