@@ -6,7 +6,7 @@ from lmobjective.config import base_config
 def get_config(arg: str | None = None):
   c = base_config(__file__, arg=arg)
   c.data.context_length = 32
-  c.data.tokenizer.vocab_size = 256
+  c.data.tokenizer.vocab_size = 512
   c.data.tokenizer.sample_lines = 5_000
   for name in c.data.sources:
     c.data.sources[name].max_documents = 200

@@ -70,12 +70,33 @@ def _init(std: float, axes: tuple[str | None, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
 
 
-def _dense(cfg: ModelConfig, features, axes, std, name, bias_axes=None) -> nn.Module:
-  return nn.DenseGeneral(
-      features=features, use_bias=cfg.use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
-      kernel_init=_init(std, axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), bias_axes or axes[-1:]),
-      name=name)
+class Projection(nn.Module):
+  """Linear map contracting the last `len(in_axes)` dims of x into `features` dims.
+
+  The kernel is created in its true shape (e.g. [D, N, H]) so its logical axis names apply;
+  flax's DenseGeneral initialises a flattened 2-D kernel, which breaks 3-D names under a mesh.
+  """
+  cfg: ModelConfig
+  features: tuple[int, ...]
+  axes: tuple[str | None, ...]  # logical names: input dims then output dims
+  std: float
+
+  @nn.compact
+  def __call__(self, x):
+    cfg, n_in = self.cfg, len(self.axes) - len(self.features)
+    shape = x.shape[-n_in:] + self.features
+    kernel = self.param("kernel", _init(self.std, self.axes), shape, cfg.param_dtype)
+    x, kernel = x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype)
+    y = jnp.tensordot(x, kernel, axes=(tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))))
+    if cfg.use_bias:
+      bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), self.axes[n_in:])
+      y = y + self.param("bias", bias_init, self.features, cfg.param_dtype).astype(cfg.compute_dtype)
+    return y
+
+
+def _dense(cfg: ModelConfig, features, axes, std, name) -> nn.Module:
+  features = features if isinstance(features, tuple) else (features,)
+  return Projection(cfg, features, axes, std, name=name)
 
 
 def _norm(cfg: ModelConfig, name: str) -> nn.Module:
@@ -118,33 +139,52 @@ def _attention_impl(cfg: ModelConfig) -> str:
   return "cudnn" if on_gpu and cudnn_ok else "xla"
 
 
+def init_cache(cfg: ModelConfig, batch_size: int, length: int) -> list | dict:
+  """An empty KV cache for `Transformer.decode`: per layer k, v [B, length, K, H] and the next slot.
+
+  A list of per-layer dicts, or one dict with a leading layer axis when `cfg.scan_layers`.
+  """
+  K, H, L = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
+  lead = (L,) if cfg.scan_layers else ()
+  layer = lambda: {"k": jnp.zeros(lead + (batch_size, length, K, H), cfg.compute_dtype),
+                   "v": jnp.zeros(lead + (batch_size, length, K, H), cfg.compute_dtype),
+                   "index": jnp.zeros(lead, jnp.int32)}
+  return layer() if cfg.scan_layers else [layer() for _ in range(L)]
+
+
+def _update_cache(cache: dict, k_BxSxKxH: Array, v_BxSxKxH: Array):
+  """Writes S new keys/values at slot `index`; the mask lets query i see slots <= index + i."""
+  i, S = cache["index"], k_BxSxKxH.shape[1]
+  k_BxMxKxH = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BxSxKxH.astype(cache["k"].dtype), i, axis=1)
+  v_BxMxKxH = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BxSxKxH.astype(cache["v"].dtype), i, axis=1)
+  q_slot_S, kv_slot_M = i + jnp.arange(S), jnp.arange(k_BxMxKxH.shape[1])
+  mask_1x1xSxM = (kv_slot_M[None, :] <= q_slot_S[:, None])[None, None]
+  return k_BxMxKxH, v_BxMxKxH, mask_1x1xSxM, {"k": k_BxMxKxH, "v": v_BxMxKxH, "index": i + S}
+
+
 class Attention(nn.Module):
+  """Causal self-attention. With `cache` (decoding) keys/values are appended to it and it is returned."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT, deterministic: bool):
+  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT, deterministic: bool, cache: dict | None = None):
     cfg = self.cfg
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     std = cfg.init_std
-    q_BxTxNxH = _dense(cfg, (N, H), ("embed", "heads", "head_dim"), std, "query",
-                       ("heads", "head_dim"))(x_BxTxD)
-    k_BxTxKxH = _dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), std, "key",
-                       ("kv_heads", "head_dim"))(x_BxTxD)
-    v_BxTxKxH = _dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), std, "value",
-                       ("kv_heads", "head_dim"))(x_BxTxD)
+    q_BxTxNxH = _dense(cfg, (N, H), ("embed", "heads", "head_dim"), std, "query")(x_BxTxD)
+    k_BxTxKxH = _dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), std, "key")(x_BxTxD)
+    v_BxTxKxH = _dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), std, "value")(x_BxTxD)
     if cfg.position == "rope":
       q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
       k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
+    if cache is not None:  # the same projections and rope as training; only the key set grows
+      k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT, cache = _update_cache(cache, k_BxTxKxH, v_BxTxKxH)
     out_BxTxNxH = jax.nn.dot_product_attention(
-        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT, is_causal=True,
-        implementation=_attention_impl(cfg))
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT, is_causal=cache is None,
+        implementation=_attention_impl(cfg) if cache is None else "xla")
     out_std = std / (2 * cfg.num_layers) ** 0.5  # GPT-2: residual projections scaled by 1/sqrt(2L)
-    out_BxTxD = nn.DenseGeneral(
-        features=cfg.embed_dim, axis=(-2, -1), use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
-        param_dtype=cfg.param_dtype, kernel_init=_init(out_std, ("heads", "head_dim", "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-        name="out")(out_BxTxNxH)
-    return nn.Dropout(cfg.dropout)(out_BxTxD, deterministic=deterministic)
+    out_BxTxD = _dense(cfg, cfg.embed_dim, ("heads", "head_dim", "embed"), out_std, "out")(out_BxTxNxH)
+    return nn.Dropout(cfg.dropout)(out_BxTxD, deterministic=deterministic), cache
 
 
 class Mlp(nn.Module):
@@ -160,20 +200,21 @@ class Mlp(nn.Module):
     else:
       h_BxTxF = nn.gelu(up("up")(x_BxTxD), approximate=True)
     h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("batch", "seq", "mlp"))
-    out_BxTxD = _dense(cfg, cfg.embed_dim, ("mlp", "embed"), out_std, "down", ("embed",))(h_BxTxF)
+    out_BxTxD = _dense(cfg, cfg.embed_dim, ("mlp", "embed"), out_std, "down")(h_BxTxF)
     return nn.Dropout(cfg.dropout)(out_BxTxD, deterministic=deterministic)
 
 
 class Block(nn.Module):
-  """Pre-norm residual block. The (carry, None) signature lets `nn.scan` stack it."""
+  """Pre-norm residual block. The (carry, cache) signature lets `nn.scan` stack it (cache None in training)."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT, deterministic: bool):
-    x_BxTxD = x_BxTxD + Attention(self.cfg, name="attn")(
-        _norm(self.cfg, "attn_norm")(x_BxTxD), positions_BxT, mask_Bx1xTxT, deterministic)
+  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT, deterministic: bool, cache: dict | None = None):
+    h_BxTxD, cache = Attention(self.cfg, name="attn")(
+        _norm(self.cfg, "attn_norm")(x_BxTxD), positions_BxT, mask_Bx1xTxT, deterministic, cache)
+    x_BxTxD = x_BxTxD + h_BxTxD
     x_BxTxD = x_BxTxD + Mlp(self.cfg, name="mlp")(_norm(self.cfg, "mlp_norm")(x_BxTxD), deterministic)
-    return nn.with_logical_constraint(x_BxTxD, ("batch", "seq", "embed")), None
+    return nn.with_logical_constraint(x_BxTxD, ("batch", "seq", "embed")), cache
 
 
 def _block_class(cfg: ModelConfig):
@@ -183,7 +224,7 @@ def _block_class(cfg: ModelConfig):
     block = nn.remat(block, policy=policy[cfg.remat], static_argnums=(4,))
   if cfg.scan_layers:
     block = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
                     metadata_params={nn.PARTITION_NAME: "layers"})
   return block
 
@@ -211,10 +252,9 @@ class Transformer(nn.Module):
     else:
       self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.num_layers)]
     self.final_norm = _norm(cfg, "final_norm")
-    if not cfg.tie_embeddings:
-      self.lm_head = nn.DenseGeneral(
-          cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
-          kernel_init=_init(cfg.init_std, ("embed", "vocab")), name="lm_head")
+    if not cfg.tie_embeddings:  # no bias on the head, whatever use_bias says (GPT-2 has none)
+      head_cfg = dataclasses.replace(cfg, use_bias=False)
+      self.lm_head = Projection(head_cfg, (cfg.vocab_size,), ("embed", "vocab"), cfg.init_std, name="lm_head")
     self.drop = nn.Dropout(cfg.dropout)
 
   def embed(self, inputs_BxT, positions_BxT=None, deterministic: bool = True):
@@ -228,12 +268,28 @@ class Transformer(nn.Module):
     positions_BxT = _positions(x_BxTxD[..., 0], positions_BxT)
     mask = attention_mask(segment_ids_BxT)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "seq", "embed"))
-    if self.cfg.scan_layers:
-      x_BxTxD, _ = self.blocks(x_BxTxD, positions_BxT, mask, deterministic)
-    else:
-      for block in self.blocks:
-        x_BxTxD, _ = block(x_BxTxD, positions_BxT, mask, deterministic)
+    x_BxTxD, _ = self._blocks(x_BxTxD, positions_BxT, mask, deterministic, None)
     return self.final_norm(x_BxTxD)
+
+  def _blocks(self, x_BxTxD, positions_BxT, mask, deterministic, cache):
+    if self.cfg.scan_layers:
+      return self.blocks(x_BxTxD, positions_BxT, mask, deterministic, cache)
+    new_cache = None if cache is None else []
+    for i, block in enumerate(self.blocks):
+      x_BxTxD, c = block(x_BxTxD, positions_BxT, mask, deterministic, None if cache is None else cache[i])
+      if cache is not None:
+        new_cache.append(c)
+    return x_BxTxD, new_cache
+
+  def decode(self, inputs_BxS, positions_BxS, cache):
+    """Incremental forward for sampling: logits [B,S,V] of S new tokens and the updated cache.
+
+    The same embed -> blocks -> head as `__call__`; attention reads the cached keys/values of
+    earlier tokens (`init_cache`), so feeding a sequence in pieces gives the full-forward logits.
+    """
+    x_BxSxD = self.embed(inputs_BxS, positions_BxS)
+    x_BxSxD, cache = self._blocks(x_BxSxD, positions_BxS, None, True, cache)
+    return self.head(self.final_norm(x_BxSxD)), cache
 
   def head(self, h_BxTxD):
     if self.cfg.tie_embeddings:

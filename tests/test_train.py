@@ -1,0 +1,117 @@
+"""End-to-end runs of the training entry point on the tiny preset (derived from the default config)."""
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lmobjective import metrics_log, train
+from lmobjective.config import load_config_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(tmp_path, **overrides):
+  c = load_config_file(os.path.join(ROOT, "configs/tiny.py"))
+  c.data.cache_dir = str(tmp_path / "cache")
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("tiny")
+  workdir = str(tmp / "run")
+  last_eval = train.run(tiny(tmp), workdir)
+  return workdir, last_eval
+
+
+def test_run_writes_every_output(tiny_run):
+  workdir, last_eval = tiny_run
+  cfg = json.load(open(os.path.join(workdir, "config.json")))
+  assert cfg["train"]["steps"] == 20 and cfg["model"]["max_len"] == cfg["data"]["context_length"] == 32
+  records = metrics_log.read_metrics(workdir)
+  train_lines = [r for r in records if "train_loss" in r]
+  eval_lines = [r for r in records if "val_loss" in r]
+  assert [r["step"] for r in train_lines] == list(range(1, 21))
+  for key in ("step", "train_loss", "lr", "grad_norm", "tokens_seen", "tokens_per_sec"):
+    assert all(key in r for r in train_lines), key
+  assert train_lines[-1]["tokens_seen"] == 20 * 8 * 32  # concat packing: every target is real
+  assert [r["step"] for r in eval_lines] == [0, 10, 20]  # an eval before any update
+  for r in eval_lines:
+    assert r["val_perplexity"] == pytest.approx(math.exp(r["val_loss"]), rel=1e-9)
+    assert r["val_bits_per_token"] == pytest.approx(r["val_loss"] / math.log(2), rel=1e-9)
+    assert {"val_loss/code", "val_loss/prose", "val_loss/markov", "val_bits_per_byte/code"} <= set(r)
+  assert last_eval == eval_lines[-1]
+  assert eval_lines[-1]["val_loss"] < eval_lines[0]["val_loss"]
+  assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+  assert os.path.getsize(os.path.join(workdir, "loss_curves.png")) > 10_000
+
+
+def test_per_source_token_accounting(tiny_run):
+  workdir, _ = tiny_run
+  last = [r for r in metrics_log.read_metrics(workdir) if "train_loss" in r][-1]
+  counts = {k.split("/")[1]: v for k, v in last.items() if k.startswith("tokens/")}
+  assert set(counts) == {"code", "prose", "markov"}
+  assert sum(counts.values()) == last["tokens_seen"]
+  assert sum(last[f"share/{n}"] for n in counts) == pytest.approx(1.0)
+
+
+def test_same_seed_same_losses_bit_for_bit(tmp_path, tiny_run):
+  workdir, _ = tiny_run
+  first = [r["train_loss"] for r in metrics_log.read_metrics(workdir) if "train_loss" in r]
+  train.run(tiny(tmp_path), str(tmp_path / "again"))
+  again = [r["train_loss"] for r in metrics_log.read_metrics(str(tmp_path / "again")) if "train_loss" in r]
+  assert len(first) == 20 and first == again  # exact float equality, all 20 steps
+  train.run(tiny(tmp_path, seed=1), str(tmp_path / "other"))
+  other = [r["train_loss"] for r in metrics_log.read_metrics(str(tmp_path / "other")) if "train_loss" in r]
+  assert other != first
+
+
+@pytest.mark.slow
+def test_markov_chain_reaches_its_entropy_rate(tmp_path):
+  """A small model on a first-order chain ends within 3% of the chain's exact entropy rate."""
+  cfg = load_config_file(os.path.join(ROOT, "configs/markov.py"))
+  cfg.data.cache_dir = str(tmp_path / "cache")
+  cfg.eval.num_batches = 16
+  last_eval = train.run(cfg, str(tmp_path / "markov"))
+  from lmobjective import data
+  tok = data.build_tokenizer(cfg.data, str(tmp_path / "markov"))
+  pipe = data.build_pipeline(cfg.data, tok, seed=cfg.seed, batch_size=1, cache_dir=cfg.data.cache_dir)
+  floor = pipe.stats()["sources"]["markov"]["entropy_rate_nats"]
+  first = metrics_log.read_metrics(str(tmp_path / "markov"))[0]["val_loss"]
+  assert first > 5.0  # starts near ln V (V = 256 bytes + specials), far above the floor
+  assert abs(last_eval["val_loss"] / floor - 1) < 0.03, (last_eval["val_loss"], floor)
+
+
+def _cli(tmp_path, *overrides):
+  cmd = [sys.executable, "-m", "lmobjective.train", "--config=configs/tiny.py",
+         f"--workdir={tmp_path / 'bad'}", *overrides]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("--config.train.steps=-1", "config.train.steps"),
+    ("--config.model.num_heads=0", "config.model.num_heads"),
+    ("--config.model.embed_dim=66", "config.model.embed_dim"),
+    ("--config.train.foo=1", "config.train.foo"),
+    ("--config.optimizer.b2=1.5", "config.optimizer.b2"),
+    ("--config.data.context_length=0", "config.data.context_length"),
+    ("--config.data.sources.code.weight=-1", "config.data.sources.code.weight"),
+])
+def test_bad_config_stops_with_one_line_naming_the_key(tmp_path, override, key):
+  r = _cli(tmp_path, override)
+  assert r.returncode != 0
+  lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+  assert len(lines) == 1, r.stderr
+  assert lines[0].startswith("error: ") and key in lines[0], lines[0]
+  assert not (tmp_path / "bad").exists()  # nothing half written
