@@ -1,0 +1,271 @@
+"""Checkpoints of a run: `WORKDIR/checkpoints/<step>/{state,meta,config}` written by an orbax CheckpointManager.
+
+  state   the TrainState (params, optimizer state, step, PRNG key), sharded arrays, saved asynchronously
+  meta    JSON: the data iterator's grain state, the token accounting, the train metrics of steps
+          not yet logged, the tokenizer's fingerprint (the tokenizer itself is WORKDIR/tokenizer),
+          and an order-independent checksum of every state leaf
+  config  JSON: the resolved config the run was started with
+
+Exact resume needs nothing else: data position is a pure function of (seed, step), and the
+pending metrics make the next metrics line the one an uninterrupted run writes.
+
+A damaged checkpoint (unreadable files, or values whose checksum disagrees) is moved to
+`WORKDIR/checkpoints_damaged/<step>` with a warning naming the step, and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from lmobjective.config import ConfigError
+
+CKPT_DIR = "checkpoints"
+DAMAGED_DIR = "checkpoints_damaged"
+FORMAT = 1
+# Keys that may differ on resume with checkpoint.allow_config_change=True: they change how long the
+# run goes, what it evaluates and logs, where caches live and the device layout, never the math
+# of the steps already taken. (More steps also stretches a schedule tied to train.steps.)
+SAFE_CHANGES = ("train.steps", "optimizer.decay_steps", "train.log_every_steps", "eval.", "checkpoint.",
+                "data.cache_dir", "mesh.")
+IGNORED = ("checkpoint.allow_config_change",)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  c = config.checkpoint
+  if isinstance(c.every_steps, bool) or not isinstance(c.every_steps, int) or c.every_steps < 0:
+    raise ConfigError("checkpoint.every_steps", c.every_steps, "must be an integer >= 0 (0 = only at the end)")
+  if isinstance(c.keep, bool) or not isinstance(c.keep, int) or c.keep < 1:
+    raise ConfigError("checkpoint.keep", c.keep, "must be an integer >= 1")
+  if config.train.nan_policy not in ("stop", "skip"):
+    raise ConfigError("train.nan_policy", config.train.nan_policy, "must be 'stop' or 'skip'")
+
+
+def make_manager(workdir: str, ckpt_cfg=None, read_only: bool = False) -> ocp.CheckpointManager:
+  """The run's manager, with its item handlers declared (a bare manager cannot restore in a new process)."""
+  if ckpt_cfg is None:
+    policy = None
+  elif ckpt_cfg.keep_best:  # the last `keep`, plus the one with the lowest val_loss
+    policy = policies.AnyPreservationPolicy([
+        policies.LatestN(n=ckpt_cfg.keep),
+        policies.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
+                       keep_checkpoints_without_metrics=False)])
+  else:
+    policy = policies.LatestN(n=ckpt_cfg.keep)
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy, create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
+      enable_async_checkpointing=bool(ckpt_cfg.async_save) if ckpt_cfg is not None else False)
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, CKPT_DIR)), options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+                     "config": ocp.JsonCheckpointHandler()})
+
+
+# ---- checksums --------------------------------------------------------------------------------
+
+
+def _leaf_sum(x: jax.Array) -> jax.Array:
+  """Sum of the raw bits as uint32, wrapping: exact and independent of sharding and reduction order."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  size = jnp.dtype(x.dtype).itemsize
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  elif size == 4 or size == 8:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  else:
+    bits = jax.lax.bitcast_convert_type(x, {2: jnp.uint16, 1: jnp.uint8}[size]).astype(jnp.uint32)
+  return bits.sum(dtype=jnp.uint32)
+
+
+_checksums_jit = jax.jit(lambda tree: jax.tree.map(_leaf_sum, tree))
+
+
+def _path(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def checksums(state) -> dict[str, int]:
+  """{'params/block_0/attn/query/kernel': uint32 bit-sum, ...} for every leaf."""
+  sums = jax.device_get(_checksums_jit(state))
+  return {_path(p): int(v) for p, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
+
+
+# ---- config -------------------------------------------------------------------------------------
+
+
+def config_json(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+  a, b = _flatten(saved), _flatten(current)
+  return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>")
+                and not k.startswith(IGNORED))
+
+
+def check_config(saved: dict, current: dict, allow_change: bool, step: int) -> None:
+  """Refuses a resume whose config differs from the checkpoint's, naming the keys, in one line."""
+  changed = config_changes(saved, current)
+  if not changed:
+    return
+  unsafe = [k for k in changed if not k.startswith(SAFE_CHANGES)] if allow_change else changed
+  if unsafe:
+    a, b = _flatten(saved), _flatten(current)
+    diffs = ", ".join(f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in unsafe)
+    hint = ("these keys cannot change within a run; use a new workdir" if allow_change else
+            "use a new workdir, or --config.checkpoint.allow_config_change to accept changes to "
+            "train.steps, eval.*, checkpoint.*, logging, cache dir and mesh")
+    raise ConfigError("checkpoint", f"step {step}", f"the config differs from the checkpoint's: {diffs}; {hint}")
+
+
+# ---- save / restore ---------------------------------------------------------------------------
+
+
+def save(mngr: ocp.CheckpointManager, state, meta: dict, config: ml_collections.ConfigDict,
+         val_loss: float | None = None) -> bool:
+  """Starts an (asynchronous) save of `state` at its step; the arrays are copied before returning."""
+  step = int(state.step)
+  if step in mngr.all_steps():
+    return False
+  meta = {**meta, "format": FORMAT, "step": step, "checksums": checksums(state)}
+  metrics = {"val_loss": float(val_loss)} if val_loss is not None and np.isfinite(val_loss) else None
+  return mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+      config=ocp.args.JsonSave(config_json(config))), metrics=metrics, force=True)
+
+
+def _quarantine(workdir: str, step: int) -> None:
+  if jax.process_index() != 0:
+    return
+  src = os.path.join(workdir, CKPT_DIR, str(step))
+  dst = os.path.join(workdir, DAMAGED_DIR, str(step))
+  os.makedirs(os.path.dirname(dst), exist_ok=True)
+  if os.path.exists(dst):
+    shutil.rmtree(dst)
+  if os.path.exists(src):
+    shutil.move(src, dst)
+
+
+def _verify(state, meta: dict) -> None:
+  got = checksums(state)
+  bad = [k for k, v in meta["checksums"].items() if got.get(k) != v]
+  if bad or set(got) != set(meta["checksums"]):
+    raise ValueError(f"checksum mismatch in {', '.join(bad[:3]) or 'the tree structure'}")
+
+
+def warn(msg: str) -> None:
+  print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, workdir: str, abstract_state):
+  """(state, meta, config_dict) of the newest readable checkpoint, else None.
+
+  `abstract_state` carries the target shardings, so a checkpoint written on another device count
+  or mesh restores onto this one. Damaged checkpoints are moved aside with a warning.
+  """
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      r = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore(),
+          config=ocp.args.JsonRestore()))
+      _verify(r["state"], r["meta"])
+      return r["state"], r["meta"], r["config"]
+    except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+      reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+      warn(f"checkpoint at step {step} is damaged ({type(e).__name__}: {reason}); moved to "
+           f"{os.path.join(workdir, DAMAGED_DIR, str(step))}; falling back to the previous checkpoint")
+      _quarantine(workdir, step)
+  mngr.reload()
+  return None
+
+
+def restore_params(workdir: str, step: int | None, abstract_params):
+  """Only the parameters of checkpoint `step` (default: newest readable), onto `abstract_params`' shardings."""
+  mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CKPT_DIR)),
+                               options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+  if not steps:
+    raise FileNotFoundError(f"no checkpoints in {os.path.join(workdir, CKPT_DIR)}")
+  errors = []
+  for s in steps:
+    try:
+      target = {"params": abstract_params}
+      r = mngr.restore(s, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                       partial_restore=True),
+          meta=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
+      params, meta = r["state"]["params"], r["meta"]
+      got = checksums({"params": params})
+      if any(meta["checksums"].get(k) != v for k, v in got.items()):
+        raise ValueError("checksum mismatch")
+      return s, params, meta, r["config"]
+    except Exception as e:
+      if step is not None:
+        raise
+      warn(f"checkpoint at step {s} is damaged ({type(e).__name__}); trying the previous one")
+      errors.append(s)
+  raise FileNotFoundError(f"no readable checkpoint in {os.path.join(workdir, CKPT_DIR)} (damaged: {errors})")
+
+
+def latest_config(mngr: ocp.CheckpointManager) -> tuple[int, dict] | None:
+  """(step, saved config) of the newest checkpoint whose config reads, for an early resume check."""
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      return step, mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    except Exception:  # damaged: restore_latest reports it
+      continue
+  return None
+
+
+def truncate_metrics(workdir: str, step: int | None) -> None:
+  """Keeps metrics.jsonl lines with step <= `step` (none when starting afresh) and drops a torn line.
+
+  A resumed run writes every later line again, identically, so the file never holds duplicates.
+  """
+  from lmobjective.metrics_log import METRICS_FILE
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return
+  keep = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        break
+      if step is not None and rec.get("step", 0) <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
+
+
+def encode_metrics(metrics_list: list[dict]) -> list[dict]:
+  """Host metrics -> JSON with their dtypes, so decoding gives the same float32 arithmetic back."""
+  return [{k: [str(np.asarray(v).dtype), np.asarray(v).item()] for k, v in m.items()} for m in metrics_list]
+
+
+def decode_metrics(encoded: list[dict]) -> list[dict]:
+  return [{k: np.asarray(v, dtype=d) for k, (d, v) in m.items()} for m in encoded]
