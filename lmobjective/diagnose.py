@@ -1,0 +1,292 @@
+"""Loss-curve diagnostics: read a run's metrics.jsonl, name what went wrong and when.
+
+  python -m lmobjective.diagnose --workdir=RUN      # prints findings, writes RUN/diagnostics.json
+
+Each finding is {"kind", "start_step", "end_step", "detail"}; `detail` states the evidence and the
+likely causes. Kinds and rules (all thresholds are stated here and in `Thresholds`):
+
+* noise scale sigma: the robust standard deviation of the train-loss noise,
+  1.4826 * MAD(second differences) / sqrt(6) (second differences cancel a locally linear trend,
+  and the second difference of iid noise has variance 6 sigma^2).
+* divergence: a non-finite train/val loss (from its first step), or a final level (median of the
+  last 10% of points) above the running minimum of the smoothed loss by more than
+  max(6 sigma, 5% of that minimum) -- a rise a 6-sigma noise excursion does not explain.
+* spike: a point whose robust z-score against the median/MAD of the previous `window` points is
+  above 6 and which is at least 5% above that median, and after which the loss comes back within
+  3 robust scales of the pre-spike median (if it never comes back it is a divergence instead).
+* plateau: an early stall -- a flat stretch (rolling-median loss moves less than max(2 sigma,
+  0.5%)) starting in the first 25% of the run and lasting at least 20% of it, above the final loss.
+* overfitting: validation loss ends more than 2% above its minimum, with at least 2 evals after the
+  minimum, while the train loss over the same steps kept falling.
+* not_learning: the final loss is within 10% of ln V (the loss of a uniform guess) and fell by less
+  than 5% of ln V -- even the unigram distribution of text is worth more than that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+DIAGNOSTICS_FILE = "diagnostics.json"
+MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution * 1.4826 = its standard deviation
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+  z: float = 6.0  # robust z-score for a spike / the divergence rise in units of sigma
+  spike_rel: float = 0.05  # a spike must also be this far above the local median (relative)
+  diverge_rel: float = 0.05  # divergence rise floor, relative to the running minimum
+  recover_z: float = 3.0  # back within this many robust scales = recovered
+  plateau_rel: float = 0.005  # flat = moves less than max(2 sigma, this * level)
+  plateau_min_frac: float = 0.20  # a plateau lasts at least this share of the run ...
+  plateau_start_frac: float = 0.25  # ... and starts in this early share of it
+  overfit_rel: float = 0.02  # val ends this far above its minimum
+  overfit_min_evals: int = 2
+  not_learning_frac: float = 0.10  # final loss within this share of ln V ...
+  not_learning_drop: float = 0.05  # ... and fell by less than this share of ln V
+  window: int = 10  # points in the rolling median/MAD
+
+
+CAUSES = {
+    "divergence": "learning rate too high (or warmup too short), no/too loose gradient clipping, "
+                  "low-precision overflow, or a bad batch",
+    "spike": "a bad or unusual batch, or a learning rate at the edge of stability (Adam's second "
+             "moment lagging a sudden gradient)",
+    "plateau": "learning rate too low or warmup too long, a poor init scale, or the model stuck "
+               "predicting unigram frequencies before it finds context",
+    "overfitting": "too little (repeated) data for the model size and steps: more data, fewer "
+                   "steps, weight decay or dropout",
+    "not_learning": "learning rate far too low (or zero), a schedule that never warms up, "
+                    "frozen params, or labels not aligned with inputs",
+}
+
+
+def _finite(v) -> float:
+  try:
+    return float(v)  # "nan"/"inf" strings from metrics_log become floats
+  except (TypeError, ValueError):
+    return float("nan")
+
+
+def series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+  pts = [(r["step"], _finite(r[key])) for r in records if key in r]
+  if not pts:
+    return np.zeros(0, int), np.zeros(0)
+  s, v = zip(*pts)
+  return np.asarray(s), np.asarray(v, np.float64)
+
+
+def noise_sigma(loss: np.ndarray) -> float:
+  """Robust per-point noise: second differences cancel a locally linear trend; var(d2) = 6 sigma^2."""
+  d2 = np.diff(loss[np.isfinite(loss)], 2)
+  if len(d2) < 3:
+    return 0.0
+  return MAD_TO_SIGMA * float(np.median(np.abs(d2 - np.median(d2)))) / math.sqrt(6)
+
+
+def rolling_median(x: np.ndarray, w: int) -> np.ndarray:
+  """Centred rolling median (shrinking at the ends)."""
+  h = w // 2
+  return np.array([np.median(x[max(0, i - h):i + h + 1]) for i in range(len(x))])
+
+
+def _finding(kind, start, end, evidence) -> dict[str, Any]:
+  return {"kind": kind, "start_step": int(start), "end_step": int(end),
+          "detail": f"{evidence}. Likely causes: {CAUSES[kind]}."}
+
+
+def find_nonfinite(records: list[dict]) -> list[dict]:
+  for key in ("train_loss", "val_loss"):
+    s, v = series(records, key)
+    bad = np.flatnonzero(~np.isfinite(v))
+    if len(bad):
+      return [_finding("divergence", s[bad[0]], s[-1], f"{key} is {v[bad[0]]} from step {s[bad[0]]}")]
+  return []
+
+
+def find_spikes(steps, loss, th: Thresholds, sigma: float) -> tuple[list[dict], list[dict]]:
+  """(spikes that recover, divergences that start with a spike and never recover)."""
+  spikes, diverged, i = [], [], th.window // 2
+  while i < len(loss):
+    prev = loss[max(0, i - th.window):i]
+    med = float(np.median(prev))
+    scale = max(MAD_TO_SIGMA * float(np.median(np.abs(prev - med))), sigma, 1e-3 * abs(med))
+    z = (loss[i] - med) / scale
+    if z > th.z and loss[i] > med * (1 + th.spike_rel):
+      back = np.flatnonzero(loss[i + 1:] <= med + th.recover_z * scale)
+      if len(back) == 0:
+        diverged.append(_finding("divergence", steps[i], steps[-1],
+                                 f"loss jumped from {med:.3f} to {loss[i]:.3f} (robust z={z:.0f}) "
+                                 "at this step and never came back"))
+        break
+      j = i + 1 + int(back[0])
+      peak = float(loss[i:j].max())
+      spikes.append(_finding("spike", steps[i], steps[j - 1],
+                             f"loss jumped from {med:.3f} to {peak:.3f} (robust z={z:.0f}) and "
+                             f"recovered by step {steps[j]}"))
+      i = j
+    i += 1
+  return spikes, diverged
+
+
+def find_rise(steps, loss, th: Thresholds, sigma: float) -> list[dict]:
+  """Loss ending well above its running minimum (a rise without recovery)."""
+  if len(loss) < th.window:
+    return []
+  smooth = rolling_median(loss, th.window)
+  k = int(np.argmin(smooth))
+  tail = max(3, len(loss) // 10)
+  final = float(np.median(loss[-tail:]))
+  limit = smooth[k] + max(th.z * sigma, th.diverge_rel * smooth[k])
+  if final <= limit or k >= len(loss) - tail:
+    return []
+  start = k + int(np.argmax(smooth[k:] > limit)) if np.any(smooth[k:] > limit) else k
+  return [_finding("divergence", steps[start], steps[-1],
+                   f"loss rose from its minimum {smooth[k]:.3f} (step {steps[k]}) to {final:.3f} at the "
+                   f"end, more than max({th.z:g} sigma, {th.diverge_rel:.0%}) = {limit - smooth[k]:.3f}")]
+
+
+def find_plateau(steps, loss, th: Thresholds, sigma: float) -> list[dict]:
+  n = len(loss)
+  if n < th.window or steps[-1] <= steps[0]:
+    return []
+  smooth = rolling_median(loss, max(3, th.window // 2))
+  span = steps[-1] - steps[0]
+  best = None
+  for a in range(n):
+    if steps[a] - steps[0] > th.plateau_start_frac * span:
+      break
+    tol = max(2 * sigma, th.plateau_rel * abs(smooth[a]))
+    b = a
+    while b + 1 < n and abs(smooth[b + 1] - smooth[a]) < tol:
+      b += 1
+    if steps[b] - steps[a] >= th.plateau_min_frac * span and (best is None or b - a > best[1] - best[0]):
+      best = (a, b, tol)
+  if best is None:
+    return []
+  a, b, tol = best
+  final = float(np.median(loss[-max(3, n // 10):]))
+  if smooth[a] - final <= tol and b < n - 1:
+    return []  # the run just converged: flat at its final level is not a stall
+  after = ("then fell to " f"{final:.3f} by the end") if smooth[a] - final > tol else "and never fell"
+  return [_finding("plateau", steps[a], steps[b],
+                   f"loss stayed at {smooth[a]:.3f} (within {tol:.3f}) for {steps[b] - steps[a]} steps "
+                   f"early in the run, {after}")]
+
+
+def find_overfitting(records: list[dict], th: Thresholds) -> list[dict]:
+  vs, vl = series(records, "val_loss")
+  if len(vl) < th.overfit_min_evals + 1 or not np.all(np.isfinite(vl)):
+    return []
+  k = int(np.argmin(vl))
+  if len(vl) - 1 - k < th.overfit_min_evals or vl[-1] <= vl[k] * (1 + th.overfit_rel):
+    return []
+  ts, tl = series(records, "train_loss")
+  i = int(np.searchsorted(ts, vs[k], side="right"))  # train points up to the val minimum
+  w = max(1, len(tl) // 10)
+  if len(tl) - i < w:
+    return []
+  before, after = float(np.mean(tl[max(0, i - w):max(i, w)])), float(np.mean(tl[-w:]))
+  if not after < before:
+    return []
+  return [_finding("overfitting", vs[k], vs[-1],
+                   f"val loss rose from its minimum {vl[k]:.3f} (step {vs[k]}) to {vl[-1]:.3f} "
+                   f"(+{vl[-1] / vl[k] - 1:.1%}) while train loss fell from {before:.3f} to {after:.3f}")]
+
+
+def find_not_learning(records: list[dict], vocab_size: int | None, th: Thresholds) -> list[dict]:
+  key = "val_loss" if any("val_loss" in r for r in records) else "train_loss"
+  s, v = series(records, key)
+  if len(v) < 2 or not np.all(np.isfinite(v)):
+    return []
+  ln_v = math.log(vocab_size) if vocab_size else float(v[0])  # an untrained model scores ~ln V
+  if v[-1] < (1 - th.not_learning_frac) * ln_v or v[0] - v[-1] >= th.not_learning_drop * ln_v:
+    return []
+  src = f"ln V = ln {vocab_size}" if vocab_size else "the first eval loss (vocab unknown)"
+  return [_finding("not_learning", s[0], s[-1],
+                   f"{key} went from {v[0]:.3f} to {v[-1]:.3f}, still near {src} = {ln_v:.3f} (fell "
+                   f"by {v[0] - v[-1]:.3f} < {th.not_learning_drop:.0%} of it)")]
+
+
+def diagnose(records: list[dict], vocab_size: int | None = None,
+             th: Thresholds = Thresholds()) -> list[dict]:
+  """All findings for one run's metric records, sorted by start step."""
+  found = find_nonfinite(records)
+  if found:
+    return found  # after a NaN the rest of the curve says nothing more
+  steps, loss = series(records, "train_loss")
+  sigma = noise_sigma(loss)
+  spikes, diverged = find_spikes(steps, loss, th, sigma)
+  found = spikes + (diverged or find_rise(steps, loss, th, sigma))
+  stuck = find_not_learning(records, vocab_size, th)
+  found += stuck or find_plateau(steps, loss, th, sigma)
+  found += find_overfitting(records, th)
+  return sorted(found, key=lambda f: (f["start_step"], f["kind"]))
+
+
+def vocab_size_of(run_dir: str) -> int | None:
+  """model.vocab_size from config.json, else the saved tokenizer's size, else None."""
+  try:
+    with open(os.path.join(run_dir, "config.json")) as f:
+      v = json.load(f).get("model", {}).get("vocab_size")
+    if isinstance(v, int):
+      return v
+  except (OSError, ValueError):
+    pass
+  try:
+    with open(os.path.join(run_dir, "tokenizer", "tokenizer.json")) as f:
+      return int(json.load(f)["vocab_size"])
+  except (OSError, ValueError, KeyError):
+    return None
+
+
+def summarize(findings: list[dict]) -> str:
+  """One cell for a results table: 'spike@120-130; overfitting@200-300' or 'none'."""
+  return "; ".join(f"{f['kind']}@{f['start_step']}-{f['end_step']}" for f in findings) or "none"
+
+
+def diagnose_run(run_dir: str, write: bool = True, verbose: bool = True) -> list[dict]:
+  from lmobjective.metrics_log import read_metrics
+  findings = diagnose(read_metrics(run_dir), vocab_size_of(run_dir))
+  if write:
+    tmp = os.path.join(run_dir, DIAGNOSTICS_FILE + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump(findings, f, indent=1)
+    os.replace(tmp, os.path.join(run_dir, DIAGNOSTICS_FILE))
+  if verbose:
+    print(f"diagnostics: {len(findings)} finding(s)" if findings else "diagnostics: no findings")
+    for f in findings:
+      print(f"  {f['kind']} (steps {f['start_step']}-{f['end_step']}): {f['detail']}")
+  return findings
+
+
+def load(run_dir: str) -> list[dict] | None:
+  try:
+    with open(os.path.join(run_dir, DIAGNOSTICS_FILE)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def cli() -> None:
+  from absl import app, flags
+  workdir = flags.DEFINE_string("workdir", None, "Run directory holding metrics.jsonl.")
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not workdir.value or not os.path.exists(os.path.join(workdir.value, "metrics.jsonl")):
+      sys.exit(f"error: --workdir={workdir.value!r} has no metrics.jsonl")
+    diagnose_run(workdir.value)
+
+  app.run(main)
+
+
+if __name__ == "__main__":
+  cli()
