@@ -27,6 +27,7 @@ from absl import app, flags
 
 from lmobjective import config as config_lib
 from lmobjective import data, hardware, launch, metrics_log, objective, plotting, sharding, step
+from lmobjective import diagnose, position_loss
 from lmobjective.model import ModelConfig, Transformer, count_params, flops_per_token
 from lmobjective.optimizer import make_optimizer
 
@@ -227,10 +228,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state = run_loop(exp, state, exp.pipeline.train_iterator(), writer, accounting)
   finally:
     writer.close()
+  position_loss.save(exp, state.params, workdir, write=lead)  # val_loss_by_position.json
   records = metrics_log.read_metrics(workdir) if lead else []
   if lead:
     plotting.save_loss_curves(records, workdir, title=os.path.basename(os.path.abspath(workdir)))
     print_loss_table(records)
+    diagnose.diagnose_run(workdir)  # diagnostics.json + printed findings
   evals = [r for r in records if "val_loss" in r]
   return evals[-1] if evals else {}
 
