@@ -85,8 +85,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError("train.grad_accum_steps", cfg.train.grad_accum_steps,
                       f"must divide train.batch_size={cfg.train.batch_size}")
   require_int(cfg, "train.log_every_steps", 1)
+  # Before the model: model.max_len follows data.context_length, and the error should name the
+  # key the user set.
+  require_int(cfg, "data.context_length", 1)
   _validate_model(cfg)
   require_float(cfg, "objective.z_loss", 0.0)
+  require_int(cfg, "objective.loss_chunk_size", 0)
   _validate_optimizer(cfg)
   require_int(cfg, "eval.every_steps", 1)
   require_int(cfg, "eval.num_batches", 0)
@@ -97,7 +101,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     v = cfg.mesh[axis]
     if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
       raise ConfigError(f"mesh.{axis}", v, "must be a positive integer or -1 (the rest of the devices)")
-  require_int(cfg, "data.context_length", 1)
   if cfg.data.context_length > cfg.model.max_len:
     raise ConfigError("data.context_length", cfg.data.context_length,
                       f"must be <= model.max_len={cfg.model.max_len} (the longest context the model supports)")
@@ -110,6 +113,9 @@ def _validate_model(cfg) -> None:
   require_int(cfg, "model.embed_dim", 1)
   if m.embed_dim % m.num_heads:
     raise ConfigError("model.embed_dim", m.embed_dim, f"must be divisible by model.num_heads={m.num_heads}")
+  if m.position == "rope" and (m.embed_dim // m.num_heads) % 2:
+    raise ConfigError("model.embed_dim", m.embed_dim,
+                      f"embed_dim/num_heads={m.embed_dim // m.num_heads} must be even for rope positions")
   require_int(cfg, "model.num_kv_heads", 1, allow_none=True)
   if m.num_kv_heads is not None and m.num_heads % m.num_kv_heads:
     raise ConfigError("model.num_kv_heads", m.num_kv_heads, f"must divide model.num_heads={m.num_heads}")

@@ -102,7 +102,8 @@ def _cli(tmp_path, *overrides):
 @pytest.mark.parametrize("override,key", [
     ("--config.train.steps=-1", "config.train.steps"),
     ("--config.model.num_heads=0", "config.model.num_heads"),
-    ("--config.model.embed_dim=66", "config.model.embed_dim"),
+    ("--config.model.embed_dim=65", "config.model.embed_dim"),  # tiny has 2 heads
+    ("--config.model.embed_dim=66", "config.model.embed_dim"),  # head dim 33: rope needs it even
     ("--config.train.foo=1", "config.train.foo"),
     ("--config.optimizer.b2=1.5", "config.optimizer.b2"),
     ("--config.data.context_length=0", "config.data.context_length"),
