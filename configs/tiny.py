@@ -21,5 +21,6 @@ def get_config(arg: str | None = None):
   c.optimizer.warmup_steps = 2
   c.eval.every_steps = 10
   c.eval.num_batches = 1
+  c.eval.batch_size = 8
   c.checkpoint.every_steps = 10
   return c
