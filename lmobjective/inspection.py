@@ -1,0 +1,209 @@
+"""Look inside a trained run from a notebook: `run = lmobjective.restore(workdir)`.
+
+Needs only the run directory (checkpoints/, tokenizer/, metrics.jsonl), restores the parameters
+onto this process's first device (any device count, CPU included) and knows nothing of the
+optimizer. Every method scores text the way training did: a text is one document, so its first
+token is predicted from EOS (the document separator), and every later token from the ones before
+it; text longer than the context is cut into context-length chunks, as the eval rows are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lmobjective import checkpoint as ckpt_lib
+from lmobjective import generate as gen
+from lmobjective import metrics_log, objective
+from lmobjective.data import tokenizers
+from lmobjective.model import ModelConfig, Transformer
+
+
+@dataclasses.dataclass
+class PositionLosses:
+  """Per target token: the token, p(target) and -log p(target) (nats); `mean` over all of them."""
+  tokens: list[str]  # decoded target tokens
+  target_ids: np.ndarray  # [n] int
+  p_target: np.ndarray  # [n] float
+  nll: np.ndarray  # [n] float, nats
+  num_bytes: int  # UTF-8 bytes of the text
+
+  @property
+  def mean(self) -> float:
+    return float(self.nll.mean()) if self.nll.size else float("nan")
+
+  def rows(self) -> list[dict[str, Any]]:
+    return [{"position": i, "token": t, "p_target": float(p), "nll": float(n)}
+            for i, (t, p, n) in enumerate(zip(self.tokens, self.p_target, self.nll))]
+
+  def __repr__(self) -> str:
+    lines = [f"{'pos':>4}  {'token':<16} {'p(target)':>9} {'-log p':>7}"]
+    lines += [f"{r['position']:>4}  {r['token']!r:<16} {r['p_target']:>9.4f} {r['nll']:>7.3f}" for r in self.rows()]
+    lines.append(f"mean -log p = {self.mean:.4f} nats over {len(self.tokens)} targets")
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class Run:
+  workdir: str
+  config: ml_collections.ConfigDict
+  params: Any
+  tokenizer: tokenizers.Tokenizer
+  model: Transformer
+  step: int
+  metrics: list[dict]  # metrics.jsonl, parsed
+
+  @property
+  def context_length(self) -> int:
+    return int(self.config.data.context_length)
+
+  # ---- scoring ------------------------------------------------------------------------------
+
+  @functools.cached_property
+  def _token_losses(self):
+    def fn(params, inputs_BxT, positions_BxT, targets_BxT, mask_BxT):
+      logits = self.model.apply({"params": params}, inputs_BxT, positions_BxT, mask_BxT.astype(jnp.int32))
+      return objective.token_losses(logits, targets_BxT, mask_BxT)
+    return jax.jit(fn)
+
+  def _chunks(self, ids: list[int]):
+    """(inputs, positions, targets, mask) [C, T] for a document: EOS + ids, cut into T-token rows."""
+    T, eos = self.context_length, self.tokenizer.eos_id
+    stream = np.asarray([eos] + list(ids), np.int64)
+    n = len(ids)
+    C = max(1, -(-n // T))
+    inputs, targets = np.zeros((C, T), np.int32), np.zeros((C, T), np.int32)
+    mask = np.zeros((C, T), bool)
+    for c in range(C):
+      seg = stream[c * T: c * T + T + 1]
+      inputs[c, :len(seg) - 1], targets[c, :len(seg) - 1], mask[c, :len(seg) - 1] = seg[:-1], seg[1:], True
+    positions = np.broadcast_to(np.arange(T, dtype=np.int32), (C, T))
+    return inputs, positions, targets, mask
+
+  def loss_per_position(self, text: str) -> PositionLosses:
+    """One sentence is many training samples: the loss of predicting each of its tokens from the ones before."""
+    ids = self.tokenizer.encode(text)
+    inputs, positions, targets, mask = self._chunks(ids)
+    losses = jax.device_get(self._token_losses(self.params, inputs, positions, targets, mask))
+    valid = np.asarray(losses.valid).ravel()
+    tgt = targets.ravel()[valid]
+    return PositionLosses(tokens=[self.tokenizer.decode([int(t)]) for t in tgt], target_ids=tgt,
+                          p_target=np.asarray(losses.p_target).ravel()[valid],
+                          nll=np.asarray(losses.nll).ravel()[valid], num_bytes=len(text.encode("utf-8")))
+
+  def perplexity(self, texts: str | list[str]) -> dict[str, float]:
+    """Token-weighted loss over `texts` (each its own document): loss, perplexity, bits per token and byte."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    parts = [self.loss_per_position(t) for t in texts]
+    loss_sum = float(sum(p.nll.astype(np.float64).sum() for p in parts))
+    n, nbytes = sum(len(p.nll) for p in parts), sum(p.num_bytes for p in parts)
+    out = objective.summarize(loss_sum, n, nbytes)
+    out["num_bytes"] = nbytes
+    return out
+
+  def next_token_distribution(self, prefix: str, top_k: int = 10) -> list[tuple[str, int, float]]:
+    """The model's top-k (token, id, probability) for the token after `prefix`, most likely first."""
+    ids = [self.tokenizer.eos_id] + self.tokenizer.encode(prefix)
+    ids = ids[-self.context_length:]
+    inputs = np.asarray([ids], np.int32)
+    logits = self.model.apply({"params": self.params}, inputs)[0, -1]
+    probs = np.asarray(jax.nn.softmax(logits.astype(jnp.float32)))
+    top = np.argsort(-probs, kind="stable")[:top_k]
+    return [(self.tokenizer.decode([int(i)]), int(i), float(probs[i])) for i in top]
+
+  # ---- sampling -----------------------------------------------------------------------------
+
+  def generate_ids(self, prompt: str, max_new_tokens: int = 50, temperature: float = 1.0,
+                   top_k: int | None = None, seed: int = 0, use_cache: bool = True) -> list[int]:
+    cfg = self.model.cfg
+    if cfg.position == "learned" and max_new_tokens + 1 > cfg.max_len:
+      raise ValueError(f"max_new_tokens={max_new_tokens} does not fit the learned positions (max_len={cfg.max_len})")
+    ids = [self.tokenizer.eos_id] + self.tokenizer.encode(prompt)
+    if cfg.position == "learned":
+      ids = ids[-(cfg.max_len - max_new_tokens):]  # learned positions end at max_len
+    fn = gen.generate_cached if use_cache else gen.generate_uncached
+    out = fn(self.model, self.params, jnp.asarray([ids], jnp.int32), jax.random.key(seed),
+             max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k)
+    return [int(t) for t in np.asarray(out)[0]]
+
+  def generate(self, prompt: str, max_new_tokens: int = 50, temperature: float = 1.0,
+               top_k: int | None = None, seed: int = 0, stop_at_eos: bool = True) -> str:
+    """Continuation of `prompt` (KV-cached decoding; temperature 0 = greedy)."""
+    new = self.generate_ids(prompt, max_new_tokens, temperature, top_k, seed)
+    if stop_at_eos and self.tokenizer.eos_id in new:
+      new = new[:new.index(self.tokenizer.eos_id)]
+    return self.tokenizer.decode(new)
+
+  # ---- plots --------------------------------------------------------------------------------
+
+  def plot_loss_curves(self):
+    from lmobjective import plotting
+    return plotting.loss_curves(self.metrics, title=os.path.basename(os.path.abspath(self.workdir)))
+
+  def plot_loss_per_position(self, text: str | PositionLosses, max_tokens: int = 60):
+    """Bars of -log p(target) per token, with p(target) on the right axis."""
+    import matplotlib.pyplot as plt
+    pl = self.loss_per_position(text) if isinstance(text, str) else text
+    n = min(len(pl.tokens), max_tokens)
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * n + 2), 4))
+    x = np.arange(n)
+    ax.bar(x, pl.nll[:n], color="C0", label="-log p(target)")
+    ax.set_xticks(x, [repr(t)[1:-1] for t in pl.tokens[:n]], rotation=90, fontsize=7)
+    ax.set(ylabel="-log p(target) (nats)", title=f"loss per position (mean {pl.mean:.3f} nats), step {self.step}")
+    ax2 = ax.twinx()
+    ax2.plot(x, pl.p_target[:n], "o", color="C3", ms=3, label="p(target)")
+    ax2.set(ylabel="p(target)", ylim=(0, 1))
+    fig.tight_layout()
+    return fig
+
+  def plot_next_token(self, prefix: str, top_k: int = 10):
+    import matplotlib.pyplot as plt
+    dist = self.next_token_distribution(prefix, top_k)
+    fig, ax = plt.subplots(figsize=(6, 0.35 * len(dist) + 1.2))
+    ax.barh([repr(t)[1:-1] or "<empty>" for t, _, _ in dist][::-1], [p for _, _, p in dist][::-1], color="C2")
+    ax.set(xlabel="probability", title=f"next token after {prefix[-30:]!r}")
+    fig.tight_layout()
+    return fig
+
+
+def _abstract_params(model: Transformer, T: int, device) -> Any:
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, T), jnp.int32))["params"]
+  shapes = nn.meta.unbox(shapes)
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def restore(workdir: str, step: int | None = None, device=None) -> Run:
+  """The run in `workdir` at checkpoint `step` (default: the newest readable one), on `device` (default: first)."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  mngr = ckpt_lib.make_manager(workdir, read_only=True)
+  steps = mngr.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"no checkpoints in {os.path.join(workdir, ckpt_lib.CKPT_DIR)}")
+  found = ckpt_lib.latest_config(mngr) if step is None else (step, mngr.restore(
+      step, args=ckpt_lib.ocp.args.Composite(config=ckpt_lib.ocp.args.JsonRestore()))["config"])
+  if found is None:
+    raise FileNotFoundError(f"no readable checkpoint in {os.path.join(workdir, ckpt_lib.CKPT_DIR)}")
+  config = ml_collections.ConfigDict(found[1])
+  tok, _ = tokenizers.load(os.path.join(workdir, "tokenizer"), key="workdir")
+  model = Transformer(ModelConfig.from_config(config.model, tok.vocab_size))
+  abstract = _abstract_params(model, int(config.data.context_length), device or jax.devices()[0])
+  got_step, params, meta, _ = ckpt_lib.restore_params(workdir, step if step is not None else None, abstract)
+  if meta["tokenizer"]["fingerprint"] != tok.fingerprint():
+    raise ValueError(f"{workdir}/tokenizer is not the tokenizer checkpoint {got_step} was trained with")
+  if got_step != found[0]:  # the newest was damaged: use the config of the one restored
+    config = ml_collections.ConfigDict(mngr.restore(
+        got_step, args=ckpt_lib.ocp.args.Composite(config=ckpt_lib.ocp.args.JsonRestore()))["config"])
+  mngr.close()
+  path = os.path.join(workdir, metrics_log.METRICS_FILE)
+  metrics = metrics_log.read_metrics(path) if os.path.exists(path) else []
+  return Run(workdir=workdir, config=config, params=params, tokenizer=tok, model=model, step=got_step,
+             metrics=metrics)
