@@ -116,6 +116,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.batch_size = 32  # global sequences per optimizer step (all devices, all hosts)
   c.train.grad_accum_steps = 1  # microbatches per step; batch_size must divide evenly
   c.train.log_every_steps = 10
+  c.train.nan_policy = "stop"  # non-finite loss/gradient: stop (one-line error, state not saved) | skip the update
 
   # ---- evaluation ---------------------------------------------------------
   c.eval = ml_collections.ConfigDict()
@@ -125,8 +126,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---- checkpointing ------------------------------------------------------
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 100
-  c.checkpoint.keep = 2
+  c.checkpoint.every_steps = 100  # also saved at the end and on SIGTERM/SIGINT; 0 = only those
+  c.checkpoint.keep = 2  # the newest this many are kept
+  c.checkpoint.keep_best = False  # also keep the checkpoint with the lowest val_loss
+  c.checkpoint.async_save = True  # write in the background; the loop only waits for the host copy
+  c.checkpoint.allow_config_change = False  # on resume accept changes to train.steps, eval.*, checkpoint.*, logging, mesh
 
   # ---- device mesh (product must equal the device count; -1 = the rest) ----
   c.mesh = ml_collections.ConfigDict()

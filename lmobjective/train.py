@@ -13,8 +13,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, Iterator
 
@@ -27,6 +30,7 @@ from absl import app, flags
 
 from lmobjective import config as config_lib
 from lmobjective import data, hardware, launch, metrics_log, objective, plotting, sharding, step
+from lmobjective import checkpoint as ckpt_lib
 from lmobjective import diagnose, position_loss
 from lmobjective.model import ModelConfig, Transformer, count_params, flops_per_token
 from lmobjective.optimizer import make_optimizer
@@ -53,7 +57,21 @@ class Experiment:
   peak_flops: float | None
 
 
+# Exit status after SIGTERM / SIGINT: the step finished and a checkpoint was saved. 128 + signal
+# number, the shell's convention, so schedulers read them as "terminated", not as a crash.
+EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
+
+
+class Preempted(SystemExit):
+  """Raised by `run` after a SIGTERM/SIGINT was handled (checkpoint saved); `.code` is the exit status."""
+
+
+class NonFiniteLoss(RuntimeError):
+  """A NaN/Inf loss or gradient with train.nan_policy='stop'. That state is never saved."""
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
+  ckpt_lib.validate(config)
   config_lib.validate(config)
   data.validate(config)
 
@@ -94,8 +112,8 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   init_fn = jax.jit(init, out_shardings=state_sharding)
   batch_shard, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   train_fn = jax.jit(
-      functools.partial(step.train_step, model=model, tx=tx,
-                        grad_accum_steps=config.train.grad_accum_steps, z_loss=config.objective.z_loss),
+      functools.partial(_guarded_step, functools.partial(step.train_step, model=model, tx=tx,
+                        grad_accum_steps=config.train.grad_accum_steps, z_loss=config.objective.z_loss)),
       in_shardings=(state_sharding, batch_shard), out_shardings=(state_sharding, rep), donate_argnums=0)
   token_bytes = jnp.asarray(tokenizer.token_byte_lengths(), jnp.int32)
   eval_fn = jax.jit(
@@ -160,32 +178,147 @@ class TokenAccounting:
     return rec
 
 
+def _guarded_step(train_step, state, batch):
+  """`train_step`, except that a non-finite loss or gradient leaves params and optimizer state as they were.
+
+  The step counter still advances (the data moves on); metrics['finite'] tells the host, which
+  stops (train.nan_policy='stop') or logs the skip. `where(True, new, old)` is `new` bit for bit.
+  """
+  new, metrics = train_step(state, batch)
+  ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+  keep = lambda n, o: jnp.where(ok, n, o)
+  new = new.replace(params=jax.tree.map(keep, new.params, state.params),
+                    opt_state=jax.tree.map(keep, new.opt_state, state.opt_state))
+  return new, {**metrics, "finite": ok}
+
+
+@dataclasses.dataclass
+class LoopState:
+  """Host bookkeeping a checkpoint carries, so a resumed run writes exactly the lines it would have."""
+  pending: list  # train metrics of the steps since the last log line
+  tokens_seen: int
+  skipped: int = 0
+
+
+def _fetch_pending(exp: Experiment, loop: LoopState, done: int) -> list[dict]:
+  """Host copies of the pending metrics, finite ones only; stops on a non-finite step if so configured."""
+  loop.pending = jax.device_get(loop.pending)
+  first = done - len(loop.pending) + 1
+  bad = [first + i for i, m in enumerate(loop.pending) if not bool(m["finite"])]
+  if bad and exp.config.train.nan_policy == "stop":
+    raise NonFiniteLoss(f"non-finite loss or gradient at step {bad[0]} (train.nan_policy='stop'); "
+                        "that state was not saved; resume restarts from the last checkpoint")
+  for b in bad:
+    ckpt_lib.warn(f"non-finite loss or gradient at step {b}: update skipped (train.nan_policy='skip')")
+  loop.skipped += len(bad)
+  return [m for m in loop.pending if bool(m["finite"])]
+
+
+def _log_train(exp, done, loop: LoopState, writer, accounting, progress, seconds) -> None:
+  finite = _fetch_pending(exp, loop, done)
+  loop.pending = []
+  if not finite:
+    writer.write({"step": done, "skipped_steps": loop.skipped})
+    return
+  record = _train_record(exp, done, finite, seconds, loop.tokens_seen)
+  loop.tokens_seen = record["tokens_seen"]
+  record.update(accounting.record())
+  if loop.skipped:
+    record["skipped_steps"] = loop.skipped
+  writer.write(record)
+  progress.update(done, record["train_loss"], record["tokens_per_sec"])
+
+
+def _save(exp, mngr, state, batches, accounting, loop: LoopState, val_loss) -> None:
+  _fetch_pending(exp, loop, int(state.step))  # never saves a state reached through a NaN step
+  meta = {"data_iter": batches.get_state(), "accounting": accounting.counts.tolist(),
+          "tokens_seen": loop.tokens_seen, "skipped": loop.skipped,
+          "pending": ckpt_lib.encode_metrics(loop.pending),
+          "tokenizer": {"path": "tokenizer", "fingerprint": exp.tokenizer.fingerprint()}}
+  ckpt_lib.save(mngr, state, meta, exp.config, val_loss)
+
+
 def run_loop(exp: Experiment, state, batches: Iterator[dict], writer: metrics_log.MetricsWriter,
-             accounting: TokenAccounting) -> Any:
+             accounting: TokenAccounting, mngr=None, loop: LoopState | None = None, stop=None) -> Any:
+  """Steps from state.step to train.steps; checkpoints into `mngr` (if given); `stop.signum` set = preempt."""
   cfg = exp.config
   total = cfg.train.steps
   progress = metrics_log.Progress(total)
   start = int(state.step)
-  pending, t_last, tokens_seen = [], time.time(), int(accounting.counts.sum())
+  loop = loop or LoopState(pending=[], tokens_seen=int(accounting.counts.sum()))
+  t_last = time.time()
   if start == 0 and exp.eval_sets:
     writer.write({"step": 0, **evaluate(exp, state.params)})
   for s in range(start, total):
     host_batch = next(batches)
     accounting.add(host_batch)
     state, metrics = exp.train_fn(state, _device_batch(exp, host_batch))
-    pending.append(metrics)
-    done = s + 1
+    loop.pending.append(metrics)
+    done, val_loss = s + 1, None
     if done % cfg.train.log_every_steps == 0 or done == total:
-      record = _train_record(exp, done, jax.device_get(pending), time.time() - t_last, tokens_seen)
-      tokens_seen = record["tokens_seen"]
-      record.update(accounting.record())
-      writer.write(record)
-      progress.update(done, record["train_loss"], record["tokens_per_sec"])
-      pending, t_last = [], time.time()
+      _log_train(exp, done, loop, writer, accounting, progress, time.time() - t_last)
+      t_last = time.time()
     if exp.eval_sets and (done % cfg.eval.every_steps == 0 or done == total):
-      writer.write({"step": done, **evaluate(exp, state.params)})
+      record = evaluate(exp, state.params)
+      writer.write({"step": done, **record})
+      val_loss = record.get("val_loss")
       t_last = time.time()  # eval time is not training throughput
+    preempted = stop is not None and stop.signum is not None
+    every = cfg.checkpoint.every_steps
+    if mngr is not None and ((every and done % every == 0) or done == total or preempted):
+      _save(exp, mngr, state, batches, accounting, loop, val_loss)
+    if preempted:
+      raise Preempted(EXIT_CODES[stop.signum])
   return state
+
+
+class _StopRequest:
+  signum: int | None = None
+
+
+@contextlib.contextmanager
+def preemption_signals():
+  """SIGTERM/SIGINT set `.signum` (the loop then saves and exits); a second signal acts at once."""
+  stop = _StopRequest()
+  if threading.current_thread() is not threading.main_thread():
+    yield stop
+    return
+
+  def handler(signum, frame):
+    stop.signum = signum
+    signal.signal(signum, signal.SIG_DFL)
+    print(f"\nreceived {signal.Signals(signum).name}: finishing the step, saving a checkpoint, exiting "
+          f"with {EXIT_CODES[signum]}", file=sys.stderr, flush=True)
+
+  previous = {sig: signal.signal(sig, handler) for sig in EXIT_CODES}
+  try:
+    yield stop
+  finally:
+    for sig, h in previous.items():
+      signal.signal(sig, h)
+
+
+def restore_or_init(exp: Experiment, mngr, batches) -> tuple[Any, LoopState | None, TokenAccounting, int | None]:
+  """The newest good checkpoint (state, loop bookkeeping, accounting; data iterator set in place), else a fresh state."""
+  accounting = TokenAccounting(exp.pipeline.source_names)
+  state_shape = jax.eval_shape(exp.init_fn, jax.random.key(exp.config.seed))
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          state_shape, exp.state_sharding)
+  restored = ckpt_lib.restore_latest(mngr, exp.workdir, abstract)
+  if restored is None:
+    return exp.init_fn(jax.random.key(exp.config.seed)), None, accounting, None
+  state, meta, saved_config = restored
+  step_ = int(state.step)
+  ckpt_lib.check_config(saved_config, ckpt_lib.config_json(exp.config),
+                        exp.config.checkpoint.allow_config_change, step_)
+  if meta["tokenizer"]["fingerprint"] != exp.tokenizer.fingerprint():
+    raise config_lib.ConfigError("data.tokenizer", os.path.join(exp.workdir, "tokenizer"),
+                                 f"differs from the tokenizer of the checkpoint at step {step_}; use a new workdir")
+  batches.set_state(meta["data_iter"])
+  accounting.counts = np.asarray(meta["accounting"], np.int64)
+  loop = LoopState(pending=ckpt_lib.decode_metrics(meta["pending"]), tokens_seen=meta["tokens_seen"],
+                   skipped=meta["skipped"])
+  return state, loop, accounting, step_
 
 
 def _train_record(exp, done, metrics_list, seconds, tokens_before) -> dict[str, Any]:
@@ -216,17 +349,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains per `config`, writing outputs to `workdir`. Returns the last eval record."""
   validate(config)
   lead = jax.process_index() == 0
+  mngr = ckpt_lib.make_manager(workdir, config.checkpoint)
+  latest = ckpt_lib.latest_config(mngr)  # refuse a changed config before touching the run's files
+  if latest is not None:
+    ckpt_lib.check_config(latest[1], ckpt_lib.config_json(config), config.checkpoint.allow_config_change,
+                          latest[0])
   if lead:
     os.makedirs(workdir, exist_ok=True)
     write_config(config, workdir)
   exp = build(config, workdir)
-  state = exp.init_fn(jax.random.key(config.seed))
+  batches = exp.pipeline.train_iterator()
+  state, loop, accounting, resumed_step = restore_or_init(exp, mngr, batches)
+  if lead:
+    ckpt_lib.truncate_metrics(workdir, resumed_step)  # lines past the checkpoint are written again
+    if resumed_step is not None:
+      print(f"resuming from the checkpoint at step {resumed_step}", flush=True)
   _print_header(exp, state)
   writer = metrics_log.MetricsWriter(workdir, enabled=lead)
-  accounting = TokenAccounting(exp.pipeline.source_names)
   try:
-    state = run_loop(exp, state, exp.pipeline.train_iterator(), writer, accounting)
+    with preemption_signals() as stop:
+      state = run_loop(exp, state, batches, writer, accounting, mngr, loop, stop)
   finally:
+    mngr.wait_until_finished()  # an asynchronous save must land before the process exits
+    mngr.close()
     writer.close()
   position_loss.save(exp, state.params, workdir, write=lead)  # val_loss_by_position.json
   records = metrics_log.read_metrics(workdir) if lead else []
@@ -270,7 +415,7 @@ def main(argv, config_flag, workdir_flag) -> None:
     sys.exit("error: --workdir is required (the directory for this run's outputs)")
   try:
     run(config_flag.value, workdir_flag.value)
-  except config_lib.ConfigError as e:
+  except (config_lib.ConfigError, NonFiniteLoss) as e:
     sys.exit(f"error: {e}")
 
 
