@@ -94,6 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---- objective ----------------------------------------------------------
   c.objective = ml_collections.ConfigDict()
   c.objective.z_loss = 0.0  # weight of mean(logsumexp^2) added to the training loss
+  c.objective.loss_chunk_size = 0  # >0: fuse the LM head with the loss over chunks of this many positions (no [B,T,V] logits); 0 = dense
 
   # ---- optimizer ----------------------------------------------------------
   c.optimizer = ml_collections.ConfigDict()
@@ -116,6 +117,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.batch_size = 32  # global sequences per optimizer step (all devices, all hosts)
   c.train.grad_accum_steps = 1  # microbatches per step; batch_size must divide evenly
   c.train.log_every_steps = 10
+  c.train.xla_gpu_flags = False  # add the recommended XLA GPU flags (latency-hiding scheduler, ...) to XLA_FLAGS
   c.train.nan_policy = "stop"  # non-finite loss/gradient: stop (one-line error, state not saved) | skip the update
 
   # ---- evaluation ---------------------------------------------------------
@@ -137,5 +139,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+
+  # ---- multi-host (jax.distributed.initialize before any backend use) -----
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.auto_detect = False  # call jax.distributed.initialize() and let it detect the cluster (SLURM, TPU pod, MPI)
+  c.distributed.coordinator_address = placeholder(str)  # "host:port" of process 0; set = explicit initialisation
+  c.distributed.num_processes = placeholder(int)
+  c.distributed.process_id = placeholder(int)
 
   return c

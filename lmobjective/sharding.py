@@ -94,3 +94,66 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   n = jax.process_count()
   return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * n,) + v.shape[1:])
           for k, v in local_batch.items()}
+
+
+def abstract_state(state_shape, state_sharding):
+  """ShapeDtypeStructs carrying the target shardings: an orbax restore target for *this* mesh.
+
+  A checkpoint saved on any mesh restores onto any other by passing this as the target (orbax
+  reads each shard's slice from the saved global arrays); without it orbax reuses the saved
+  shardings and fails on a different device count ("Topology mismatch").
+  """
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      state_shape, state_sharding)
+
+
+def _mesh_axis_size(mesh_axes, sizes: dict[str, int]) -> int:
+  if mesh_axes is None:
+    return 1
+  names = mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,)
+  return int(np.prod([sizes[a] for a in names]))
+
+
+def param_bytes_per_device(model, sizes: dict[str, int]) -> tuple[int, int]:
+  """(total parameter count, largest per-device parameter count) for a mesh `{axis: size}`.
+
+  Uses the model's own logical axis names and `RULES`, so it is the sharding the code applies.
+  A dimension that a mesh axis does not divide is counted as ceil(dim / axis) (GSPMD pads).
+  """
+  import jax.numpy as jnp
+
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  specs = nn.logical_to_mesh(nn.get_partition_spec(abstract), RULES)
+  shapes = nn.unbox(abstract)
+  total = per_device = 0
+  for shape, spec in zip(jax.tree.leaves(shapes), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))):
+    dims = list(shape.shape)
+    local = 1
+    for i, d in enumerate(dims):
+      axis = spec[i] if i < len(spec) else None
+      local *= -(-d // _mesh_axis_size(axis, sizes))
+    total += int(np.prod(dims))
+    per_device += local
+  return total, per_device
+
+
+def memory_per_device(model, sizes: dict[str, int], *, batch_per_device: int, context: int,
+                      param_bytes: int = 4, optimizer_moments: int = 2, loss_chunk_size: int = 0
+                      ) -> dict[str, float]:
+  """Bytes per device of a training step, from the parameter shardings above.
+
+  params (param_bytes each) + gradients (float32) + optimizer moments (AdamW: 2 float32), all
+  sharded like the params; plus two activation terms for `batch_per_device` sequences: the
+  layer inputs kept under full remat (L*b*T*D float32) and the float32 logits and their gradient
+  (2*b*T*V, or 2*b*C*V with a loss chunk of C positions), which the tensor axis splits over V.
+  """
+  cfg = model.cfg
+  n_total, n_local = param_bytes_per_device(model, sizes)
+  out = {"params_total": n_total, "params": n_local * param_bytes, "grads": n_local * 4,
+         "optimizer": n_local * 4 * optimizer_moments}
+  out["state"] = out["params"] + out["grads"] + out["optimizer"]
+  positions = min(loss_chunk_size, context) if loss_chunk_size else context
+  out["remat_activations"] = cfg.num_layers * batch_per_device * context * cfg.embed_dim * 4
+  out["logits"] = 2 * batch_per_device * positions * -(-cfg.vocab_size // sizes.get("tensor", 1)) * 4
+  out["total"] = out["state"] + out["remat_activations"] + out["logits"]
+  return out

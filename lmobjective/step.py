@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lmobjective import objective
+from lmobjective import chunked_loss, objective
 
 MODEL_FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -40,11 +40,10 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Arra
                     rng=dropout_rng)
 
 
-def _forward_sums(params, model, micro, dropout_rng, z_loss, deterministic):
-  logits_BxTxV = model.apply(
-      {"params": params}, micro["inputs"], micro["positions"], micro["segment_ids"],
-      deterministic=deterministic, rngs=None if deterministic else {"dropout": dropout_rng})
-  sums = objective.loss_sums(logits_BxTxV, micro["targets"], micro["loss_mask"])
+def _forward_sums(params, model, micro, dropout_rng, z_loss, deterministic, loss_chunk_size=0):
+  sums = chunked_loss.model_loss_sums(
+      model, params, micro, chunk_size=loss_chunk_size, deterministic=deterministic,
+      rngs=None if deterministic else {"dropout": dropout_rng})
   return sums.loss_sum + z_loss * sums.z_sum, sums
 
 
@@ -59,7 +58,7 @@ def _split_microbatches(batch, k: int):
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module,
                tx: optax.GradientTransformation, grad_accum_steps: int = 1,
-               z_loss: float = 0.0) -> tuple[TrainState, dict]:
+               z_loss: float = 0.0, loss_chunk_size: int = 0) -> tuple[TrainState, dict]:
   deterministic = model.cfg.dropout == 0.0
   step_rng = jax.random.fold_in(state.rng, state.step)
   grad_fn = jax.value_and_grad(_forward_sums, has_aux=True)
@@ -69,7 +68,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
     grads_acc, sums_acc = carry
     micro, i = xs
     (_, sums), grads = grad_fn(state.params, model, micro, jax.random.fold_in(step_rng, i),
-                               z_loss, deterministic)
+                               z_loss, deterministic, loss_chunk_size)
     return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
 
   zero_sums = objective.LossSums(*(jnp.zeros((), jnp.float32),) * 5)._replace(
@@ -107,9 +106,12 @@ def learning_rate(opt_state) -> jax.Array | None:
   return None
 
 
-def eval_step(params, batch: dict, *, model: nn.Module, token_bytes_V: jax.Array | None = None
-              ) -> objective.LossSums:
-  """Loss sums on one batch (deterministic forward); add them up across batches and hosts."""
-  logits_BxTxV = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                             batch["segment_ids"], deterministic=True)
-  return objective.loss_sums(logits_BxTxV, batch["targets"], batch["loss_mask"], token_bytes_V)
+def eval_step(params, batch: dict, *, model: nn.Module, token_bytes_V: jax.Array | None = None,
+              loss_chunk_size: int = 0) -> objective.LossSums:
+  """Loss sums on one batch (deterministic forward); add them up across batches and hosts.
+
+  `loss_chunk_size` > 0 fuses the LM head with the loss in chunks of that many positions
+  (`chunked_loss`): same sums, without materialising [B,T,V] logits.
+  """
+  return chunked_loss.model_loss_sums(model, params, batch, chunk_size=loss_chunk_size,
+                                      token_bytes_V=token_bytes_V)

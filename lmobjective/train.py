@@ -29,7 +29,7 @@ import optax
 from absl import app, flags
 
 from lmobjective import config as config_lib
-from lmobjective import data, hardware, launch, metrics_log, objective, plotting, sharding, step
+from lmobjective import data, distributed, hardware, launch, metrics_log, objective, plotting, sharding, step
 from lmobjective import checkpoint as ckpt_lib
 from lmobjective import diagnose, position_loss
 from lmobjective.model import ModelConfig, Transformer, count_params, flops_per_token
@@ -88,8 +88,9 @@ def _check_batch_divides(config, mesh) -> None:
                                  f"must be divisible by the data*fsdp mesh size {dp}")
 
 
-def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
-  mesh = sharding.make_mesh(config.mesh)
+def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Experiment:
+  """`devices`: the devices to lay the mesh over (default: all of every process)."""
+  mesh = sharding.make_mesh(config.mesh, devices)
   _check_batch_divides(config, mesh)
   tokenizer = data.build_tokenizer(config.data, workdir)
   n_proc = jax.process_count()
@@ -113,11 +114,13 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   batch_shard, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   train_fn = jax.jit(
       functools.partial(_guarded_step, functools.partial(step.train_step, model=model, tx=tx,
-                        grad_accum_steps=config.train.grad_accum_steps, z_loss=config.objective.z_loss)),
+                        grad_accum_steps=config.train.grad_accum_steps, z_loss=config.objective.z_loss,
+                        loss_chunk_size=config.objective.loss_chunk_size)),
       in_shardings=(state_sharding, batch_shard), out_shardings=(state_sharding, rep), donate_argnums=0)
   token_bytes = jnp.asarray(tokenizer.token_byte_lengths(), jnp.int32)
   eval_fn = jax.jit(
-      lambda params, batch: step.eval_step(params, batch, model=model, token_bytes_V=token_bytes),
+      lambda params, batch: step.eval_step(params, batch, model=model, token_bytes_V=token_bytes,
+                                           loss_chunk_size=config.objective.loss_chunk_size),
       in_shardings=(params_sharding, batch_shard), out_shardings=rep)
   per_proc_eval = config.eval.batch_size // n_proc
   eval_sets = {name: pipeline.eval_batches(name, config.eval.num_batches, per_proc_eval)
@@ -347,8 +350,9 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains per `config`, writing outputs to `workdir`. Returns the last eval record."""
+  distributed.setup(config)  # XLA flags and jax.distributed.initialize: before any backend use
   validate(config)
-  lead = jax.process_index() == 0
+  lead = distributed.is_lead()
   mngr = ckpt_lib.make_manager(workdir, config.checkpoint)
   latest = ckpt_lib.latest_config(mngr)  # refuse a changed config before touching the run's files
   if latest is not None:

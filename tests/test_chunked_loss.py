@@ -31,7 +31,7 @@ def _chunked(h, w, targets, mask, chunk):
   return chunked_loss.cross_entropy(lambda x: x @ w, h, targets, mask, chunk)
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 5, 7, 12, 64])  # 4 and 12 divide T=12; 1, 5, 7 do not
+@pytest.mark.parametrize("chunk", [4, 5, 12, 64])  # 4 and 12 divide T=12; 5 does not; 64 > T
 def test_loss_and_gradients_equal_dense(chunk):
   h, w, targets, mask = _inputs()
   loss_fn = lambda f: lambda h, w: f(h, w)[0]
@@ -39,8 +39,9 @@ def test_loss_and_gradients_equal_dense(chunk):
   loss, n = _chunked(h, w, targets, mask, chunk)
   assert int(n) == int(dense_n) == int(objective.valid_targets(targets, mask).sum())
   np.testing.assert_allclose(loss, dense_loss, rtol=1e-6)
-  g_dense = jax.grad(loss_fn(lambda h, w: _dense(h, w, targets, mask)), argnums=(0, 1))(h, w)
-  g_chunk = jax.grad(loss_fn(lambda h, w: _chunked(h, w, targets, mask, chunk)), argnums=(0, 1))(h, w)
+  g_dense = jax.jit(jax.grad(loss_fn(lambda h, w: _dense(h, w, targets, mask)), argnums=(0, 1)))(h, w)
+  g_chunk = jax.jit(jax.grad(loss_fn(lambda h, w: _chunked(h, w, targets, mask, chunk)),
+                             argnums=(0, 1)))(h, w)
   for gd, gc in zip(g_dense, g_chunk):
     assert float(jnp.abs(gd).max()) > 1e-3  # the gradient is not trivially zero
     np.testing.assert_allclose(gc, gd, atol=1e-5, rtol=1e-5)
@@ -62,6 +63,7 @@ def test_all_sums_match_including_z_loss_and_bytes():
   np.testing.assert_allclose(gc, gd, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [True, False])
 def test_model_head_fused_equals_full_model(tied):
   cfg = ModelConfig(vocab_size=97, num_layers=2, num_heads=2, num_kv_heads=2, embed_dim=32,
@@ -79,8 +81,9 @@ def test_model_head_fused_equals_full_model(tied):
   def loss(params, chunk):
     s = chunked_loss.model_loss_sums(model, params, batch, chunk_size=chunk)
     return s.loss_sum, s
-  (l_dense, _), g_dense = jax.value_and_grad(loss, has_aux=True)(params, 0)
-  (l_chunk, _), g_chunk = jax.value_and_grad(loss, has_aux=True)(params, 6)
+  grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  (l_dense, _), g_dense = grad_fn(params, 0)
+  (l_chunk, _), g_chunk = grad_fn(params, 6)
   np.testing.assert_allclose(l_chunk, l_dense, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), g_chunk, g_dense)
 

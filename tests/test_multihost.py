@@ -1,0 +1,118 @@
+"""Multi-host: 2 processes x 2 CPU devices (jax.distributed over gloo on localhost) train exactly
+like 1 process x 4 devices; the XLA flag switch and the distributed config keys.
+
+Workers run as subprocesses (`python tests/test_multihost.py WORKDIR PROCESS_ID NUM_PROCESSES
+PORT`), each printing one JSON line; NUM_PROCESSES=1 is the single-process reference.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 3
+DEVICES = 4
+
+
+def worker(workdir: str, process_id: int, num_processes: int, port: int) -> dict:
+  import jax
+
+  jax.config.update("jax_num_cpu_devices", DEVICES // num_processes)
+  from lmobjective import distributed, train
+  from lmobjective.config import load_config_file
+
+  config = load_config_file(os.path.join(ROOT, "configs/tiny.py"))
+  config.data.cache_dir = os.path.join(workdir, "cache")  # filled by the single-process run first
+  config.eval.num_batches = 1
+  if num_processes > 1:
+    config.distributed.coordinator_address = f"localhost:{port}"
+    config.distributed.num_processes = num_processes
+    config.distributed.process_id = process_id
+  distributed.setup(config)  # before any backend use
+  exp = train.build(config, os.path.join(workdir, f"run{num_processes}"))
+  state = exp.init_fn(jax.random.key(config.seed))
+  it = exp.pipeline.train_iterator()
+  losses = []
+  for _ in range(STEPS):
+    state, metrics = exp.train_fn(state, train._device_batch(exp, next(it)))
+    losses.append(float(metrics["loss"]))
+  val = train.evaluate(exp, state.params)["val_loss"]
+  out = {"losses": losses, "val_loss": val, "process_count": jax.process_count(),
+         "devices": jax.device_count(), "local_devices": jax.local_device_count(),
+         "mesh": dict(exp.mesh.shape), "lead": distributed.is_lead()}
+  if num_processes > 1:
+    jax.distributed.shutdown()
+  return out
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _launch(workdir, num_processes):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, __file__, str(workdir), str(i), str(num_processes), str(port)],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(num_processes)]
+  outs = []
+  for p in procs:
+    stdout, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-3000:]
+    outs.append(json.loads(stdout.strip().splitlines()[-1]))
+  return outs
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_four_devices(tmp_path):
+  (single,) = _launch(tmp_path, 1)
+  assert single["devices"] == 4 and single["process_count"] == 1
+  multi = _launch(tmp_path, 2)
+  for i, out in enumerate(multi):
+    assert out["process_count"] == 2 and out["devices"] == 4 and out["local_devices"] == 2
+    assert out["lead"] == (i == 0) and out["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+    np.testing.assert_allclose(out["losses"], single["losses"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out["val_loss"], single["val_loss"], atol=1e-5, rtol=0)
+  assert multi[0]["losses"] == multi[1]["losses"]  # one SPMD program: identical on every process
+
+
+def test_xla_gpu_flags_are_appended_once_and_parse(tmp_path):
+  from lmobjective import distributed
+
+  env = {"XLA_FLAGS": "--xla_gpu_enable_latency_hiding_scheduler=false"}
+  flags = distributed.add_xla_flags(environ=env)
+  assert flags.split()[0] == "--xla_gpu_enable_latency_hiding_scheduler=false"  # the user's value wins
+  assert len(flags.split()) == len(distributed.RECOMMENDED_XLA_GPU_FLAGS)
+  assert distributed.add_xla_flags(environ=env) == flags  # idempotent
+  # An unknown XLA flag aborts the process at backend start, so check that jaxlib knows them all.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(distributed.RECOMMENDED_XLA_GPU_FLAGS))
+  code = "import jax, jax.numpy as jnp; print(float(jax.jit(lambda x: x + 1)(jnp.ones(()))))"
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0 and proc.stdout.strip() == "2.0", proc.stderr[-2000:]
+
+
+def test_distributed_config_is_validated():
+  from lmobjective import distributed
+  from lmobjective.config import ConfigError, load_config_file
+
+  c = load_config_file(os.path.join(ROOT, "configs/tiny.py"))
+  distributed.validate(c)
+  assert not distributed.initialize(c)  # nothing configured: single process, no call
+  c.distributed.coordinator_address = "localhost:1234"
+  with pytest.raises(ConfigError, match="together"):
+    distributed.validate(c)
+  c.distributed.num_processes, c.distributed.process_id = 2, 2
+  with pytest.raises(ConfigError, match="process_id"):
+    distributed.validate(c)
+
+
+if __name__ == "__main__":
+  print(json.dumps(worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))
