@@ -8,18 +8,20 @@ likely causes. Kinds and rules (all thresholds are stated here and in `Threshold
 * noise scale sigma: the robust standard deviation of the train-loss noise,
   1.4826 * MAD(second differences) / sqrt(6) (second differences cancel a locally linear trend,
   and the second difference of iid noise has variance 6 sigma^2).
-* divergence: a non-finite train/val loss (from its first step), or a final level (median of the
-  last 10% of points) above the running minimum of the smoothed loss by more than
+* divergence: a non-finite train/val loss (from its first step); or a final level (median of the
+  last 10% of points) above 1.1 ln V -- worse than a uniform guess, which is where an untrained
+  model starts; or a final level above the running minimum of the smoothed loss by more than
   max(6 sigma, 5% of that minimum) -- a rise a 6-sigma noise excursion does not explain.
 * spike: a point whose robust z-score against the median/MAD of the previous `window` points is
   above 6 and which is at least 5% above that median, and after which the loss comes back within
   3 robust scales of the pre-spike median (if it never comes back it is a divergence instead).
 * plateau: an early stall -- a flat stretch (rolling-median loss moves less than max(2 sigma,
-  0.5%)) starting in the first 25% of the run and lasting at least 20% of it, above the final loss.
+  0.5%)) starting in the first 25% of the run and lasting at least 20% of it, after which the loss
+  falls by more than 5 times that tolerance (or never moves again): a stall, not a slow descent.
 * overfitting: validation loss ends more than 2% above its minimum, with at least 2 evals after the
   minimum, while the train loss over the same steps kept falling.
-* not_learning: the final loss is within 10% of ln V (the loss of a uniform guess) and fell by less
-  than 5% of ln V -- even the unigram distribution of text is worth more than that.
+* not_learning: the loss stayed within 10% of ln V (the loss of a uniform guess) and fell by less
+  than 5% of ln V overall -- even the unigram distribution of text is worth more than that.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Thresholds:
   plateau_rel: float = 0.005  # flat = moves less than max(2 sigma, this * level)
   plateau_min_frac: float = 0.20  # a plateau lasts at least this share of the run ...
   plateau_start_frac: float = 0.25  # ... and starts in this early share of it
+  plateau_escape: float = 5.0  # ... and the loss later falls by more than this many tolerances
   overfit_rel: float = 0.02  # val ends this far above its minimum
   overfit_min_evals: int = 2
   not_learning_frac: float = 0.10  # final loss within this share of ln V ...
@@ -135,6 +138,21 @@ def find_spikes(steps, loss, th: Thresholds, sigma: float) -> tuple[list[dict], 
   return spikes, diverged
 
 
+def find_worse_than_uniform(steps, loss, vocab_size: int | None, th: Thresholds) -> list[dict]:
+  """Loss ending more than 10% above ln V: worse than guessing uniformly, whatever the noise."""
+  if not vocab_size or len(loss) < 3:
+    return []
+  limit = (1 + th.not_learning_frac) * math.log(vocab_size)
+  smooth = rolling_median(loss, 3)
+  final = float(np.median(loss[-max(3, len(loss) // 10):]))
+  if final <= limit:
+    return []
+  start = int(np.argmax(smooth > limit))
+  return [_finding("divergence", steps[start], steps[-1],
+                   f"loss ended at {final:.3f}, above 1.1 ln V = {limit:.3f} (worse than a uniform guess "
+                   f"over {vocab_size} tokens) from step {steps[start]}")]
+
+
 def find_rise(steps, loss, th: Thresholds, sigma: float) -> list[dict]:
   """Loss ending well above its running minimum (a rise without recovery)."""
   if len(loss) < th.window:
@@ -172,8 +190,8 @@ def find_plateau(steps, loss, th: Thresholds, sigma: float) -> list[dict]:
     return []
   a, b, tol = best
   final = float(np.median(loss[-max(3, n // 10):]))
-  if smooth[a] - final <= tol and b < n - 1:
-    return []  # the run just converged: flat at its final level is not a stall
+  if b < n - 1 and smooth[a] - final <= th.plateau_escape * tol:
+    return []  # a slow descent or a converged run, not a stall that the loss later escapes
   after = ("then fell to " f"{final:.3f} by the end") if smooth[a] - final > tol else "and never fell"
   return [_finding("plateau", steps[a], steps[b],
                    f"loss stayed at {smooth[a]:.3f} (within {tol:.3f}) for {steps[b] - steps[a]} steps "
@@ -206,7 +224,8 @@ def find_not_learning(records: list[dict], vocab_size: int | None, th: Threshold
   if len(v) < 2 or not np.all(np.isfinite(v)):
     return []
   ln_v = math.log(vocab_size) if vocab_size else float(v[0])  # an untrained model scores ~ln V
-  if v[-1] < (1 - th.not_learning_frac) * ln_v or v[0] - v[-1] >= th.not_learning_drop * ln_v:
+  if (v.min() < (1 - th.not_learning_frac) * ln_v or v[-1] > (1 + th.not_learning_frac) * ln_v
+      or v[0] - v[-1] >= th.not_learning_drop * ln_v):
     return []
   src = f"ln V = ln {vocab_size}" if vocab_size else "the first eval loss (vocab unknown)"
   return [_finding("not_learning", s[0], s[-1],
@@ -223,9 +242,10 @@ def diagnose(records: list[dict], vocab_size: int | None = None,
   steps, loss = series(records, "train_loss")
   sigma = noise_sigma(loss)
   spikes, diverged = find_spikes(steps, loss, th, sigma)
-  found = spikes + (diverged or find_rise(steps, loss, th, sigma))
-  stuck = find_not_learning(records, vocab_size, th)
-  found += stuck or find_plateau(steps, loss, th, sigma)
+  diverged = diverged or find_worse_than_uniform(steps, loss, vocab_size, th) or find_rise(steps, loss, th, sigma)
+  found = spikes + diverged
+  if not diverged:
+    found += find_not_learning(records, vocab_size, th) or find_plateau(steps, loss, th, sigma)
   found += find_overfitting(records, th)
   return sorted(found, key=lambda f: (f["start_step"], f["kind"]))
 

@@ -198,13 +198,13 @@ def plan(sweep: str, workdir: str, extra: dict[str, str]) -> dict:
   spec = load_spec(sweep)
   base = _resolve_config(spec["config"], sweep.partition(":")[0])
   common = dict(spec.get("overrides", {}))
-  runs = {}
-  for name, ov in expand(spec).items():
+  runs, per_run = {}, expand(spec)
+  for name, ov in per_run.items():
     merged = {**common, **ov, **extra}
     cfg = run_config(base, merged)
     _validate(cfg, name)
     runs[name] = {k: v if isinstance(v, str) else format_value(v) for k, v in merged.items()}
-  touches_tok = any(k.startswith("data.tokenizer.") for r in runs.values() for k in r)
+  touches_tok = any(k.startswith("data.tokenizer.") for ov in per_run.values() for k in ov)
   base_cfg = run_config(base, {**common, **extra})
   share_tok = not touches_tok and base_cfg.data.tokenizer.kind != "byte"
   return {"sweep": sweep, "workdir": os.path.abspath(workdir), "config": base, "extra": extra,

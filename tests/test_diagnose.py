@@ -1,0 +1,142 @@
+"""Loss-curve diagnostics: crafted curves give each kind with the right steps; real runs are classified."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+from lmobjective import diagnose, metrics_log, train
+from lmobjective.config import load_config_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+V = 512
+
+
+def curve(train_loss, val_every=50, val=None, seed=0):
+  """Records as train.py writes them: a train line per step, an eval line every `val_every` steps."""
+  steps = np.arange(1, len(train_loss) + 1)
+  records = [{"step": int(s), "train_loss": float(l)} for s, l in zip(steps, train_loss)]
+  val = train_loss + 0.05 if val is None else val
+  for s in range(0, len(train_loss) + 1, val_every):
+    records.append({"step": s, "val_loss": float(val[max(s - 1, 0)])})
+  return sorted(records, key=lambda r: r["step"])
+
+
+def healthy(n=300, seed=0, noise=0.02):
+  s = np.arange(1, n + 1)
+  return 2.0 + 4.0 * np.exp(-s / 40) + noise * np.random.default_rng(seed).standard_normal(n)
+
+
+def kinds(findings):
+  return [(f["kind"], f["start_step"], f["end_step"]) for f in findings]
+
+
+def test_healthy_curve_has_no_findings():
+  for seed in range(5):
+    assert diagnose.diagnose(curve(healthy(seed=seed)), V) == [], seed
+
+
+def test_spike_that_recovers():
+  loss = healthy()
+  loss[149:152] += 1.5  # steps 150..152
+  assert kinds(diagnose.diagnose(curve(loss), V)) == [("spike", 150, 152)]
+
+
+def test_small_bump_within_noise_is_not_a_spike():
+  loss = healthy(noise=0.02)
+  loss[149] += 4 * 0.02  # 4 sigma < the 6-sigma threshold
+  assert diagnose.diagnose(curve(loss), V) == []
+
+
+def test_divergence_rise_without_recovery():
+  loss = healthy()
+  loss[150:] += np.linspace(0, 3, 150)  # from step 151 the loss climbs 3 nats and stays
+  (kind, start, end), = kinds(diagnose.diagnose(curve(loss), V))
+  assert kind == "divergence" and 150 <= start <= 165 and end == 300
+
+
+def test_spike_that_never_recovers_is_divergence():
+  loss = healthy()
+  loss[199:] = 7.0  # from step 200
+  assert kinds(diagnose.diagnose(curve(loss), V)) == [("divergence", 200, 300)]
+
+
+def test_nan_is_divergence_from_its_step():
+  records = curve(healthy())
+  for r in records:
+    if r["step"] >= 230 and "train_loss" in r:
+      r["train_loss"] = "nan"  # as metrics_log writes a non-finite float
+  assert kinds(diagnose.diagnose(records, V)) == [("divergence", 230, 300)]
+
+
+def test_early_plateau_then_learning():
+  s = np.arange(1, 301)
+  loss = np.where(s <= 100, 5.0, 2.0 + 3.0 * np.exp(-(s - 100) / 30))
+  loss = loss + 0.01 * np.random.default_rng(0).standard_normal(300)
+  (kind, start, end), = kinds(diagnose.diagnose(curve(loss), V))
+  assert kind == "plateau" and start == 1 and 95 <= end <= 103
+
+
+def test_overfitting_val_rises_while_train_falls():
+  loss = healthy()
+  val = loss + 0.05
+  val[150:] += np.linspace(0, 0.3, 150)  # val turns up after step 150 while train keeps falling
+  assert kinds(diagnose.diagnose(curve(loss, val=val), V)) == [("overfitting", 150, 300)]
+
+
+def test_not_learning_stays_near_ln_v():
+  loss = math.log(V) - 0.001 * np.arange(300) / 300 + 0.01 * np.random.default_rng(0).standard_normal(300)
+  (kind, start, end), = kinds(diagnose.diagnose(curve(loss), V))
+  assert (kind, start, end) == ("not_learning", 0, 300)
+  assert kinds(diagnose.diagnose(curve(loss), None))[0][0] == "not_learning"  # ln V from the first eval
+
+
+# ---- real runs (tiny preset) -------------------------------------------------------------------
+
+
+def _tiny(tmp_path, **overrides):
+  c = load_config_file(os.path.join(ROOT, "configs/tiny.py"))
+  c.data.cache_dir = str(tmp_path.parent / "diag_cache")
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _run(tmp_path, name, **overrides):
+  workdir = str(tmp_path / name)
+  train.run(_tiny(tmp_path, **overrides), workdir)
+  return diagnose.load(workdir), metrics_log.read_metrics(workdir)
+
+
+@pytest.mark.slow
+def test_real_runs_are_classified(tmp_path):
+  common = {"train.steps": 40, "eval.every_steps": 10, "optimizer.warmup_steps": 5}
+  ok, _ = _run(tmp_path, "healthy", **common)
+  assert ok == []
+  low, _ = _run(tmp_path, "lr_1e-7", **common, **{"optimizer.learning_rate": 1e-7,
+                                                  "optimizer.end_learning_rate": 1e-8})
+  assert [f["kind"] for f in low] == ["not_learning"]
+  high, records = _run(tmp_path, "lr_high", **common, **HIGH_LR)
+  assert "divergence" in [f["kind"] for f in high], (high, [r.get("train_loss") for r in records])
+  over, _ = _run(tmp_path, "overfit", **OVERFIT)
+  assert "overfitting" in [f["kind"] for f in over], over
+
+
+# Found by trying peak LRs on the tiny preset (default peak 3e-3, cosine, clip 1.0, 60 steps): 3e-2
+# (10x) and 0.3 (100x) with the default clipping still learn (val 4.78 and 5.13 vs 4.78 healthy),
+# because global-norm clipping bounds every Adam step. What reliably diverges is 1.0 (333x), constant,
+# without clipping: the loss jumps to 20-40 nats within 3 steps and stays there (NaN policy 'skip'
+# so the run reaches its end instead of stopping at a NaN).
+HIGH_LR = {"optimizer.learning_rate": 1.0, "optimizer.end_learning_rate": 1.0, "optimizer.grad_clip": 0.0,
+           "optimizer.schedule": "constant", "train.nan_policy": "skip"}
+# 3 documents per source, repeated for 200 steps at a constant LR without weight decay: val bottoms
+# out near step 50 and climbs while train loss falls towards 0.
+OVERFIT = {"train.steps": 200, "eval.every_steps": 25, "train.log_every_steps": 5,
+           "data.sources.code.max_documents": 3, "data.sources.prose.max_documents": 3,
+           "data.sources.markov.markov.num_documents": 3, "optimizer.weight_decay": 0.0,
+           "optimizer.end_learning_rate": 3e-3, "optimizer.schedule": "constant"}
