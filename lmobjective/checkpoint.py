@@ -15,6 +15,7 @@ A damaged checkpoint (unreadable files, or values whose checksum disagrees) is m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging as absl_logging
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
@@ -51,6 +53,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("train.nan_policy", config.train.nan_policy, "must be 'stop' or 'skip'")
 
 
+@contextlib.contextmanager
+def quiet_absl(level=absl_logging.ERROR):
+  """Orbax logs through absl at INFO/WARNING (e.g. 'read only' notices); keep them out of notebooks and one-line errors."""
+  before = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(min(level, before))
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(before)
+
+
 def make_manager(workdir: str, ckpt_cfg=None, read_only: bool = False) -> ocp.CheckpointManager:
   """The run's manager, with its item handlers declared (a bare manager cannot restore in a new process)."""
   if ckpt_cfg is None:
@@ -65,10 +78,11 @@ def make_manager(workdir: str, ckpt_cfg=None, read_only: bool = False) -> ocp.Ch
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
       enable_async_checkpointing=bool(ckpt_cfg.async_save) if ckpt_cfg is not None else False)
-  return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, CKPT_DIR)), options=options,
-      item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
-                     "config": ocp.JsonCheckpointHandler()})
+  with quiet_absl():
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, CKPT_DIR)), options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()})
 
 
 # ---- checksums --------------------------------------------------------------------------------
@@ -190,6 +204,8 @@ def restore_latest(mngr: ocp.CheckpointManager, workdir: str, abstract_state):
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore(),
           config=ocp.args.JsonRestore()))
       _verify(r["state"], r["meta"])
+      if step != max(mngr.all_steps()):
+        mngr.reload()  # forget the moved-aside steps, so they are saved afresh
       return r["state"], r["meta"], r["config"]
     except Exception as e:  # orbax/tensorstore raise many types for unreadable files
       reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -202,8 +218,9 @@ def restore_latest(mngr: ocp.CheckpointManager, workdir: str, abstract_state):
 
 def restore_params(workdir: str, step: int | None, abstract_params):
   """Only the parameters of checkpoint `step` (default: newest readable), onto `abstract_params`' shardings."""
-  mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CKPT_DIR)),
-                               options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  with quiet_absl():
+    mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CKPT_DIR)),
+                                 options=ocp.CheckpointManagerOptions(read_only=True, create=False))
   steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
   if not steps:
     raise FileNotFoundError(f"no checkpoints in {os.path.join(workdir, CKPT_DIR)}")

@@ -417,6 +417,9 @@ def main(argv, config_flag, workdir_flag) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if workdir_flag.value is None:
     sys.exit("error: --workdir is required (the directory for this run's outputs)")
+  if not flags.FLAGS["verbosity"].present:
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save and restore at INFO
   try:
     run(config_flag.value, workdir_flag.value)
   except (config_lib.ConfigError, NonFiniteLoss) as e:

@@ -1,0 +1,212 @@
+"""Checkpoints: kill -9 / SIGTERM and resume bit for bit, damaged checkpoints, config changes, NaN guard.
+
+Every run is the tiny preset (derived from the default config), 12 steps, a checkpoint every 3.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmobjective import checkpoint as ckpt_lib
+from lmobjective import config as config_lib
+from lmobjective import inspection, metrics_log, step, train
+from lmobjective.config import load_config_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = {"train.steps": 12, "checkpoint.every_steps": 3, "checkpoint.keep": 2, "eval.every_steps": 6}
+
+
+def tiny(cache_dir, **overrides):
+  c = load_config_file(os.path.join(ROOT, "configs/tiny.py"))
+  c.data.cache_dir = str(cache_dir)
+  for key, value in {**OVERRIDES, **overrides}.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def cli_args(cache_dir, workdir):
+  return [sys.executable, "-m", "lmobjective.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+          f"--config.data.cache_dir={cache_dir}"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+
+
+def train_losses(workdir):
+  return [(r["step"], r["train_loss"]) for r in metrics_log.read_metrics(str(workdir)) if "train_loss" in r]
+
+
+def assert_same_params(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache):
+  """An uninterrupted run."""
+  workdir = tmp_path_factory.mktemp("ref") / "run"
+  train.run(tiny(cache), str(workdir))
+  return workdir
+
+
+def _start_and_signal(cache, workdir, at_step, sig):
+  """Starts the CLI, waits until metrics.jsonl has a train line for `at_step`, sends `sig`."""
+  proc = subprocess.Popen(cli_args(cache, workdir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(workdir / "metrics.jsonl") and any(s >= at_step for s, _ in train_losses(workdir)):
+      break
+    time.sleep(0.02)
+  assert proc.poll() is None, proc.communicate()
+  proc.send_signal(sig)
+  out, err = proc.communicate(timeout=300)
+  return proc.returncode, out, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("window", [(1, 5), (6, 11)], ids=["early", "late"])
+def test_kill_9_then_resume_gives_the_same_losses_and_params(tmp_path, cache, reference, window):
+  kill_at = random.Random().randint(*window)
+  workdir = tmp_path / "run"
+  rc, _, _ = _start_and_signal(cache, workdir, kill_at, signal.SIGKILL)
+  assert rc == -signal.SIGKILL
+  killed_after = max(s for s, _ in train_losses(workdir))
+  assert killed_after < 12, "the run finished before the kill; nothing was tested"
+  train.run(tiny(cache), str(workdir))  # the same command again
+  ref, got = train_losses(reference), train_losses(workdir)
+  assert [s for s, _ in got] == list(range(1, 13)), f"duplicated or missing lines (kill at {killed_after})"
+  assert got == ref, f"killed after step {killed_after}"  # exact float equality
+  evals = [r["step"] for r in metrics_log.read_metrics(str(workdir)) if "val_loss" in r]
+  assert evals == [0, 6, 12]
+  assert_same_params(inspection.restore(str(workdir)).params, inspection.restore(str(reference)).params)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_exits_143(tmp_path, cache, reference):
+  workdir = tmp_path / "run"
+  rc, _, err = _start_and_signal(cache, workdir, 4, signal.SIGTERM)
+  assert rc == train.EXIT_CODES[signal.SIGTERM] == 143, err
+  last = max(s for s, _ in train_losses(workdir))
+  assert last < 12
+  saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  assert saved[-1] == last, (saved, last)  # a checkpoint of the step it was on, not only the periodic ones
+  assert "received SIGTERM" in err
+  train.run(tiny(cache), str(workdir))
+  assert train_losses(workdir) == train_losses(reference)
+  assert_same_params(inspection.restore(str(workdir)).params, inspection.restore(str(reference)).params)
+
+
+def _damage(step_dir, mode):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir / "state") for f in fs]
+  data_files = [f for f in files if os.path.getsize(f) > 1000] or files
+  for f in data_files:
+    with open(f, "r+b") as fh:
+      if mode == "truncate":
+        fh.truncate(os.path.getsize(f) // 2)
+      else:  # flip bytes in the middle of the array data
+        fh.seek(os.path.getsize(f) // 2)
+        chunk = fh.read(64)
+        fh.seek(os.path.getsize(f) // 2)
+        fh.write(bytes(b ^ 0xFF for b in chunk))
+
+
+@pytest.mark.slow
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, cache, reference, capfd):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference, workdir)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "9"]
+  _damage(workdir / "checkpoints" / "12", "truncate")
+  train.run(tiny(cache), str(workdir))
+  err = capfd.readouterr().err
+  assert "warning: checkpoint at step 12 is damaged" in err, err
+  assert os.path.isdir(workdir / "checkpoints_damaged" / "12")
+  assert train_losses(workdir) == train_losses(reference)  # steps 10-12 retrained, identically
+  assert_same_params(inspection.restore(str(workdir)).params, inspection.restore(str(reference)).params)
+
+
+def test_flipped_bytes_are_caught_by_the_checksum(tmp_path, reference, capfd):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference, workdir)
+  _damage(workdir / "checkpoints" / "12", "flip")
+  run = inspection.restore(str(workdir))
+  assert run.step == 9
+  assert "checkpoint at step 12 is damaged" in capfd.readouterr().err
+
+
+def test_checksum_changes_with_one_bit():
+  x = {"a": jnp.arange(10, dtype=jnp.float32), "k": jax.random.key(0), "h": jnp.ones(3, jnp.bfloat16)}
+  base = ckpt_lib.checksums(x)
+  y = dict(x, a=x["a"].at[3].set(np.nextafter(np.float32(3), np.float32(4))))
+  assert ckpt_lib.checksums(y)["a"] != base["a"] and ckpt_lib.checksums(y)["k"] == base["k"]
+
+
+def test_changed_config_is_refused_in_one_line(tmp_path, cache, reference):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference, workdir)
+  r = subprocess.run(cli_args(cache, workdir) + ["--config.model.embed_dim=32", "--config.optimizer.b2=0.9"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300)
+  lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+  assert r.returncode == 1 and len(lines) == 1, r.stderr
+  assert lines[0].startswith("error: ") and "model.embed_dim: 64 -> 32" in lines[0] and "optimizer.b2" in lines[0]
+  with pytest.raises(config_lib.ConfigError, match="model.embed_dim"):  # the flag does not allow that one
+    train.run(tiny(cache, **{"model.embed_dim": 32, "checkpoint.allow_config_change": True}), str(workdir))
+
+
+@pytest.mark.slow
+def test_more_steps_are_allowed_with_the_flag(tmp_path, cache, reference):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference, workdir)
+  with pytest.raises(config_lib.ConfigError, match="train.steps"):
+    train.run(tiny(cache, **{"train.steps": 14}), str(workdir))
+  train.run(tiny(cache, **{"train.steps": 14, "checkpoint.allow_config_change": True}), str(workdir))
+  assert [s for s, _ in train_losses(workdir)] == list(range(1, 15))
+  assert train_losses(workdir)[:9] == train_losses(reference)[:9]  # the schedule only moves after the resume
+
+
+def _nan_at_step(monkeypatch, bad_step):
+  original = step.train_step
+
+  def poisoned(state, batch, **kw):
+    new, metrics = original(state, batch, **kw)
+    bad = new.step == bad_step
+    return new, {**metrics, "loss": jnp.where(bad, jnp.nan, metrics["loss"])}
+
+  monkeypatch.setattr(step, "train_step", poisoned)
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_without_saving_and_skip_goes_on(tmp_path, cache, monkeypatch):
+  _nan_at_step(monkeypatch, 5)
+  stop_dir = tmp_path / "stop"
+  with pytest.raises(train.NonFiniteLoss, match="step 5"):
+    train.run(tiny(cache, **{"train.steps": 6, "checkpoint.every_steps": 1, "checkpoint.keep": 3}), str(stop_dir))
+  assert sorted(int(d) for d in os.listdir(stop_dir / "checkpoints") if d.isdigit()) == [2, 3, 4]
+  skip_dir = tmp_path / "skip"
+  train.run(tiny(cache, **{"train.steps": 6, "checkpoint.every_steps": 1, "checkpoint.keep": 3,
+                           "train.nan_policy": "skip"}), str(skip_dir))
+  records = {r["step"]: r for r in metrics_log.read_metrics(str(skip_dir)) if "train_loss" in r or
+             "skipped_steps" in r}
+  assert "train_loss" not in records[5] and records[5]["skipped_steps"] == 1
+  assert records[6]["skipped_steps"] == 1 and np.isfinite(records[6]["train_loss"])
+  p4 = inspection.restore(str(skip_dir), step=4).params
+  p5 = inspection.restore(str(skip_dir), step=5).params
+  assert_same_params(p4, p5)  # the NaN step left the parameters alone
