@@ -75,10 +75,11 @@ def make_manager(workdir: str, ckpt_cfg=None, read_only: bool = False) -> ocp.Ch
                        keep_checkpoints_without_metrics=False)])
   else:
     policy = policies.LatestN(n=ckpt_cfg.keep)
-  options = ocp.CheckpointManagerOptions(
-      preservation_policy=policy, create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
-      enable_async_checkpointing=bool(ckpt_cfg.async_save) if ckpt_cfg is not None else False)
-  with quiet_absl():
+  with quiet_absl():  # read_only=True warns that it sets save_interval_steps=0
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, create=not read_only, read_only=read_only,
+        cleanup_tmp_directories=not read_only,
+        enable_async_checkpointing=bool(ckpt_cfg.async_save) if ckpt_cfg is not None else False)
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, CKPT_DIR)), options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
@@ -221,6 +222,7 @@ def restore_params(workdir: str, step: int | None, abstract_params):
   with quiet_absl():
     mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CKPT_DIR)),
                                  options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    mngr.reload()
   steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
   if not steps:
     raise FileNotFoundError(f"no checkpoints in {os.path.join(workdir, CKPT_DIR)}")

@@ -1,0 +1,77 @@
+"""Score a trained run on text: loss, perplexity, bits per token and bits per byte.
+
+    python -m lmobjective.evaluate --workdir=runs/default --text_file=notes.txt
+    python -m lmobjective.evaluate --workdir=runs/default --source=code [--num_batches=16] [--step=200]
+
+--text_file scores the file as one document (first token predicted from EOS, context-length rows).
+--source scores the validation rows of a configured source exactly as the training eval does
+(same rows, same eval step), so with the default --num_batches it reproduces val_loss/<source>.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
+
+from lmobjective import data, inspection, objective, step
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run directory (with checkpoints/ and tokenizer/).")
+_TEXT_FILE = flags.DEFINE_string("text_file", None, "A UTF-8 text file to score as one document.")
+_SOURCE = flags.DEFINE_string("source", None, "A configured source: score its validation split.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable one).")
+_NUM_BATCHES = flags.DEFINE_integer("num_batches", None, "Eval batches for --source (default: eval.num_batches).")
+
+
+def evaluate_source(run: inspection.Run, name: str, num_batches: int | None = None) -> dict[str, float]:
+  """Token-weighted metrics over `num_batches` eval batches of source `name`'s validation split."""
+  cfg = run.config
+  batch_size = int(cfg.eval.batch_size)
+  pipe = data.build_pipeline(cfg.data, run.tokenizer, seed=cfg.seed, batch_size=batch_size,
+                             cache_dir=cfg.data.cache_dir)
+  token_bytes = jnp.asarray(run.tokenizer.token_byte_lengths(), jnp.int32)
+  fn = jax.jit(lambda params, batch: step.eval_step(params, batch, model=run.model, token_bytes_V=token_bytes))
+  sums = np.zeros(3)
+  for batch in pipe.eval_batches(name, num_batches or int(cfg.eval.num_batches), batch_size):
+    s = fn(run.params, {k: batch[k] for k in step.MODEL_FIELDS})
+    sums += np.array([float(s.loss_sum), float(s.num_tokens), float(s.bytes_sum)])
+  out = objective.summarize(sums[0], sums[1], sums[2])
+  out["num_bytes"] = int(sums[2])
+  return out
+
+
+def format_metrics(m: dict, step_: int) -> str:
+  rows = [("step", f"{step_}"), ("tokens", f"{m['num_tokens']}"), ("bytes", f"{m.get('num_bytes', 0)}"),
+          ("loss", f"{m['loss']:.6f} nats/token"), ("perplexity", f"{m['perplexity']:.4f}"),
+          ("bits_per_token", f"{m['bits_per_token']:.6f}"),
+          ("bits_per_byte", f"{m['bits_per_byte']:.6f}" if "bits_per_byte" in m else "n/a")]
+  return "\n".join(f"{k:<15} {v}" for k, v in rows)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _WORKDIR.value is None or (_TEXT_FILE.value is None) == (_SOURCE.value is None):
+    sys.exit("error: give --workdir and exactly one of --text_file or --source")
+  if not flags.FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  try:
+    run = inspection.restore(_WORKDIR.value, step=_STEP.value)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  if _TEXT_FILE.value is not None:
+    with open(_TEXT_FILE.value, encoding="utf-8") as f:
+      m = run.perplexity([f.read()])
+  else:
+    if _SOURCE.value not in run.config.data.sources:
+      sys.exit(f"error: unknown source {_SOURCE.value!r}; the run has {', '.join(run.config.data.sources)}")
+    m = evaluate_source(run, _SOURCE.value, _NUM_BATCHES.value)
+  print(format_metrics(m, run.step))
+
+
+if __name__ == "__main__":
+  app.run(main)
