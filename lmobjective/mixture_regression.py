@@ -16,7 +16,8 @@ simplex (sum_j w_j = 1, so an intercept is absorbed into the coefficients):
 Fit quality: in-sample R^2 and leave-one-out RMSE (refit without each run, predict it). The
 suggested mixture minimises the target (the mean of the per-source losses, or one source's
 loss) over the simplex: a grid of step 0.005 (3 sources) or 20k Dirichlet samples, polished by
-SLSQP. `--verify` trains the suggested mixture as DIR/suggested_<target>/ with the sweep's own
+SLSQP, with every weight >= --min_weight (default: the smallest weight the sweep measured, so the
+suggestion stays where the law was fitted). `--verify` trains the suggested mixture as DIR/suggested_<target>/ with the sweep's own
 settings and prints predicted against measured loss per source.
 """
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import os
 import sys
 
@@ -133,17 +133,21 @@ def _candidates(J: int, step: float = 0.005, samples: int = 20_000) -> np.ndarra
   return np.random.default_rng(0).dirichlet(np.ones(J), samples)
 
 
-def suggest(f: Fit, target: str = "mean") -> tuple[np.ndarray, float]:
-  """(weights [J], predicted target) minimising the target over the simplex."""
+def suggest(f: Fit, target: str = "mean", min_weight: float = 0.0) -> tuple[np.ndarray, float]:
+  """(weights [J], predicted target) minimising the target over the simplex with every w_j >= min_weight."""
   value = objective_fn(f, target)
   J = len(f.sources)
+  if not 0 <= min_weight <= 1 / J:
+    raise ValueError(f"min_weight must be in [0, 1/{J}], got {min_weight}")
   cands = _candidates(J)
+  cands = min_weight + (1 - J * min_weight) * cands  # the simplex shrunk to w_j >= min_weight
   w0 = cands[int(np.argmin(value(cands)))]
   res = optimize.minimize(lambda w: float(value(w[None])[0]), w0, method="SLSQP",
-                          bounds=[(0.0, 1.0)] * J,
+                          bounds=[(min_weight, 1.0)] * J,
                           constraints=[{"type": "eq", "fun": lambda w: np.sum(w) - 1.0}],
                           options={"ftol": 1e-12, "maxiter": 200})
-  w = np.clip(res.x, 0, 1) / np.clip(res.x, 0, 1).sum() if res.success else w0
+  w = np.clip(res.x, min_weight, 1) if res.success else w0
+  w = w / w.sum()
   if value(w[None])[0] > value(w0[None])[0]:
     w = w0
   return w, float(value(w[None])[0])
@@ -208,7 +212,8 @@ def main(argv) -> None:
   try:
     sources, W, losses, names = sweep_data(F.workdir)
     f = fit(W, losses, sources, F.law)
-    w, predicted = suggest(f, F.target)
+    min_weight = W.min() if F.min_weight is None else F.min_weight
+    w, predicted = suggest(f, F.target, min_weight)
   except (OSError, ValueError) as e:
     sys.exit(f"error: {e}")
   print(report(f, w, predicted, F.target, W))
@@ -229,6 +234,8 @@ def cli() -> None:
   flags.DEFINE_string("workdir", None, "A finished mixture sweep directory.", required=True)
   flags.DEFINE_enum("law", "exp", list(LAWS), "exp: c + exp(t.w) (data mixing law); linear: b.w.")
   flags.DEFINE_string("target", "mean", "What the suggested mixture minimises: mean, or a source name.")
+  flags.DEFINE_float("min_weight", None, "Smallest weight a suggested source may get; default: the smallest "
+                     "weight any run of the sweep used (so the suggestion interpolates, not extrapolates).")
   flags.DEFINE_bool("verify", False, "Train the suggested mixture and report predicted vs measured.")
   app.run(main)
 

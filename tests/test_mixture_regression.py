@@ -65,3 +65,9 @@ def test_single_source_target_and_linear_misfit_of_a_curved_law():
   assert all(lin.loo_rmse[s] > 10 * exp.loo_rmse[s] for s in SOURCES)  # the curvature is real signal
   with pytest.raises(ValueError, match="target"):
     mr.suggest(exp, "nope")
+
+
+def test_min_weight_keeps_the_suggestion_inside_the_measured_region():
+  losses = {s: W @ np.array(b) for s, b in LINEAR_LAW.items()}
+  w, _ = mr.suggest(mr.fit(W, losses, SOURCES, "linear"), "mean", min_weight=0.1)
+  np.testing.assert_allclose(w, [0.1, 0.1, 0.8], atol=1e-6)  # the markov vertex of the shrunk simplex
