@@ -15,8 +15,8 @@ Both sides run the same training step: forward, backward, global-norm clip 1.0, 
 (nanoGPT's `loss.item()`), on a fixed random batch already on the device. Each framework runs
 in its own long-lived worker process (no shared thread pools); the parent alternates
 "run N steps" requests between them for several rounds, so background load hits all of them
-alike, and reports the median tokens/s. nanoGPT runs eager and, when it compiles, with
-torch.compile; the ratio is taken against the faster of the two.
+alike, and reports the median tokens/s. nanoGPT runs eager (default threads, and one thread),
+and, when it compiles, with torch.compile; the ratio is taken against the fastest of them.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ _PATH = flags.DEFINE_string("nanogpt_path", "/tmp/nanogpt", "A nanoGPT checkout 
 _SHAPE = flags.DEFINE_enum("shape", "cpu", ["cpu", "gpu"], "Benchmark shape (see the module docstring).")
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed steps per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating rounds (median reported).")
-_WORKER = flags.DEFINE_string("worker", None, "Internal: run as a worker (jax | torch_eager | torch_compile).")
+_WORKER = flags.DEFINE_string("worker", None, "Internal: run as a worker (jax | torch_eager | torch_eager_1t | torch_compile).")
 _SKIP_COMPILE = flags.DEFINE_bool("skip_torch_compile", False, "Do not try torch.compile.")
 
 SHAPES = {
@@ -85,8 +85,11 @@ def jax_worker(shape: dict) -> None:
                      "peak_memory": mem, "flops_per_token": bench.flops_per_token()})
 
 
-def torch_worker(shape: dict, compile_model: bool) -> None:
+def torch_worker(shape: dict, compile_model: bool, threads: int | None = None) -> None:
   import torch
+
+  if threads:  # a single thread avoids OpenMP barrier spinning when the cores are oversubscribed
+    torch.set_num_threads(threads)
 
   sys.path.insert(0, _PATH.value)
   from model import GPT, GPTConfig  # nanoGPT's model.py
@@ -158,7 +161,7 @@ def parent() -> None:
   shape = SHAPES[_SHAPE.value]
   if not os.path.exists(os.path.join(_PATH.value, "model.py")):
     sys.exit(f"error: no nanoGPT model.py under --nanogpt_path={_PATH.value}")
-  names = ["jax", "torch_eager"] + ([] if _SKIP_COMPILE.value else ["torch_compile"])
+  names = ["jax", "torch_eager", "torch_eager_1t"] + ([] if _SKIP_COMPILE.value else ["torch_compile"])
   workers = {}
   for name in names:
     try:
@@ -173,7 +176,8 @@ def parent() -> None:
     print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:,.0f} tok/s" for n, v in per.items()), flush=True)
   for w in workers.values():
     w.close()
-  labels = {"jax": "lmobjective (JAX)", "torch_eager": "nanoGPT eager", "torch_compile": "nanoGPT torch.compile"}
+  labels = {"jax": "lmobjective (JAX)", "torch_eager": "nanoGPT eager", "torch_eager_1t": "nanoGPT eager 1 thread",
+            "torch_compile": "nanoGPT torch.compile"}
   med = {n: statistics.median(v) for n, v in per.items()}
   flops_tok = workers["jax"].info["flops_per_token"]
   print(f"\nshape {_SHAPE.value}: {shape} | {tokens} tokens/step | {_ROUNDS.value} rounds x {_STEPS.value} steps, "
@@ -196,8 +200,9 @@ def main(argv) -> None:
   del argv
   if _WORKER.value == "jax":
     jax_worker(SHAPES[_SHAPE.value])
-  elif _WORKER.value in ("torch_eager", "torch_compile"):
-    torch_worker(SHAPES[_SHAPE.value], compile_model=_WORKER.value == "torch_compile")
+  elif _WORKER.value in ("torch_eager", "torch_eager_1t", "torch_compile"):
+    torch_worker(SHAPES[_SHAPE.value], compile_model=_WORKER.value == "torch_compile",
+                 threads=1 if _WORKER.value == "torch_eager_1t" else None)
   else:
     parent()
 
