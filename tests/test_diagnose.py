@@ -37,6 +37,21 @@ def test_healthy_curve_has_no_findings():
     assert diagnose.diagnose(curve(healthy(seed=seed)), V) == [], seed
 
 
+# A real tiny-preset run at peak LR 3e-2 (10x the default), 60 steps of batch 8: noisy, slowly falling.
+REAL_NOISY_TRAIN = [
+    6.219, 6.128, 5.646, 5.355, 5.398, 5.71, 5.221, 5.345, 5.479, 5.174, 5.193, 5.187, 5.125, 5.787, 5.277,
+    5.378, 5.333, 5.302, 5.136, 5.279, 5.148, 5.2, 5.158, 5.104, 5.051, 5.131, 5.091, 5.289, 5.207, 4.895,
+    5.04, 5.148, 5.066, 5.146, 5.093, 4.994, 4.946, 5.047, 4.907, 4.953, 5.046, 4.812, 4.84, 4.832, 4.812,
+    4.882, 4.861, 4.89, 4.935, 4.986, 4.983, 4.878, 4.858, 4.839, 5.007, 4.937, 4.823, 4.872, 4.956, 5.163]
+REAL_NOISY_VAL = [(0, 6.151), (10, 5.551), (20, 5.383), (30, 5.119), (40, 4.947), (50, 4.818), (60, 4.778)]
+
+
+def test_real_noisy_slow_descent_has_no_findings():
+  records = [{"step": i + 1, "train_loss": l} for i, l in enumerate(REAL_NOISY_TRAIN)]
+  records += [{"step": s, "val_loss": v} for s, v in REAL_NOISY_VAL]
+  assert diagnose.diagnose(sorted(records, key=lambda r: r["step"]), V) == []
+
+
 def test_spike_that_recovers():
   loss = healthy()
   loss[149:152] += 1.5  # steps 150..152
