@@ -158,3 +158,27 @@ def test_slurm_script_runs_the_task_it_is_given(tmp_path):
   r = subprocess.run(["bash", script], env={k: v for k, v in os.environ.items() if k != "SLURM_ARRAY_TASK_ID"},
                      capture_output=True, text=True, timeout=60)
   assert r.returncode != 0 and "SLURM_ARRAY_TASK_ID" in r.stderr
+
+
+def test_run_all_skips_finished_runs_and_runs_n_at_a_time(tmp_path, monkeypatch):
+  import threading
+  p = sweep.plan(write_spec(tmp_path), str(tmp_path / "s"), {})
+  p["shared_tokenizer"] = False
+  names = list(p["runs"])
+  os.makedirs(os.path.join(p["workdir"], names[0]))
+  open(os.path.join(p["workdir"], names[0], sweep.DONE_FILE), "w").write("{}")
+  live, peak, launched, lock = [0], [0], [], threading.Lock()
+
+  def fake_launch(plan, name):
+    with lock:
+      live[0] += 1
+      peak[0] = max(peak[0], live[0])
+      launched.append(name)
+    time.sleep(0.3)
+    with lock:
+      live[0] -= 1
+    return name != names[3]  # the last one fails
+
+  monkeypatch.setattr(sweep, "launch", fake_launch)
+  assert sweep.run_all(p, names, parallel=2) == [names[3]]
+  assert sorted(launched) == sorted(names[1:]) and peak[0] == 2
