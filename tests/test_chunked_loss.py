@@ -105,3 +105,29 @@ def test_peak_memory_at_most_a_quarter_of_dense():
   chunked = _loss_and_grad_temp_bytes(256, 2048, 8192, 32)
   assert dense > 2048 * 8192 * 4  # at least one full float32 logits buffer
   assert chunked <= dense / 4, (chunked, dense)
+
+
+@pytest.mark.slow
+def test_train_and_eval_steps_with_chunked_loss_equal_dense():
+  import optax
+
+  from lmobjective import step
+
+  cfg = ModelConfig(vocab_size=61, num_layers=1, num_heads=2, num_kv_heads=2, embed_dim=16,
+                    mlp_dim=32, max_len=10, tie_embeddings=False)
+  model, tx = Transformer(cfg), optax.adamw(1e-2)
+  rng = np.random.default_rng(1)
+  targets = rng.integers(0, 61, (4, 10)).astype(np.int32)
+  targets[1, :4] = objective.IGNORE_INDEX
+  batch = {"inputs": jnp.asarray(rng.integers(0, 61, (4, 10)), jnp.int32), "targets": jnp.asarray(targets),
+           "loss_mask": jnp.asarray(rng.random((4, 10)) < 0.8), "segment_ids": jnp.ones((4, 10), jnp.int32),
+           "positions": jnp.broadcast_to(jnp.arange(10), (4, 10))}
+  state = step.init_state(model, tx, jax.random.key(0), (2, 10))
+  run = lambda chunk: jax.jit(functools.partial(step.train_step, model=model, tx=tx, grad_accum_steps=2,
+                                                z_loss=1e-3, loss_chunk_size=chunk))(state, batch)
+  (dense_state, dense_m), (chunk_state, chunk_m) = run(0), run(3)  # 3 does not divide T=10
+  for k in ("loss", "z_loss", "accuracy", "num_tokens", "grad_norm"):
+    np.testing.assert_allclose(chunk_m[k], dense_m[k], rtol=1e-5, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), chunk_state.params, dense_state.params)
+  ev = lambda chunk: step.eval_step(state.params, batch, model=model, loss_chunk_size=chunk)
+  np.testing.assert_allclose(ev(4).loss_sum, ev(0).loss_sum, rtol=1e-6)
