@@ -210,3 +210,23 @@ def test_nan_loss_stops_without_saving_and_skip_goes_on(tmp_path, cache, monkeyp
   p4 = inspection.restore(str(skip_dir), step=4).params
   p5 = inspection.restore(str(skip_dir), step=5).params
   assert_same_params(p4, p5)  # the NaN step left the parameters alone
+
+
+def test_keep_best_keeps_the_lowest_val_loss_besides_the_last(tmp_path):
+  cfg = tiny(tmp_path, **{"checkpoint.keep": 2, "checkpoint.keep_best": True, "checkpoint.async_save": False})
+  mngr = ckpt_lib.make_manager(str(tmp_path), cfg.checkpoint)
+  for s, val in zip(range(1, 7), [5.0, 3.0, 4.0, 6.0, None, 7.0]):
+    state = step.TrainState(step=jnp.asarray(s, jnp.int32), params={"w": jnp.full(3, float(s))},
+                            opt_state=(), rng=jax.random.key(0))
+    ckpt_lib.save(mngr, state, {}, cfg, val)
+  mngr.wait_until_finished()
+  assert sorted(mngr.all_steps()) == [2, 5, 6]  # the best (val 3.0) and the newest two
+  mngr.close()
+
+
+def test_a_signal_sets_the_stop_request_instead_of_raising():
+  with train.preemption_signals() as stop:
+    os.kill(os.getpid(), signal.SIGINT)  # would be KeyboardInterrupt without the handler
+    time.sleep(0.05)
+    assert stop.signum == signal.SIGINT and train.EXIT_CODES[stop.signum] == 130
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored afterwards
