@@ -6,6 +6,12 @@
 `run(config, workdir)` is the library entry point (importable, no globals); `main` only parses
 flags. The loop is split into `build` (data, model, mesh, jitted steps), `init_state`,
 `evaluate` and `run_loop`.
+
+The same command with the same --workdir resumes from the newest good checkpoint, bit for bit
+(`checkpoint.py`); metrics.jsonl is cut back to the restored step and the rest is written again.
+Exit status: 0 done; 143 after SIGTERM and 130 after SIGINT, each once the current step finished
+and a checkpoint was saved (`preemption.py`); 1 with one `error:` line for a bad or changed config
+or a NaN/Inf loss (train.nan_policy='stop'; that state is never saved).
 """
 
 from __future__ import annotations
@@ -13,11 +19,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import contextlib
 import os
-import signal
 import sys
-import threading
 import time
 from typing import Any, Iterator
 
@@ -32,6 +35,7 @@ from lmobjective import config as config_lib
 from lmobjective import data, distributed, hardware, launch, metrics_log, objective, plotting, sharding, step
 from lmobjective import checkpoint as ckpt_lib
 from lmobjective import diagnose, position_loss
+from lmobjective.preemption import EXIT_CODES, Preempted, preemption_signals
 from lmobjective.model import ModelConfig, Transformer, count_params, flops_per_token
 from lmobjective.optimizer import make_optimizer
 
@@ -55,15 +59,6 @@ class Experiment:
   eval_sets: dict[str, list[dict]]
   flops_per_token: float
   peak_flops: float | None
-
-
-# Exit status after SIGTERM / SIGINT: the step finished and a checkpoint was saved. 128 + signal
-# number, the shell's convention, so schedulers read them as "terminated", not as a crash.
-EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
-
-
-class Preempted(SystemExit):
-  """Raised by `run` after a SIGTERM/SIGINT was handled (checkpoint saved); `.code` is the exit status."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -273,32 +268,6 @@ def run_loop(exp: Experiment, state, batches: Iterator[dict], writer: metrics_lo
     if preempted:
       raise Preempted(EXIT_CODES[stop.signum])
   return state
-
-
-class _StopRequest:
-  signum: int | None = None
-
-
-@contextlib.contextmanager
-def preemption_signals():
-  """SIGTERM/SIGINT set `.signum` (the loop then saves and exits); a second signal acts at once."""
-  stop = _StopRequest()
-  if threading.current_thread() is not threading.main_thread():
-    yield stop
-    return
-
-  def handler(signum, frame):
-    stop.signum = signum
-    signal.signal(signum, signal.SIG_DFL)
-    print(f"\nreceived {signal.Signals(signum).name}: finishing the step, saving a checkpoint, exiting "
-          f"with {EXIT_CODES[signum]}", file=sys.stderr, flush=True)
-
-  previous = {sig: signal.signal(sig, handler) for sig in EXIT_CODES}
-  try:
-    yield stop
-  finally:
-    for sig, h in previous.items():
-      signal.signal(sig, h)
 
 
 def restore_or_init(exp: Experiment, mngr, batches) -> tuple[Any, LoopState | None, TokenAccounting, int | None]:
