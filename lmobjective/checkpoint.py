@@ -39,8 +39,10 @@ FORMAT = 1
 # run goes, what it evaluates and logs, where caches live and the device layout, never the math
 # of the steps already taken. (More steps also stretches a schedule tied to train.steps.)
 SAFE_CHANGES = ("train.steps", "optimizer.decay_steps", "train.log_every_steps", "eval.", "checkpoint.",
-                "data.cache_dir", "mesh.")
-IGNORED = ("checkpoint.allow_config_change",)
+                "data.cache_dir", "mesh.", "train.xla_gpu_flags", "model.remat", "model.attention",
+                "objective.loss_chunk_size")
+# Never compared: the flag itself, and where the cluster's coordinator happens to be this time.
+IGNORED = ("checkpoint.allow_config_change", "distributed.")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -150,7 +152,7 @@ def check_config(saved: dict, current: dict, allow_change: bool, step: int) -> N
     diffs = ", ".join(f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in unsafe)
     hint = ("these keys cannot change within a run; use a new workdir" if allow_change else
             "use a new workdir, or --config.checkpoint.allow_config_change to accept changes to "
-            "train.steps, eval.*, checkpoint.*, logging, cache dir and mesh")
+            "train.steps, eval.*, checkpoint.*, logging, cache dir, mesh, remat and attention kernel")
     raise ConfigError("checkpoint", f"step {step}", f"the config differs from the checkpoint's: {diffs}; {hint}")
 
 

@@ -74,6 +74,10 @@ class Run:
       return objective.token_losses(logits, targets_BxT, mask_BxT)
     return jax.jit(fn)
 
+  @functools.cached_property
+  def _logits(self):
+    return jax.jit(lambda params, inputs_BxT: self.model.apply({"params": params}, inputs_BxT))
+
   def _chunks(self, ids: list[int]):
     """(inputs, positions, targets, mask) [C, T] for a document: EOS + ids, cut into T-token rows."""
     T, eos = self.context_length, self.tokenizer.eos_id
@@ -113,8 +117,7 @@ class Run:
     """The model's top-k (token, id, probability) for the token after `prefix`, most likely first."""
     ids = [self.tokenizer.eos_id] + self.tokenizer.encode(prefix)
     ids = ids[-self.context_length:]
-    inputs = np.asarray([ids], np.int32)
-    logits = self.model.apply({"params": self.params}, inputs)[0, -1]
+    logits = self._logits(self.params, np.asarray([ids], np.int32))[0, -1]
     probs = np.asarray(jax.nn.softmax(logits.astype(jnp.float32)))
     top = np.argsort(-probs, kind="stable")[:top_k]
     return [(self.tokenizer.decode([int(i)]), int(i), float(probs[i])) for i in top]
