@@ -217,6 +217,9 @@ def main(argv) -> None:
   except (OSError, ValueError) as e:
     sys.exit(f"error: {e}")
   print(report(f, w, predicted, F.target, W))
+  other = fit(W, losses, sources, next(law for law in LAWS if law != F.law))
+  print(f"for comparison, the {other.law} law's LOO RMSE: " + ", ".join(
+      f"{s} {other.loo_rmse[s]:.4f}" for s in sources))
   out = {"runs": names, **dataclasses.asdict(f), "target": F.target,
          "suggested": dict(zip(sources, w.tolist())), "predicted": predicted}
   if F.verify:
