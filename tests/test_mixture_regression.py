@@ -1,6 +1,5 @@
 """Mixture regression: known laws are recovered from synthetic sweep results, and so is their optimum."""
 
-import itertools
 
 import numpy as np
 import pytest
