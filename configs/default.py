@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
 
   context_length = config_dict.FieldReference(128)
-  steps = config_dict.FieldReference(300)
+  steps = config_dict.FieldReference(600)
 
   # ---- data ---------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
@@ -98,10 +98,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---- optimizer ----------------------------------------------------------
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.learning_rate = 3e-3  # peak
+  c.optimizer.learning_rate = 4e-3  # peak
   c.optimizer.end_learning_rate = 3e-4
   c.optimizer.schedule = "cosine"  # cosine | linear | constant (after linear warmup)
-  c.optimizer.warmup_steps = 30
+  c.optimizer.warmup_steps = 40
   c.optimizer.decay_steps = steps  # steps over which warmup+decay run (includes warmup)
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.95
@@ -114,17 +114,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---- training -----------------------------------------------------------
   c.train = ml_collections.ConfigDict()
   c.train.steps = steps
-  c.train.batch_size = 32  # global sequences per optimizer step (all devices, all hosts)
+  c.train.batch_size = 16  # global sequences per optimizer step (all devices, all hosts)
   c.train.grad_accum_steps = 1  # microbatches per step; batch_size must divide evenly
   c.train.log_every_steps = 10
-  c.train.xla_gpu_flags = False  # add the recommended XLA GPU flags (latency-hiding scheduler, ...) to XLA_FLAGS
   c.train.nan_policy = "stop"  # non-finite loss/gradient: stop (one-line error, state not saved) | skip the update
+  c.train.xla_gpu_flags = False  # add the recommended XLA GPU flags (latency-hiding scheduler, ...) to XLA_FLAGS
 
   # ---- evaluation ---------------------------------------------------------
   c.eval = ml_collections.ConfigDict()
-  c.eval.every_steps = 50
+  c.eval.every_steps = 100
   c.eval.num_batches = 4  # per source
-  c.eval.batch_size = c.train.get_ref("batch_size")
+  c.eval.batch_size = 32  # sequences per eval batch (per source: num_batches of them)
 
   # ---- checkpointing ------------------------------------------------------
   c.checkpoint = ml_collections.ConfigDict()
