@@ -196,13 +196,15 @@ class LoopState:
   pending: list  # train metrics of the steps since the last log line
   tokens_seen: int
   skipped: int = 0
+  checked: int = 0  # leading entries of `pending` already checked for NaN (and counted if skipped)
 
 
 def _fetch_pending(exp: Experiment, loop: LoopState, done: int) -> list[dict]:
   """Host copies of the pending metrics, finite ones only; stops on a non-finite step if so configured."""
   loop.pending = jax.device_get(loop.pending)
   first = done - len(loop.pending) + 1
-  bad = [first + i for i, m in enumerate(loop.pending) if not bool(m["finite"])]
+  bad = [first + i for i, m in enumerate(loop.pending) if i >= loop.checked and not bool(m["finite"])]
+  loop.checked = len(loop.pending)
   if bad and exp.config.train.nan_policy == "stop":
     raise NonFiniteLoss(f"non-finite loss or gradient at step {bad[0]} (train.nan_policy='stop'); "
                         "that state was not saved; resume restarts from the last checkpoint")
@@ -214,7 +216,7 @@ def _fetch_pending(exp: Experiment, loop: LoopState, done: int) -> list[dict]:
 
 def _log_train(exp, done, loop: LoopState, writer, accounting, progress, seconds) -> None:
   finite = _fetch_pending(exp, loop, done)
-  loop.pending = []
+  loop.pending, loop.checked = [], 0
   if not finite:
     writer.write({"step": done, "skipped_steps": loop.skipped})
     return
@@ -288,8 +290,8 @@ def restore_or_init(exp: Experiment, mngr, batches) -> tuple[Any, LoopState | No
                                  f"differs from the tokenizer of the checkpoint at step {step_}; use a new workdir")
   batches.set_state(meta["data_iter"])
   accounting.counts = np.asarray(meta["accounting"], np.int64)
-  loop = LoopState(pending=ckpt_lib.decode_metrics(meta["pending"]), tokens_seen=meta["tokens_seen"],
-                   skipped=meta["skipped"])
+  pending = ckpt_lib.decode_metrics(meta["pending"])
+  loop = LoopState(pending=pending, tokens_seen=meta["tokens_seen"], skipped=meta["skipped"], checked=len(pending))
   return state, loop, accounting, step_
 
 
