@@ -62,7 +62,8 @@ def test_context_length_spec_holds_tokens_per_step(tmp_path):
   p = sweep.plan(os.path.join(ROOT, "experiments/context_length_ablation.py:quick"), str(tmp_path), {})
   cfgs = [sweep.run_config(p["config"], ov) for ov in p["runs"].values()]
   assert [c.data.context_length for c in cfgs] == [64, 128, 256, 512]
-  assert {c.train.batch_size * c.data.context_length * c.train.steps for c in cfgs} == {4096 * 150}
+  assert {c.train.batch_size * c.data.context_length * c.train.steps for c in cfgs} == {2048 * 300}
+  assert {c.eval.batch_size * c.data.context_length for c in cfgs} == {4096}  # same validation text
   assert [c.model.max_len for c in cfgs] == [64, 128, 256, 512]  # FieldReference follows
   mix = sweep.plan(os.path.join(ROOT, "experiments/mixture_ablation.py:quick"), str(tmp_path), {})
   assert len(mix["runs"]) == 8 and "code60-prose30-markov10" in mix["runs"]
