@@ -179,6 +179,21 @@ def plot_context(table: list[dict]) -> plt.Figure | None:
   return fig
 
 
+def log_binned(loss: list, count: list, per_octave: int = 4) -> tuple[np.ndarray, np.ndarray]:
+  """Token-weighted mean loss in log-spaced position bins (positions 1..T); x = the bins' mean position."""
+  y = np.array([np.nan if v is None else v for v in loss], np.float64)
+  n = np.asarray(count, np.float64) * np.isfinite(y)
+  edges = np.unique(np.floor(2 ** (np.arange(0, np.log2(len(y)) * per_octave + 2) / per_octave)).astype(int))
+  xs, ys = [], []
+  for a, b in zip(edges[:-1], edges[1:]):
+    w = n[a - 1:b - 1]
+    if w.sum() > 0:
+      pos = np.arange(a, b)[: len(w)]
+      xs.append(float((pos * w).sum() / w.sum()))
+      ys.append(float((np.nan_to_num(y[a - 1:b - 1]) * w).sum() / w.sum()))
+  return np.array(xs), np.array(ys)
+
+
 def plot_position(plan: dict) -> plt.Figure | None:
   """Mean -log p at context position t (validation text) for every run that wrote it."""
   curves = {n: position_loss.load(os.path.join(plan["workdir"], n)) for n in plan["runs"]}
@@ -187,9 +202,9 @@ def plot_position(plan: dict) -> plt.Figure | None:
     return None
   fig, ax = plt.subplots(figsize=(8, 4.5))
   for i, (name, c) in enumerate(curves.items()):
-    y = np.array([np.nan if v is None else v for v in c["loss"]])
-    ax.plot(np.arange(1, len(y) + 1), y, lw=1, color=f"C{i % 10}", label=f"{name} (T={c['context_length']})")
-  ax.set(xscale="log", xlabel="position in context t (tokens of context + 1)",
+    x, y = log_binned(c["loss"], c["count"])
+    ax.plot(x, y, "o-", ms=2, lw=1, color=f"C{i % 10}", label=f"{name} (T={c['context_length']})")
+  ax.set(xscale="log", xlabel="position in context t (1 = no context; log-spaced bins)",
          ylabel="mean -log p(token at t) (nats)", title="loss by position in the context (validation text)")
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=7)

@@ -183,3 +183,12 @@ def test_run_all_skips_finished_runs_and_runs_n_at_a_time(tmp_path, monkeypatch)
   monkeypatch.setattr(sweep, "launch", fake_launch)
   assert sweep.run_all(p, names, parallel=2) == [names[3]]
   assert sorted(launched) == sorted(names[1:]) and peak[0] == 2
+
+
+def test_position_loss_bins_are_token_weighted():
+  from lmobjective import results
+  x, y = results.log_binned([1, 2, 3, 4, 5, 6, 7, 8.0], [1, 1, 1, 1, 1, 1, 3, 1])
+  np_x = [round(v, 4) for v in x]
+  assert np_x == [1, 2, 3, 4, 5, 6.75, 8] and [round(v, 4) for v in y] == [1, 2, 3, 4, 5, 6.75, 8]
+  x, y = results.log_binned([None, 2.0], [0, 5])  # a position no token reached is left out
+  assert list(x) == [2] and list(y) == [2.0]
