@@ -183,7 +183,8 @@ def log_binned(loss: list, count: list, per_octave: int = 4) -> tuple[np.ndarray
   """Token-weighted mean loss in log-spaced position bins (positions 1..T); x = the bins' mean position."""
   y = np.array([np.nan if v is None else v for v in loss], np.float64)
   n = np.asarray(count, np.float64) * np.isfinite(y)
-  edges = np.unique(np.floor(2 ** (np.arange(0, np.log2(len(y)) * per_octave + 2) / per_octave)).astype(int))
+  edges = np.floor(2 ** (np.arange(0, np.log2(len(y)) * per_octave + 2) / per_octave)).astype(int)
+  edges = np.unique(np.append(edges[edges <= len(y)], len(y) + 1))  # the last bin ends after position T
   xs, ys = [], []
   for a, b in zip(edges[:-1], edges[1:]):
     w = n[a - 1:b - 1]
