@@ -170,7 +170,9 @@ def plot_context(table: list[dict]) -> plt.Figure | None:
     for ax, key in zip(axes, ("val_loss", "val_bits_per_byte")):
       ax.plot(x, [r.get(key, np.nan) for r in sel], "o-", color=f"C{i}", label=g if len(groups) > 1 else None)
   for ax, label in zip(axes, ("val loss (nats / token)", "val bits per byte")):
-    ax.set(xscale="log", xlabel="context length (tokens)", ylabel=label)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="context length (tokens)", ylabel=label)
+    ax.minorticks_off()
     ax.set_xticks(sorted({r["context_length"] for r in pts}), labels=sorted({r["context_length"] for r in pts}))
     ax.grid(alpha=0.3)
   if len(groups) > 1:
