@@ -49,8 +49,8 @@ def _run_mesh(config, mesh_shape, workdir, batches):
 
 def worker(workdir: str, break_mesh: bool = False) -> dict:
   import jax
-  import orbax.checkpoint as ocp
 
+  from lmobjective import checkpoint as ckpt_lib
   from lmobjective import sharding, train
 
   assert jax.device_count() == 8
@@ -76,16 +76,17 @@ def worker(workdir: str, break_mesh: bool = False) -> dict:
         "query": _local_shape(p["block_0"]["attn"]["query"]["kernel"]),
         "devices": len(p["block_0"]["mlp"]["up"]["kernel"].sharding.device_set),
     }
-    if mesh_shape == (2, 4, 1):  # FSDP: save here, restore below on one device
-      ckpt = ocp.StandardCheckpointer()
-      ckpt.save(os.path.join(workdir, "ckpt"), state)
-      ckpt.wait_until_finished()
+    if mesh_shape == (2, 4, 1):  # FSDP: save here (the run's own checkpoint code), restore below on one device
+      mngr = ckpt_lib.make_manager(os.path.join(workdir, "fsdp_run"))
+      ckpt_lib.save(mngr, state, {}, config)
+      mngr.wait_until_finished()
       out["eval_saved"] = float(exp.eval_fn(state.params, train._device_batch(exp, eval_batch)).loss_sum)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
   one = train.build(config, workdir, devices=jax.devices()[:1])
   shape = jax.eval_shape(one.init_fn, jax.random.key(0))
   target = sharding.abstract_state(shape, one.state_sharding)
-  restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, "ckpt"), target)
+  mngr = ckpt_lib.make_manager(os.path.join(workdir, "fsdp_run"), read_only=True)
+  restored, _, _ = ckpt_lib.restore_latest(mngr, os.path.join(workdir, "fsdp_run"), target)
   out["restored_devices"] = len(restored.params["token_embed"]["embedding"].sharding.device_set)
   out["eval_restored"] = float(one.eval_fn(restored.params, train._device_batch(one, eval_batch)).loss_sum)
   out["num_tokens"] = int(one.eval_fn(restored.params, train._device_batch(one, eval_batch)).num_tokens)
