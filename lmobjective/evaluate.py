@@ -73,5 +73,9 @@ def main(argv) -> None:
   print(format_metrics(m, run.step))
 
 
-if __name__ == "__main__":
+def cli() -> None:
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()
