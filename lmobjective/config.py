@@ -91,7 +91,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _validate_model(cfg)
   require_float(cfg, "objective.z_loss", 0.0)
   require_int(cfg, "objective.loss_chunk_size", 0)
-  require_int(cfg, "objective.loss_chunk_size", 0)
   _validate_optimizer(cfg)
   require_int(cfg, "eval.every_steps", 1)
   require_int(cfg, "eval.num_batches", 0)

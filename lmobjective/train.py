@@ -276,8 +276,7 @@ def restore_or_init(exp: Experiment, mngr, batches) -> tuple[Any, LoopState | No
   """The newest good checkpoint (state, loop bookkeeping, accounting; data iterator set in place), else a fresh state."""
   accounting = TokenAccounting(exp.pipeline.source_names)
   state_shape = jax.eval_shape(exp.init_fn, jax.random.key(exp.config.seed))
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          state_shape, exp.state_sharding)
+  abstract = sharding.abstract_state(state_shape, exp.state_sharding)
   restored = ckpt_lib.restore_latest(mngr, exp.workdir, abstract)
   if restored is None:
     return exp.init_fn(jax.random.key(exp.config.seed)), None, accounting, None
@@ -366,8 +365,12 @@ def _print_header(exp: Experiment, state) -> None:
         f"{dict(exp.mesh.shape)} | params {count_params(state.params):,} | vocab {exp.model_cfg.vocab_size}"
         f" (ln V = {np.log(exp.model_cfg.vocab_size):.3f}) | {c.train.batch_size}x{c.data.context_length}"
         f" tokens/step | {exp.flops_per_token / 1e6:.1f} MFLOP/token")
-  print("sources: " + ", ".join(f"{n} {w:.2f}" for n, w in zip(exp.pipeline.source_names,
-                                                               exp.pipeline.weights)))
+  print("sources (token share): " + ", ".join(
+      f"{n} {w:.2f}" for n, w in zip(exp.pipeline.source_names, exp.pipeline.weights)))
+  for name, st in exp.pipeline.stats(step=0)["sources"].items():
+    if "entropy_rate_nats" in st:
+      print(f"  {name}: exact entropy rate {st['entropy_rate_nats']:.4f} nats/symbol = "
+            f"{st['entropy_rate_bits_per_byte']:.4f} bits/byte (the floor for val_bits_per_byte/{name})")
   sys.stdout.flush()
 
 
