@@ -1,6 +1,8 @@
 """Checkpoints: kill -9 / SIGTERM and resume bit for bit, damaged checkpoints, config changes, NaN guard.
 
-Every run is the tiny preset (derived from the default config), 12 steps, a checkpoint every 3.
+Every run is the tiny preset (derived from the default config), 24 steps, a checkpoint every 3.
+The kill windows end well before the last step: a tiny step takes milliseconds on a quiet
+machine, and a kill that lands after the run finished would test nothing.
 """
 
 import json
@@ -23,7 +25,7 @@ from lmobjective import inspection, metrics_log, step, train
 from lmobjective.config import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = {"train.steps": 12, "checkpoint.every_steps": 3, "checkpoint.keep": 2, "eval.every_steps": 6}
+OVERRIDES = {"train.steps": 24, "checkpoint.every_steps": 3, "checkpoint.keep": 2, "eval.every_steps": 6}
 
 
 def tiny(cache_dir, **overrides):
@@ -83,20 +85,20 @@ def _start_and_signal(cache, workdir, at_step, sig):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("window", [(1, 5), (6, 11)], ids=["early", "late"])
+@pytest.mark.parametrize("window", [(1, 5), (8, 14)], ids=["early", "late"])
 def test_kill_9_then_resume_gives_the_same_losses_and_params(tmp_path, cache, reference, window):
   kill_at = random.Random().randint(*window)
   workdir = tmp_path / "run"
   rc, _, _ = _start_and_signal(cache, workdir, kill_at, signal.SIGKILL)
   assert rc == -signal.SIGKILL
   killed_after = max(s for s, _ in train_losses(workdir))
-  assert killed_after < 12, "the run finished before the kill; nothing was tested"
+  assert killed_after < 24, "the run finished before the kill; nothing was tested"
   train.run(tiny(cache), str(workdir))  # the same command again
   ref, got = train_losses(reference), train_losses(workdir)
-  assert [s for s, _ in got] == list(range(1, 13)), f"duplicated or missing lines (kill at {killed_after})"
+  assert [s for s, _ in got] == list(range(1, 25)), f"duplicated or missing lines (kill at {killed_after})"
   assert got == ref, f"killed after step {killed_after}"  # exact float equality
   evals = [r["step"] for r in metrics_log.read_metrics(str(workdir)) if "val_loss" in r]
-  assert evals == [0, 6, 12]
+  assert evals == [0, 6, 12, 18, 24]
   assert_same_params(inspection.restore(str(workdir)).params, inspection.restore(str(reference)).params)
 
 
@@ -106,7 +108,7 @@ def test_sigterm_saves_the_current_step_and_exits_143(tmp_path, cache, reference
   rc, _, err = _start_and_signal(cache, workdir, 4, signal.SIGTERM)
   assert rc == train.EXIT_CODES[signal.SIGTERM] == 143, err
   last = max(s for s, _ in train_losses(workdir))
-  assert last < 12
+  assert last < 24
   saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
   assert saved[-1] == last, (saved, last)  # a checkpoint of the step it was on, not only the periodic ones
   assert "received SIGTERM" in err
@@ -133,23 +135,23 @@ def _damage(step_dir, mode):
 def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, cache, reference, capfd):
   workdir = tmp_path / "run"
   shutil.copytree(reference, workdir)
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "9"]
-  _damage(workdir / "checkpoints" / "12", "truncate")
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["21", "24"]
+  _damage(workdir / "checkpoints" / "24", "truncate")
   train.run(tiny(cache), str(workdir))
   err = capfd.readouterr().err
-  assert "warning: checkpoint at step 12 is damaged" in err, err
-  assert os.path.isdir(workdir / "checkpoints_damaged" / "12")
-  assert train_losses(workdir) == train_losses(reference)  # steps 10-12 retrained, identically
+  assert "warning: checkpoint at step 24 is damaged" in err, err
+  assert os.path.isdir(workdir / "checkpoints_damaged" / "24")
+  assert train_losses(workdir) == train_losses(reference)  # steps 22-24 retrained, identically
   assert_same_params(inspection.restore(str(workdir)).params, inspection.restore(str(reference)).params)
 
 
 def test_flipped_bytes_are_caught_by_the_checksum(tmp_path, reference, capfd):
   workdir = tmp_path / "run"
   shutil.copytree(reference, workdir)
-  _damage(workdir / "checkpoints" / "12", "flip")
+  _damage(workdir / "checkpoints" / "24", "flip")
   run = inspection.restore(str(workdir))
-  assert run.step == 9
-  assert "checkpoint at step 12 is damaged" in capfd.readouterr().err
+  assert run.step == 21
+  assert "checkpoint at step 24 is damaged" in capfd.readouterr().err
 
 
 def test_checksum_changes_with_one_bit():
@@ -176,10 +178,10 @@ def test_more_steps_are_allowed_with_the_flag(tmp_path, cache, reference):
   workdir = tmp_path / "run"
   shutil.copytree(reference, workdir)
   with pytest.raises(config_lib.ConfigError, match="train.steps"):
-    train.run(tiny(cache, **{"train.steps": 14}), str(workdir))
-  train.run(tiny(cache, **{"train.steps": 14, "checkpoint.allow_config_change": True}), str(workdir))
-  assert [s for s, _ in train_losses(workdir)] == list(range(1, 15))
-  assert train_losses(workdir)[:9] == train_losses(reference)[:9]  # the schedule only moves after the resume
+    train.run(tiny(cache, **{"train.steps": 28}), str(workdir))
+  train.run(tiny(cache, **{"train.steps": 28, "checkpoint.allow_config_change": True}), str(workdir))
+  assert [s for s, _ in train_losses(workdir)] == list(range(1, 29))
+  assert train_losses(workdir)[:24] == train_losses(reference)  # the schedule only moves after the resume
 
 
 def _nan_at_step(monkeypatch, bad_step):
