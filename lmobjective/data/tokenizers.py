@@ -10,6 +10,8 @@ fallback for rare characters.
 
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import io
 import itertools
@@ -27,15 +29,16 @@ META_FILE = "tokenizer.json"
 SPM_FILE = "spm.model"
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
   """Common interface. Subclasses set kind, vocab_size, pad_id, eos_id and implement the encoders."""
   kind: str
   vocab_size: int
   pad_id: int
   eos_id: int
 
+  @abc.abstractmethod
   def encode(self, text: str) -> list[int]:
-    raise NotImplementedError
+    ...
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
     return [self.encode(t) for t in texts]
@@ -46,18 +49,21 @@ class Tokenizer:
     lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
     return np.fromiter(itertools.chain.from_iterable(ids), np.int64, count=int(lengths.sum())), lengths
 
+  @abc.abstractmethod
   def decode(self, ids) -> str:
-    raise NotImplementedError
+    ...
 
+  @abc.abstractmethod
   def token_byte_lengths(self) -> np.ndarray:
-    raise NotImplementedError
+    ...
 
+  @abc.abstractmethod
   def special_id(self, marker: str) -> int:
-    raise NotImplementedError
+    ...
 
+  @abc.abstractmethod
   def payload(self) -> bytes:
     """The bytes that define this tokenizer (its fingerprint is their hash)."""
-    raise NotImplementedError
 
   def fingerprint(self) -> str:
     return hashlib.sha256(self.kind.encode() + b"\0" + self.payload()).hexdigest()[:16]
