@@ -214,8 +214,9 @@ def _fetch_pending(exp: Experiment, loop: LoopState, done: int) -> list[dict]:
   return [m for m in loop.pending if bool(m["finite"])]
 
 
-def _log_train(exp, done, loop: LoopState, writer, accounting, progress, seconds) -> None:
+def _log_train(exp, done, loop: LoopState, writer, accounting, progress, t_last: float) -> None:
   finite = _fetch_pending(exp, loop, done)
+  seconds = time.time() - t_last  # after the fetch: steps run asynchronously until it syncs
   loop.pending, loop.checked = [], 0
   if not finite:
     writer.write({"step": done, "skipped_steps": loop.skipped})
@@ -256,7 +257,7 @@ def run_loop(exp: Experiment, state, batches: Iterator[dict], writer: metrics_lo
     loop.pending.append(metrics)
     done, val_loss = s + 1, None
     if done % cfg.train.log_every_steps == 0 or done == total:
-      _log_train(exp, done, loop, writer, accounting, progress, time.time() - t_last)
+      _log_train(exp, done, loop, writer, accounting, progress, t_last)
       t_last = time.time()
     if exp.eval_sets and (done % cfg.eval.every_steps == 0 or done == total):
       record = evaluate(exp, state.params)
