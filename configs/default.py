@@ -114,7 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---- training -----------------------------------------------------------
   c.train = ml_collections.ConfigDict()
   c.train.steps = steps
-  c.train.batch_size = 16  # global sequences per optimizer step (all devices, all hosts)
+  c.train.batch_size = 24  # global sequences per optimizer step (all devices, all hosts)
   c.train.grad_accum_steps = 1  # microbatches per step; batch_size must divide evenly
   c.train.log_every_steps = 10
   c.train.nan_policy = "stop"  # non-finite loss/gradient: stop (one-line error, state not saved) | skip the update
