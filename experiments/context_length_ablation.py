@@ -3,7 +3,7 @@
   python -m lmobjective.sweep --sweep=experiments/context_length_ablation.py --workdir=runs/context
   python -m lmobjective.sweep --sweep=experiments/context_length_ablation.py:quick --workdir=runs/context_quick
 
-Every run sees the same tokens per step, batch_size x context_length = 2048 (the default's 16 x 128),
+Every run sees the same tokens per step, batch_size x context_length = 2048 (e.g. 16 x 128),
 and the same number of steps, hence the same token budget and the same learning-rate schedule:
 only how the tokens are cut into rows changes. model.max_len follows data.context_length (a
 FieldReference in configs/default.py). Evaluation is held equal too: eval.batch_size x
