@@ -7,9 +7,9 @@ how close the model gets to a floor.
 
 Every key the framework reads is declared here, once. Presets (`tiny.py`,
 `gpt2_124m.py`) and experiments start from this function and override values;
-they never add keys. Shared values are `FieldReference`s, so overriding
-`data.context_length` also moves `model.max_len`, and overriding `train.steps`
-moves `optimizer.decay_steps` unless that is overridden too.
+they never add keys. Two keys default to another key's value and stay independent:
+`model.max_len` (None = data.context_length) and `optimizer.decay_steps` (None = train.steps);
+`lmobjective.config.max_len` / `decay_steps` resolve them.
 """
 
 import ml_collections
@@ -46,12 +46,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  context_length = config_dict.FieldReference(128)
-  steps = config_dict.FieldReference(600)
 
   # ---- data ---------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
-  c.data.context_length = context_length  # tokens per training example (inputs; targets shifted by one)
+  c.data.context_length = 128  # tokens per training example (inputs; targets shifted by one)
   c.data.packing = "concat"  # concat: docs joined with EOS, cut into rows | window: random offsets (nanoGPT)
   c.data.document_masking = True  # attend only within a document (False = GPT-style cross-document attention)
   c.data.cache_dir = placeholder(str)  # pre-tokenization cache; None = ~/.cache/lmobjective
@@ -75,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.num_kv_heads = placeholder(int)  # None = num_heads; fewer = grouped-query attention
   c.model.embed_dim = 256
   c.model.mlp_dim = placeholder(int)  # None = 4*embed_dim (gelu) or 8/3*embed_dim rounded to 64 (swiglu)
-  c.model.max_len = context_length  # longest context the model supports (learned positions need it)
+  c.model.max_len = placeholder(int)  # longest context the model supports; None = data.context_length
   c.model.vocab_size = placeholder(int)  # None = the tokenizer's vocabulary size
   c.model.position = "rope"  # rope | learned
   c.model.rope_theta = 10_000.0
@@ -102,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.end_learning_rate = 3e-4
   c.optimizer.schedule = "cosine"  # cosine | linear | constant (after linear warmup)
   c.optimizer.warmup_steps = 40
-  c.optimizer.decay_steps = steps  # steps over which warmup+decay run (includes warmup)
+  c.optimizer.decay_steps = placeholder(int)  # warmup+decay length (includes warmup); None = train.steps
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.95
   c.optimizer.eps = 1e-8
@@ -113,7 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---- training -----------------------------------------------------------
   c.train = ml_collections.ConfigDict()
-  c.train.steps = steps
+  c.train.steps = 600
   c.train.batch_size = 24  # global sequences per optimizer step (all devices, all hosts)
   c.train.grad_accum_steps = 1  # microbatches per step; batch_size must divide evenly
   c.train.log_every_steps = 10

@@ -32,8 +32,8 @@ class StepBench:
   def __init__(self, config, vocab_size: int | None = None, devices=None, seed: int = 0):
     self.config = config
     vocab = config.model.vocab_size or vocab_size
-    self.model_cfg = ModelConfig.from_config(config.model, vocab)
-    model, tx = Transformer(self.model_cfg), make_optimizer(config.optimizer)
+    self.model_cfg = ModelConfig.from_config(config.model, vocab, config.data.context_length)
+    model, tx = Transformer(self.model_cfg), make_optimizer(config.optimizer, config.train.steps)
     self.mesh = mesh = sharding.make_mesh(config.mesh, devices)
     B, T, k = config.train.batch_size, config.data.context_length, config.train.grad_accum_steps
     self.tokens_per_step = B * T

@@ -5,8 +5,8 @@
 
 Every run sees the same tokens per step, batch_size x context_length = 2048 (e.g. 16 x 128),
 and the same number of steps, hence the same token budget and the same learning-rate schedule:
-only how the tokens are cut into rows changes. model.max_len follows data.context_length (a
-FieldReference in configs/default.py). Evaluation is held equal too: eval.batch_size x
+only how the tokens are cut into rows changes. model.max_len is unset, so the model supports
+exactly each run's data.context_length. Evaluation is held equal too: eval.batch_size x
 context_length = 4096 tokens per eval batch, the leading ~4k tokens of each validation split, so
 every run is scored on the same validation text. Each run writes val_loss_by_position.json (mean
 -log p at context position t over that text), plotted in loss_by_position.png.

@@ -40,6 +40,16 @@ def base_config(preset_file: str, base: str = "default.py", arg: str | None = No
   return load_config_file(path + (f":{arg}" if arg else ""))
 
 
+def max_len(cfg: ml_collections.ConfigDict) -> int:
+  """The longest context the model supports: model.max_len, or data.context_length when unset."""
+  return cfg.model.max_len if cfg.model.max_len is not None else cfg.data.context_length
+
+
+def decay_steps(cfg: ml_collections.ConfigDict) -> int:
+  """Steps of warmup + decay: optimizer.decay_steps, or train.steps when unset."""
+  return cfg.optimizer.decay_steps if cfg.optimizer.decay_steps is not None else cfg.train.steps
+
+
 def get(cfg: ml_collections.ConfigDict, key: str) -> Any:
   node = cfg
   for part in key.split("."):
@@ -85,8 +95,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError("train.grad_accum_steps", cfg.train.grad_accum_steps,
                       f"must divide train.batch_size={cfg.train.batch_size}")
   require_int(cfg, "train.log_every_steps", 1)
-  # Before the model: model.max_len follows data.context_length, and the error should name the
-  # key the user set.
   require_int(cfg, "data.context_length", 1)
   _validate_model(cfg)
   require_float(cfg, "objective.z_loss", 0.0)
@@ -101,9 +109,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     v = cfg.mesh[axis]
     if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
       raise ConfigError(f"mesh.{axis}", v, "must be a positive integer or -1 (the rest of the devices)")
-  if cfg.data.context_length > cfg.model.max_len:
+  if cfg.data.context_length > max_len(cfg):
     raise ConfigError("data.context_length", cfg.data.context_length,
-                      f"must be <= model.max_len={cfg.model.max_len} (the longest context the model supports)")
+                      f"must be <= model.max_len={max_len(cfg)} (the longest context the model supports)")
 
 
 def _validate_model(cfg) -> None:
@@ -120,7 +128,7 @@ def _validate_model(cfg) -> None:
   if m.num_kv_heads is not None and m.num_heads % m.num_kv_heads:
     raise ConfigError("model.num_kv_heads", m.num_kv_heads, f"must divide model.num_heads={m.num_heads}")
   require_int(cfg, "model.mlp_dim", 1, allow_none=True)
-  require_int(cfg, "model.max_len", 1)
+  require_int(cfg, "model.max_len", 1, allow_none=True)
   require_int(cfg, "model.vocab_size", 2, allow_none=True)
   require_choice(cfg, "model.position", ("rope", "learned"))
   require_float(cfg, "model.rope_theta", 0.0, lo_open=True)
@@ -141,9 +149,10 @@ def _validate_optimizer(cfg) -> None:
   require_float(cfg, "optimizer.end_learning_rate", 0.0)
   require_choice(cfg, "optimizer.schedule", ("cosine", "linear", "constant"))
   require_int(cfg, "optimizer.warmup_steps", 0)
-  require_int(cfg, "optimizer.decay_steps", 0)
-  if cfg.optimizer.decay_steps < cfg.optimizer.warmup_steps:
-    raise ConfigError("optimizer.decay_steps", cfg.optimizer.decay_steps,
+  require_int(cfg, "optimizer.decay_steps", 0, allow_none=True)
+  if decay_steps(cfg) < cfg.optimizer.warmup_steps:
+    raise ConfigError("optimizer.decay_steps" if cfg.optimizer.decay_steps is not None else "train.steps",
+                      decay_steps(cfg),
                       f"must be >= optimizer.warmup_steps={cfg.optimizer.warmup_steps} (it includes warmup)")
   require_float(cfg, "optimizer.b1", 0.0, 1.0)
   require_float(cfg, "optimizer.b2", 0.0, 1.0)

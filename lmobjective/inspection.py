@@ -197,7 +197,7 @@ def restore(workdir: str, step: int | None = None, device=None) -> Run:
     raise FileNotFoundError(f"no readable checkpoint in {os.path.join(workdir, ckpt_lib.CKPT_DIR)}")
   config = ml_collections.ConfigDict(found[1])
   tok, _ = tokenizers.load(os.path.join(workdir, "tokenizer"), key="workdir")
-  model = Transformer(ModelConfig.from_config(config.model, tok.vocab_size))
+  model = Transformer(ModelConfig.from_config(config.model, tok.vocab_size, config.data.context_length))
   abstract = _abstract_params(model, int(config.data.context_length), device or jax.devices()[0])
   got_step, params, meta, _ = ckpt_lib.restore_params(workdir, step if step is not None else None, abstract)
   if meta["tokenizer"]["fingerprint"] != tok.fingerprint():

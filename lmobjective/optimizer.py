@@ -7,7 +7,7 @@ import ml_collections
 import optax
 
 
-def learning_rate_schedule(opt: ml_collections.ConfigDict) -> optax.Schedule:
+def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int | None = None) -> optax.Schedule:
   """Linear warmup to `learning_rate`, then cosine/linear decay to `end_learning_rate`.
 
   Warmup is `peak * (step + 1) / warmup_steps`, so the very first update is not a no-op.
@@ -16,7 +16,10 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict) -> optax.Schedule:
   at `end_learning_rate`. `constant` holds the peak after warmup.
   """
   peak, end, warm = opt.learning_rate, opt.end_learning_rate, opt.warmup_steps
-  decay = max(opt.decay_steps - warm, 1)
+  decay_steps = opt.decay_steps if opt.decay_steps is not None else total_steps
+  if decay_steps is None:
+    raise ValueError("optimizer.decay_steps is None: pass total_steps (train.steps)")
+  decay = max(decay_steps - warm, 1)
   warmup = lambda step: peak * (step + 1) / warm
   if opt.schedule == "cosine":
     main = optax.cosine_decay_schedule(peak, decay, alpha=end / peak if peak else 0.0)
@@ -44,12 +47,13 @@ def weight_decay_mask(params, decay_embeddings: bool = False, decay_norms_and_bi
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int | None = None) -> optax.GradientTransformation:
+  """`total_steps` (train.steps) is the decay length when optimizer.decay_steps is None."""
   mask = lambda p: weight_decay_mask(p, opt.decay_embeddings, opt.decay_norms_and_biases)
   # static_args: without it inject_hyperparams calls the mask like a schedule, mask(step), and
   # silently turns weight decay off everywhere.
   adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-      learning_rate=learning_rate_schedule(opt), b1=opt.b1, b2=opt.b2, eps=opt.eps,
+      learning_rate=learning_rate_schedule(opt, total_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,
       weight_decay=opt.weight_decay, mask=mask)
   if opt.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(opt.grad_clip), adamw)

@@ -170,7 +170,7 @@ def apply(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
     except (ValueError, SyntaxError) as e:
       raise SweepError(f"bad value for config.{key}: {e}") from None
   try:
-    node[leaf] = value  # a FieldReference field propagates (context_length -> model.max_len)
+    node[leaf] = value
   except (TypeError, ValueError) as e:
     raise SweepError(f"bad value for config.{key}={value!r}: {e}") from None
 

@@ -92,12 +92,12 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Expe
   pipeline = data.build_pipeline(
       config.data, tokenizer, seed=config.seed, batch_size=config.train.batch_size // n_proc,
       process_index=jax.process_index(), process_count=n_proc, cache_dir=config.data.cache_dir)
-  model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size)
+  model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size, config.data.context_length)
   if model_cfg.vocab_size < tokenizer.vocab_size:
     raise config_lib.ConfigError("model.vocab_size", model_cfg.vocab_size,
                                  f"must be >= the tokenizer's vocabulary {tokenizer.vocab_size}")
   model = Transformer(model_cfg)
-  tx = make_optimizer(config.optimizer)
+  tx = make_optimizer(config.optimizer, config.train.steps)
   T = config.data.context_length
   micro_shape = (config.train.batch_size // config.train.grad_accum_steps, T)
   with sharding.activate(mesh):

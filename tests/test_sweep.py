@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from lmobjective import config as config_lib
 from lmobjective import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +65,7 @@ def test_context_length_spec_holds_tokens_per_step(tmp_path):
   assert [c.data.context_length for c in cfgs] == [64, 128, 256, 512]
   assert {c.train.batch_size * c.data.context_length * c.train.steps for c in cfgs} == {2048 * 300}
   assert {c.eval.batch_size * c.data.context_length for c in cfgs} == {4096}  # same validation text
-  assert [c.model.max_len for c in cfgs] == [64, 128, 256, 512]  # FieldReference follows
+  assert [config_lib.max_len(c) for c in cfgs] == [64, 128, 256, 512]  # max_len follows when unset
   mix = sweep.plan(os.path.join(ROOT, "experiments/mixture_ablation.py:quick"), str(tmp_path), {})
   assert len(mix["runs"]) == 8 and "code60-prose30-markov10" in mix["runs"]
 

@@ -38,7 +38,8 @@ def tiny_run(tmp_path_factory):
 def test_run_writes_every_output(tiny_run):
   workdir, last_eval = tiny_run
   cfg = json.load(open(os.path.join(workdir, "config.json")))
-  assert cfg["train"]["steps"] == 20 and cfg["model"]["max_len"] == cfg["data"]["context_length"] == 32
+  assert cfg["train"]["steps"] == 20 and cfg["data"]["context_length"] == 32
+  assert cfg["model"]["max_len"] is None and cfg["optimizer"]["decay_steps"] is None  # follow the above
   records = metrics_log.read_metrics(workdir)
   train_lines = [r for r in records if "train_loss" in r]
   eval_lines = [r for r in records if "val_loss" in r]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lmobjective.config import ConfigError, get, require_choice, require_float, require_int
+from lmobjective.config import ConfigError, get, max_len, require_choice, require_float, require_int
 from lmobjective.data import mixture, sources
 
 TOKENIZER_KINDS = ("sentencepiece", "char", "byte")
@@ -16,9 +16,9 @@ def _require_bool(cfg, key: str) -> None:
 
 def validate(cfg) -> None:
   require_int(cfg, "data.context_length", 1)
-  if cfg.data.context_length > cfg.model.max_len:
+  if cfg.data.context_length > max_len(cfg):
     raise ConfigError("data.context_length", cfg.data.context_length,
-                      f"must be <= model.max_len={cfg.model.max_len} (the longest context the model supports)")
+                      f"must be <= model.max_len={max_len(cfg)} (the longest context the model supports)")
   require_choice(cfg, "data.packing", PACKINGS)
   _require_bool(cfg, "data.document_masking")
   if cfg.data.cache_dir is not None and not isinstance(cfg.data.cache_dir, str):

@@ -1,0 +1,48 @@
+"""Config boundary: keys that default to another key's value stay independent when overridden."""
+
+import os
+
+import pytest
+
+from lmobjective import config as config_lib
+from lmobjective.config import ConfigError, load_config_file
+from lmobjective.optimizer import learning_rate_schedule
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def default():
+  return load_config_file(os.path.join(ROOT, "configs/default.py"))
+
+
+def test_unset_keys_follow_and_set_keys_stay_apart():
+  c = default()
+  c.train.steps, c.data.context_length = 50, 64
+  assert config_lib.decay_steps(c) == 50 and config_lib.max_len(c) == 64
+  c.optimizer.warmup_steps = 10
+  c.optimizer.decay_steps, c.model.max_len = 30, 256  # in either order, nothing else moves
+  c.train.steps, c.data.context_length = 80, 32
+  assert (c.train.steps, config_lib.decay_steps(c)) == (80, 30)
+  assert (c.data.context_length, config_lib.max_len(c)) == (32, 256)
+  config_lib.validate(c)
+  sched = learning_rate_schedule(c.optimizer, c.train.steps)
+  assert float(sched(30)) == pytest.approx(c.optimizer.end_learning_rate, rel=1e-5)
+  assert float(sched(79)) == pytest.approx(c.optimizer.end_learning_rate, rel=1e-5)
+
+
+def test_context_longer_than_the_model_supports_is_refused():
+  c = default()
+  c.model.max_len = 64
+  c.data.context_length = 128
+  with pytest.raises(ConfigError, match=r"config.data.context_length=128: must be <= model.max_len=64"):
+    config_lib.validate(c)
+
+
+def test_decay_shorter_than_warmup_names_the_key_that_was_set():
+  c = default()
+  c.train.steps = 10  # decay_steps unset: it is train.steps that is too short for 40 warmup steps
+  with pytest.raises(ConfigError, match=r"config.train.steps=10"):
+    config_lib.validate(c)
+  c.train.steps, c.optimizer.decay_steps = 600, 20
+  with pytest.raises(ConfigError, match=r"config.optimizer.decay_steps=20"):
+    config_lib.validate(c)
