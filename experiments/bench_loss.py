@@ -82,7 +82,7 @@ def time_table(batch, tokens, dim, vocab, chunks, repeats) -> None:
   for _ in range(repeats):  # alternate, so background load hits every method alike
     for c, fn in fns.items():
       t0 = time.perf_counter()
-      out = jax.block_until_ready(fn(h, w, t))
+      jax.block_until_ready(fn(h, w, t))
       times[c].append(time.perf_counter() - t0)
   for c, fn in fns.items():
     ms = 1e3 * statistics.median(times[c])

@@ -5,7 +5,6 @@ The kill windows end well before the last step: a tiny step takes milliseconds o
 machine, and a kill that lands after the run finished would test nothing.
 """
 
-import json
 import os
 import random
 import shutil
@@ -22,22 +21,14 @@ import pytest
 from lmobjective import checkpoint as ckpt_lib
 from lmobjective import config as config_lib
 from lmobjective import inspection, metrics_log, step, train
-from lmobjective.config import load_config_file
+from _tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {"train.steps": 24, "checkpoint.every_steps": 3, "checkpoint.keep": 2, "eval.every_steps": 6}
 
 
 def tiny(cache_dir, **overrides):
-  c = load_config_file(os.path.join(ROOT, "configs/tiny.py"))
-  c.data.cache_dir = str(cache_dir)
-  for key, value in {**OVERRIDES, **overrides}.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return tiny_config(cache_dir, **{**OVERRIDES, **overrides})
 
 
 def cli_args(cache_dir, workdir):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lmobjective import diagnose, metrics_log, train
-from lmobjective.config import load_config_file
+from _tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 512
@@ -111,15 +111,7 @@ def test_not_learning_stays_near_ln_v():
 
 
 def _tiny(tmp_path, **overrides):
-  c = load_config_file(os.path.join(ROOT, "configs/tiny.py"))
-  c.data.cache_dir = str(tmp_path.parent / "diag_cache")
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return tiny_config(tmp_path.parent / "diag_cache", **overrides)
 
 
 def _run(tmp_path, name, **overrides):

@@ -1,6 +1,5 @@
 """`lmobjective.restore` and the evaluation CLI on a run trained on 8 simulated devices, read back on 1."""
 
-import dataclasses
 import json
 import math
 import os
@@ -13,7 +12,7 @@ import pytest
 
 import lmobjective
 from lmobjective import metrics_log, train
-from lmobjective.config import load_config_file
+from _tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = 'def add(a, b):\n    """Return the sum of a and b."""\n    return a + b\n'
@@ -46,15 +45,7 @@ print("NLL=" + json.dumps(run.loss_per_position(text).nll.tolist()))
 
 
 def tiny(cache, **overrides):
-  c = load_config_file(os.path.join(ROOT, "configs/tiny.py"))
-  c.data.cache_dir = str(cache)
-  for key, value in {**OVERRIDES, **overrides}.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return tiny_config(cache, **{**OVERRIDES, **overrides})
 
 
 @pytest.fixture(scope="module")

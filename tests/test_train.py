@@ -11,20 +11,13 @@ import pytest
 
 from lmobjective import metrics_log, train
 from lmobjective.config import load_config_file
+from _tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny(tmp_path, **overrides):
-  c = load_config_file(os.path.join(ROOT, "configs/tiny.py"))
-  c.data.cache_dir = str(tmp_path / "cache")
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return tiny_config(tmp_path / "cache", **overrides)
 
 
 @pytest.fixture(scope="module")
