@@ -26,6 +26,7 @@ likely causes. Kinds and rules (all thresholds are stated here and in `Threshold
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -252,13 +253,11 @@ def diagnose(records: list[dict], vocab_size: int | None = None,
 
 def vocab_size_of(run_dir: str) -> int | None:
   """model.vocab_size from config.json, else the saved tokenizer's size, else None."""
-  try:
+  with contextlib.suppress(OSError, ValueError):  # no or unreadable config.json: try the tokenizer
     with open(os.path.join(run_dir, "config.json")) as f:
       v = json.load(f).get("model", {}).get("vocab_size")
     if isinstance(v, int):
       return v
-  except (OSError, ValueError):
-    pass
   try:
     with open(os.path.join(run_dir, "tokenizer", "tokenizer.json")) as f:
       return int(json.load(f)["vocab_size"])

@@ -198,6 +198,16 @@ def _parquet(name, scfg, path, reader) -> list[str]:
   return [t for t in col.to_pylist() if t]
 
 
+def _json_or_raw_text(name, scfg, text: str, where: str) -> str:
+  """A record that parses as a JSON object gives its text field; anything else is the text itself."""
+  if text.lstrip().startswith("{"):
+    try:
+      return _record_text(name, scfg, json.loads(text), where)
+    except json.JSONDecodeError:
+      return text
+  return text
+
+
 def _array_record(name, scfg, path, reader) -> list[str]:
   import grain
   src = grain.sources.ArrayRecordDataSource([path])
@@ -205,11 +215,5 @@ def _array_record(name, scfg, path, reader) -> list[str]:
   for i in range(len(src)):
     raw = src[i]
     text = reader.text(raw, f"{path}[{i}]")
-    if text.lstrip().startswith("{"):
-      try:
-        out.append(_record_text(name, scfg, json.loads(text), f"{path}[{i}]"))
-        continue
-      except json.JSONDecodeError:
-        pass
-    out.append(text)
+    out.append(_json_or_raw_text(name, scfg, text, f"{path}[{i}]"))
   return [t for t in out if t]
