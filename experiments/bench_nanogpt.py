@@ -15,7 +15,9 @@ Both sides run the same training step: forward, backward, global-norm clip 1.0, 
 (nanoGPT's `loss.item()`), on a fixed random batch already on the device. Each framework runs
 in its own long-lived worker process (no shared thread pools); the parent alternates
 "run N steps" requests between them for several rounds, so background load hits all of them
-alike, and reports the median tokens/s. nanoGPT runs eager (default threads, and one thread),
+alike, and reports the median tokens/s. On the cpu shape lmobjective also runs with the host's
+cores as 2 XLA devices (`--xla_force_host_platform_device_count=2`, mesh data=2): each device
+steps half the batch and the gradients are all-reduced. nanoGPT runs eager (default threads, and one thread),
 and, when it compiles, with torch.compile; the ratio is taken against the fastest of them.
 """
 
@@ -34,7 +36,7 @@ _PATH = flags.DEFINE_string("nanogpt_path", "/tmp/nanogpt", "A nanoGPT checkout 
 _SHAPE = flags.DEFINE_enum("shape", "cpu", ["cpu", "gpu"], "Benchmark shape (see the module docstring).")
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed steps per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating rounds (median reported).")
-_WORKER = flags.DEFINE_string("worker", None, "Internal: run as a worker (jax | torch_eager | torch_eager_1t | torch_compile).")
+_WORKER = flags.DEFINE_string("worker", None, "Internal: run as a worker (jax | jax_dp2 | torch_eager | torch_eager_1t | torch_compile).")
 _SKIP_COMPILE = flags.DEFINE_bool("skip_torch_compile", False, "Do not try torch.compile.")
 
 SHAPES = {
@@ -57,7 +59,7 @@ def _serve(run_steps, info: dict) -> None:
     print(json.dumps({"seconds": time.perf_counter() - t0, "loss": loss}), flush=True)
 
 
-def jax_worker(shape: dict) -> None:
+def jax_worker(shape: dict, data_parallel: int = 1) -> None:
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
   from experiments.bench_step import StepBench
   from lmobjective.config import load_config_file
@@ -71,6 +73,7 @@ def jax_worker(shape: dict) -> None:
   c.model.use_bias, c.model.tie_embeddings, c.model.dropout = False, True, 0.0
   c.model.compute_dtype = shape["dtype"]
   c.train.batch_size = shape["batch_size"]
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data_parallel, 1, 1
   c.optimizer.learning_rate, c.optimizer.weight_decay, c.optimizer.grad_clip = LR, WD, CLIP
   c.optimizer.b1, c.optimizer.b2, c.optimizer.schedule, c.optimizer.warmup_steps = B1, B2, "constant", 0
   bench = StepBench(c)
@@ -138,7 +141,10 @@ class Worker:
     self.name = name
     cmd = [sys.executable, os.path.abspath(__file__), f"--worker={name}", f"--shape={_SHAPE.value}",
            f"--nanogpt_path={_PATH.value}"]
-    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    env = dict(os.environ)
+    if name == "jax_dp2":  # the host's cores as 2 XLA devices, one batch half each (mesh data=2)
+      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     self.info = self._read()
 
   def _read(self) -> dict:
@@ -162,6 +168,8 @@ def parent() -> None:
   if not os.path.exists(os.path.join(_PATH.value, "model.py")):
     sys.exit(f"error: no nanoGPT model.py under --nanogpt_path={_PATH.value}")
   names = ["jax", "torch_eager", "torch_eager_1t"] + ([] if _SKIP_COMPILE.value else ["torch_compile"])
+  if _SHAPE.value == "cpu":
+    names.insert(1, "jax_dp2")
   workers = {}
   for name in names:
     try:
@@ -176,30 +184,31 @@ def parent() -> None:
     print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:,.0f} tok/s" for n, v in per.items()), flush=True)
   for w in workers.values():
     w.close()
-  labels = {"jax": "lmobjective (JAX)", "torch_eager": "nanoGPT eager", "torch_eager_1t": "nanoGPT eager 1 thread",
+  labels = {"jax": "lmobjective (JAX)", "jax_dp2": "lmobjective, 2 CPU devices", "torch_eager": "nanoGPT eager", "torch_eager_1t": "nanoGPT eager 1 thread",
             "torch_compile": "nanoGPT torch.compile"}
   med = {n: statistics.median(v) for n, v in per.items()}
   flops_tok = workers["jax"].info["flops_per_token"]
   print(f"\nshape {_SHAPE.value}: {shape} | {tokens} tokens/step | {_ROUNDS.value} rounds x {_STEPS.value} steps, "
         f"alternating | FLOPs/token {flops_tok / 1e6:.2f} M (6N + 12*L*D*T)")
-  print(f"{'framework':<24} {'params':>11} {'median tok/s':>13} {'min':>9} {'max':>9} {'ms/step':>8} "
+  print(f"{'framework':<28} {'params':>11} {'median tok/s':>13} {'min':>9} {'max':>9} {'ms/step':>8} "
         f"{'GFLOP/s':>8} {'compile s':>9} {'peak mem':>10}")
   for n in per:
     info = workers[n].info
     mem = "n/a" if info.get("peak_memory") is None else f"{info['peak_memory'] / 2**20:.0f} MiB"
     comp = "n/a" if info.get("compile_seconds") is None else f"{info['compile_seconds']:.1f}"
-    print(f"{labels[n]:<24} {info['params']:>11,} {med[n]:>13,.0f} {min(per[n]):>9,.0f} {max(per[n]):>9,.0f} "
+    print(f"{labels[n]:<28} {info['params']:>11,} {med[n]:>13,.0f} {min(per[n]):>9,.0f} {max(per[n]):>9,.0f} "
           f"{1e3 * tokens / med[n]:>8.2f} {med[n] * flops_tok / 1e9:>8.1f} {comp:>9} {mem:>10}")
-  torch_best = max((n for n in per if n != "jax"), key=lambda n: med[n])
-  print(f"ratio lmobjective / {labels[torch_best]} = {med['jax'] / med[torch_best]:.2f}x "
-        f"(median tokens/s; per round: "
-        + ", ".join(f"{a / b:.2f}" for a, b in zip(per["jax"], per[torch_best])) + ")")
+  torch_best = max((n for n in per if n.startswith("torch")), key=lambda n: med[n])
+  for n in (n for n in per if n.startswith("jax")):
+    print(f"ratio {labels[n]} / {labels[torch_best]} = {med[n] / med[torch_best]:.2f}x "
+          f"(median tokens/s; per round: "
+          + ", ".join(f"{a / b:.2f}" for a, b in zip(per[n], per[torch_best])) + ")")
 
 
 def main(argv) -> None:
   del argv
-  if _WORKER.value == "jax":
-    jax_worker(SHAPES[_SHAPE.value])
+  if _WORKER.value in ("jax", "jax_dp2"):
+    jax_worker(SHAPES[_SHAPE.value], data_parallel=2 if _WORKER.value == "jax_dp2" else 1)
   elif _WORKER.value in ("torch_eager", "torch_eager_1t", "torch_compile"):
     torch_worker(SHAPES[_SHAPE.value], compile_model=_WORKER.value == "torch_compile",
                  threads=1 if _WORKER.value == "torch_eager_1t" else None)
