@@ -83,12 +83,24 @@ def _check_batch_divides(config, mesh) -> None:
                                  f"must be divisible by the data*fsdp mesh size {dp}")
 
 
+def _check_same_tokenizer(tokenizer, workdir: str) -> None:
+  """Each process trained or loaded its own tokenizer; one that differs would feed other token ids."""
+  from jax.experimental import multihost_utils
+  mine = np.frombuffer(bytes.fromhex(tokenizer.fingerprint()), np.uint8)
+  every = np.asarray(multihost_utils.process_allgather(mine))
+  if (every != every[0]).any():
+    raise config_lib.ConfigError("data.tokenizer", os.path.join(workdir, "tokenizer"),
+                                 f"differs across processes (fingerprints {[bytes(f).hex() for f in every]})")
+
+
 def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Experiment:
   """`devices`: the devices to lay the mesh over (default: all of every process)."""
   mesh = sharding.make_mesh(config.mesh, devices)
   _check_batch_divides(config, mesh)
   tokenizer = data.build_tokenizer(config.data, workdir)
   n_proc = jax.process_count()
+  if n_proc > 1:
+    _check_same_tokenizer(tokenizer, workdir)
   pipeline = data.build_pipeline(
       config.data, tokenizer, seed=config.seed, batch_size=config.train.batch_size // n_proc,
       process_index=jax.process_index(), process_count=n_proc, cache_dir=config.data.cache_dir)
