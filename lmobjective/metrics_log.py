@@ -25,7 +25,10 @@ def _jsonable(v: Any) -> Any:
 
 
 class MetricsWriter:
-  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True,
+               purge_step: int | None = None):
+    """purge_step: TensorBoard drops the events of earlier files at steps >= it (a resumed run
+    passes its checkpoint step + 1, a fresh one 0), as `checkpoint.truncate_metrics` does here."""
     self.enabled = enabled
     self.path = os.path.join(workdir, METRICS_FILE)
     self._tb = None
@@ -34,7 +37,8 @@ class MetricsWriter:
       self._file = open(self.path, "a", encoding="utf-8")
       if tensorboard:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10, purge_step=purge_step,
+                                 filename_suffix=f".{os.getpid()}")  # a quick restart gets its own file
 
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:

@@ -352,7 +352,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if resumed_step is not None:
       print(f"resuming from the checkpoint at step {resumed_step}", flush=True)
   _print_header(exp, state)
-  writer = metrics_log.MetricsWriter(workdir, enabled=lead)
+  writer = metrics_log.MetricsWriter(workdir, enabled=lead,
+                                     purge_step=0 if resumed_step is None else resumed_step + 1)
   try:
     with preemption_signals() as stop:
       state = run_loop(exp, state, batches, writer, accounting, mngr, loop, stop)

@@ -40,6 +40,26 @@ def train_losses(workdir):
   return [(r["step"], r["train_loss"]) for r in metrics_log.read_metrics(str(workdir)) if "train_loss" in r]
 
 
+def tensorboard_scalars(workdir, tag):
+  """(step, value) pairs TensorBoard shows for `tag`: event files in order, and a session START at
+  step p (tensorboardX's purge_step) drops the earlier files' events at steps >= p, as TensorBoard does."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  points = []  # a list: a step written twice without a purge shows twice
+  for path in sorted((workdir / "tensorboard").glob("events.out.tfevents.*")):
+    data, i = path.read_bytes(), 0
+    while i < len(data):  # TFRecord: uint64 length, crc, payload, crc
+      (n,) = struct.unpack("<Q", data[i:i + 8])
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      i += 16 + n
+      if event.session_log.status == event_pb2.SessionLog.START:
+        points = [(s, v) for s, v in points if s < event.step]
+      for value in event.summary.value:
+        if value.tag == tag:
+          points.append((event.step, value.simple_value))
+  return sorted(points)
+
+
 def assert_same_params(a, b):
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   assert len(la) == len(lb)
@@ -91,6 +111,9 @@ def test_kill_9_then_resume_gives_the_same_losses_and_params(tmp_path, cache, re
   evals = [r["step"] for r in metrics_log.read_metrics(str(workdir)) if "val_loss" in r]
   assert evals == [0, 6, 12, 18, 24]
   assert_same_params(inspection.restore(str(workdir)).params, inspection.restore(str(reference)).params)
+  shown = tensorboard_scalars(workdir, "train_loss")  # re-run steps replace the killed run's, once each
+  assert [s for s, _ in shown] == list(range(1, 25))
+  np.testing.assert_allclose([v for _, v in shown], [v for _, v in ref], rtol=1e-6)  # float32 in events
 
 
 @pytest.mark.slow
