@@ -259,9 +259,9 @@ def run_loop(exp: Experiment, state, batches: Iterator[dict], writer: metrics_lo
   progress = metrics_log.Progress(total)
   start = int(state.step)
   loop = loop or LoopState(pending=[], tokens_seen=int(accounting.counts.sum()))
-  t_last = time.time()
   if start == 0 and exp.eval_sets:
     writer.write({"step": 0, **evaluate(exp, state.params)})
+  t_last = time.time()  # after the step-0 eval: eval time is not training throughput
   for s in range(start, total):
     host_batch = next(batches)
     accounting.add(host_batch)

@@ -110,3 +110,31 @@ def test_bad_config_stops_with_one_line_naming_the_key(tmp_path, override, key):
   assert len(lines) == 1, r.stderr
   assert lines[0].startswith("error: ") and key in lines[0], lines[0]
   assert not (tmp_path / "bad").exists()  # nothing half written
+
+
+def test_tokens_per_sec_counts_device_time_not_dispatch(tmp_path):
+  """Each step is made to take >= 20 ms on the device (a callback inside the jitted program, so the
+  host's dispatch returns at once): tokens_per_sec must count that time, which it does only when
+  the clock is read after the metrics reach the host."""
+  import dataclasses
+  import time
+  import types
+
+  import jax
+  import jax.numpy as jnp
+
+  step_seconds, per_step = 0.02, 8 * 32
+  cfg = tiny(tmp_path, **{"train.steps": 12, "train.log_every_steps": 4, "eval.num_batches": 0})
+  exp = train.build(cfg, str(tmp_path / "run"))
+  nap = lambda x: (time.sleep(step_seconds), x)[1]
+  slow = jax.jit(lambda m: {**m, "loss": jax.pure_callback(nap, jax.ShapeDtypeStruct((), jnp.float32), m["loss"])})
+  fast_fn = exp.train_fn
+  exp = dataclasses.replace(exp, train_fn=lambda s, b: (lambda s2, m: (s2, slow(m)))(*fast_fn(s, b)))
+  records = []
+  writer = types.SimpleNamespace(write=records.append)
+  train.run_loop(exp, exp.init_fn(jax.random.key(0)), exp.pipeline.train_iterator(), writer,
+                 train.TokenAccounting(exp.pipeline.source_names))
+  tps = [r["tokens_per_sec"] for r in records]
+  assert len(tps) == 3
+  assert max(tps) <= per_step / step_seconds  # timed before the sync it would be far higher
+  assert min(tps[1:]) >= per_step / (step_seconds + 0.5)  # and not slowed by anything but the steps
