@@ -12,7 +12,7 @@ import time
 import pytest
 
 from lmobjective import config as config_lib
-from lmobjective import sweep
+from lmobjective import sweep, sweep_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,7 +61,7 @@ def test_grid_expands_to_stable_readable_names(tmp_path):
 
 def test_context_length_spec_holds_tokens_per_step(tmp_path):
   p = sweep.plan(os.path.join(ROOT, "experiments/context_length_ablation.py:quick"), str(tmp_path), {})
-  cfgs = [sweep.run_config(p["config"], ov) for ov in p["runs"].values()]
+  cfgs = [sweep_spec.run_config(p["config"], ov) for ov in p["runs"].values()]
   assert [c.data.context_length for c in cfgs] == [64, 128, 256, 512]
   assert {c.train.batch_size * c.data.context_length * c.train.steps for c in cfgs} == {2048 * 300}
   assert {c.eval.batch_size * c.data.context_length for c in cfgs} == {4096}  # same validation text
@@ -84,9 +84,21 @@ def test_context_length_spec_holds_tokens_per_step(tmp_path):
 ])
 def test_bad_spec_is_one_line_naming_it(tmp_path, spec_text, needle):
   (tmp_path / "bad.py").write_text(spec_text)
-  with pytest.raises(sweep.SweepError, match=needle.replace("(", r"\(").replace(")", r"\)")) as e:
+  with pytest.raises(sweep_spec.SweepError, match=needle.replace("(", r"\(").replace(")", r"\)")) as e:
     sweep.plan(str(tmp_path / "bad.py"), str(tmp_path / "s"), {})
   assert "\n" not in str(e.value)
+
+
+def test_overrides_take_the_type_of_the_field_they_set():
+  cfg = sweep_spec.run_config(os.path.join(ROOT, "configs/tiny.py"), {
+      "optimizer.learning_rate": "3", "train.steps": "7", "model.scan_layers": "true",
+      "data.sources.markov.weight": 0.25, "model.compute_dtype": "bfloat16"})
+  assert cfg.optimizer.learning_rate == 3.0 and isinstance(cfg.optimizer.learning_rate, float)
+  assert cfg.train.steps == 7 and cfg.model.scan_layers is True
+  assert cfg.data.sources.markov.weight == 0.25 and cfg.model.compute_dtype == "bfloat16"
+  with pytest.raises(sweep_spec.SweepError, match="bad value for config.model.scan_layers: 'yes' is not a bool"):
+    sweep_spec.run_config(os.path.join(ROOT, "configs/tiny.py"), {"model.scan_layers": "yes"})
+  assert sweep_spec.parse_extra(["--config.a.b=1", "--config.c"]) == {"a.b": "1", "c": "True"}
 
 
 def test_cli_unknown_override_key_is_one_line(tmp_path):
