@@ -104,9 +104,9 @@ def write_csv(table: list[dict], path: str) -> None:
 
 def markdown(table: list[dict]) -> str:
   """The table with short override names (code.weight for data.sources.code.weight)."""
-  from lmobjective.sweep import _short_keys
+  from lmobjective.sweep_spec import short_keys
   cols = columns(table)
-  short = _short_keys([c for c in cols if "." in c and "/" not in c])
+  short = short_keys([c for c in cols if "." in c and "/" not in c])
   short = {k: v if "." in v or len(k.split(".")) < 2 else ".".join(k.split(".")[-2:]) for k, v in short.items()}
   lines = ["| " + " | ".join(short.get(c, c) for c in cols) + " |", "|" + "---|" * len(cols)]
   lines += ["| " + " | ".join(_fmt(r.get(c), c) for c in cols) + " |" for r in table]

@@ -70,7 +70,7 @@ def _check_spec(d: Any, path: str) -> None:
       raise SweepError(f"sweep spec {path}: run name {name!r} must be letters, digits and ._=-+")
 
 
-def _short_keys(keys: list[str]) -> dict[str, str]:
+def short_keys(keys: list[str]) -> dict[str, str]:
   """Shortest dotted suffix of each key that is unique among them: data.context_length -> context_length."""
   out = {}
   for k in keys:
@@ -92,7 +92,7 @@ def expand(spec: dict) -> dict[str, dict]:
   if "runs" in spec:
     return {name: dict(ov) for name, ov in spec["runs"].items()}
   keys = list(spec["grid"])
-  short = _short_keys(keys)
+  short = short_keys(keys)
   runs = {}
   for values in itertools.product(*(spec["grid"][k] for k in keys)):
     name = "_".join(f"{short[k]}={_value_name(v)}" for k, v in zip(keys, values))
