@@ -65,6 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.sources.code = source("python_stdlib", 0.6)
   c.data.sources.prose = source("stdlib_prose", 0.3)
   c.data.sources.markov = source("markov", 0.1)
+  # The mixture from a given step on, e.g. "500:code=0.2,prose=0.7,markov=0.1" (stages joined by ";"):
+  # each source's rows carry on where they stopped, none replayed or skipped; "" = one mixture.
+  c.data.mixture_stages = ""
 
   # ---- model --------------------------------------------------------------
   c.model = ml_collections.ConfigDict()

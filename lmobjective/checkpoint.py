@@ -141,18 +141,40 @@ def config_changes(saved: dict, current: dict) -> list[str]:
                 and not k.startswith(IGNORED))
 
 
+def _mixture_changes_from(saved: dict, current: dict) -> int | None:
+  """The first step whose batch the two configs' mixture schedules deal differently (None: never)."""
+  from lmobjective.data import mixture
+  schedules = []
+  for cfg in (saved, current):
+    names = tuple(cfg["data"]["sources"])
+    weights = mixture.normalise({n: cfg["data"]["sources"][n]["weight"] for n in names})
+    schedules.append((names, weights, mixture.parse_stages(cfg["data"].get("mixture_stages", ""), names)))
+  (names_a, wa, sa), (names_b, wb, sb) = schedules
+  return 0 if names_a != names_b else mixture.first_difference(wa, sa, wb, sb)
+
+
 def check_config(saved: dict, current: dict, allow_change: bool, step: int) -> None:
-  """Refuses a resume whose config differs from the checkpoint's, naming the keys, in one line."""
+  """Refuses a resume whose config differs from the checkpoint's, naming the keys, in one line.
+
+  With allow_change, `data.mixture_stages` may change where the schedules agree on every batch
+  before the checkpoint (a stage added or moved at or after its step): those batches are dealt
+  exactly as before, so the resume stays exact.
+  """
   changed = config_changes(saved, current)
   if not changed:
     return
   unsafe = [k for k in changed if not k.startswith(SAFE_CHANGES)] if allow_change else changed
+  if allow_change and "data.mixture_stages" in unsafe:
+    first = _mixture_changes_from(saved, current)
+    if first is None or first >= step:
+      unsafe.remove("data.mixture_stages")
   if unsafe:
     a, b = _flatten(saved), _flatten(current)
     diffs = ", ".join(f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in unsafe)
     hint = ("these keys cannot change within a run; use a new workdir" if allow_change else
             "use a new workdir, or --config.checkpoint.allow_config_change to accept changes to "
-            "train.steps, eval.*, checkpoint.*, logging, cache dir, mesh, remat and attention kernel")
+            "train.steps, eval.*, checkpoint.*, logging, cache dir, mesh, remat, attention kernel and "
+            "mixture stages from the checkpoint's step on")
     raise ConfigError("checkpoint", f"step {step}", f"the config differs from the checkpoint's: {diffs}; {hint}")
 
 

@@ -381,6 +381,8 @@ def _print_header(exp: Experiment, state) -> None:
         f" tokens/step | {exp.flops_per_token / 1e6:.1f} MFLOP/token")
   print("sources (token share): " + ", ".join(
       f"{n} {w:.2f}" for n, w in zip(exp.pipeline.source_names, exp.pipeline.weights)))
+  for at, w_S in exp.pipeline.stages:
+    print(f"  from step {at}: " + ", ".join(f"{n} {w:.2f}" for n, w in zip(exp.pipeline.source_names, w_S)))
   for name, st in exp.pipeline.stats(step=0)["sources"].items():
     if "entropy_rate_nats" in st:
       print(f"  {name}: exact entropy rate {st['entropy_rate_nats']:.4f} nats/symbol = "

@@ -5,6 +5,7 @@ The kill windows end well before the last step: a tiny step takes milliseconds o
 machine, and a kill that lands after the run finished would test nothing.
 """
 
+import contextlib
 import os
 import random
 import shutil
@@ -246,3 +247,42 @@ def test_a_signal_sets_the_stop_request_instead_of_raising():
     time.sleep(0.05)
     assert stop.signum == signal.SIGINT and train.EXIT_CODES[stop.signum] == 130
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored afterwards
+
+
+STAGE = "code=0.1,prose=0.2,markov=0.7"
+
+
+class _StopAfter:
+  """Stands in for preemption_signals(): reads as a SIGTERM from the n-th step on (deterministic)."""
+
+  def __init__(self, n):
+    self.n, self.reads = n, 0
+
+  @property
+  def signum(self):
+    self.reads += 1
+    return signal.SIGTERM if self.reads >= self.n else None
+
+
+@pytest.mark.slow
+def test_a_mixture_stage_added_on_resume_equals_having_it_from_the_start(tmp_path, cache, reference, monkeypatch):
+  staged = tmp_path / "staged"
+  train.run(tiny(cache, **{"data.mixture_stages": f"18:{STAGE}"}), str(staged))
+  ref, got = train_losses(reference), train_losses(staged)
+  assert got[:18] == ref[:18] and all(a != b for a, b in zip(got[18:], ref[18:]))  # the stage acts from 18 on
+  workdir = tmp_path / "run"
+  monkeypatch.setattr(train, "preemption_signals", contextlib.contextmanager(lambda: (yield _StopAfter(6))))
+  with pytest.raises(train.Preempted):
+    train.run(tiny(cache), str(workdir))  # no stage yet; preempted and saved at step 6
+  monkeypatch.undo()
+  assert inspection.restore(str(workdir)).step == 6
+  with pytest.raises(config_lib.ConfigError, match="data.mixture_stages") as e:  # before step 6: refused
+    train.run(tiny(cache, **{"data.mixture_stages": f"4:{STAGE}", "checkpoint.allow_config_change": True}),
+              str(workdir))
+  assert "\n" not in str(e.value)
+  train.run(tiny(cache, **{"data.mixture_stages": f"18:{STAGE}", "checkpoint.allow_config_change": True}),
+            str(workdir))
+  assert train_losses(workdir) == train_losses(staged)  # exact: the same batches, the same steps
+  last = lambda w: [r for r in metrics_log.read_metrics(str(w)) if "train_loss" in r][-1]
+  assert {k: v for k, v in last(workdir).items() if k.startswith("tokens/")} == \
+         {k: v for k, v in last(staged).items() if k.startswith("tokens/")}

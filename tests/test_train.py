@@ -102,6 +102,7 @@ def _cli(tmp_path, *overrides):
     ("--config.optimizer.b2=1.5", "config.optimizer.b2"),
     ("--config.data.context_length=0", "config.data.context_length"),
     ("--config.data.sources.code.weight=-1", "config.data.sources.code.weight"),
+    ("--config.data.mixture_stages=5:code=1,prose=1", "config.data.mixture_stages"),
 ])
 def test_bad_config_stops_with_one_line_naming_the_key(tmp_path, override, key):
   r = _cli(tmp_path, override)

@@ -42,17 +42,18 @@ class Pipeline:
     self.T, self.packing, self.masking = data_cfg.context_length, data_cfg.packing, data_cfg.document_masking
     self.source_names = tuple(data_cfg.sources.keys())
     self.weights = mixture.normalise({n: s.weight for n, s in data_cfg.sources.items()})
+    self.stages = mixture.parse_stages(data_cfg.mixture_stages, self.source_names)  # [(step, weights)]
     directory = resolve_cache_dir(data_cfg, cache_dir)
     self.sources = [tokenized.load(n, data_cfg.sources[n], tok, directory) for n in self.source_names]
     self.kinds = [data_cfg.sources[n].kind for n in self.source_names]
     self.val_fractions = [data_cfg.sources[n].val_fraction for n in self.source_names]
     self.train_rows = [self._rows(i, src.train, shuffle=True) for i, src in enumerate(self.sources)]
     for i, rows in enumerate(self.train_rows):
-      if rows.num_rows == 0 and self.weights[i] > 0:
+      if rows.num_rows == 0 and max([self.weights[i]] + [w[i] for _, w in self.stages]) > 0:
         raise ConfigError("data.context_length", self.T,
                           f"source '{self.source_names[i]}' has {self.sources[i].train.ids.size} training "
                           f"tokens, too few for one row of context_length+1={self.T + 1}")
-    self.mixture = mixture.Mixture(self.weights, seed)
+    self.mixture = mixture.build(self.weights, self.stages, batch_size * process_count, seed)
     self._last_step = -1
 
   def _rows(self, i: int, split, shuffle: bool):
@@ -125,7 +126,8 @@ class Pipeline:
     steps = self._last_step + 1 if step is None else step
     total_rows = steps * self.batch_size * self.process_count
     rows_S = self.mixture.rows_per_source(total_rows)
-    out = {"steps": steps, "global_rows": total_rows, "tokens": total_rows * self.T, "sources": {}}
+    out = {"steps": steps, "global_rows": total_rows, "tokens": total_rows * self.T, "sources": {},
+           "stages": [{"step": st, "weights": dict(zip(self.source_names, w.tolist()))} for st, w in self.stages]}
     for i, (name, src, rows) in enumerate(zip(self.source_names, self.sources, self.train_rows)):
       d = {"kind": self.kinds[i], "weight": float(self.weights[i]),
            "realised_share": float(rows_S[i] / max(total_rows, 1)),

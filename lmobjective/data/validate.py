@@ -29,6 +29,7 @@ def validate(cfg) -> None:
   for name in cfg.data.sources:
     _validate_source(cfg, name)
   mixture.normalise({n: s.weight for n, s in cfg.data.sources.items()})
+  mixture.parse_stages(cfg.data.mixture_stages, tuple(cfg.data.sources.keys()))
 
 
 def _validate_tokenizer(cfg) -> None:
