@@ -68,6 +68,11 @@ def test_context_length_spec_holds_tokens_per_step(tmp_path):
   assert [config_lib.max_len(c) for c in cfgs] == [64, 128, 256, 512]  # max_len follows when unset
   mix = sweep.plan(os.path.join(ROOT, "experiments/mixture_ablation.py:quick"), str(tmp_path), {})
   assert len(mix["runs"]) == 8 and "code60-prose30-markov10" in mix["runs"]
+  anneal = sweep.plan(os.path.join(ROOT, "experiments/anneal_ablation.py:quick"), str(tmp_path / "a"), {})
+  cfgs = {n: sweep_spec.run_config(anneal["config"], ov) for n, ov in anneal["runs"].items()}
+  assert cfgs["none"].data.mixture_stages == ""
+  assert cfgs["anneal_markov"].data.mixture_stages == "160:code=0.15,prose=0.15,markov=0.7"
+  assert "--config.data.mixture_stages=160:code=0.7,prose=0.15,markov=0.15" in sweep.command(anneal, "anneal_code")
 
 
 @pytest.mark.parametrize("spec_text,needle", [
