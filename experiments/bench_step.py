@@ -4,7 +4,7 @@
     python experiments/bench_step.py --config=configs/tiny.py --config.objective.loss_chunk_size=16
 
 The step is the framework's own `step.train_step`, jitted with the same shardings and donation
-as `train.build` (data is a fixed random batch already on device, so the figure is the model
+as `experiment.build` (data is a fixed random batch already on device, so the figure is the model
 and optimizer, not the input pipeline; bench_data.py measures that). MFU uses nanoGPT's
 formula, `model.flops_per_token` = 6N + 12*L*D*T per token, over the device's dense peak for
 the config's compute dtype (`hardware.PEAK_FLOPS`; CPUs have no entry and report no MFU).
@@ -36,7 +36,7 @@ class StepBench:
     self.mesh = mesh = sharding.make_mesh(config.mesh, devices)
     B, T, k = config.train.batch_size, config.data.context_length, config.train.grad_accum_steps
     self.tokens_per_step = B * T
-    with sharding.activate(mesh):  # mirrors train.build
+    with sharding.activate(mesh):  # mirrors experiment.build
       params_sharding = sharding.param_shardings(model, mesh, (B // k, T))
       init = functools.partial(step.init_state, model, tx, batch_shape=(B // k, T))
       state_sharding = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)),

@@ -24,7 +24,7 @@ def worker(workdir: str, process_id: int, num_processes: int, port: int) -> dict
   import jax
 
   jax.config.update("jax_num_cpu_devices", DEVICES // num_processes)
-  from lmobjective import distributed, train
+  from lmobjective import distributed, experiment
   from lmobjective.config import load_config_file
 
   config = load_config_file(os.path.join(ROOT, "configs/tiny.py"))
@@ -35,14 +35,14 @@ def worker(workdir: str, process_id: int, num_processes: int, port: int) -> dict
     config.distributed.num_processes = num_processes
     config.distributed.process_id = process_id
   distributed.setup(config)  # before any backend use
-  exp = train.build(config, os.path.join(workdir, f"run{num_processes}"))
+  exp = experiment.build(config, os.path.join(workdir, f"run{num_processes}"))
   state = exp.init_fn(jax.random.key(config.seed))
   it = exp.pipeline.train_iterator()
   losses = []
   for _ in range(STEPS):
-    state, metrics = exp.train_fn(state, train._device_batch(exp, next(it)))
+    state, metrics = exp.train_fn(state, experiment.device_batch(exp, next(it)))
     losses.append(float(metrics["loss"]))
-  val = train.evaluate(exp, state.params)["val_loss"]
+  val = experiment.evaluate(exp, state.params)["val_loss"]
   out = {"losses": losses, "val_loss": val, "process_count": jax.process_count(),
          "devices": jax.device_count(), "local_devices": jax.local_device_count(),
          "mesh": dict(exp.mesh.shape), "lead": distributed.is_lead()}

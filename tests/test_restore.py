@@ -25,7 +25,7 @@ import dataclasses, json, sys
 import jax
 assert jax.device_count() == 8
 import lmobjective
-from lmobjective import train
+from lmobjective import experiment, train
 from lmobjective.config import load_config_file
 cache, workdir, text, overrides = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 c = load_config_file("configs/tiny.py")
@@ -35,7 +35,7 @@ for k, v in overrides.items():
   for p in parents: node = node[p]
   node[leaf] = v
 train.run(c, workdir)
-exp = train.build(c, workdir)
+exp = experiment.build(c, workdir)
 state, *_ = train.restore_or_init(exp, train.ckpt_lib.make_manager(workdir, c.checkpoint), exp.pipeline.train_iterator())
 kernel = state.params["block_0"]["mlp"]["up"]["kernel"]
 assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated

@@ -35,14 +35,14 @@ def _local_shape(x):
 def _run_mesh(config, mesh_shape, workdir, batches):
   import jax
 
-  from lmobjective import train
+  from lmobjective import experiment
 
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_shape
-  exp = train.build(config, workdir, devices=jax.devices()[: int(np.prod(mesh_shape))])
+  exp = experiment.build(config, workdir, devices=jax.devices()[: int(np.prod(mesh_shape))])
   state = exp.init_fn(jax.random.key(config.seed))
   losses = []
   for b in batches:
-    state, metrics = exp.train_fn(state, train._device_batch(exp, b))
+    state, metrics = exp.train_fn(state, experiment.device_batch(exp, b))
     losses.append(float(metrics["loss"]))
   return exp, state, losses
 
@@ -51,11 +51,11 @@ def worker(workdir: str, break_mesh: bool = False) -> dict:
   import jax
 
   from lmobjective import checkpoint as ckpt_lib
-  from lmobjective import sharding, train
+  from lmobjective import experiment, sharding
 
   assert jax.device_count() == 8
   config = tiny_config(os.path.join(workdir, "cache"))
-  exp0 = train.build(config, workdir, devices=jax.devices()[:1])
+  exp0 = experiment.build(config, workdir, devices=jax.devices()[:1])
   it = exp0.pipeline.train_iterator()
   batches = [next(it) for _ in range(STEPS)]
   eval_batch = exp0.eval_sets["code"][0]
@@ -80,16 +80,16 @@ def worker(workdir: str, break_mesh: bool = False) -> dict:
       mngr = ckpt_lib.make_manager(os.path.join(workdir, "fsdp_run"))
       ckpt_lib.save(mngr, state, {}, config)
       mngr.wait_until_finished()
-      out["eval_saved"] = float(exp.eval_fn(state.params, train._device_batch(exp, eval_batch)).loss_sum)
+      out["eval_saved"] = float(exp.eval_fn(state.params, experiment.device_batch(exp, eval_batch)).loss_sum)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
-  one = train.build(config, workdir, devices=jax.devices()[:1])
+  one = experiment.build(config, workdir, devices=jax.devices()[:1])
   shape = jax.eval_shape(one.init_fn, jax.random.key(0))
   target = sharding.abstract_state(shape, one.state_sharding)
   mngr = ckpt_lib.make_manager(os.path.join(workdir, "fsdp_run"), read_only=True)
   restored, _, _ = ckpt_lib.restore_latest(mngr, os.path.join(workdir, "fsdp_run"), target)
   out["restored_devices"] = len(restored.params["token_embed"]["embedding"].sharding.device_set)
-  out["eval_restored"] = float(one.eval_fn(restored.params, train._device_batch(one, eval_batch)).loss_sum)
-  out["num_tokens"] = int(one.eval_fn(restored.params, train._device_batch(one, eval_batch)).num_tokens)
+  out["eval_restored"] = float(one.eval_fn(restored.params, experiment.device_batch(one, eval_batch)).loss_sum)
+  out["num_tokens"] = int(one.eval_fn(restored.params, experiment.device_batch(one, eval_batch)).num_tokens)
   return out
 
 

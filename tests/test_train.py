@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from lmobjective import metrics_log, train
+from lmobjective import experiment, metrics_log, train
 from lmobjective.config import load_config_file
 from _tiny import tiny_config
 
@@ -126,7 +126,7 @@ def test_tokens_per_sec_counts_device_time_not_dispatch(tmp_path):
 
   step_seconds, per_step = 0.02, 8 * 32
   cfg = tiny(tmp_path, **{"train.steps": 12, "train.log_every_steps": 4, "eval.num_batches": 0})
-  exp = train.build(cfg, str(tmp_path / "run"))
+  exp = experiment.build(cfg, str(tmp_path / "run"))
   nap = lambda x: (time.sleep(step_seconds), x)[1]
   slow = jax.jit(lambda m: {**m, "loss": jax.pure_callback(nap, jax.ShapeDtypeStruct((), jnp.float32), m["loss"])})
   fast_fn = exp.train_fn

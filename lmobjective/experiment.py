@@ -1,0 +1,163 @@
+"""An experiment built from a config: data pipeline, model, mesh, jitted train/eval steps, and eval.
+
+`build(config, workdir)` is everything a run needs before its first step (`train.run` adds the loop,
+checkpoints and logs); notebooks and tests use it to step a model by hand:
+
+    exp = experiment.build(config, workdir)
+    state = exp.init_fn(jax.random.key(config.seed))
+    state, metrics = exp.train_fn(state, experiment.device_batch(exp, next(exp.pipeline.train_iterator())))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from lmobjective import checkpoint as ckpt_lib
+from lmobjective import config as config_lib
+from lmobjective import data, hardware, objective, sharding, step
+from lmobjective.model import ModelConfig, Transformer, flops_per_token
+from lmobjective.optimizer import make_optimizer
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything a run needs, built once from the config."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: Any
+  model: Transformer
+  model_cfg: ModelConfig
+  tx: optax.GradientTransformation
+  tokenizer: Any
+  pipeline: Any
+  state_sharding: Any
+  train_fn: Any
+  eval_fn: Any
+  init_fn: Any
+  eval_sets: dict[str, list[dict]]
+  flops_per_token: float
+  peak_flops: float | None
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  ckpt_lib.validate(config)
+  config_lib.validate(config)
+  data.validate(config)
+
+
+def _check_batch_divides(config, mesh) -> None:
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = config.train.batch_size // config.train.grad_accum_steps
+  if micro % dp:
+    raise config_lib.ConfigError(
+        "train.batch_size", config.train.batch_size,
+        f"batch_size/grad_accum_steps={micro} must be divisible by the data*fsdp mesh size {dp}")
+  if config.eval.batch_size % dp or config.eval.batch_size % jax.process_count():
+    raise config_lib.ConfigError("eval.batch_size", config.eval.batch_size,
+                                 f"must be divisible by the data*fsdp mesh size {dp}")
+
+
+def _check_same_tokenizer(tokenizer, workdir: str) -> None:
+  """Each process trained or loaded its own tokenizer; one that differs would feed other token ids."""
+  from jax.experimental import multihost_utils
+  mine = np.frombuffer(bytes.fromhex(tokenizer.fingerprint()), np.uint8)
+  every = np.asarray(multihost_utils.process_allgather(mine))
+  if (every != every[0]).any():
+    raise config_lib.ConfigError("data.tokenizer", os.path.join(workdir, "tokenizer"),
+                                 f"differs across processes (fingerprints {[bytes(f).hex() for f in every]})")
+
+
+def _guarded_step(train_step, state, batch):
+  """`train_step`, except that a non-finite loss or gradient leaves params and optimizer state as they were.
+
+  The step counter still advances (the data moves on); metrics['finite'] tells the host, which
+  stops (train.nan_policy='stop') or logs the skip. `where(True, new, old)` is `new` bit for bit.
+  """
+  new, metrics = train_step(state, batch)
+  ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+  keep = lambda n, o: jnp.where(ok, n, o)
+  new = new.replace(params=jax.tree.map(keep, new.params, state.params),
+                    opt_state=jax.tree.map(keep, new.opt_state, state.opt_state))
+  return new, {**metrics, "finite": ok}
+
+
+def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Experiment:
+  """`devices`: the devices to lay the mesh over (default: all of every process)."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  _check_batch_divides(config, mesh)
+  tokenizer = data.build_tokenizer(config.data, workdir)
+  n_proc = jax.process_count()
+  if n_proc > 1:
+    _check_same_tokenizer(tokenizer, workdir)
+  pipeline = data.build_pipeline(
+      config.data, tokenizer, seed=config.seed, batch_size=config.train.batch_size // n_proc,
+      process_index=jax.process_index(), process_count=n_proc, cache_dir=config.data.cache_dir)
+  model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size, config.data.context_length)
+  if model_cfg.vocab_size < tokenizer.vocab_size:
+    raise config_lib.ConfigError("model.vocab_size", model_cfg.vocab_size,
+                                 f"must be >= the tokenizer's vocabulary {tokenizer.vocab_size}")
+  model = Transformer(model_cfg)
+  tx = make_optimizer(config.optimizer, config.train.steps)
+  T = config.data.context_length
+  micro_shape = (config.train.batch_size // config.train.grad_accum_steps, T)
+  with sharding.activate(mesh):
+    params_sharding = sharding.param_shardings(model, mesh, micro_shape)
+    init = functools.partial(step.init_state, model, tx, batch_shape=micro_shape)
+    state_shape = jax.eval_shape(init, jax.random.key(0))
+    state_sharding = sharding.state_shardings(state_shape, params_sharding, tx, mesh)
+  init_fn = jax.jit(init, out_shardings=state_sharding)
+  batch_shard, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  train_fn = jax.jit(
+      functools.partial(_guarded_step, functools.partial(step.train_step, model=model, tx=tx,
+                        grad_accum_steps=config.train.grad_accum_steps, z_loss=config.objective.z_loss,
+                        loss_chunk_size=config.objective.loss_chunk_size)),
+      in_shardings=(state_sharding, batch_shard), out_shardings=(state_sharding, rep), donate_argnums=0)
+  token_bytes = jnp.asarray(tokenizer.token_byte_lengths(), jnp.int32)
+  eval_fn = jax.jit(
+      lambda params, batch: step.eval_step(params, batch, model=model, token_bytes_V=token_bytes,
+                                           loss_chunk_size=config.objective.loss_chunk_size),
+      in_shardings=(params_sharding, batch_shard), out_shardings=rep)
+  per_proc_eval = config.eval.batch_size // n_proc
+  eval_sets = {name: pipeline.eval_batches(name, config.eval.num_batches, per_proc_eval)
+               for name in pipeline.source_names} if config.eval.num_batches else {}
+  return Experiment(
+      config=config, workdir=workdir, mesh=mesh, model=model, model_cfg=model_cfg, tx=tx,
+      tokenizer=tokenizer, pipeline=pipeline, state_sharding=state_sharding, train_fn=train_fn,
+      eval_fn=eval_fn, init_fn=init_fn, eval_sets=eval_sets,
+      flops_per_token=flops_per_token(model_cfg, T),
+      peak_flops=hardware.peak_flops_per_device(config.model.compute_dtype))
+
+
+def device_batch(exp: Experiment, host_batch: dict) -> dict:
+  fields = {k: host_batch[k] for k in step.MODEL_FIELDS}
+  with sharding.activate(exp.mesh):
+    return sharding.global_batch(fields, exp.mesh)
+
+
+def evaluate(exp: Experiment, params) -> dict[str, float]:
+  """val_loss, val_perplexity, val_bits_per_byte overall (token-weighted) and per source."""
+  out, totals = {}, np.zeros(3)
+  for name, batches in exp.eval_sets.items():
+    sums = np.zeros(3)  # loss_sum, num_tokens, bytes_sum
+    for host_batch in batches:
+      s = exp.eval_fn(params, device_batch(exp, host_batch))
+      sums += np.array([float(s.loss_sum), float(s.num_tokens), float(s.bytes_sum)])
+    m = objective.summarize(sums[0], sums[1], sums[2])
+    out[f"val_loss/{name}"] = m["loss"]
+    if "bits_per_byte" in m:
+      out[f"val_bits_per_byte/{name}"] = m["bits_per_byte"]
+    totals += sums
+  if totals[1] > 0:
+    m = objective.summarize(*totals)
+    out.update(val_loss=m["loss"], val_perplexity=m["perplexity"],
+               val_bits_per_token=m["bits_per_token"], val_bits_per_byte=m.get("bits_per_byte"))
+  return {k: v for k, v in out.items() if v is not None}
