@@ -161,6 +161,8 @@ def check_config(saved: dict, current: dict, allow_change: bool, step: int) -> N
   exactly as before, so the resume stays exact.
   """
   changed = config_changes(saved, current)
+  if "data.mixture_stages" in changed and _mixture_changes_from(saved, current) is None:
+    changed.remove("data.mixture_stages")  # the same schedule written differently, or absent (older runs)
   if not changed:
     return
   unsafe = [k for k in changed if not k.startswith(SAFE_CHANGES)] if allow_change else changed

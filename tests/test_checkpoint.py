@@ -286,3 +286,18 @@ def test_a_mixture_stage_added_on_resume_equals_having_it_from_the_start(tmp_pat
   last = lambda w: [r for r in metrics_log.read_metrics(str(w)) if "train_loss" in r][-1]
   assert {k: v for k, v in last(workdir).items() if k.startswith("tokens/")} == \
          {k: v for k, v in last(staged).items() if k.startswith("tokens/")}
+
+
+def test_mixture_stage_changes_are_judged_by_the_batches_they_change(tmp_path):
+  cfg = lambda stages="": ckpt_lib.config_json(tiny(tmp_path, **{"data.mixture_stages": stages}))
+  older = cfg()
+  del older["data"]["mixture_stages"]  # a run from before the key existed: no stages
+  ckpt_lib.check_config(older, cfg(), False, 6)
+  ckpt_lib.check_config(cfg(f"8:{STAGE}"), cfg(f" 8:{STAGE} ;"), False, 6)  # the same schedule, respelled
+  ckpt_lib.check_config(cfg(), cfg(f"6:{STAGE}"), True, 6)  # from the checkpoint's step on: allowed
+  for saved, current, allow in [(cfg(), cfg(f"6:{STAGE}"), False),  # a change needs the flag
+                                (cfg(), cfg(f"5:{STAGE}"), True),  # batch 5 was trained on already
+                                (cfg(f"4:{STAGE}"), cfg(), True)]:
+    with pytest.raises(config_lib.ConfigError, match="data.mixture_stages") as e:
+      ckpt_lib.check_config(saved, current, allow, 6)
+    assert "\n" not in str(e.value)
