@@ -161,15 +161,13 @@ def check_config(saved: dict, current: dict, allow_change: bool, step: int) -> N
   exactly as before, so the resume stays exact.
   """
   changed = config_changes(saved, current)
-  if "data.mixture_stages" in changed and _mixture_changes_from(saved, current) is None:
-    changed.remove("data.mixture_stages")  # the same schedule written differently, or absent (older runs)
+  if "data.mixture_stages" in changed:
+    first = _mixture_changes_from(saved, current)  # None: the same schedule respelled, or absent (older runs)
+    if first is None or (allow_change and first >= step):
+      changed.remove("data.mixture_stages")
   if not changed:
     return
   unsafe = [k for k in changed if not k.startswith(SAFE_CHANGES)] if allow_change else changed
-  if allow_change and "data.mixture_stages" in unsafe:
-    first = _mixture_changes_from(saved, current)
-    if first is None or first >= step:
-      unsafe.remove("data.mixture_stages")
   if unsafe:
     a, b = _flatten(saved), _flatten(current)
     diffs = ", ".join(f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in unsafe)

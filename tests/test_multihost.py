@@ -114,6 +114,8 @@ def _by_step(records, key):
 def test_training_cli_on_two_processes_matches_one_process(tmp_path):
   """The whole `train.run` (tokenizer, cache, loop, evals, checkpoints, plots) over 2 processes x 2
   devices, both starting on an empty cache at once, against 1 process x 4 devices."""
+  import jax
+
   import lmobjective
   from lmobjective import metrics_log
 
@@ -139,7 +141,7 @@ def test_training_cli_on_two_processes_matches_one_process(tmp_path):
   # single-process run's.
   a, b = lmobjective.restore(str(one)), lmobjective.restore(str(two))
   assert a.step == b.step == 8 and a.tokenizer.fingerprint() == b.tokenizer.fingerprint()
-  for x, y in zip(jax_leaves(a.params), jax_leaves(b.params)):  # 8 Adam steps: summation-order
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):  # 8 Adam steps: summation-order
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-4, rtol=0)  # noise is ~1e-5
   # Both processes resume from it: the run goes on to step 10 with every step logged once.
   lead, other = _train_cli(two, tmp_path / "cache2", 2, 2, "--config.train.steps=10",
@@ -148,11 +150,6 @@ def test_training_cli_on_two_processes_matches_one_process(tmp_path):
   got = metrics_log.read_metrics(str(two))
   assert [r["step"] for r in got if "train_loss" in r] == list(range(1, 11))
   assert lmobjective.restore(str(two)).step == 10
-
-
-def jax_leaves(tree):
-  import jax
-  return jax.tree.leaves(tree)
 
 
 def test_xla_gpu_flags_are_appended_once_and_parse(tmp_path):

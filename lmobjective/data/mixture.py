@@ -151,7 +151,7 @@ class StagedMixture:
     return src, ctr
 
   def rows_per_source(self, num_rows: int) -> np.ndarray:
-    k = int(self._stage(np.array([num_rows]))[0]) if num_rows else 0
+    k = int(self._stage(np.array([num_rows]))[0])
     return self.base[k] + self.parts[k].rows_per_source(num_rows - int(self.starts[k]))
 
 
