@@ -41,11 +41,11 @@ class StepBench:
       init = functools.partial(step.init_state, model, tx, batch_shape=(B // k, T))
       state_sharding = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)),
                                                 params_sharding, tx, mesh)
-    self.init_fn = jax.jit(init, out_shardings=state_sharding)
-    self.train_fn = jax.jit(
+    self.init_fn = sharding.Program(init, mesh, out_shardings=state_sharding)
+    self.train_fn = sharding.Program(
         functools.partial(step.train_step, model=model, tx=tx, grad_accum_steps=k,
                           z_loss=config.objective.z_loss,
-                          loss_chunk_size=config.objective.loss_chunk_size),
+                          loss_chunk_size=config.objective.loss_chunk_size), mesh,
         in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
         out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
     rng = np.random.default_rng(seed)
@@ -60,7 +60,7 @@ class StepBench:
     """Seconds to lower and compile the train step (also initialises the state)."""
     self.state = self.init_fn(jax.random.key(self.config.seed))
     t0 = time.perf_counter()
-    self.compiled = self.train_fn.lower(self.state, self.batch).compile()
+    self.compiled = self.train_fn.compile(self.state, self.batch)
     self.compile_seconds = time.perf_counter() - t0
     return self.compile_seconds
 

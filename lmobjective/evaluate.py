@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
@@ -33,8 +31,7 @@ def evaluate_source(run: inspection.Run, name: str, num_batches: int | None = No
   batch_size = int(cfg.eval.batch_size)
   pipe = data.build_pipeline(cfg.data, run.tokenizer, seed=cfg.seed, batch_size=batch_size,
                              cache_dir=cfg.data.cache_dir)
-  token_bytes = jnp.asarray(run.tokenizer.token_byte_lengths(), jnp.int32)
-  fn = jax.jit(lambda params, batch: step.eval_step(params, batch, model=run.model, token_bytes_V=token_bytes))
+  fn = run.eval_program
   sums = np.zeros(3)
   for batch in pipe.eval_batches(name, num_batches or int(cfg.eval.num_batches), batch_size):
     s = fn(run.params, {k: batch[k] for k in step.MODEL_FIELDS})

@@ -114,18 +114,19 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Expe
     init = functools.partial(step.init_state, model, tx, batch_shape=micro_shape)
     state_shape = jax.eval_shape(init, jax.random.key(0))
     state_sharding = sharding.state_shardings(state_shape, params_sharding, tx, mesh)
-  init_fn = jax.jit(init, out_shardings=state_sharding)
+  init_fn = sharding.Program(init, mesh, out_shardings=state_sharding)
   batch_shard, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  train_fn = jax.jit(
+  train_fn = sharding.Program(
       functools.partial(_guarded_step, functools.partial(step.train_step, model=model, tx=tx,
                         grad_accum_steps=config.train.grad_accum_steps, z_loss=config.objective.z_loss,
                         loss_chunk_size=config.objective.loss_chunk_size)),
-      in_shardings=(state_sharding, batch_shard), out_shardings=(state_sharding, rep), donate_argnums=0)
+      mesh, in_shardings=(state_sharding, batch_shard), out_shardings=(state_sharding, rep),
+      donate_argnums=0)
   token_bytes = jnp.asarray(tokenizer.token_byte_lengths(), jnp.int32)
-  eval_fn = jax.jit(
+  eval_fn = sharding.Program(
       lambda params, batch: step.eval_step(params, batch, model=model, token_bytes_V=token_bytes,
                                            loss_chunk_size=config.objective.loss_chunk_size),
-      in_shardings=(params_sharding, batch_shard), out_shardings=rep)
+      mesh, in_shardings=(params_sharding, batch_shard), out_shardings=rep)
   per_proc_eval = config.eval.batch_size // n_proc
   eval_sets = {name: pipeline.eval_batches(name, config.eval.num_batches, per_proc_eval)
                for name in pipeline.source_names} if config.eval.num_batches else {}
@@ -138,9 +139,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Expe
 
 
 def device_batch(exp: Experiment, host_batch: dict) -> dict:
-  fields = {k: host_batch[k] for k in step.MODEL_FIELDS}
-  with sharding.activate(exp.mesh):
-    return sharding.global_batch(fields, exp.mesh)
+  return sharding.global_batch({k: host_batch[k] for k in step.MODEL_FIELDS}, exp.mesh)
 
 
 def evaluate(exp: Experiment, params) -> dict[str, float]:

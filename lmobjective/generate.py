@@ -5,7 +5,10 @@ each step attending to the cached keys/values of all earlier tokens. Uncached: t
 goes through the ordinary training forward every step and the logits at the last filled position
 are used (causal attention makes the empty tail irrelevant). Both use the same sampler and the
 same per-step keys, so greedy decoding gives the same tokens and sampling the same draws up to
-float rounding of the logits.
+float rounding of the logits. Neither builds [B, M, V] logits: the head runs only at the position
+sampled from (the prefill's last token; the reference's last filled position), which keeps
+large vocabularies cheap. Both are pure functions; callers jit them (`inspection.Run` through a
+`sharding.Program`, with `model` and the sampling settings static).
 
 Shape legend: B batch, P prompt tokens, N new tokens, M = P + N, V vocabulary.
 """
@@ -31,7 +34,6 @@ def sample(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_k: int
   return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k"))
 def generate_cached(model: Transformer, params, prompt_BxP: jax.Array, key: jax.Array, *,
                     max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None) -> jax.Array:
   """New token ids [B, N] after `prompt_BxP`, decoding with a KV cache of M = P + N slots."""
@@ -39,8 +41,8 @@ def generate_cached(model: Transformer, params, prompt_BxP: jax.Array, key: jax.
   N = max_new_tokens
   decode = functools.partial(model.apply, {"params": params}, method=Transformer.decode)
   cache = init_cache(model.cfg, B, P + N)
-  logits_BxPxV, cache = decode(prompt_BxP, jnp.broadcast_to(jnp.arange(P), (B, P)), cache)
-  first_B = sample(logits_BxPxV[:, -1], jax.random.fold_in(key, 0), temperature, top_k)
+  logits_Bx1xV, cache = decode(prompt_BxP, jnp.broadcast_to(jnp.arange(P), (B, P)), cache, last_only=True)
+  first_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(key, 0), temperature, top_k)
 
   def step(carry, t):
     tok_B, cache = carry
@@ -52,7 +54,6 @@ def generate_cached(model: Transformer, params, prompt_BxP: jax.Array, key: jax.
   return jnp.concatenate([toks_NxB.T, last_B[:, None]], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k"))
 def generate_uncached(model: Transformer, params, prompt_BxP: jax.Array, key: jax.Array, *,
                       max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None) -> jax.Array:
   """The reference: a full training forward over the [B, M] buffer for every new token."""
@@ -61,8 +62,9 @@ def generate_uncached(model: Transformer, params, prompt_BxP: jax.Array, key: ja
   buf_BxM = jnp.zeros((B, P + N), jnp.int32).at[:, :P].set(prompt_BxP)
 
   def step(buf_BxM, t):
-    logits_BxMxV = model.apply({"params": params}, buf_BxM)
-    last_BxV = jax.lax.dynamic_index_in_dim(logits_BxMxV, P + t - 1, axis=1, keepdims=False)
+    h_BxMxD = model.apply({"params": params}, buf_BxM, method="hidden_states")
+    h_Bx1xD = jax.lax.dynamic_slice_in_dim(h_BxMxD, P + t - 1, 1, axis=1)
+    last_BxV = model.apply({"params": params}, h_Bx1xD, method="head")[:, 0]
     tok_B = sample(last_BxV, jax.random.fold_in(key, t), temperature, top_k)
     return jax.lax.dynamic_update_slice_in_dim(buf_BxM, tok_B[:, None], P + t, axis=1), None
 

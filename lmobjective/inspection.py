@@ -22,7 +22,7 @@ import numpy as np
 
 from lmobjective import checkpoint as ckpt_lib
 from lmobjective import generate as gen
-from lmobjective import metrics_log, objective
+from lmobjective import metrics_log, objective, sharding, step
 from lmobjective.data import tokenizers
 from lmobjective.model import ModelConfig, Transformer
 
@@ -68,15 +68,46 @@ class Run:
   # ---- scoring ------------------------------------------------------------------------------
 
   @functools.cached_property
-  def _token_losses(self):
-    def fn(params, inputs_BxT, positions_BxT, targets_BxT, mask_BxT):
-      logits = self.model.apply({"params": params}, inputs_BxT, positions_BxT, mask_BxT.astype(jnp.int32))
-      return objective.token_losses(logits, targets_BxT, mask_BxT)
-    return jax.jit(fn)
+  def mesh(self):
+    """The mesh the params live on (one device after `restore`; the training mesh for live,
+    sharded params): every program here is compiled with its rules bound."""
+    placed = jax.tree.leaves(self.params)[0].sharding
+    if isinstance(placed, jax.sharding.NamedSharding):
+      return placed.mesh
+    return sharding.single_device_mesh(next(iter(placed.device_set)))
 
   @functools.cached_property
-  def _logits(self):
-    return jax.jit(lambda params, inputs_BxT: self.model.apply({"params": params}, inputs_BxT))
+  def _token_losses(self):
+    chunk = int(self.config.objective.loss_chunk_size)
+
+    def fn(params, inputs_BxT, positions_BxT, targets_BxT, mask_BxT):
+      batch = {"inputs": inputs_BxT, "positions": positions_BxT, "targets": targets_BxT,
+               "loss_mask": mask_BxT, "segment_ids": mask_BxT.astype(jnp.int32)}
+      return objective.score(self.model, params, batch, chunk_size=chunk)
+    return sharding.Program(fn, self.mesh)
+
+  @functools.cached_property
+  def eval_program(self):
+    """`step.eval_step` as a Program on this run's mesh, chunked as the run was (`evaluate --source`)."""
+    token_bytes = jnp.asarray(self.tokenizer.token_byte_lengths(), jnp.int32)
+    chunk = int(self.config.objective.loss_chunk_size)
+    return sharding.Program(lambda params, batch: step.eval_step(
+        params, batch, model=self.model, token_bytes_V=token_bytes, loss_chunk_size=chunk), self.mesh)
+
+  @functools.cached_property
+  def _last_logits(self):
+    def fn(params, inputs_BxT):
+      h_BxTxD = self.model.apply({"params": params}, inputs_BxT, method="hidden_states")
+      return self.model.apply({"params": params}, h_BxTxD[:, -1:], method="head")[:, 0]
+    return sharding.Program(fn, self.mesh)
+
+  @functools.cached_property
+  def _generate(self):
+    static = ("max_new_tokens", "temperature", "top_k")
+    return {True: sharding.Program(functools.partial(gen.generate_cached, self.model), self.mesh,
+                                   static_argnames=static),
+            False: sharding.Program(functools.partial(gen.generate_uncached, self.model), self.mesh,
+                                    static_argnames=static)}
 
   def _chunks(self, ids: list[int]):
     """(inputs, positions, targets, mask) [C, T] for a document: EOS + ids, cut into T-token rows."""
@@ -117,7 +148,7 @@ class Run:
     """The model's top-k (token, id, probability) for the token after `prefix`, most likely first."""
     ids = [self.tokenizer.eos_id] + self.tokenizer.encode(prefix)
     ids = ids[-self.context_length:]
-    logits = self._logits(self.params, np.asarray([ids], np.int32))[0, -1]
+    logits = self._last_logits(self.params, np.asarray([ids], np.int32))[0]
     probs = np.asarray(jax.nn.softmax(logits.astype(jnp.float32)))
     top = np.argsort(-probs, kind="stable")[:top_k]
     return [(self.tokenizer.decode([int(i)]), int(i), float(probs[i])) for i in top]
@@ -132,9 +163,9 @@ class Run:
     ids = [self.tokenizer.eos_id] + self.tokenizer.encode(prompt)
     if cfg.position == "learned":
       ids = ids[-(cfg.max_len - max_new_tokens):]  # learned positions end at max_len
-    fn = gen.generate_cached if use_cache else gen.generate_uncached
-    out = fn(self.model, self.params, jnp.asarray([ids], jnp.int32), jax.random.key(seed),
-             max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k)
+    out = self._generate[bool(use_cache)](
+        self.params, np.asarray([ids], np.int32), jax.random.key(seed),
+        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k)
     return [int(t) for t in np.asarray(out)[0]]
 
   def generate(self, prompt: str, max_new_tokens: int = 50, temperature: float = 1.0,

@@ -100,6 +100,22 @@ class Projection(nn.Module):
     return y
 
 
+class Embed(nn.Embed):
+  """`nn.Embed` whose lookup reads the table gathered over `fsdp`, as FSDP uses every weight.
+
+  Without this, GSPMD gathers rows from a table split along D over `fsdp` and then cannot turn
+  the result (embed-sharded) into the batch-sharded activation the backbone declares: it
+  replicates the whole [B,T,D] tensor ("involuntary full rematerialization"). Gathering the
+  table first is one all-gather of V*D/tensor; the vocabulary stays split over `tensor`
+  (Megatron's vocab-parallel lookup: a masked gather and an all-reduce).
+  """
+  lookup_axes: tuple[str | None, ...] = ("vocab", None)
+
+  def __call__(self, inputs):
+    (embedding,) = self.promote_dtype(self.embedding, dtype=self.dtype, inexact=False)
+    return jnp.take(nn.with_logical_constraint(embedding, self.lookup_axes), inputs, axis=0)
+
+
 def _dense(cfg: ModelConfig, features, axes, std, name) -> nn.Module:
   features = features if isinstance(features, tuple) else (features,)
   return Projection(cfg, features, axes, std, name=name)
@@ -245,13 +261,13 @@ class Transformer(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    self.token_embed = nn.Embed(
+    self.token_embed = Embed(
         cfg.vocab_size, cfg.embed_dim, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
         embedding_init=_init(cfg.init_std, ("vocab", "embed")))
     if cfg.position == "learned":
-      self.position_embed = nn.Embed(
+      self.position_embed = Embed(
           cfg.max_len, cfg.embed_dim, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
-          embedding_init=_init(cfg.init_std, (None, "embed")))
+          embedding_init=_init(cfg.init_std, (None, "embed")), lookup_axes=(None, None))
     block = _block_class(cfg)
     if cfg.scan_layers:
       self.blocks = block(cfg, name="blocks")
@@ -287,15 +303,24 @@ class Transformer(nn.Module):
         new_cache.append(c)
     return x_BxTxD, new_cache
 
-  def decode(self, inputs_BxS, positions_BxS, cache):
+  def decode(self, inputs_BxS, positions_BxS, cache, last_only: bool = False):
     """Incremental forward for sampling: logits [B,S,V] of S new tokens and the updated cache.
 
     The same embed -> blocks -> head as `__call__`; attention reads the cached keys/values of
     earlier tokens (`init_cache`), so feeding a sequence in pieces gives the full-forward logits.
+    `last_only`: logits of the last new token only ([B,1,V]; a prefill needs no more).
     """
     x_BxSxD = self.embed(inputs_BxS, positions_BxS)
     x_BxSxD, cache = self._blocks(x_BxSxD, positions_BxS, None, True, cache)
+    if last_only:
+      x_BxSxD = x_BxSxD[:, -1:]
     return self.head(self.final_norm(x_BxSxD)), cache
+
+  def hidden_states(self, inputs_BxT, positions_BxT=None, segment_ids_BxT=None,
+                    deterministic: bool = True):
+    """Embeddings -> blocks -> final norm, no head: what `objective.score` feeds `head` (chunked or not)."""
+    x_BxTxD = self.embed(inputs_BxT, positions_BxT, deterministic)
+    return self.backbone(x_BxTxD, positions_BxT, segment_ids_BxT, deterministic)
 
   def head(self, h_BxTxD):
     if self.cfg.tie_embeddings:  # as a 2-D matmul, for the reason given in `Projection`
@@ -306,8 +331,7 @@ class Transformer(nn.Module):
     return nn.with_logical_constraint(logits_BxTxV, ("batch", "seq", "vocab"))
 
   def __call__(self, inputs_BxT, positions_BxT=None, segment_ids_BxT=None, deterministic: bool = True):
-    x_BxTxD = self.embed(inputs_BxT, positions_BxT, deterministic)
-    return self.head(self.backbone(x_BxTxD, positions_BxT, segment_ids_BxT, deterministic))
+    return self.head(self.hidden_states(inputs_BxT, positions_BxT, segment_ids_BxT, deterministic))
 
 
 def _positions(inputs_BxT, positions_BxT):

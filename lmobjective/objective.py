@@ -1,6 +1,8 @@
 """The objective: masked next-token cross-entropy, and the numbers researchers read off it.
 
-Teacher forcing happens once, in the batch (`inputs = tokens[:, :-1]`, `targets = tokens[:, 1:]`);
+`score(model, params, batch)` is the one entry point from a model to its losses: per-token
+`TokenLosses` (dense, or chunked so [B,T,V] logits never exist), which `loss_sums`,
+`sequence_sums` and the position bins reduce. Teacher forcing happens once, in the batch (`inputs = tokens[:, :-1]`, `targets = tokens[:, 1:]`);
 nothing here shifts. A target counts when `mask` is true AND the target id is >= 0 (so the
 `-100` ignore convention works with or without a mask). Losses are returned as a *sum* and a
 *count* so that means are token-weighted across sequences, microbatches, devices and hosts:
@@ -12,11 +14,13 @@ Shape legend: B batch, T positions, V vocabulary.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lmobjective import chunked_loss
 
 IGNORE_INDEX = -100
 LN2 = math.log(2.0)
@@ -31,20 +35,21 @@ def valid_targets(targets_BxT: jax.Array, mask_BxT: jax.Array | None = None) -> 
 
 
 class TokenLosses(NamedTuple):
-  """Per-position view of the objective (all float32 [B,T]; zeros where not valid)."""
-  nll: jax.Array  # -log p(target)
+  """Per-position view of the objective (float32 [B,T]; zeros where not valid)."""
+  nll: jax.Array  # -log p(target); the per-token log-probability is -nll
   p_target: jax.Array  # p(target) = exp(-nll)
   log_z: jax.Array  # logsumexp of the logits (for z-loss)
   correct: jax.Array  # 1.0 where argmax == target
-  valid: jax.Array  # bool
+  valid: jax.Array  # bool: the target is scored
+  target: jax.Array  # int32 target ids, 0 where not valid (safe to index with)
 
 
 def token_losses(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
                  mask_BxT: jax.Array | None = None) -> TokenLosses:
-  """-log p(target) at every position, computed with a float32 log-softmax."""
+  """-log p(target) at every position of `logits`, computed with a float32 log-softmax."""
   valid_BxT = valid_targets(targets_BxT, mask_BxT)
   logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-  safe_targets_BxT = jnp.where(valid_BxT, targets_BxT, 0)
+  safe_targets_BxT = jnp.where(valid_BxT, targets_BxT, 0).astype(jnp.int32)
   log_z_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
   target_logit_BxT = jnp.take_along_axis(logits_BxTxV, safe_targets_BxT[..., None], axis=-1)[..., 0]
   nll_BxT = jnp.where(valid_BxT, log_z_BxT - target_logit_BxT, 0.0)
@@ -52,7 +57,39 @@ def token_losses(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
   return TokenLosses(
       nll=nll_BxT, p_target=jnp.where(valid_BxT, jnp.exp(-nll_BxT), 0.0),
       log_z=jnp.where(valid_BxT, log_z_BxT, 0.0), correct=correct_BxT.astype(jnp.float32),
-      valid=valid_BxT)
+      valid=valid_BxT, target=safe_targets_BxT)
+
+
+def score(model, params, batch: dict, *, chunk_size: int = 0, deterministic: bool = True,
+          rngs=None) -> TokenLosses:
+  """The one way from a model to its losses: `TokenLosses` of `model` on `batch`.
+
+  Every caller (train and eval steps, loss by position, `evaluate`, the notebook, the coming
+  preference objectives) goes through here. The model gives final hidden states
+  (`Transformer.hidden_states`); its `head` turns them into logits. With `chunk_size` > 0 the
+  head and the loss run `chunk_size` positions at a time (`chunked_loss.map_chunks`), so no
+  program holds more than [B, chunk_size, V] logits, and the result (and its gradient) is the
+  dense one up to float rounding.
+
+  Args:
+    batch: `inputs`, `targets`, `positions`, `segment_ids` [B,T] and optional `loss_mask`.
+  """
+  variables = {"params": params}
+  h_BxTxD = model.apply(variables, batch["inputs"], batch["positions"], batch["segment_ids"],
+                        deterministic=deterministic, rngs=rngs, method="hidden_states")
+  head = lambda h: model.apply(variables, h, method="head")
+  return head_token_losses(head, h_BxTxD, batch["targets"], batch.get("loss_mask"), chunk_size)
+
+
+def head_token_losses(head_fn: Callable[[jax.Array], jax.Array], h_BxTxD: jax.Array,
+                      targets_BxT: jax.Array, mask_BxT: jax.Array | None = None,
+                      chunk_size: int = 0) -> TokenLosses:
+  """`token_losses(head_fn(h), ...)`, in chunks of `chunk_size` positions when > 0 (same values)."""
+  if not chunk_size:
+    return token_losses(head_fn(h_BxTxD), targets_BxT, mask_BxT)
+  valid_BxT = valid_targets(targets_BxT, mask_BxT)
+  chunk = lambda h_BxCxD, t_BxC, v_BxC: token_losses(head_fn(h_BxCxD), t_BxC, v_BxC)
+  return chunked_loss.map_chunks(chunk, h_BxTxD, (targets_BxT, valid_BxT), chunk_size)
 
 
 def accurate_sum(values: jax.Array, valid: jax.Array) -> jax.Array:
@@ -69,47 +106,56 @@ def accurate_sum(values: jax.Array, valid: jax.Array) -> jax.Array:
   return centre * count + residual
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array,
-                  mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Masked next-token cross-entropy as `(loss_sum, num_tokens)`.
-
-  Args:
-    logits: [..., V] in any float dtype; the log-softmax runs in float32.
-    targets: [...] int ids; negative ids (e.g. -100) are ignored.
-    mask: optional [...] bool/0-1; false positions are ignored.
-  Returns:
-    loss_sum: float32 sum of -log p(target) over valid positions (0.0 if none).
-    num_tokens: int32 count of valid positions. `loss_sum / num_tokens` is the mean loss in nats.
-  """
-  losses = token_losses(logits, targets, mask)
-  return accurate_sum(losses.nll, losses.valid), losses.valid.sum(dtype=jnp.int32)
-
-
 class LossSums(NamedTuple):
   """Sums over valid tokens; add them across microbatches/devices, then call `summarize`."""
   loss_sum: jax.Array  # sum of -log p(target), nats
-  num_tokens: jax.Array
+  num_tokens: jax.Array  # scored targets
   z_sum: jax.Array  # sum of logsumexp^2
   correct_sum: jax.Array
   bytes_sum: jax.Array  # UTF-8 bytes the valid targets stand for (0 if unknown)
 
 
-def loss_sums(logits_BxTxV, targets_BxT, mask_BxT=None, token_bytes_V=None) -> LossSums:
-  losses = token_losses(logits_BxTxV, targets_BxT, mask_BxT)
+def loss_sums(losses: TokenLosses, token_bytes_V: jax.Array | None = None) -> LossSums:
+  """The batch's sums; `token_bytes_V` (bytes per token id) gives bits per byte."""
   if token_bytes_V is None:
     bytes_sum = jnp.zeros((), jnp.float32)
   else:
-    safe = jnp.where(losses.valid, targets_BxT, 0)
-    bytes_sum = jnp.where(losses.valid, token_bytes_V[safe], 0).sum().astype(jnp.float32)
+    bytes_sum = jnp.where(losses.valid, token_bytes_V[losses.target], 0).sum().astype(jnp.float32)
   return LossSums(
       loss_sum=accurate_sum(losses.nll, losses.valid), num_tokens=losses.valid.sum(dtype=jnp.int32),
       z_sum=jnp.square(losses.log_z).sum(), correct_sum=losses.correct.sum(), bytes_sum=bytes_sum)
 
 
-def training_loss(sums: LossSums, z_loss: float) -> jax.Array:
-  """Mean token loss plus optional z-loss; an all-masked batch gives 0 (not NaN)."""
-  n = jnp.maximum(sums.num_tokens, 1).astype(jnp.float32)
-  return (sums.loss_sum + z_loss * sums.z_sum) / n
+def objective_sum(sums: LossSums, z_loss: float) -> jax.Array:
+  """What training differentiates: the loss sum plus z-loss; divided once by the batch's tokens."""
+  return sums.loss_sum + z_loss * sums.z_sum
+
+
+def sequence_sums(losses: TokenLosses, mask_BxT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Per row: (sum of log p(target), number of scored targets) over valid positions AND `mask`.
+
+  The log-probability of a response given its prompt is this sum with `mask` on the response
+  tokens (prompt tokens are never scored); divide by the count for the length-normalised mean.
+  """
+  keep_BxT = losses.valid if mask_BxT is None else losses.valid & mask_BxT.astype(bool)
+  logp_B = jnp.where(keep_BxT, -losses.nll, 0.0).sum(axis=-1)
+  return logp_B, keep_BxT.sum(axis=-1, dtype=jnp.int32)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array,
+                  mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Masked next-token cross-entropy of `logits` as `(loss_sum, num_tokens)`.
+
+  Args:
+    logits: [B, T, V] in any float dtype; the log-softmax runs in float32.
+    targets: [B, T] int ids; negative ids (e.g. -100) are ignored.
+    mask: optional [B, T] bool/0-1; false positions are ignored.
+  Returns:
+    loss_sum: float32 sum of -log p(target) over valid positions (0.0 if none).
+    num_tokens: int32 count of valid positions. `loss_sum / num_tokens` is the mean loss in nats.
+  """
+  sums = loss_sums(token_losses(logits, targets, mask))
+  return sums.loss_sum, sums.num_tokens
 
 
 def summarize(loss_sum, num_tokens, bytes_sum=None, correct_sum=None) -> dict[str, float]:

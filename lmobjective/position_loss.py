@@ -15,37 +15,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmobjective import objective, sharding
+from lmobjective import objective, sharding, step
 
 POSITION_FILE = "val_loss_by_position.json"
 
 
-def _sums_fn(model, T: int, document_masking: bool):
+def _sums_fn(exp):
+  """The per-position sums as a Program on the run's mesh (chunked like training)."""
+  T, masking = exp.config.data.context_length, bool(exp.config.data.document_masking)
+  chunk = exp.config.objective.loss_chunk_size
+
   def sums(params, batch):
-    logits_BxTxV = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                               batch["segment_ids"], deterministic=True)
-    losses = objective.token_losses(logits_BxTxV, batch["targets"], batch["loss_mask"])
-    pos_BxT = batch["positions"] if document_masking else jnp.broadcast_to(jnp.arange(T), losses.nll.shape)
+    losses = objective.score(exp.model, params, batch, chunk_size=chunk)
+    pos_BxT = batch["positions"] if masking else jnp.broadcast_to(jnp.arange(T), losses.nll.shape)
     pos = jnp.clip(pos_BxT, 0, T - 1).ravel()
     valid = losses.valid.ravel()
     s_T = jax.ops.segment_sum(jnp.where(valid, losses.nll.ravel(), 0.0), pos, num_segments=T)
     n_T = jax.ops.segment_sum(valid.astype(jnp.float32), pos, num_segments=T)
     return s_T, n_T
-  return jax.jit(sums)
+
+  return sharding.Program(sums, exp.mesh, in_shardings=(exp.state_sharding.params, sharding.batch_sharding(exp.mesh)),
+                          out_shardings=sharding.replicated(exp.mesh))
 
 
 def loss_by_position(exp, params) -> dict:
   """{"context_length", "loss": [T], "count": [T], "loss/<source>": [T]} over the eval batches."""
   T, masking = exp.config.data.context_length, bool(exp.config.data.document_masking)
-  fn = _sums_fn(exp.model, T, masking)
+  fn = _sums_fn(exp)
   out = {"context_length": T, "document_masking": masking}
   total_s, total_n = np.zeros(T), np.zeros(T)
   for name, batches in exp.eval_sets.items():
     s_T, n_T = np.zeros(T), np.zeros(T)
     for host_batch in batches:
-      fields = {k: host_batch[k] for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
-      with sharding.activate(exp.mesh):
-        s, n = jax.device_get(fn(params, sharding.global_batch(fields, exp.mesh)))
+      batch = sharding.global_batch({k: host_batch[k] for k in step.MODEL_FIELDS}, exp.mesh)
+      s, n = jax.device_get(fn(params, batch))
       s_T, n_T = s_T + np.asarray(s, np.float64), n_T + np.asarray(n, np.float64)
     out[f"loss/{name}"] = _mean(s_T, n_T)
     total_s, total_n = total_s + s_T, total_n + n_T

@@ -9,6 +9,7 @@ Explicit, turns with_sharding_constraint into an assert).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import flax.linen as nn
 import jax
@@ -56,11 +57,79 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
+def single_device_mesh(device=None) -> Mesh:
+  """A (1,1,1) mesh on `device` (default: the first): notebooks and `evaluate` on one device."""
+  device = jax.devices()[0] if device is None else device
+  return Mesh(np.array([device]).reshape(1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
 @contextlib.contextmanager
 def activate(mesh: Mesh):
   """Mesh + logical rules for tracing model code (jax.set_mesh, not the deprecated `with mesh:`)."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
     yield
+
+
+class Program:
+  """A jitted function that is always traced, lowered and compiled with the mesh rules bound.
+
+  `jax.jit` traces at its first call, wherever that happens, and Flax's logical constraints
+  read the rules at trace time: a jit built inside `activate(mesh)` but first called outside it
+  silently drops every activation constraint. A Program lowers and compiles inside
+  `activate(mesh)` ahead of time, once per input signature (shapes, dtypes, shardings), and
+  runs that executable; the jitted function is reachable only through it, so no trace can
+  happen without the rules. `lower`/`compile` return the very program that runs (its text,
+  collectives and `memory_analysis()`), for tests and benchmarks.
+
+  A compiled executable checks its inputs' shardings: passing an array laid out other than
+  declared is an error, not a silent reshard.
+  """
+
+  def __init__(self, fn, mesh: Mesh, *, in_shardings=None, out_shardings=None, donate_argnums=(),
+               static_argnames=()):
+    kw = {} if in_shardings is None else {"in_shardings": in_shardings}
+    if out_shardings is not None:
+      kw["out_shardings"] = out_shardings
+    self._jit = jax.jit(fn, donate_argnums=donate_argnums, static_argnames=static_argnames, **kw)
+    self.mesh = mesh
+    self._compiled: dict = {}
+
+  def lower(self, *args, **static):
+    with activate(self.mesh):
+      return self._jit.lower(*args, **static)
+
+  def compile(self, *args, **static):
+    """The executable for these arguments (arrays or ShapeDtypeStructs), compiled once."""
+    key = _signature(args, static)
+    if key not in self._compiled:
+      self._compiled[key] = self.lower(*args, **static).compile()
+    return self._compiled[key]
+
+  def __call__(self, *args, **static):
+    return self.compile(*args, **static)(*args)
+
+  def eval_shape(self, *args, **static):
+    """Output ShapeDtypeStructs, traced with the rules bound (nothing compiled)."""
+    with activate(self.mesh):
+      return jax.eval_shape(functools.partial(self._jit, **static), *args)
+
+  @property
+  def executables(self) -> list:
+    """Every executable this program compiled so far, in order (what actually ran)."""
+    return list(self._compiled.values())
+
+
+def _leaf_signature(x):
+  sharding = getattr(x, "sharding", None)
+  if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
+    return (tuple(x.shape), str(x.dtype), sharding, bool(getattr(x, "weak_type", False)))
+  x = np.asarray(x)
+  return (x.shape, str(x.dtype), None, False)
+
+
+def _signature(args, static: dict):
+  leaves, tree = jax.tree.flatten(args)
+  return tree, tuple(_leaf_signature(x) for x in leaves), tuple(sorted(static.items()))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -135,6 +204,18 @@ def param_bytes_per_device(model, sizes: dict[str, int]) -> tuple[int, int]:
     total += int(np.prod(dims))
     per_device += local
   return total, per_device
+
+
+def state_bytes_per_device(model, sizes: dict[str, int], *, batch_rows: int, context: int,
+                           param_bytes: int = 4, optimizer_moments: int = 2) -> int:
+  """Resident bytes per device of a train step: what `hlo.memory(compiled)["state"]` measures.
+
+  Params and the optimizer's moments (float32, sharded like the params), plus this device's
+  batch rows: four int32 fields and the bool loss mask per position. Scalars (step, counts,
+  metrics) are left out: a few dozen bytes.
+  """
+  _, n_local = param_bytes_per_device(model, sizes)
+  return n_local * (param_bytes + 4 * optimizer_moments) + batch_rows * context * (4 * 4 + 1)
 
 
 def memory_per_device(model, sizes: dict[str, int], *, batch_per_device: int, context: int,

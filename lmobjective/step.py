@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lmobjective import chunked_loss, objective
+from lmobjective import objective
 
 MODEL_FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -41,10 +41,10 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Arra
 
 
 def _forward_sums(params, model, micro, dropout_rng, z_loss, deterministic, loss_chunk_size=0):
-  sums = chunked_loss.model_loss_sums(
-      model, params, micro, chunk_size=loss_chunk_size, deterministic=deterministic,
-      rngs=None if deterministic else {"dropout": dropout_rng})
-  return sums.loss_sum + z_loss * sums.z_sum, sums
+  losses = objective.score(model, params, micro, chunk_size=loss_chunk_size, deterministic=deterministic,
+                           rngs=None if deterministic else {"dropout": dropout_rng})
+  sums = objective.loss_sums(losses)
+  return objective.objective_sum(sums, z_loss), sums
 
 
 def _split_microbatches(batch, k: int):
@@ -111,7 +111,7 @@ def eval_step(params, batch: dict, *, model: nn.Module, token_bytes_V: jax.Array
   """Loss sums on one batch (deterministic forward); add them up across batches and hosts.
 
   `loss_chunk_size` > 0 fuses the LM head with the loss in chunks of that many positions
-  (`chunked_loss`): same sums, without materialising [B,T,V] logits.
+  (`objective.score`): same sums, without materialising [B,T,V] logits.
   """
-  return chunked_loss.model_loss_sums(model, params, batch, chunk_size=loss_chunk_size,
-                                      token_bytes_V=token_bytes_V)
+  return objective.loss_sums(objective.score(model, params, batch, chunk_size=loss_chunk_size),
+                             token_bytes_V)

@@ -149,7 +149,7 @@ def run_loop(exp: Experiment, state, batches: Iterator[dict], writer: metrics_lo
 def restore_or_init(exp: Experiment, mngr, batches) -> tuple[Any, LoopState | None, TokenAccounting, int | None]:
   """The newest good checkpoint (state, loop bookkeeping, accounting; data iterator set in place), else a fresh state."""
   accounting = TokenAccounting(exp.pipeline.source_names)
-  state_shape = jax.eval_shape(exp.init_fn, jax.random.key(exp.config.seed))
+  state_shape = exp.init_fn.eval_shape(jax.random.key(exp.config.seed))
   abstract = sharding.abstract_state(state_shape, exp.state_sharding)
   restored = ckpt_lib.restore_latest(mngr, exp.workdir, abstract)
   if restored is None:

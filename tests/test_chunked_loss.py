@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmobjective import chunked_loss, objective
+from lmobjective import objective
 from lmobjective.model import ModelConfig, Transformer
 
 B, T, D, V = 3, 12, 16, 50
@@ -27,8 +27,13 @@ def _dense(h, w, targets, mask):
   return objective.cross_entropy(h @ w, targets, mask)
 
 
+def _chunked_sums(h, w, targets, mask, chunk, token_bytes=None):
+  return objective.loss_sums(objective.head_token_losses(lambda x: x @ w, h, targets, mask, chunk), token_bytes)
+
+
 def _chunked(h, w, targets, mask, chunk):
-  return chunked_loss.cross_entropy(lambda x: x @ w, h, targets, mask, chunk)
+  sums = _chunked_sums(h, w, targets, mask, chunk)
+  return sums.loss_sum, sums.num_tokens
 
 
 @pytest.mark.parametrize("chunk", [4, 5, 12, 64])  # 4 and 12 divide T=12; 5 does not; 64 > T
@@ -53,13 +58,13 @@ def test_loss_and_gradients_equal_dense(chunk):
 def test_all_sums_match_including_z_loss_and_bytes():
   h, w, targets, mask = _inputs(1)
   token_bytes = jnp.arange(V, dtype=jnp.int32) % 4 + 1
-  dense = objective.loss_sums(h @ w, targets, mask, token_bytes)
-  chunked = chunked_loss.loss_sums(lambda x: x @ w, h, targets, mask, 5, token_bytes)
+  dense = objective.loss_sums(objective.token_losses(h @ w, targets, mask), token_bytes)
+  chunked = _chunked_sums(h, w, targets, mask, 5, token_bytes)
   for name in dense._fields:
     np.testing.assert_allclose(getattr(chunked, name), getattr(dense, name), rtol=1e-6, err_msg=name)
   z = lambda s: s.z_sum
-  gd = jax.grad(lambda w: z(objective.loss_sums(h @ w, targets, mask)))(w)
-  gc = jax.grad(lambda w: z(chunked_loss.loss_sums(lambda x: x @ w, h, targets, mask, 5)))(w)
+  gd = jax.grad(lambda w: z(objective.loss_sums(objective.token_losses(h @ w, targets, mask))))(w)
+  gc = jax.grad(lambda w: z(_chunked_sums(h, w, targets, mask, 5)))(w)
   np.testing.assert_allclose(gc, gd, atol=1e-4, rtol=1e-5)
 
 
@@ -79,7 +84,7 @@ def test_model_head_fused_equals_full_model(tied):
   assert ("lm_head" in params) != tied
 
   def loss(params, chunk):
-    s = chunked_loss.model_loss_sums(model, params, batch, chunk_size=chunk)
+    s = objective.loss_sums(objective.score(model, params, batch, chunk_size=chunk))
     return s.loss_sum, s
   grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
   (l_dense, _), g_dense = grad_fn(params, 0)
@@ -93,7 +98,7 @@ def _loss_and_grad_temp_bytes(chunk, tokens, vocab, dim):
   w = jax.ShapeDtypeStruct((dim, vocab), jnp.float32)
   t = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
   if chunk:
-    f = lambda h, w, t: chunked_loss.cross_entropy(lambda x: x @ w, h, t, None, chunk)[0]
+    f = lambda h, w, t: _chunked(h, w, t, None, chunk)[0]
   else:
     f = lambda h, w, t: objective.cross_entropy(h @ w, t)[0]
   compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(h, w, t).compile()
@@ -131,3 +136,19 @@ def test_train_and_eval_steps_with_chunked_loss_equal_dense():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), chunk_state.params, dense_state.params)
   ev = lambda chunk: step.eval_step(state.params, batch, model=model, loss_chunk_size=chunk)
   np.testing.assert_allclose(ev(4).loss_sum, ev(0).loss_sum, rtol=1e-6)
+
+
+def test_sequence_log_probs_chunked_equal_dense_and_float64():
+  """Per-sequence sums of log p over a response mask (what preference objectives score), chunked
+  or not, equal a float64 log-softmax; prompt positions and ignored targets never count."""
+  h, w, targets, mask = _inputs(2)
+  response = jnp.zeros((B, T), bool).at[:, T // 2:].set(True)  # second half of each row
+  logits = np.asarray(h, np.float64) @ np.asarray(w, np.float64)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  t = np.asarray(targets)
+  keep = (t >= 0) & np.asarray(mask) & np.asarray(response)
+  ref = np.where(keep, np.take_along_axis(logp, np.where(t >= 0, t, 0)[..., None], -1)[..., 0], 0).sum(-1)
+  for chunk in (0, 5):
+    got, n = objective.sequence_sums(objective.head_token_losses(lambda x: x @ w, h, targets, mask, chunk), response)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-6, atol=1e-5, err_msg=f"chunk={chunk}")
+    np.testing.assert_array_equal(np.asarray(n), keep.sum(-1))

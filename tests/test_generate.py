@@ -16,6 +16,9 @@ MODERN = M.ModelConfig(vocab_size=97, num_layers=2, num_heads=4, num_kv_heads=2,
 GPT2 = dataclasses.replace(MODERN, num_kv_heads=4, position="learned", norm="layernorm", mlp="gelu",
                            use_bias=True, tie_embeddings=False)
 SCAN = dataclasses.replace(MODERN, scan_layers=True, num_kv_heads=1)  # MQA, stacked layer cache
+_STATIC = ("model", "max_new_tokens", "temperature", "top_k")
+generate_cached = jax.jit(gen.generate_cached, static_argnames=_STATIC)
+generate_uncached = jax.jit(gen.generate_uncached, static_argnames=_STATIC)
 CONFIGS = pytest.mark.parametrize("cfg", [MODERN, GPT2, SCAN], ids=["rope_gqa", "learned", "scan_mqa"])
 
 
@@ -49,8 +52,8 @@ def test_cached_greedy_generation_equals_uncached(cfg):
   model, params = _init(cfg)
   prompt = jax.random.randint(jax.random.key(3), (2, 5), 0, cfg.vocab_size)
   kw = dict(max_new_tokens=cfg.max_len - 5, temperature=0.0, top_k=None)
-  cached = gen.generate_cached(model, params, prompt, jax.random.key(0), **kw)
-  plain = gen.generate_uncached(model, params, prompt, jax.random.key(0), **kw)
+  cached = generate_cached(model, params, prompt, jax.random.key(0), **kw)
+  plain = generate_uncached(model, params, prompt, jax.random.key(0), **kw)
   assert cached.shape == (2, cfg.max_len - 5)
   np.testing.assert_array_equal(cached, plain)
   assert len(np.unique(np.asarray(cached))) > 3  # a varied sequence, not one token repeated
@@ -60,9 +63,9 @@ def test_sampling_is_seeded_and_top_k_restricts():
   model, params = _init(MODERN)
   prompt = jnp.zeros((1, 3), jnp.int32)
   kw = dict(max_new_tokens=12, temperature=1.0, top_k=3)
-  a = gen.generate_cached(model, params, prompt, jax.random.key(5), **kw)
-  b = gen.generate_cached(model, params, prompt, jax.random.key(5), **kw)
-  u = gen.generate_uncached(model, params, prompt, jax.random.key(5), **kw)
+  a = generate_cached(model, params, prompt, jax.random.key(5), **kw)
+  b = generate_cached(model, params, prompt, jax.random.key(5), **kw)
+  u = generate_uncached(model, params, prompt, jax.random.key(5), **kw)
   np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(a, u)  # same keys, same draws
   logits = jnp.array([[0.0, 5.0, 4.0, -1.0, 3.0]])

@@ -104,7 +104,7 @@ def test_token_losses_table():
 def test_loss_sums_bytes_and_bits_per_byte():
   logits, targets, mask = _random_case(7, V=11)
   token_bytes = np.arange(11, dtype=np.int32) % 4  # some tokens stand for 0 bytes (e.g. EOS)
-  sums = objective.loss_sums(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask),
+  sums = objective.loss_sums(objective.token_losses(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask)),
                              jnp.asarray(token_bytes))
   valid = (targets >= 0) & mask
   ref_bytes = token_bytes[np.where(valid, targets, 0)][valid].sum()
@@ -128,12 +128,12 @@ def test_sums_aggregate_token_weighted():
   assert abs(total_sum / total_n - float(whole_sum) / int(whole_n)) < 1e-6
 
 
-def test_training_loss_with_z_loss():
+def test_objective_sum_with_z_loss():
   logits, targets, mask = _random_case(9)
-  sums = objective.loss_sums(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+  sums = objective.loss_sums(objective.token_losses(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask)))
   valid = (targets >= 0) & mask
   lse = np.log(np.exp(np.asarray(logits, np.float64)).sum(-1))
   ref_z = (lse ** 2)[valid].sum()
   ref_sum, ref_n, _ = reference_cross_entropy(logits, targets, mask)
-  got = float(objective.training_loss(sums, z_loss=1e-4))
+  got = float(objective.objective_sum(sums, z_loss=1e-4)) / int(sums.num_tokens)
   np.testing.assert_allclose(got, (ref_sum + 1e-4 * ref_z) / ref_n, rtol=1e-6)

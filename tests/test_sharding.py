@@ -83,7 +83,7 @@ def worker(workdir: str, break_mesh: bool = False) -> dict:
       out["eval_saved"] = float(exp.eval_fn(state.params, experiment.device_batch(exp, eval_batch)).loss_sum)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
   one = experiment.build(config, workdir, devices=jax.devices()[:1])
-  shape = jax.eval_shape(one.init_fn, jax.random.key(0))
+  shape = one.init_fn.eval_shape(jax.random.key(0))
   target = sharding.abstract_state(shape, one.state_sharding)
   mngr = ckpt_lib.make_manager(os.path.join(workdir, "fsdp_run"), read_only=True)
   restored, _, _ = ckpt_lib.restore_latest(mngr, os.path.join(workdir, "fsdp_run"), target)

@@ -1,0 +1,106 @@
+"""A 262,144-token vocabulary with the chunked loss, end to end: training and every post-run step
+(loss by position, `evaluate --source`, `restore().loss_per_position`, generation) finish, and no
+compiled program among them holds [B,T,V] logits: each one's scratch memory is within the chunked
+bound, far below one dense float32 logits buffer.
+
+The model's vocabulary (262,144) is far larger than the tokenizer's (512), which the build allows:
+the extra rows are never targets, but every softmax runs over all of them.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from lmobjective import evaluate, experiment, hlo, position_loss, restore, sharding, train
+from _tiny import tiny_config
+
+V, C = 262_144, 4  # vocabulary, loss chunk (positions)
+B, T = 8, 32  # the tiny preset's batch and context
+DENSE = B * T * V * 4  # one float32 [B,T,V] logits buffer: 268 MB
+CHUNK = B * C * V * 4  # one chunk's logits: 34 MB
+TEXT = "def add(a, b):\n    return a + b\n"
+
+
+@pytest.fixture(scope="module")
+def large_run(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("large_vocab")
+  config = tiny_config(tmp / "cache", **{
+      "model.vocab_size": V, "objective.loss_chunk_size": C, "train.steps": 2, "eval.every_steps": 2,
+      "checkpoint.every_steps": 2, "model.num_layers": 1})
+  last = train.run(config, str(tmp / "run"))
+  return config, tmp / "run", last
+
+
+def _temp(program) -> list[int]:
+  return [hlo.memory(e)["temp"] for e in program.executables]
+
+
+def _within_chunked_bound(temps, label, param_bytes=0):
+  """A chunk's logits, its softmax and their gradient (4 chunk buffers), plus, for a train step,
+  four parameter-sized buffers (the gradient, two new Adam moments, the update): the [V,D] table
+  is most of the model here."""
+  assert temps, f"{label}: no program compiled"
+  bound = 4 * CHUNK + 4 * param_bytes
+  for t in temps:
+    assert t <= bound, f"{label}: {t:,} bytes of scratch > the chunked bound {bound:,}; dense logits = {DENSE:,}"
+
+
+@pytest.mark.slow
+def test_training_and_post_run_work_finish(large_run):
+  config, workdir, last = large_run
+  assert np.isfinite(last["val_loss"]) and last["val_loss"] > 10.0  # ~ln V = 12.48 after 2 steps
+  positions = position_loss.load(str(workdir))
+  assert positions is not None and sum(positions["count"]) > 0
+
+
+@pytest.mark.slow
+def test_train_eval_and_position_programs_stay_within_the_chunked_bound(large_run):
+  config, workdir, _ = large_run
+  exp = experiment.build(config, str(workdir))
+  state = sharding.abstract_state(exp.init_fn.eval_shape(jax.random.key(0)), exp.state_sharding)
+  batch = experiment.device_batch(exp, next(exp.pipeline.train_iterator()))
+  exp.train_fn.compile(state, batch)
+  exp.eval_fn.compile(state.params, batch)
+  pos = position_loss._sums_fn(exp)
+  pos.compile(state.params, batch)
+  param_bytes = 4 * sum(x.size for x in jax.tree.leaves(state.params))
+  _within_chunked_bound(_temp(exp.train_fn), "train step", param_bytes)
+  for label, program in (("eval step", exp.eval_fn), ("loss by position", pos)):
+    _within_chunked_bound(_temp(program), label)
+
+
+@pytest.mark.slow
+def test_notebook_evaluate_and_generation_stay_within_the_chunked_bound(large_run):
+  config, workdir, _ = large_run
+  run = restore(str(workdir))
+  assert run.model.cfg.vocab_size == V
+  per_token = run.loss_per_position(TEXT)
+  assert np.all(np.isfinite(per_token.nll)) and len(per_token.nll) > 5
+  m = evaluate.evaluate_source(run, "code", num_batches=1)
+  assert np.isfinite(m["loss"])
+  ids = run.generate_ids(TEXT, max_new_tokens=4, temperature=0.0)
+  assert len(ids) == 4 and all(0 <= i < V for i in ids)
+  top = run.next_token_distribution(TEXT, top_k=3)
+  assert len(top) == 3
+  for label, program in (("loss_per_position", run._token_losses), ("evaluate --source", run.eval_program),
+                         ("generation", run._generate[True]), ("next token", run._last_logits)):
+    _within_chunked_bound(_temp(program), label)
+
+
+@pytest.mark.slow
+def test_the_bound_catches_dense_logits(large_run):
+  """Made to fail on purpose: the same steps with chunking off hold [B,T,V] and break the bound."""
+  config, workdir, _ = large_run
+  dense = config.copy_and_resolve_references()
+  dense.objective.loss_chunk_size = 0
+  exp = experiment.build(dense, str(workdir))
+  state = sharding.abstract_state(exp.init_fn.eval_shape(jax.random.key(0)), exp.state_sharding)
+  batch = experiment.device_batch(exp, next(exp.pipeline.train_iterator()))
+  exp.eval_fn.compile(state.params, batch)
+  exp.train_fn.compile(state, batch)
+  param_bytes = 4 * sum(x.size for x in jax.tree.leaves(state.params))
+  assert _temp(exp.eval_fn)[0] >= DENSE and _temp(exp.train_fn)[0] >= 2 * DENSE
+  with pytest.raises(AssertionError):
+    _within_chunked_bound(_temp(exp.eval_fn), "dense eval step")
+  with pytest.raises(AssertionError):
+    _within_chunked_bound(_temp(exp.train_fn), "dense train step", param_bytes)
