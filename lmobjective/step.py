@@ -88,10 +88,12 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
   # restore as saved. A no-op for float32 params.
   opt_state = optax.tree.cast_like(opt_state, state.opt_state)
   params = optax.apply_updates(state.params, updates)
+  # Sums beside num_tokens (the step's scored targets), so the host can weight a window of steps
+  # by tokens; `loss` is this step's mean, which the NaN guard checks.
   metrics = {
       "loss": sums.loss_sum / denom,
-      "z_loss": sums.z_sum / denom,
-      "accuracy": sums.correct_sum / denom,
+      "z_sum": sums.z_sum,
+      "correct_sum": sums.correct_sum,
       "num_tokens": sums.num_tokens,
       "grad_norm": optax.tree.norm(grads),
       "update_norm": optax.tree.norm(updates),

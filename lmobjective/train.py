@@ -163,22 +163,36 @@ def restore_or_init(exp: Experiment, mngr, batches) -> tuple[Any, LoopState | No
                                  f"differs from the tokenizer of the checkpoint at step {step_}; use a new workdir")
   batches.set_state(meta["data_iter"])
   accounting.counts = np.asarray(meta["accounting"], np.int64)
-  pending = ckpt_lib.decode_metrics(meta["pending"])
+  pending = [_with_sums(m) for m in ckpt_lib.decode_metrics(meta["pending"])]
   loop = LoopState(pending=pending, tokens_seen=meta["tokens_seen"], skipped=meta["skipped"], checked=len(pending))
   return state, loop, accounting, step_
 
 
+def _with_sums(metrics: dict) -> dict:
+  """Step metrics a checkpoint saved before steps reported `correct_sum` and `z_sum` (it has the
+  step's means `accuracy` and `z_loss`): the sums, so a resumed run can weight its window."""
+  if "correct_sum" in metrics:
+    return metrics
+  out = dict(metrics)
+  n = np.float32(out["num_tokens"])
+  out["correct_sum"], out["z_sum"] = out.pop("accuracy") * n, out.pop("z_loss") * n
+  return out
+
+
 def _train_record(exp, done, metrics_list, seconds, tokens_before) -> dict[str, Any]:
+  """The train line for the steps since the last one: losses and accuracy per scored token of the
+  whole window; lr and the norms are the last step's."""
   n = np.array([m["num_tokens"] for m in metrics_list], np.float64)
+  per_token = lambda key: float(np.sum([np.float64(m[key]) for m in metrics_list]) / max(n.sum(), 1))
   loss = float((np.array([m["loss"] for m in metrics_list]) * n).sum() / max(n.sum(), 1))
   last = metrics_list[-1]
-  tokens = len(metrics_list) * exp.config.train.batch_size * exp.config.data.context_length
+  positions = len(metrics_list) * exp.config.train.batch_size * exp.config.data.context_length
   rec = {"step": done, "train_loss": loss, "lr": float(last["lr"]), "grad_norm": float(last["grad_norm"]),
          "update_norm": float(last["update_norm"]), "param_norm": float(last["param_norm"]),
-         "train_accuracy": float(last["accuracy"]), "tokens_seen": tokens_before + int(n.sum()),
-         "tokens_per_sec": tokens / max(seconds, 1e-9)}
+         "train_accuracy": per_token("correct_sum"), "tokens_seen": tokens_before + int(n.sum()),
+         "tokens_per_sec": positions / max(seconds, 1e-9)}
   if exp.config.objective.z_loss > 0:
-    rec["z_loss"] = float(last["z_loss"])
+    rec["z_loss"] = per_token("z_sum")
   if exp.peak_flops:
     rec["mfu"] = rec["tokens_per_sec"] * exp.flops_per_token / (exp.peak_flops * jax.device_count())
   return rec

@@ -139,3 +139,34 @@ def test_tokens_per_sec_counts_device_time_not_dispatch(tmp_path):
   assert len(tps) == 3
   assert max(tps) <= per_step / step_seconds  # timed before the sync it would be far higher
   assert min(tps[1:]) >= per_step / (step_seconds + 0.5)  # and not slowed by anything but the steps
+
+
+def _window(*steps):
+  """Host metrics as train_step returns them, one dict per (num_tokens, loss, correct_sum, z_sum)."""
+  import numpy as np
+  f32 = np.float32
+  return [{"num_tokens": np.int32(n), "loss": f32(loss), "correct_sum": f32(c), "z_sum": f32(z),
+           "lr": f32(1e-3), "grad_norm": f32(1), "update_norm": f32(1), "param_norm": f32(1)}
+          for n, loss, c, z in steps]
+
+
+def test_train_line_weights_the_window_by_tokens():
+  import types
+  cfg = tiny_config("/unused", **{"objective.z_loss": 1e-4})
+  exp = types.SimpleNamespace(config=cfg, peak_flops=1e12, flops_per_token=1e6)
+  # 10, 30 and 60 scored tokens: last-step values and means of per-step means would each differ
+  window = _window((10, 2.0, 5, 20), (30, 1.0, 6, 90), (60, 0.5, 30, 60))
+  rec = train._train_record(exp, 3, window, seconds=2.0, tokens_before=1000)
+  assert rec["train_loss"] == pytest.approx((20 + 30 + 30) / 100, rel=1e-7)  # not 0.5, not 7/6
+  assert rec["train_accuracy"] == pytest.approx(41 / 100, rel=1e-7)  # not 0.5 (last), not 0.4
+  assert rec["z_loss"] == pytest.approx(170 / 100, rel=1e-7)  # not 1.0 (last), not 2.0
+  assert rec["tokens_seen"] == 1000 + 100  # scored targets
+
+
+def test_pending_metrics_from_an_older_checkpoint_get_sums():
+  import numpy as np
+  old = {"num_tokens": np.int32(40), "loss": np.float32(2.0), "accuracy": np.float32(0.25),
+         "z_loss": np.float32(3.5)}  # the step's means, as steps reported them before the sums
+  new = train._with_sums(dict(old))
+  assert new["correct_sum"] == 10 and new["z_sum"] == 140 and "accuracy" not in new
+  assert train._with_sums(dict(new)) == new
