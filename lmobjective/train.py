@@ -12,6 +12,13 @@ The same command with the same --workdir resumes from the newest good checkpoint
 Exit status: 0 done; 143 after SIGTERM and 130 after SIGINT, each once the current step finished
 and a checkpoint was saved (`preemption.py`); 1 with one `error:` line for a bad or changed config
 or a NaN/Inf loss (train.nan_policy='stop'; that state is never saved).
+
+Counts in metric names. A *token* is a scored target (loss_mask set and target >= 0):
+`tokens_seen` (cumulative), `tokens/<source>` and `share/<source>`, and the denominators of
+`train_loss`, `train_accuracy` and `z_loss`, which are per-token means over the steps since the
+previous train line. A *position* is one of the batch_size x context_length input slots, scored
+or not: `positions_per_sec` and `mfu` count those, since every position costs FLOPs. With concat
+packing every position is scored and the two agree; padding or masked prompts make tokens fewer.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 class TokenAccounting:
-  """Cumulative loss tokens fed per source (summed over processes when logged)."""
+  """Cumulative scored target tokens fed per source (summed over processes when logged)."""
 
   def __init__(self, source_names):
     self.names = tuple(source_names)
@@ -100,7 +107,7 @@ def _log_train(exp, done, loop: LoopState, writer, accounting, progress, t_last:
   if loop.skipped:
     record["skipped_steps"] = loop.skipped
   writer.write(record)
-  progress.update(done, record["train_loss"], record["tokens_per_sec"])
+  progress.update(done, record["train_loss"], record["positions_per_sec"])
 
 
 def _save(exp, mngr, state, batches, accounting, loop: LoopState, val_loss) -> None:
@@ -190,11 +197,11 @@ def _train_record(exp, done, metrics_list, seconds, tokens_before) -> dict[str, 
   rec = {"step": done, "train_loss": loss, "lr": float(last["lr"]), "grad_norm": float(last["grad_norm"]),
          "update_norm": float(last["update_norm"]), "param_norm": float(last["param_norm"]),
          "train_accuracy": per_token("correct_sum"), "tokens_seen": tokens_before + int(n.sum()),
-         "tokens_per_sec": positions / max(seconds, 1e-9)}
+         "positions_per_sec": positions / max(seconds, 1e-9)}
   if exp.config.objective.z_loss > 0:
     rec["z_loss"] = per_token("z_sum")
   if exp.peak_flops:
-    rec["mfu"] = rec["tokens_per_sec"] * exp.flops_per_token / (exp.peak_flops * jax.device_count())
+    rec["mfu"] = rec["positions_per_sec"] * exp.flops_per_token / (exp.peak_flops * jax.device_count())
   return rec
 
 
@@ -253,7 +260,7 @@ def _print_header(exp: Experiment, state) -> None:
   print(f"lmobjective | devices {jax.device_count()} x {jax.devices()[0].device_kind} | mesh "
         f"{dict(exp.mesh.shape)} | params {count_params(state.params):,} | vocab {exp.model_cfg.vocab_size}"
         f" (ln V = {np.log(exp.model_cfg.vocab_size):.3f}) | {c.train.batch_size}x{c.data.context_length}"
-        f" tokens/step | {exp.flops_per_token / 1e6:.1f} MFLOP/token")
+        f" positions/step | {exp.flops_per_token / 1e6:.1f} MFLOP/position")
   print("sources (token share): " + ", ".join(
       f"{n} {w:.2f}" for n, w in zip(exp.pipeline.source_names, exp.pipeline.weights)))
   for at, w_S in exp.pipeline.stages:
