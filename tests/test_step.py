@@ -138,6 +138,42 @@ def test_bf16_params_keep_every_state_dtype_across_steps():
   assert fn._cache_size() == 1
 
 
+def test_a_skipped_step_keeps_params_and_moments_but_not_the_schedule_behind():
+  # nan_policy='skip': the NaN step (index 4) changes nothing but the step; every later step s must
+  # use lr(s), as in a clean run, not lr(s - 1).
+  from lmobjective import experiment
+  from lmobjective.optimizer import learning_rate_schedule, make_optimizer
+  opt = _adamw_config(warmup_steps=3, decay_steps=10)
+  model, tx = M.Transformer(CFG), make_optimizer(opt)
+
+  def run(bad_step):
+    def poisoned(state, batch):
+      new, m = step.train_step(state, batch, model=model, tx=tx, grad_accum_steps=2)
+      return new, {**m, "loss": jnp.where(state.step == bad_step, jnp.nan, m["loss"])}
+    fn = jax.jit(functools.partial(experiment._guarded_step, poisoned))
+    states, lrs = [step.init_state(model, tx, jax.random.key(0), (4, 16))], []
+    for i in range(8):
+      state, m = fn(states[-1], _batch(np.random.default_rng(i)))
+      assert bool(m["finite"]) == (i != bad_step)
+      states.append(state)
+      lrs.append(float(m["lr"]))
+    return states, lrs
+
+  clean_states, clean = run(bad_step=-1)
+  skip_states, skipped = run(bad_step=4)
+  schedule = [learning_rate_schedule(opt)(s) for s in range(8)]
+  np.testing.assert_allclose(clean, schedule, rtol=1e-6)  # jitted vs eager cosine: an ulp apart
+  assert all(clean[s] != clean[s - 1] for s in range(5, 8))  # after the NaN a lag of one would show
+  assert skipped == clean
+  before, after = skip_states[4], skip_states[5]  # the states the NaN step got and left
+  jax.tree.map(np.testing.assert_array_equal, after.params, before.params)
+  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+  adam = lambda s: [x for x in jax.tree.leaves(s.opt_state, is_leaf=is_adam) if is_adam(x)][0]
+  jax.tree.map(np.testing.assert_array_equal, adam(after), adam(before))  # moments and bias-correction count
+  assert int(adam(skip_states[-1]).count) == 7 and int(adam(clean_states[-1]).count) == 8
+  assert int(skip_states[-1].step) == 8
+
+
 def test_all_masked_batch_is_a_zero_update_not_nan():
   batch = _batch(np.random.default_rng(0))
   batch["loss_mask"][:] = False
