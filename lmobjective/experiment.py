@@ -25,7 +25,7 @@ from lmobjective import checkpoint as ckpt_lib
 from lmobjective import config as config_lib
 from lmobjective import data, hardware, objective, sharding, step
 from lmobjective.model import ModelConfig, Transformer, flops_per_token
-from lmobjective.optimizer import make_optimizer
+from lmobjective.optimizer import make_optimizer, skipped_update_state
 
 
 @dataclasses.dataclass
@@ -77,16 +77,18 @@ def _check_same_tokenizer(tokenizer, workdir: str) -> None:
 
 
 def _guarded_step(train_step, state, batch):
-  """`train_step`, except that a non-finite loss or gradient leaves params and optimizer state as they were.
+  """`train_step`, except that a non-finite loss or gradient leaves params and Adam's state as they were.
 
-  The step counter still advances (the data moves on); metrics['finite'] tells the host, which
+  The step counter and the learning-rate schedule still advance (the data moves on, and step s
+  always uses lr(s): `optimizer.skipped_update_state`); metrics['finite'] tells the host, which
   stops (train.nan_policy='stop') or logs the skip. `where(True, new, old)` is `new` bit for bit.
   """
   new, metrics = train_step(state, batch)
   ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
   keep = lambda n, o: jnp.where(ok, n, o)
+  skipped_opt_state = skipped_update_state(state.opt_state, new.opt_state)
   new = new.replace(params=jax.tree.map(keep, new.params, state.params),
-                    opt_state=jax.tree.map(keep, new.opt_state, state.opt_state))
+                    opt_state=jax.tree.map(keep, new.opt_state, skipped_opt_state))
   return new, {**metrics, "finite": ok}
 
 

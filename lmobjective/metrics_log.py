@@ -83,13 +83,13 @@ def split_series(records: Iterable[dict], key: str) -> tuple[list[int], list[flo
 
 
 class Progress:
-  """`step 120/300 | loss 3.912 | 4.1k tok/s | ETA 0:43` on one console line."""
+  """`step 120/300 | loss 3.912 | 4.1k pos/s | ETA 0:43` on one console line (pos: batch x context positions)."""
 
   def __init__(self, total_steps: int, stream=sys.stdout):
     self.total, self.stream = total_steps, stream
     self.t0, self.s0 = time.time(), None
 
-  def update(self, step: int, loss: float, tokens_per_sec: float) -> None:
+  def update(self, step: int, loss: float, positions_per_sec: float) -> None:
     if self.s0 is None:
       self.s0, self.t0 = step, time.time()
     done = step - self.s0
@@ -97,5 +97,5 @@ class Progress:
     eta = (self.total - step) / rate if rate > 0 else float("nan")
     eta_s = "?" if not math.isfinite(eta) else f"{int(eta // 60)}:{int(eta % 60):02d}"
     self.stream.write(f"step {step}/{self.total} | loss {loss:.4f} | "
-                      f"{tokens_per_sec / 1e3:.1f}k tok/s | ETA {eta_s}\n")
+                      f"{positions_per_sec / 1e3:.1f}k pos/s | ETA {eta_s}\n")
     self.stream.flush()

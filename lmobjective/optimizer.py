@@ -47,6 +47,23 @@ def weight_decay_mask(params, decay_embeddings: bool = False, decay_norms_and_bi
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+_INJECT_STATES = (optax.InjectStatefulHyperparamsState, optax.InjectHyperparamsState)
+
+
+def skipped_update_state(old_state, new_state):
+  """The optimizer state after an update that was skipped (a non-finite step, nan_policy='skip').
+
+  The learning rate is a function of the data step: step s uses lr(s) whether or not earlier steps
+  were skipped. So each `inject_hyperparams` state takes its step count and schedule states from
+  `new_state` (the update that was computed and thrown away), and keeps the inner state of
+  `old_state`: Adam's moments and bias-correction count stay as they were, since nothing moved.
+  (The schedule's own counter lives in `hyperparams_states`, not only in `count`.)
+  """
+  is_inject = lambda x: isinstance(x, _INJECT_STATES)
+  keep_inner = lambda old, new: new._replace(inner_state=old.inner_state) if is_inject(old) else old
+  return jax.tree.map(keep_inner, old_state, new_state, is_leaf=is_inject)
+
+
 def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int | None = None) -> optax.GradientTransformation:
   """`total_steps` (train.steps) is the decay length when optimizer.decay_steps is None."""
   mask = lambda p: weight_decay_mask(p, opt.decay_embeddings, opt.decay_norms_and_biases)

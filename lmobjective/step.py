@@ -3,7 +3,9 @@
 `train_step(state, batch) -> (state, metrics)` after binding the static pieces with
 `functools.partial`. Gradient accumulation is exact: each microbatch contributes the gradient of
 its loss *sum*, and the total is divided once by the number of valid tokens in the whole batch,
-so k microbatches with uneven masks give the same update as one large batch.
+so k microbatches with uneven masks give the same update as one large batch. The sum is kept in
+float32 whatever `param_dtype` is (k bfloat16 additions would round small microbatch gradients
+away), and the optimizer gets float32 gradients; params keep their dtype.
 
 Batch fields (int32 [B,T] unless noted): inputs, targets, loss_mask (bool), segment_ids, positions.
 """
@@ -69,22 +71,29 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
     micro, i = xs
     (_, sums), grads = grad_fn(state.params, model, micro, jax.random.fold_in(step_rng, i),
                                z_loss, deterministic, loss_chunk_size)
-    return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
+    add_f32 = lambda acc, g: acc + g.astype(jnp.float32)
+    return (jax.tree.map(add_f32, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
 
   zero_sums = objective.LossSums(*(jnp.zeros((), jnp.float32),) * 5)._replace(
       num_tokens=jnp.zeros((), jnp.int32))
-  zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+  zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
   (grad_sums, sums), _ = jax.lax.scan(
       accumulate, (zero_grads, zero_sums), (micro_BxT, jnp.arange(grad_accum_steps)))
 
   denom = jnp.maximum(sums.num_tokens, 1).astype(jnp.float32)
   grads = jax.tree.map(lambda g: g / denom, grad_sums)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  # float32 grads would turn bf16 Adam moments into float32 ones (optax casts mu only when given a
+  # mu_dtype): keep the dtypes init gave the state, so every step has one signature and checkpoints
+  # restore as saved. A no-op for float32 params.
+  opt_state = optax.tree.cast_like(opt_state, state.opt_state)
   params = optax.apply_updates(state.params, updates)
+  # Sums beside num_tokens (the step's scored targets), so the host can weight a window of steps
+  # by tokens; `loss` is this step's mean, which the NaN guard checks.
   metrics = {
       "loss": sums.loss_sum / denom,
-      "z_loss": sums.z_sum / denom,
-      "accuracy": sums.correct_sum / denom,
+      "z_sum": sums.z_sum,
+      "correct_sum": sums.correct_sum,
       "num_tokens": sums.num_tokens,
       "grad_norm": optax.tree.norm(grads),
       "update_norm": optax.tree.norm(updates),

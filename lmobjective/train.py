@@ -12,6 +12,13 @@ The same command with the same --workdir resumes from the newest good checkpoint
 Exit status: 0 done; 143 after SIGTERM and 130 after SIGINT, each once the current step finished
 and a checkpoint was saved (`preemption.py`); 1 with one `error:` line for a bad or changed config
 or a NaN/Inf loss (train.nan_policy='stop'; that state is never saved).
+
+Counts in metric names. A *token* is a scored target (loss_mask set and target >= 0):
+`tokens_seen` (cumulative), `tokens/<source>` and `share/<source>`, and the denominators of
+`train_loss`, `train_accuracy` and `z_loss`, which are per-token means over the steps since the
+previous train line. A *position* is one of the batch_size x context_length input slots, scored
+or not: `positions_per_sec` and `mfu` count those, since every position costs FLOPs. With concat
+packing every position is scored and the two agree; padding or masked prompts make tokens fewer.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 class TokenAccounting:
-  """Cumulative loss tokens fed per source (summed over processes when logged)."""
+  """Cumulative scored target tokens fed per source (summed over processes when logged)."""
 
   def __init__(self, source_names):
     self.names = tuple(source_names)
@@ -100,7 +107,7 @@ def _log_train(exp, done, loop: LoopState, writer, accounting, progress, t_last:
   if loop.skipped:
     record["skipped_steps"] = loop.skipped
   writer.write(record)
-  progress.update(done, record["train_loss"], record["tokens_per_sec"])
+  progress.update(done, record["train_loss"], record["positions_per_sec"])
 
 
 def _save(exp, mngr, state, batches, accounting, loop: LoopState, val_loss) -> None:
@@ -163,24 +170,38 @@ def restore_or_init(exp: Experiment, mngr, batches) -> tuple[Any, LoopState | No
                                  f"differs from the tokenizer of the checkpoint at step {step_}; use a new workdir")
   batches.set_state(meta["data_iter"])
   accounting.counts = np.asarray(meta["accounting"], np.int64)
-  pending = ckpt_lib.decode_metrics(meta["pending"])
+  pending = [_with_sums(m) for m in ckpt_lib.decode_metrics(meta["pending"])]
   loop = LoopState(pending=pending, tokens_seen=meta["tokens_seen"], skipped=meta["skipped"], checked=len(pending))
   return state, loop, accounting, step_
 
 
+def _with_sums(metrics: dict) -> dict:
+  """Step metrics a checkpoint saved before steps reported `correct_sum` and `z_sum` (it has the
+  step's means `accuracy` and `z_loss`): the sums, so a resumed run can weight its window."""
+  if "correct_sum" in metrics:
+    return metrics
+  out = dict(metrics)
+  n = np.float32(out["num_tokens"])
+  out["correct_sum"], out["z_sum"] = out.pop("accuracy") * n, out.pop("z_loss") * n
+  return out
+
+
 def _train_record(exp, done, metrics_list, seconds, tokens_before) -> dict[str, Any]:
+  """The train line for the steps since the last one: losses and accuracy per scored token of the
+  whole window; lr and the norms are the last step's."""
   n = np.array([m["num_tokens"] for m in metrics_list], np.float64)
+  per_token = lambda key: float(np.sum([np.float64(m[key]) for m in metrics_list]) / max(n.sum(), 1))
   loss = float((np.array([m["loss"] for m in metrics_list]) * n).sum() / max(n.sum(), 1))
   last = metrics_list[-1]
-  tokens = len(metrics_list) * exp.config.train.batch_size * exp.config.data.context_length
+  positions = len(metrics_list) * exp.config.train.batch_size * exp.config.data.context_length
   rec = {"step": done, "train_loss": loss, "lr": float(last["lr"]), "grad_norm": float(last["grad_norm"]),
          "update_norm": float(last["update_norm"]), "param_norm": float(last["param_norm"]),
-         "train_accuracy": float(last["accuracy"]), "tokens_seen": tokens_before + int(n.sum()),
-         "tokens_per_sec": tokens / max(seconds, 1e-9)}
+         "train_accuracy": per_token("correct_sum"), "tokens_seen": tokens_before + int(n.sum()),
+         "positions_per_sec": positions / max(seconds, 1e-9)}
   if exp.config.objective.z_loss > 0:
-    rec["z_loss"] = float(last["z_loss"])
+    rec["z_loss"] = per_token("z_sum")
   if exp.peak_flops:
-    rec["mfu"] = rec["tokens_per_sec"] * exp.flops_per_token / (exp.peak_flops * jax.device_count())
+    rec["mfu"] = rec["positions_per_sec"] * exp.flops_per_token / (exp.peak_flops * jax.device_count())
   return rec
 
 
@@ -239,7 +260,7 @@ def _print_header(exp: Experiment, state) -> None:
   print(f"lmobjective | devices {jax.device_count()} x {jax.devices()[0].device_kind} | mesh "
         f"{dict(exp.mesh.shape)} | params {count_params(state.params):,} | vocab {exp.model_cfg.vocab_size}"
         f" (ln V = {np.log(exp.model_cfg.vocab_size):.3f}) | {c.train.batch_size}x{c.data.context_length}"
-        f" tokens/step | {exp.flops_per_token / 1e6:.1f} MFLOP/token")
+        f" positions/step | {exp.flops_per_token / 1e6:.1f} MFLOP/position")
   print("sources (token share): " + ", ".join(
       f"{n} {w:.2f}" for n, w in zip(exp.pipeline.source_names, exp.pipeline.weights)))
   for at, w_S in exp.pipeline.stages:

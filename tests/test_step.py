@@ -1,9 +1,14 @@
 """train_step: exact gradient accumulation with uneven masks, learning on learnable data."""
 
+import dataclasses
 import functools
 import math
+import types
+from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -26,6 +31,14 @@ def _batch(rng, B=8, T=16, V=64, uneven=True):
   seg = np.ones((B, T), np.int32)
   pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()
   return dict(inputs=tokens[:, :-1], targets=targets, loss_mask=mask, segment_ids=seg, positions=pos)
+
+
+def _adamw_config(**kw):
+  import ml_collections
+  return ml_collections.ConfigDict(dict(
+      learning_rate=1e-2, end_learning_rate=1e-3, schedule="cosine", warmup_steps=5, decay_steps=150,
+      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, decay_embeddings=False,
+      decay_norms_and_biases=False, grad_clip=1.0) | kw)
 
 
 def _one_step(tx, k, batch, z_loss=0.0):
@@ -60,6 +73,107 @@ def test_grad_accumulation_equals_full_batch(k):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), nz.params, expected)
 
 
+def _recording_tx():
+  """Moves nothing and keeps the gradient it was handed as its state: the accumulated gradient, exactly."""
+  init = lambda params: jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  update = lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads)
+  return optax.GradientTransformation(init, update)
+
+
+class _BiasModel(nn.Module):
+  """logits = a learned bias [V] at every position: each scored token's gradient is softmax(b) - onehot,
+  which at b = 0 with V = 2 is exactly (-1/2, +1/2) for target 0: sums of such terms are exact."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, inputs_BxT, positions_BxT=None, segment_ids_BxT=None, deterministic=True):
+    b_V = self.param("bias", nn.initializers.zeros, (2,), jnp.bfloat16)
+    return jnp.broadcast_to(b_V.astype(jnp.float32), inputs_BxT.shape + (2,))
+
+
+def test_bf16_params_accumulate_gradients_in_float32():
+  # 16 microbatches: the first scores 512 tokens (gradient sum -256 on b[0]), each of the other 15
+  # two tokens (-1). In bf16 the ulp at 256 is 2 and -257 is a tie that rounds to even, back to
+  # -256: all 15 vanish. In float32 the sum is -271 and the mean exactly -1/2.
+  k, B, T = 16, 32, 256
+  batch = _batch(np.random.default_rng(0), B=B, T=T, V=2, uneven=False)
+  batch["targets"][:] = 0
+  batch["loss_mask"][:] = False
+  batch["loss_mask"][0::k] = True  # rows 0 and 16: microbatch 0
+  batch["loss_mask"][np.arange(B) % k != 0, 5] = True
+  model = _BiasModel(types.SimpleNamespace(dropout=0.0))
+  state = step.init_state(model, _recording_tx(), jax.random.key(0), (B // k, T))
+  assert state.params["bias"].dtype == jnp.bfloat16
+  fn = functools.partial(step.train_step, model=model, tx=_recording_tx(), grad_accum_steps=k)
+  new, m = jax.jit(fn)(state, batch)
+  n = int(m["num_tokens"])
+  assert n == 2 * T + (B - 2)
+
+  # reference: the per-microbatch gradients (each exact in bf16), summed in float64
+  micros = [jax.tree.map(lambda x: x[j], step._split_microbatches(batch, k)) for j in range(k)]
+  per_micro = [jax.grad(step._forward_sums, has_aux=True)(state.params, model, mb, None, 0.0, True)[0]
+               for mb in micros]
+  ref = np.sum([np.float64(g["bias"]) for g in per_micro], axis=0) / n
+  np.testing.assert_array_equal(ref, [-0.5, 0.5])
+  assert new.opt_state["bias"].dtype == jnp.float32
+  np.testing.assert_array_equal(new.opt_state["bias"], ref)
+  in_bf16 = functools.reduce(jnp.add, [g["bias"] for g in per_micro])
+  np.testing.assert_array_equal(np.float64(in_bf16) / n, [-256 / n, 256 / n])  # what bf16 sums give
+  assert new.params["bias"].dtype == jnp.bfloat16  # params keep their dtype
+
+
+def test_bf16_params_keep_every_state_dtype_across_steps():
+  # float32 grads into AdamW would promote its bf16 first moment to float32 on the first update,
+  # and the second call would then compile again and mismatch the state's checkpoint layout.
+  from lmobjective.optimizer import make_optimizer
+  model = M.Transformer(dataclasses.replace(CFG, param_dtype=jnp.bfloat16))
+  tx = make_optimizer(_adamw_config())
+  state = step.init_state(model, tx, jax.random.key(0), (4, 16))
+  dtypes = lambda s: [x.dtype for x in jax.tree.leaves(s)]
+  fn = jax.jit(functools.partial(step.train_step, model=model, tx=tx, grad_accum_steps=2))
+  first = fn(state, _batch(np.random.default_rng(0)))[0]
+  second = fn(first, _batch(np.random.default_rng(1)))[0]
+  assert dtypes(first.opt_state) == dtypes(second.opt_state) == dtypes(state.opt_state)
+  assert jnp.bfloat16 in dtypes(state.opt_state) and dtypes(second.params) == dtypes(state.params)
+  assert fn._cache_size() == 1
+
+
+def test_a_skipped_step_keeps_params_and_moments_but_not_the_schedule_behind():
+  # nan_policy='skip': the NaN step (index 4) changes nothing but the step; every later step s must
+  # use lr(s), as in a clean run, not lr(s - 1).
+  from lmobjective import experiment
+  from lmobjective.optimizer import learning_rate_schedule, make_optimizer
+  opt = _adamw_config(warmup_steps=3, decay_steps=10)
+  model, tx = M.Transformer(CFG), make_optimizer(opt)
+
+  def run(bad_step):
+    def poisoned(state, batch):
+      new, m = step.train_step(state, batch, model=model, tx=tx, grad_accum_steps=2)
+      return new, {**m, "loss": jnp.where(state.step == bad_step, jnp.nan, m["loss"])}
+    fn = jax.jit(functools.partial(experiment._guarded_step, poisoned))
+    states, lrs = [step.init_state(model, tx, jax.random.key(0), (4, 16))], []
+    for i in range(8):
+      state, m = fn(states[-1], _batch(np.random.default_rng(i)))
+      assert bool(m["finite"]) == (i != bad_step)
+      states.append(state)
+      lrs.append(float(m["lr"]))
+    return states, lrs
+
+  clean_states, clean = run(bad_step=-1)
+  skip_states, skipped = run(bad_step=4)
+  schedule = [learning_rate_schedule(opt)(s) for s in range(8)]
+  np.testing.assert_allclose(clean, schedule, rtol=1e-6)  # jitted vs eager cosine: an ulp apart
+  assert all(clean[s] != clean[s - 1] for s in range(5, 8))  # after the NaN a lag of one would show
+  assert skipped == clean
+  before, after = skip_states[4], skip_states[5]  # the states the NaN step got and left
+  jax.tree.map(np.testing.assert_array_equal, after.params, before.params)
+  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+  adam = lambda s: [x for x in jax.tree.leaves(s.opt_state, is_leaf=is_adam) if is_adam(x)][0]
+  jax.tree.map(np.testing.assert_array_equal, adam(after), adam(before))  # moments and bias-correction count
+  assert int(adam(skip_states[-1]).count) == 7 and int(adam(clean_states[-1]).count) == 8
+  assert int(skip_states[-1].step) == 8
+
+
 def test_all_masked_batch_is_a_zero_update_not_nan():
   batch = _batch(np.random.default_rng(0))
   batch["loss_mask"][:] = False
@@ -72,12 +186,7 @@ def test_all_masked_batch_is_a_zero_update_not_nan():
 def test_adamw_step_learns_a_deterministic_sequence():
   # A fixed cyclic sequence is perfectly predictable: the loss must fall far below ln V.
   from lmobjective.optimizer import make_optimizer
-  import ml_collections
-  opt = ml_collections.ConfigDict(dict(
-      learning_rate=1e-2, end_learning_rate=1e-3, schedule="cosine", warmup_steps=5, decay_steps=150,
-      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, decay_embeddings=False,
-      decay_norms_and_biases=False, grad_clip=1.0))
-  tx = make_optimizer(opt)
+  tx = make_optimizer(_adamw_config())
   model = M.Transformer(CFG)
   state = step.init_state(model, tx, jax.random.key(0), (8, 16))
   fn = jax.jit(functools.partial(step.train_step, model=model, tx=tx))

@@ -37,7 +37,7 @@ def test_run_writes_every_output(tiny_run):
   train_lines = [r for r in records if "train_loss" in r]
   eval_lines = [r for r in records if "val_loss" in r]
   assert [r["step"] for r in train_lines] == list(range(1, 21))
-  for key in ("step", "train_loss", "lr", "grad_norm", "tokens_seen", "tokens_per_sec"):
+  for key in ("step", "train_loss", "lr", "grad_norm", "tokens_seen", "positions_per_sec"):
     assert all(key in r for r in train_lines), key
   assert train_lines[-1]["tokens_seen"] == 20 * 8 * 32  # concat packing: every target is real
   assert [r["step"] for r in eval_lines] == [0, 10, 20]  # an eval before any update
@@ -113,9 +113,9 @@ def test_bad_config_stops_with_one_line_naming_the_key(tmp_path, override, key):
   assert not (tmp_path / "bad").exists()  # nothing half written
 
 
-def test_tokens_per_sec_counts_device_time_not_dispatch(tmp_path):
+def test_positions_per_sec_counts_device_time_not_dispatch(tmp_path):
   """Each step is made to take >= 20 ms on the device (a callback inside the jitted program, so the
-  host's dispatch returns at once): tokens_per_sec must count that time, which it does only when
+  host's dispatch returns at once): positions_per_sec must count that time, which it does only when
   the clock is read after the metrics reach the host."""
   import dataclasses
   import time
@@ -135,7 +135,43 @@ def test_tokens_per_sec_counts_device_time_not_dispatch(tmp_path):
   writer = types.SimpleNamespace(write=records.append)
   train.run_loop(exp, exp.init_fn(jax.random.key(0)), exp.pipeline.train_iterator(), writer,
                  train.TokenAccounting(exp.pipeline.source_names))
-  tps = [r["tokens_per_sec"] for r in records]
+  tps = [r["positions_per_sec"] for r in records]
   assert len(tps) == 3
   assert max(tps) <= per_step / step_seconds  # timed before the sync it would be far higher
   assert min(tps[1:]) >= per_step / (step_seconds + 0.5)  # and not slowed by anything but the steps
+
+
+def _window(*steps):
+  """Host metrics as train_step returns them, one dict per (num_tokens, loss, correct_sum, z_sum)."""
+  import numpy as np
+  f32 = np.float32
+  return [{"num_tokens": np.int32(n), "loss": f32(loss), "correct_sum": f32(c), "z_sum": f32(z),
+           "lr": f32(1e-3), "grad_norm": f32(1), "update_norm": f32(1), "param_norm": f32(1)}
+          for n, loss, c, z in steps]
+
+
+def test_train_line_weights_the_window_by_tokens_and_names_its_counts():
+  import types
+  cfg = tiny_config("/unused", **{"objective.z_loss": 1e-4})
+  exp = types.SimpleNamespace(config=cfg, peak_flops=1e12, flops_per_token=1e6)
+  # 10, 30 and 60 scored tokens: last-step values and means of per-step means would each differ
+  window = _window((10, 2.0, 5, 20), (30, 1.0, 6, 90), (60, 0.5, 30, 60))
+  rec = train._train_record(exp, 3, window, seconds=2.0, tokens_before=1000)
+  assert rec["train_loss"] == pytest.approx((20 + 30 + 30) / 100, rel=1e-7)  # not 0.5, not 7/6
+  assert rec["train_accuracy"] == pytest.approx(41 / 100, rel=1e-7)  # not 0.5 (last), not 0.4
+  assert rec["z_loss"] == pytest.approx(170 / 100, rel=1e-7)  # not 1.0 (last), not 2.0
+  assert rec["tokens_seen"] == 1000 + 100  # scored targets
+  positions = 3 * cfg.train.batch_size * cfg.data.context_length  # every input slot, scored or not
+  assert rec["positions_per_sec"] == pytest.approx(positions / 2.0, rel=1e-12)
+  assert "tokens_per_sec" not in rec  # the old name counted positions: gone, not redefined
+  import jax
+  assert rec["mfu"] == pytest.approx(positions / 2.0 * 1e6 / (1e12 * jax.device_count()), rel=1e-12)
+
+
+def test_pending_metrics_from_an_older_checkpoint_get_sums():
+  import numpy as np
+  old = {"num_tokens": np.int32(40), "loss": np.float32(2.0), "accuracy": np.float32(0.25),
+         "z_loss": np.float32(3.5)}  # the step's means, as steps reported them before the sums
+  new = train._with_sums(dict(old))
+  assert new["correct_sum"] == 10 and new["z_sum"] == 140 and "accuracy" not in new
+  assert train._with_sums(dict(new)) == new
