@@ -85,10 +85,17 @@ class _BiasModel(nn.Module):
   which at b = 0 with V = 2 is exactly (-1/2, +1/2) for target 0: sums of such terms are exact."""
   cfg: Any
 
-  @nn.compact
+  def setup(self):
+    self.b_V = self.param("bias", nn.initializers.zeros, (2,), jnp.bfloat16)
+
+  def hidden_states(self, inputs_BxT, positions_BxT=None, segment_ids_BxT=None, deterministic=True):
+    return jnp.zeros(inputs_BxT.shape + (1,), jnp.float32)
+
+  def head(self, h_BxTx1):
+    return jnp.broadcast_to(self.b_V.astype(jnp.float32), h_BxTx1.shape[:-1] + (2,))
+
   def __call__(self, inputs_BxT, positions_BxT=None, segment_ids_BxT=None, deterministic=True):
-    b_V = self.param("bias", nn.initializers.zeros, (2,), jnp.bfloat16)
-    return jnp.broadcast_to(b_V.astype(jnp.float32), inputs_BxT.shape + (2,))
+    return self.head(self.hidden_states(inputs_BxT))
 
 
 def test_bf16_params_accumulate_gradients_in_float32():
