@@ -23,8 +23,15 @@ import jax.numpy as jnp
 from lmobjective.model import Transformer, init_cache
 
 
-def sample(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_k: int | None) -> jax.Array:
-  """temperature 0 = greedy (argmax); top_k keeps the k most likely tokens before sampling."""
+def sample(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_k: int | None,
+           vocab_limit: int | None = None) -> jax.Array:
+  """temperature 0 = greedy (argmax); top_k keeps the k most likely tokens before sampling.
+
+  `vocab_limit`: only ids below it can be drawn (the tokenizer's vocabulary, when the model's is
+  padded beyond it: those rows are never targets and cannot be decoded).
+  """
+  if vocab_limit is not None:
+    logits_BxV = logits_BxV[:, :vocab_limit]
   if temperature == 0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   logits_BxV = logits_BxV.astype(jnp.float32) / temperature
@@ -35,19 +42,20 @@ def sample(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_k: int
 
 
 def generate_cached(model: Transformer, params, prompt_BxP: jax.Array, key: jax.Array, *,
-                    max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None) -> jax.Array:
+                    max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                    vocab_limit: int | None = None) -> jax.Array:
   """New token ids [B, N] after `prompt_BxP`, decoding with a KV cache of M = P + N slots."""
   B, P = prompt_BxP.shape
   N = max_new_tokens
   decode = functools.partial(model.apply, {"params": params}, method=Transformer.decode)
   cache = init_cache(model.cfg, B, P + N)
   logits_Bx1xV, cache = decode(prompt_BxP, jnp.broadcast_to(jnp.arange(P), (B, P)), cache, last_only=True)
-  first_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(key, 0), temperature, top_k)
+  first_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(key, 0), temperature, top_k, vocab_limit)
 
   def step(carry, t):
     tok_B, cache = carry
     logits_Bx1xV, cache = decode(tok_B[:, None], jnp.full((B, 1), P + t, jnp.int32), cache)
-    nxt_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(key, t + 1), temperature, top_k)
+    nxt_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(key, t + 1), temperature, top_k, vocab_limit)
     return (nxt_B, cache), tok_B
 
   (last_B, _), toks_NxB = jax.lax.scan(step, (first_B, cache), jnp.arange(N - 1))
@@ -55,7 +63,8 @@ def generate_cached(model: Transformer, params, prompt_BxP: jax.Array, key: jax.
 
 
 def generate_uncached(model: Transformer, params, prompt_BxP: jax.Array, key: jax.Array, *,
-                      max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None) -> jax.Array:
+                      max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                      vocab_limit: int | None = None) -> jax.Array:
   """The reference: a full training forward over the [B, M] buffer for every new token."""
   B, P = prompt_BxP.shape
   N = max_new_tokens
@@ -65,7 +74,7 @@ def generate_uncached(model: Transformer, params, prompt_BxP: jax.Array, key: ja
     h_BxMxD = model.apply({"params": params}, buf_BxM, method="hidden_states")
     h_Bx1xD = jax.lax.dynamic_slice_in_dim(h_BxMxD, P + t - 1, 1, axis=1)
     last_BxV = model.apply({"params": params}, h_Bx1xD, method="head")[:, 0]
-    tok_B = sample(last_BxV, jax.random.fold_in(key, t), temperature, top_k)
+    tok_B = sample(last_BxV, jax.random.fold_in(key, t), temperature, top_k, vocab_limit)
     return jax.lax.dynamic_update_slice_in_dim(buf_BxM, tok_B[:, None], P + t, axis=1), None
 
   buf_BxM, _ = jax.lax.scan(step, buf_BxM, jnp.arange(N))

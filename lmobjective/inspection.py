@@ -103,7 +103,7 @@ class Run:
 
   @functools.cached_property
   def _generate(self):
-    static = ("max_new_tokens", "temperature", "top_k")
+    static = ("max_new_tokens", "temperature", "top_k", "vocab_limit")
     return {True: sharding.Program(functools.partial(gen.generate_cached, self.model), self.mesh,
                                    static_argnames=static),
             False: sharding.Program(functools.partial(gen.generate_uncached, self.model), self.mesh,
@@ -149,8 +149,8 @@ class Run:
     ids = [self.tokenizer.eos_id] + self.tokenizer.encode(prefix)
     ids = ids[-self.context_length:]
     logits = self._last_logits(self.params, np.asarray([ids], np.int32))[0]
-    probs = np.asarray(jax.nn.softmax(logits.astype(jnp.float32)))
-    top = np.argsort(-probs, kind="stable")[:top_k]
+    probs = np.asarray(jax.nn.softmax(logits.astype(jnp.float32)))  # over the model's whole vocabulary
+    top = np.argsort(-probs[:self.tokenizer.vocab_size], kind="stable")[:top_k]  # decodable ids only
     return [(self.tokenizer.decode([int(i)]), int(i), float(probs[i])) for i in top]
 
   # ---- sampling -----------------------------------------------------------------------------
@@ -165,7 +165,8 @@ class Run:
       ids = ids[-(cfg.max_len - max_new_tokens):]  # learned positions end at max_len
     out = self._generate[bool(use_cache)](
         self.params, np.asarray([ids], np.int32), jax.random.key(seed),
-        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k)
+        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
+        vocab_limit=self.tokenizer.vocab_size)
     return [int(t) for t in np.asarray(out)[0]]
 
   def generate(self, prompt: str, max_new_tokens: int = 50, temperature: float = 1.0,
