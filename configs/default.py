@@ -53,7 +53,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.packing = "concat"  # concat: docs joined with EOS, cut into rows | window: random offsets (nanoGPT)
   c.data.document_masking = True  # attend only within a document (False = GPT-style cross-document attention)
   c.data.cache_dir = placeholder(str)  # pre-tokenization cache; None = ~/.cache/lmobjective
-  c.data.shuffle_buffer = 0  # unused by index-based pipelines; reserved
   c.data.tokenizer = ml_collections.ConfigDict()
   c.data.tokenizer.kind = "sentencepiece"  # sentencepiece | char | byte
   c.data.tokenizer.model_type = "bpe"  # bpe | unigram (sentencepiece only)

@@ -42,17 +42,8 @@ SAFE_CHANGES = ("train.steps", "optimizer.decay_steps", "train.log_every_steps",
                 "data.cache_dir", "mesh.", "train.xla_gpu_flags", "model.remat", "model.attention",
                 "objective.loss_chunk_size")
 # Never compared: the flag itself, and where the cluster's coordinator happens to be this time.
-IGNORED = ("checkpoint.allow_config_change", "distributed.")
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  c = config.checkpoint
-  if isinstance(c.every_steps, bool) or not isinstance(c.every_steps, int) or c.every_steps < 0:
-    raise ConfigError("checkpoint.every_steps", c.every_steps, "must be an integer >= 0 (0 = only at the end)")
-  if isinstance(c.keep, bool) or not isinstance(c.keep, int) or c.keep < 1:
-    raise ConfigError("checkpoint.keep", c.keep, "must be an integer >= 1")
-  if config.train.nan_policy not in ("stop", "skip"):
-    raise ConfigError("train.nan_policy", config.train.nan_policy, "must be 'stop' or 'skip'")
+IGNORED = ("checkpoint.allow_config_change", "distributed.",
+           "data.shuffle_buffer")  # a dead key that runs before 2026-12 still carry
 
 
 @contextlib.contextmanager

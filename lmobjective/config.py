@@ -1,7 +1,8 @@
-"""Config boundary: validate the ml_collections config once, then convert to frozen dataclasses.
+"""Config loading and the pieces of validation: `ConfigError` and the `require_*` checks.
 
-Library code never reads undeclared keys and never mutates the config. A bad value stops
-the run with one line that names the key and what is allowed (`ConfigError`).
+The one validator that uses them is `lmobjective.validation.validate(config)`. Library code never
+reads undeclared keys and never mutates the config. A bad value stops the run with one line that
+names the key and what is allowed (`ConfigError`).
 """
 
 from __future__ import annotations
@@ -83,79 +84,3 @@ def require_choice(cfg, key: str, choices: Iterable[str]) -> None:
   choices = tuple(choices)
   if v not in choices:
     raise ConfigError(key, v, f"must be one of {', '.join(choices)}")
-
-
-def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Checks every non-data key; data keys are checked by `lmobjective.data.validate`."""
-  require_int(cfg, "seed", 0)
-  require_int(cfg, "train.steps", 0)
-  require_int(cfg, "train.batch_size", 1)
-  require_int(cfg, "train.grad_accum_steps", 1)
-  if cfg.train.batch_size % cfg.train.grad_accum_steps:
-    raise ConfigError("train.grad_accum_steps", cfg.train.grad_accum_steps,
-                      f"must divide train.batch_size={cfg.train.batch_size}")
-  require_int(cfg, "train.log_every_steps", 1)
-  require_int(cfg, "data.context_length", 1)
-  _validate_model(cfg)
-  require_float(cfg, "objective.z_loss", 0.0)
-  require_int(cfg, "objective.loss_chunk_size", 0)
-  _validate_optimizer(cfg)
-  require_int(cfg, "eval.every_steps", 1)
-  require_int(cfg, "eval.num_batches", 0)
-  require_int(cfg, "eval.batch_size", 1)
-  require_int(cfg, "checkpoint.every_steps", 1)
-  require_int(cfg, "checkpoint.keep", 1)
-  for axis in ("data", "fsdp", "tensor"):
-    v = cfg.mesh[axis]
-    if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
-      raise ConfigError(f"mesh.{axis}", v, "must be a positive integer or -1 (the rest of the devices)")
-  if cfg.data.context_length > max_len(cfg):
-    raise ConfigError("data.context_length", cfg.data.context_length,
-                      f"must be <= model.max_len={max_len(cfg)} (the longest context the model supports)")
-
-
-def _validate_model(cfg) -> None:
-  m = cfg.model
-  require_int(cfg, "model.num_layers", 1)
-  require_int(cfg, "model.num_heads", 1)
-  require_int(cfg, "model.embed_dim", 1)
-  if m.embed_dim % m.num_heads:
-    raise ConfigError("model.embed_dim", m.embed_dim, f"must be divisible by model.num_heads={m.num_heads}")
-  if m.position == "rope" and (m.embed_dim // m.num_heads) % 2:
-    raise ConfigError("model.embed_dim", m.embed_dim,
-                      f"embed_dim/num_heads={m.embed_dim // m.num_heads} must be even for rope positions")
-  require_int(cfg, "model.num_kv_heads", 1, allow_none=True)
-  if m.num_kv_heads is not None and m.num_heads % m.num_kv_heads:
-    raise ConfigError("model.num_kv_heads", m.num_kv_heads, f"must divide model.num_heads={m.num_heads}")
-  require_int(cfg, "model.mlp_dim", 1, allow_none=True)
-  require_int(cfg, "model.max_len", 1, allow_none=True)
-  require_int(cfg, "model.vocab_size", 2, allow_none=True)
-  require_choice(cfg, "model.position", ("rope", "learned"))
-  require_float(cfg, "model.rope_theta", 0.0, lo_open=True)
-  require_choice(cfg, "model.norm", ("rmsnorm", "layernorm"))
-  require_choice(cfg, "model.mlp", ("swiglu", "gelu"))
-  require_float(cfg, "model.dropout", 0.0, 1.0)
-  if m.dropout == 1.0:
-    raise ConfigError("model.dropout", m.dropout, "must be in [0, 1)")
-  require_float(cfg, "model.init_std", 0.0, lo_open=True)
-  require_choice(cfg, "model.param_dtype", ("float32", "bfloat16"))
-  require_choice(cfg, "model.compute_dtype", ("float32", "bfloat16"))
-  require_choice(cfg, "model.attention", ("auto", "xla", "cudnn"))
-  require_choice(cfg, "model.remat", ("none", "full", "dots_saveable"))
-
-
-def _validate_optimizer(cfg) -> None:
-  require_float(cfg, "optimizer.learning_rate", 0.0)
-  require_float(cfg, "optimizer.end_learning_rate", 0.0)
-  require_choice(cfg, "optimizer.schedule", ("cosine", "linear", "constant"))
-  require_int(cfg, "optimizer.warmup_steps", 0)
-  require_int(cfg, "optimizer.decay_steps", 0, allow_none=True)
-  if decay_steps(cfg) < cfg.optimizer.warmup_steps:
-    raise ConfigError("optimizer.decay_steps" if cfg.optimizer.decay_steps is not None else "train.steps",
-                      decay_steps(cfg),
-                      f"must be >= optimizer.warmup_steps={cfg.optimizer.warmup_steps} (it includes warmup)")
-  require_float(cfg, "optimizer.b1", 0.0, 1.0)
-  require_float(cfg, "optimizer.b2", 0.0, 1.0)
-  require_float(cfg, "optimizer.eps", 0.0)
-  require_float(cfg, "optimizer.weight_decay", 0.0)
-  require_float(cfg, "optimizer.grad_clip", 0.0)

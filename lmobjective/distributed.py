@@ -17,7 +17,6 @@ import os
 import jax
 import ml_collections
 
-from lmobjective.config import ConfigError
 
 # From the JAX GPU performance guide and NVIDIA's JAX-Toolbox: overlap collectives with compute
 # (latency-hiding scheduler, pipelined and double-buffered collectives in scanned layers) and
@@ -44,19 +43,6 @@ def add_xla_flags(flags: tuple[str, ...] = RECOMMENDED_XLA_GPU_FLAGS, environ=os
   return environ["XLA_FLAGS"]
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  d = config.distributed
-  explicit = (d.coordinator_address, d.num_processes, d.process_id)
-  if any(v is not None for v in explicit) and any(v is None for v in explicit):
-    raise ConfigError("distributed", explicit,
-                      "set coordinator_address, num_processes and process_id together (or none)")
-  if d.num_processes is not None and not 0 <= d.process_id < d.num_processes:
-    raise ConfigError("distributed.process_id", d.process_id,
-                      f"must be in [0, num_processes={d.num_processes})")
-  if d.coordinator_address is not None and d.auto_detect:
-    raise ConfigError("distributed.auto_detect", True, "conflicts with an explicit coordinator_address")
-
-
 def initialize(config: ml_collections.ConfigDict) -> bool:
   """Calls jax.distributed.initialize when the config asks for it. Returns whether it did."""
   d = config.distributed
@@ -71,8 +57,7 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
 
 
 def setup(config: ml_collections.ConfigDict) -> None:
-  """XLA flags, then multi-host initialisation. Call before any other JAX use."""
-  validate(config)
+  """XLA flags, then multi-host initialisation. Call before any other JAX use (after `validation.validate`)."""
   if config.train.xla_gpu_flags:
     add_xla_flags()
   if jax.distributed.is_initialized():  # e.g. a launcher or a test already did it

@@ -21,7 +21,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from lmobjective import checkpoint as ckpt_lib
 from lmobjective import config as config_lib
 from lmobjective import data, hardware, objective, sharding, step
 from lmobjective.model import ModelConfig, Transformer, flops_per_token
@@ -46,12 +45,6 @@ class Experiment:
   eval_sets: dict[str, list[dict]]
   flops_per_token: float
   peak_flops: float | None
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  ckpt_lib.validate(config)
-  config_lib.validate(config)
-  data.validate(config)
 
 
 def _check_batch_divides(config, mesh) -> None:

@@ -69,10 +69,9 @@ def plan(sweep: str, workdir: str, extra: dict[str, str]) -> dict:
 
 
 def _validate(cfg, name: str) -> None:
-  from lmobjective import data
+  from lmobjective.validation import validate
   try:
-    config_lib.validate(cfg)
-    data.validate(cfg)
+    validate(cfg)
   except config_lib.ConfigError as e:
     raise SweepError(f"run {name}: {e}") from None
 

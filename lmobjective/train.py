@@ -39,7 +39,8 @@ from absl import app, flags
 from lmobjective import checkpoint as ckpt_lib
 from lmobjective import config as config_lib
 from lmobjective import diagnose, distributed, launch, metrics_log, plotting, position_loss, sharding
-from lmobjective.experiment import Experiment, build, device_batch, evaluate, validate
+from lmobjective.experiment import Experiment, build, device_batch, evaluate
+from lmobjective.validation import validate
 from lmobjective.model import count_params
 from lmobjective.preemption import EXIT_CODES, Preempted, preemption_signals
 
@@ -215,8 +216,8 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains per `config`, writing outputs to `workdir`. Returns the last eval record."""
+  validate(config)  # the one validator, before anything is built or written
   distributed.setup(config)  # XLA flags and jax.distributed.initialize: before any backend use
-  validate(config)
   lead = distributed.is_lead()
   mngr = ckpt_lib.make_manager(workdir, config.checkpoint)
   latest = ckpt_lib.latest_config(mngr)  # refuse a changed config before touching the run's files

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from lmobjective import config as config_lib
+from lmobjective import validation
 from lmobjective.config import ConfigError, load_config_file
 from lmobjective.optimizer import learning_rate_schedule
 
@@ -24,7 +25,7 @@ def test_unset_keys_follow_and_set_keys_stay_apart():
   c.train.steps, c.data.context_length = 80, 32
   assert (c.train.steps, config_lib.decay_steps(c)) == (80, 30)
   assert (c.data.context_length, config_lib.max_len(c)) == (32, 256)
-  config_lib.validate(c)
+  validation.validate(c)
   sched = learning_rate_schedule(c.optimizer, c.train.steps)
   assert float(sched(30)) == pytest.approx(c.optimizer.end_learning_rate, rel=1e-5)
   assert float(sched(79)) == pytest.approx(c.optimizer.end_learning_rate, rel=1e-5)
@@ -35,14 +36,43 @@ def test_context_longer_than_the_model_supports_is_refused():
   c.model.max_len = 64
   c.data.context_length = 128
   with pytest.raises(ConfigError, match=r"config.data.context_length=128: must be <= model.max_len=64"):
-    config_lib.validate(c)
+    validation.validate(c)
 
 
 def test_decay_shorter_than_warmup_names_the_key_that_was_set():
   c = default()
   c.train.steps = 10  # decay_steps unset: it is train.steps that is too short for 40 warmup steps
   with pytest.raises(ConfigError, match=r"config.train.steps=10"):
-    config_lib.validate(c)
+    validation.validate(c)
   c.train.steps, c.optimizer.decay_steps = 600, 20
   with pytest.raises(ConfigError, match=r"config.optimizer.decay_steps=20"):
-    config_lib.validate(c)
+    validation.validate(c)
+
+
+def test_one_validator_covers_every_section():
+  """checkpoint.every_steps=0 is documented ("only at the end and on signals") and accepted; a bad
+  nan_policy, checkpoint.keep or distributed setting is refused by the same validate()."""
+  c = default()
+  c.checkpoint.every_steps = 0
+  validation.validate(c)
+  for key, value, needle in [("train.nan_policy", "ignore", "config.train.nan_policy='ignore': must be one of stop, skip"),
+                             ("checkpoint.every_steps", -1, "config.checkpoint.every_steps=-1"),
+                             ("checkpoint.keep", 0, "config.checkpoint.keep=0"),
+                             ("distributed.process_id", 3, "together")]:
+    bad = default()
+    section, leaf = key.split(".")
+    bad[section][leaf] = value
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("[", r"\[")):
+      validation.validate(bad)
+
+
+def test_sweep_planning_refuses_a_bad_nan_policy_before_launching(tmp_path):
+  from lmobjective import sweep
+
+  spec = tmp_path / "spec.py"
+  spec.write_text("def get_sweep(arg=None):\n"
+                  f"  return {{'config': {os.path.join(ROOT, 'configs', 'tiny.py')!r}, 'overrides': "
+                  "{'train.nan_policy': 'ignore'}, 'grid': {'seed': [0, 1]}}\n")
+  with pytest.raises(sweep.SweepError, match="train.nan_policy='ignore'"):
+    sweep.plan(str(spec), str(tmp_path / "runs"), {})
+  assert not (tmp_path / "runs").exists()  # refused before anything was written

@@ -168,18 +168,18 @@ def test_xla_gpu_flags_are_appended_once_and_parse(tmp_path):
 
 
 def test_distributed_config_is_validated():
-  from lmobjective import distributed
+  from lmobjective import distributed, validation
   from lmobjective.config import ConfigError, load_config_file
 
   c = load_config_file(os.path.join(ROOT, "configs/tiny.py"))
-  distributed.validate(c)
+  validation.validate(c)
   assert not distributed.initialize(c)  # nothing configured: single process, no call
   c.distributed.coordinator_address = "localhost:1234"
   with pytest.raises(ConfigError, match="together"):
-    distributed.validate(c)
+    validation.validate(c)
   c.distributed.num_processes, c.distributed.process_id = 2, 2
   with pytest.raises(ConfigError, match="process_id"):
-    distributed.validate(c)
+    validation.validate(c)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from lmobjective.data import tokenizer_build
-from lmobjective.data.validate import validate
+from lmobjective.validation import validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", default="configs/default.py", lock_config=True)
 _OUTPUT = flags.DEFINE_string("output", None, "directory to write the tokenizer into", required=True)

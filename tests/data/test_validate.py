@@ -7,7 +7,7 @@ import pytest
 from conftest import file_config, markov_config
 
 from configs import default
-from lmobjective import data
+from lmobjective import data, validation
 from lmobjective.config import ConfigError
 from lmobjective.data import tokenizers
 
@@ -26,7 +26,7 @@ def _build(cfg, tmp_path):
 
 
 def test_default_config_is_valid():
-  data.validate(default.get_config())
+  validation.validate(default.get_config())
 
 
 @pytest.mark.parametrize("key,value,needle", [
@@ -38,7 +38,7 @@ def test_bad_data_keys(key, value, needle):
   c = default.get_config()
   c.model.max_len = 128  # set apart from data.context_length (None would follow it)
   c.data[key] = value
-  _raises(lambda: data.validate(c), needle)
+  _raises(lambda: validation.validate(c), needle)
 
 
 @pytest.mark.parametrize("field,value,needle", [
@@ -50,21 +50,21 @@ def test_bad_data_keys(key, value, needle):
 def test_bad_source_fields(field, value, needle):
   c = default.get_config()
   c.data.sources.code[field] = value
-  _raises(lambda: data.validate(c), needle)
+  _raises(lambda: validation.validate(c), needle)
 
 
 def test_zero_sum_weights():
   c = default.get_config()
   for s in c.data.sources.values():
     s.weight = 0.0
-  _raises(lambda: data.validate(c), "config.data.sources.*.weight=")
-  _raises(lambda: data.validate(c), "at least one weight must be > 0")
+  _raises(lambda: validation.validate(c), "config.data.sources.*.weight=")
+  _raises(lambda: validation.validate(c), "at least one weight must be > 0")
 
 
 def test_file_source_without_path():
   c = default.get_config()
   c.data.sources.code = default.source("jsonl", 1.0)
-  _raises(lambda: data.validate(c), "config.data.sources.code.path=None: required for kind=jsonl")
+  _raises(lambda: validation.validate(c), "config.data.sources.code.path=None: required for kind=jsonl")
 
 
 def test_missing_path(tmp_path):
@@ -114,7 +114,7 @@ def test_unknown_source_name(tmp_path):
 def test_markov_and_tokenizer_keys():
   c = default.get_config()
   c.data.sources.markov.markov.num_symbols = 200
-  _raises(lambda: data.validate(c), "config.data.sources.markov.markov.num_symbols=200: must be in [2, 94]")
+  _raises(lambda: validation.validate(c), "config.data.sources.markov.markov.num_symbols=200: must be in [2, 94]")
   c = default.get_config()
   c.data.tokenizer.kind = "wordpiece"
-  _raises(lambda: data.validate(c), "config.data.tokenizer.kind='wordpiece': must be one of sentencepiece, char, byte")
+  _raises(lambda: validation.validate(c), "config.data.tokenizer.kind='wordpiece': must be one of sentencepiece, char, byte")

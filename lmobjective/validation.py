@@ -1,0 +1,168 @@
+"""The one config validator: `validate(config)` checks every key of every section, in one place.
+
+Every entry point calls it before anything is built or written: `train.run`, sweep planning
+(every planned run), tokenizer training and `evaluate` (on the checkpoint's config). A bad
+value is one `ConfigError` line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from lmobjective.config import ConfigError, decay_steps, get, max_len, require_choice, require_float, require_int
+from lmobjective.data import mixture, sources
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises `ConfigError` (one line, naming the key) for the first bad value; returns None if all are good."""
+  _validate_core(config)
+  _validate_checkpoint(config)
+  _validate_distributed(config)
+  _validate_data(config)
+
+
+def _validate_checkpoint(cfg) -> None:
+  require_int(cfg, "checkpoint.every_steps", 0)  # 0 = only at the end and on SIGTERM/SIGINT
+  require_int(cfg, "checkpoint.keep", 1)
+  require_choice(cfg, "train.nan_policy", ("stop", "skip"))
+
+
+def _validate_distributed(cfg) -> None:
+  d = cfg.distributed
+  explicit = (d.coordinator_address, d.num_processes, d.process_id)
+  if any(v is not None for v in explicit) and any(v is None for v in explicit):
+    raise ConfigError("distributed", explicit,
+                      "set coordinator_address, num_processes and process_id together (or none)")
+  if d.num_processes is not None and not 0 <= d.process_id < d.num_processes:
+    raise ConfigError("distributed.process_id", d.process_id,
+                      f"must be in [0, num_processes={d.num_processes})")
+  if d.coordinator_address is not None and d.auto_detect:
+    raise ConfigError("distributed.auto_detect", True, "conflicts with an explicit coordinator_address")
+
+
+def _validate_core(cfg) -> None:
+  require_int(cfg, "seed", 0)
+  require_int(cfg, "train.steps", 0)
+  require_int(cfg, "train.batch_size", 1)
+  require_int(cfg, "train.grad_accum_steps", 1)
+  if cfg.train.batch_size % cfg.train.grad_accum_steps:
+    raise ConfigError("train.grad_accum_steps", cfg.train.grad_accum_steps,
+                      f"must divide train.batch_size={cfg.train.batch_size}")
+  require_int(cfg, "train.log_every_steps", 1)
+  _validate_model(cfg)
+  require_float(cfg, "objective.z_loss", 0.0)
+  require_int(cfg, "objective.loss_chunk_size", 0)
+  _validate_optimizer(cfg)
+  require_int(cfg, "eval.every_steps", 1)
+  require_int(cfg, "eval.num_batches", 0)
+  require_int(cfg, "eval.batch_size", 1)
+  for axis in ("data", "fsdp", "tensor"):
+    v = cfg.mesh[axis]
+    if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
+      raise ConfigError(f"mesh.{axis}", v, "must be a positive integer or -1 (the rest of the devices)")
+
+
+def _validate_model(cfg) -> None:
+  m = cfg.model
+  require_int(cfg, "model.num_layers", 1)
+  require_int(cfg, "model.num_heads", 1)
+  require_int(cfg, "model.embed_dim", 1)
+  if m.embed_dim % m.num_heads:
+    raise ConfigError("model.embed_dim", m.embed_dim, f"must be divisible by model.num_heads={m.num_heads}")
+  if m.position == "rope" and (m.embed_dim // m.num_heads) % 2:
+    raise ConfigError("model.embed_dim", m.embed_dim,
+                      f"embed_dim/num_heads={m.embed_dim // m.num_heads} must be even for rope positions")
+  require_int(cfg, "model.num_kv_heads", 1, allow_none=True)
+  if m.num_kv_heads is not None and m.num_heads % m.num_kv_heads:
+    raise ConfigError("model.num_kv_heads", m.num_kv_heads, f"must divide model.num_heads={m.num_heads}")
+  require_int(cfg, "model.mlp_dim", 1, allow_none=True)
+  require_int(cfg, "model.max_len", 1, allow_none=True)
+  require_int(cfg, "model.vocab_size", 2, allow_none=True)
+  require_choice(cfg, "model.position", ("rope", "learned"))
+  require_float(cfg, "model.rope_theta", 0.0, lo_open=True)
+  require_choice(cfg, "model.norm", ("rmsnorm", "layernorm"))
+  require_choice(cfg, "model.mlp", ("swiglu", "gelu"))
+  require_float(cfg, "model.dropout", 0.0, 1.0)
+  if m.dropout == 1.0:
+    raise ConfigError("model.dropout", m.dropout, "must be in [0, 1)")
+  require_float(cfg, "model.init_std", 0.0, lo_open=True)
+  require_choice(cfg, "model.param_dtype", ("float32", "bfloat16"))
+  require_choice(cfg, "model.compute_dtype", ("float32", "bfloat16"))
+  require_choice(cfg, "model.attention", ("auto", "xla", "cudnn"))
+  require_choice(cfg, "model.remat", ("none", "full", "dots_saveable"))
+
+
+def _validate_optimizer(cfg) -> None:
+  require_float(cfg, "optimizer.learning_rate", 0.0)
+  require_float(cfg, "optimizer.end_learning_rate", 0.0)
+  require_choice(cfg, "optimizer.schedule", ("cosine", "linear", "constant"))
+  require_int(cfg, "optimizer.warmup_steps", 0)
+  require_int(cfg, "optimizer.decay_steps", 0, allow_none=True)
+  if decay_steps(cfg) < cfg.optimizer.warmup_steps:
+    raise ConfigError("optimizer.decay_steps" if cfg.optimizer.decay_steps is not None else "train.steps",
+                      decay_steps(cfg),
+                      f"must be >= optimizer.warmup_steps={cfg.optimizer.warmup_steps} (it includes warmup)")
+  require_float(cfg, "optimizer.b1", 0.0, 1.0)
+  require_float(cfg, "optimizer.b2", 0.0, 1.0)
+  require_float(cfg, "optimizer.eps", 0.0)
+  require_float(cfg, "optimizer.weight_decay", 0.0)
+  require_float(cfg, "optimizer.grad_clip", 0.0)
+
+
+TOKENIZER_KINDS = ("sentencepiece", "char", "byte")
+PACKINGS = ("concat", "window")
+
+
+def _require_bool(cfg, key: str) -> None:
+  if not isinstance(get(cfg, key), bool):
+    raise ConfigError(key, get(cfg, key), "must be True or False")
+
+
+def _validate_data(cfg) -> None:
+  require_int(cfg, "data.context_length", 1)
+  if cfg.data.context_length > max_len(cfg):
+    raise ConfigError("data.context_length", cfg.data.context_length,
+                      f"must be <= model.max_len={max_len(cfg)} (the longest context the model supports)")
+  require_choice(cfg, "data.packing", PACKINGS)
+  _require_bool(cfg, "data.document_masking")
+  if cfg.data.cache_dir is not None and not isinstance(cfg.data.cache_dir, str):
+    raise ConfigError("data.cache_dir", cfg.data.cache_dir, "must be a directory path or None")
+  _validate_tokenizer(cfg)
+  if not len(cfg.data.sources):
+    raise ConfigError("data.sources", {}, "must name at least one source")
+  for name in cfg.data.sources:
+    _validate_source(cfg, name)
+  mixture.normalise({n: s.weight for n, s in cfg.data.sources.items()})
+  mixture.parse_stages(cfg.data.mixture_stages, tuple(cfg.data.sources.keys()))
+
+
+def _validate_tokenizer(cfg) -> None:
+  require_choice(cfg, "data.tokenizer.kind", TOKENIZER_KINDS)
+  require_choice(cfg, "data.tokenizer.model_type", ("bpe", "unigram"))
+  if cfg.data.tokenizer.kind == "sentencepiece" and cfg.data.tokenizer.path is None:
+    require_int(cfg, "data.tokenizer.vocab_size", 300, 1 << 20)
+  require_int(cfg, "data.tokenizer.sample_lines", 1)
+  require_int(cfg, "data.tokenizer.seed", 0)
+
+
+def _validate_source(cfg, name: str) -> None:
+  p = f"data.sources.{name}"
+  if not name.isidentifier():
+    raise ConfigError(p, name, "source names must be identifiers")
+  s = cfg.data.sources[name]
+  require_choice(cfg, f"{p}.kind", sources.KINDS)
+  require_float(cfg, f"{p}.weight", 0.0)
+  require_float(cfg, f"{p}.val_fraction", 0.0, 0.5)
+  require_int(cfg, f"{p}.max_documents", 1, allow_none=True)
+  if s.kind in sources.FILE_KINDS and not s.path:
+    raise ConfigError(f"{p}.path", s.path, f"required for kind={s.kind}")
+  if s.kind == "markov":
+    require_int(cfg, f"{p}.markov.order", 1, 8)
+    require_int(cfg, f"{p}.markov.num_symbols", 2, 94)
+    if s.markov.num_symbols ** s.markov.order > 1 << 20:
+      raise ConfigError(f"{p}.markov.order", s.markov.order, "num_symbols**order must be <= 2**20 states")
+    require_float(cfg, f"{p}.markov.concentration", 0.0, lo_open=True)
+    require_int(cfg, f"{p}.markov.seed", 0)
+    require_int(cfg, f"{p}.markov.num_documents", 2)
+    require_int(cfg, f"{p}.markov.document_length", 1)
+  _require_bool(cfg, f"{p}.only_train_on_assistant")
