@@ -29,7 +29,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import ml_collections
@@ -38,7 +38,8 @@ from absl import app, flags
 
 from lmobjective import checkpoint as ckpt_lib
 from lmobjective import config as config_lib
-from lmobjective import diagnose, distributed, launch, metrics_log, plotting, position_loss, sharding
+from lmobjective import distributed, launch, metrics_log, sharding
+from lmobjective import post_run as post_run_lib
 from lmobjective.experiment import Experiment, build, device_batch, evaluate
 from lmobjective.validation import validate
 from lmobjective.model import count_params
@@ -214,8 +215,16 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   os.replace(tmp, path)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains per `config`, writing outputs to `workdir`. Returns the last eval record."""
+PostRunStep = Callable[[Experiment, Any, str, bool], None]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, post_run: Sequence[PostRunStep] = ()) -> dict[str, Any]:
+  """Trains per `config`, writing outputs to `workdir`. Returns the last eval record (lead process).
+
+  `post_run`: steps `fn(exp, params, workdir, is_lead)` run on every process after the last
+  checkpoint (the CLI passes `post_run.STEPS`: loss by position, plots, loss table, diagnostics),
+  so training depends on no analysis code.
+  """
   validate(config)  # the one validator, before anything is built or written
   distributed.setup(config)  # XLA flags and jax.distributed.initialize: before any backend use
   lead = distributed.is_lead()
@@ -244,13 +253,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mngr.wait_until_finished()  # an asynchronous save must land before the process exits
     mngr.close()
     writer.close()
-  position_loss.save(exp, state.params, workdir, write=lead)  # val_loss_by_position.json
-  records = metrics_log.read_metrics(workdir) if lead else []
-  if lead:
-    plotting.save_loss_curves(records, workdir, title=os.path.basename(os.path.abspath(workdir)))
-    print_loss_table(records)
-    diagnose.diagnose_run(workdir)  # diagnostics.json + printed findings
-  evals = [r for r in records if "val_loss" in r]
+  for step_fn in post_run:  # e.g. post_run.STEPS: loss by position, plots, diagnostics
+    step_fn(exp, state.params, workdir, lead)
+  evals = [r for r in metrics_log.read_metrics(workdir) if "val_loss" in r] if lead else []
   return evals[-1] if evals else {}
 
 
@@ -273,18 +278,6 @@ def _print_header(exp: Experiment, state) -> None:
   sys.stdout.flush()
 
 
-def print_loss_table(records: list[dict]) -> None:
-  evals = [r for r in records if "val_loss" in r]
-  train = {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
-  print(f"{'step':>6} {'train_loss':>10} {'val_loss':>9} {'val_ppl':>9} {'val_bpb':>8}")
-  for r in evals:
-    tl = train.get(r["step"])
-    print(f"{r['step']:>6} {tl if tl is not None else float('nan'):>10.4f} {r['val_loss']:>9.4f} "
-          f"{r['val_perplexity']:>9.2f} {r.get('val_bits_per_byte', float('nan')):>8.4f}")
-  if len(evals) >= 2:
-    print(f"final val loss / step-0 val loss = {evals[-1]['val_loss'] / evals[0]['val_loss']:.3f}")
-
-
 def main(argv, config_flag, workdir_flag) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -294,7 +287,7 @@ def main(argv, config_flag, workdir_flag) -> None:
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save and restore at INFO
   try:
-    run(config_flag.value, workdir_flag.value)
+    run(config_flag.value, workdir_flag.value, post_run=post_run_lib.STEPS)
   except (config_lib.ConfigError, NonFiniteLoss) as e:
     sys.exit(f"error: {e}")
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from lmobjective import diagnose, metrics_log, train
+from lmobjective import diagnose, metrics_log, post_run, train
 from _tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,7 +116,7 @@ def _tiny(tmp_path, **overrides):
 
 def _run(tmp_path, name, **overrides):
   workdir = str(tmp_path / name)
-  train.run(_tiny(tmp_path, **overrides), workdir)
+  train.run(_tiny(tmp_path, **overrides), workdir, post_run=post_run.STEPS)
   return diagnose.load(workdir), metrics_log.read_metrics(workdir)
 
 

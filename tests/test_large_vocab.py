@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from lmobjective import evaluate, experiment, hlo, position_loss, restore, sharding, train
+from lmobjective import evaluate, experiment, hlo, position_loss, post_run, restore, sharding, train
 from _tiny import tiny_config
 
 V, C = 262_144, 4  # vocabulary, loss chunk (positions)
@@ -27,7 +27,7 @@ def large_run(tmp_path_factory):
   config = tiny_config(tmp / "cache", **{
       "model.vocab_size": V, "objective.loss_chunk_size": C, "train.steps": 2, "eval.every_steps": 2,
       "checkpoint.every_steps": 2, "model.num_layers": 1})
-  last = train.run(config, str(tmp / "run"))
+  last = train.run(config, str(tmp / "run"), post_run=post_run.STEPS)
   return config, tmp / "run", last
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from lmobjective import experiment, metrics_log, train
+from lmobjective import experiment, metrics_log, post_run, train
 from lmobjective.config import load_config_file
 from _tiny import tiny_config
 
@@ -24,7 +24,7 @@ def tiny(tmp_path, **overrides):
 def tiny_run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("tiny")
   workdir = str(tmp / "run")
-  last_eval = train.run(tiny(tmp), workdir)
+  last_eval = train.run(tiny(tmp), workdir, post_run=post_run.STEPS)
   return workdir, last_eval
 
 
@@ -175,3 +175,18 @@ def test_pending_metrics_from_an_older_checkpoint_get_sums():
   new = train._with_sums(dict(old))
   assert new["correct_sum"] == 10 and new["z_sum"] == 140 and "accuracy" not in new
   assert train._with_sums(dict(new)) == new
+
+
+def test_the_library_entry_point_runs_no_analysis_unless_asked(tmp_path):
+  """train.run alone writes checkpoints and metrics but no plots, position losses or diagnostics;
+  the CLI passes post_run.STEPS, and the module of the loop imports none of them."""
+  import ast
+
+  workdir = tmp_path / "plain"
+  train.run(tiny(tmp_path, **{"train.steps": 2, "eval.every_steps": 2, "checkpoint.every_steps": 2}), str(workdir))
+  assert (workdir / "metrics.jsonl").exists() and (workdir / "checkpoints").is_dir()
+  for name in ("loss_curves.png", "val_loss_by_position.json", "diagnostics.json"):
+    assert not (workdir / name).exists(), name
+  tree = ast.parse(open(train.__file__).read())
+  imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+  assert not imported & {"diagnose", "plotting", "position_loss"}, imported

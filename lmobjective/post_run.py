@@ -1,0 +1,46 @@
+"""What the training CLI does after the last checkpoint: steps `fn(exp, params, workdir, is_lead)`.
+
+`train.run(config, workdir, post_run=STEPS)` runs them in order on every process (loss by
+position is a collective evaluation; the others only write on the lead process). The library
+entry point runs none by default, so training depends on none of this analysis code.
+"""
+
+from __future__ import annotations
+
+import os
+
+from lmobjective import diagnose, metrics_log, plotting, position_loss
+
+
+def loss_by_position(exp, params, workdir: str, lead: bool) -> None:
+  """val_loss_by_position.json (computed on every process, written by the lead one)."""
+  position_loss.save(exp, params, workdir, write=lead)
+
+
+def loss_curves_and_table(exp, params, workdir: str, lead: bool) -> None:
+  """loss_curves.png and the printed step / train / val table."""
+  if lead:
+    records = metrics_log.read_metrics(workdir)
+    plotting.save_loss_curves(records, workdir, title=os.path.basename(os.path.abspath(workdir)))
+    print_loss_table(records)
+
+
+def diagnostics(exp, params, workdir: str, lead: bool) -> None:
+  """diagnostics.json and the printed findings."""
+  if lead:
+    diagnose.diagnose_run(workdir)
+
+
+STEPS = (loss_by_position, loss_curves_and_table, diagnostics)
+
+
+def print_loss_table(records: list[dict]) -> None:
+  evals = [r for r in records if "val_loss" in r]
+  train = {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
+  print(f"{'step':>6} {'train_loss':>10} {'val_loss':>9} {'val_ppl':>9} {'val_bpb':>8}")
+  for r in evals:
+    tl = train.get(r["step"])
+    print(f"{r['step']:>6} {tl if tl is not None else float('nan'):>10.4f} {r['val_loss']:>9.4f} "
+          f"{r['val_perplexity']:>9.2f} {r.get('val_bits_per_byte', float('nan')):>8.4f}")
+  if len(evals) >= 2:
+    print(f"final val loss / step-0 val loss = {evals[-1]['val_loss'] / evals[0]['val_loss']:.3f}")
