@@ -10,25 +10,37 @@ from `hardware.PEAK_FLOPS`. Step time assumes an MFU (default 40%) and ignores c
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 from absl import app, flags
 
 from lmobjective import hardware, sharding
+from lmobjective.config import load_config_file
 from lmobjective.model import ModelConfig, Transformer, flops_per_token
 
 _MFU = flags.DEFINE_float("mfu", 0.40, "Assumed model FLOP utilisation for the step-time column.")
 
 GIB = 2**30
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def model_config(**fields) -> ModelConfig:
+  """configs/default.py's model section, resolved, with `fields` replaced."""
+  base = ModelConfig.from_config(load_config_file(os.path.join(ROOT, "configs", "default.py")).model,
+                                 vocab_size=fields["vocab_size"], context_length=fields.get("max_len", 128))
+  return dataclasses.replace(base, **fields)
+
 
 MODELS = {  # name: (ModelConfig, context, sequences per device per microbatch)
-    "GPT-2 124M": (ModelConfig(vocab_size=50_304, num_layers=12, num_heads=12, num_kv_heads=12, embed_dim=768,
+    "GPT-2 124M": (model_config(vocab_size=50_304, num_layers=12, num_heads=12, num_kv_heads=12, embed_dim=768,
                                mlp_dim=3072, max_len=1024, position="learned", norm="layernorm", mlp="gelu",
                                use_bias=True), 1024, 16),
-    "1.3B (24L, 2048)": (ModelConfig(vocab_size=50_304, num_layers=24, num_heads=16, num_kv_heads=16,
+    "1.3B (24L, 2048)": (model_config(vocab_size=50_304, num_layers=24, num_heads=16, num_kv_heads=16,
                                      embed_dim=2048, mlp_dim=5504, max_len=2048), 2048, 4),
-    "7B (Llama-2 shape)": (ModelConfig(vocab_size=32_000, num_layers=32, num_heads=32, num_kv_heads=32,
+    "7B (Llama-2 shape)": (model_config(vocab_size=32_000, num_layers=32, num_heads=32, num_kv_heads=32,
                                        embed_dim=4096, mlp_dim=11_008, max_len=4096, tie_embeddings=False),
                            4096, 1),
-    "70B (Llama-2 shape, GQA 8)": (ModelConfig(vocab_size=32_000, num_layers=80, num_heads=64, num_kv_heads=8,
+    "70B (Llama-2 shape, GQA 8)": (model_config(vocab_size=32_000, num_layers=80, num_heads=64, num_kv_heads=8,
                                                embed_dim=8192, mlp_dim=28_672, max_len=4096,
                                                tie_embeddings=False), 4096, 1),
 }

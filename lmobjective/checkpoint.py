@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from lmobjective.config import ConfigError
+from lmobjective.config import REMOVED_KEYS, ConfigError
 
 CKPT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints_damaged"
@@ -42,8 +42,7 @@ SAFE_CHANGES = ("train.steps", "optimizer.decay_steps", "train.log_every_steps",
                 "data.cache_dir", "mesh.", "train.xla_gpu_flags", "model.remat", "model.attention",
                 "objective.loss_chunk_size")
 # Never compared: the flag itself, and where the cluster's coordinator happens to be this time.
-IGNORED = ("checkpoint.allow_config_change", "distributed.",
-           "data.shuffle_buffer")  # a dead key that runs before 2026-12 still carry
+IGNORED = ("checkpoint.allow_config_change", "distributed.") + REMOVED_KEYS  # removed keys older runs carry
 
 
 @contextlib.contextmanager

@@ -7,10 +7,14 @@ names the key and what is allowed (`ConfigError`).
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
 import importlib.util
 import math
 import os
-from typing import Any, Iterable
+import types
+import typing
+from typing import Any, Iterable, Mapping
 
 import ml_collections
 
@@ -84,3 +88,193 @@ def require_choice(cfg, key: str, choices: Iterable[str]) -> None:
   choices = tuple(choices)
   if v not in choices:
     raise ConfigError(key, v, f"must be one of {', '.join(choices)}")
+
+
+# ---- the typed boundary ------------------------------------------------------------------------
+# One frozen dataclass per section, mirroring configs/default.py key for key, with no defaults of
+# their own: `typed(config)` fills every field from the (validated) ConfigDict and refuses a
+# missing or undeclared key, so the two cannot drift apart silently.
+
+
+@dataclasses.dataclass(frozen=True)
+class MarkovConfig:
+  order: int
+  num_symbols: int
+  concentration: float
+  seed: int
+  num_documents: int
+  document_length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+  kind: str
+  weight: float
+  path: str | None
+  text_field: str
+  val_fraction: float
+  max_documents: int | None
+  markov: MarkovConfig
+  only_train_on_assistant: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+  kind: str
+  model_type: str
+  vocab_size: int
+  sample_lines: int
+  seed: int
+  path: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  context_length: int
+  packing: str
+  document_masking: bool
+  cache_dir: str | None
+  tokenizer: TokenizerConfig
+  sources: Mapping[str, SourceConfig]  # in declaration order
+  mixture_stages: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+  """`config.model` as declared (dtypes as names, None = derived); `model.ModelConfig` resolves it."""
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int | None
+  embed_dim: int
+  mlp_dim: int | None
+  max_len: int | None
+  vocab_size: int | None
+  position: str
+  rope_theta: float
+  norm: str
+  mlp: str
+  use_bias: bool
+  tie_embeddings: bool
+  dropout: float
+  init_std: float
+  param_dtype: str
+  compute_dtype: str
+  attention: str
+  remat: str
+  scan_layers: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+  z_loss: float
+  loss_chunk_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  learning_rate: float
+  end_learning_rate: float
+  schedule: str
+  warmup_steps: int
+  decay_steps: int | None
+  b1: float
+  b2: float
+  eps: float
+  weight_decay: float
+  decay_embeddings: bool
+  decay_norms_and_biases: bool
+  grad_clip: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int
+  batch_size: int
+  grad_accum_steps: int
+  log_every_steps: int
+  nan_policy: str
+  xla_gpu_flags: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  every_steps: int
+  num_batches: int
+  batch_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every_steps: int
+  keep: int
+  keep_best: bool
+  async_save: bool
+  allow_config_change: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int
+  fsdp: int
+  tensor: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  auto_detect: bool
+  coordinator_address: str | None
+  num_processes: int | None
+  process_id: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  seed: int
+  data: DataConfig
+  model: ModelSection
+  objective: ObjectiveConfig
+  optimizer: OptimizerConfig
+  train: TrainConfig
+  eval: EvalConfig
+  checkpoint: CheckpointConfig
+  mesh: MeshConfig
+  distributed: DistributedConfig
+
+
+def typed(config: ml_collections.ConfigDict) -> Config:
+  """The frozen, typed view of a validated config (call `validation.validate` first)."""
+  return section(Config, config, "")
+
+
+def section(cls, node, prefix: str):
+  """One section as `cls` (e.g. `DataConfig` from `config.data`, prefix "data."); typed input passes through."""
+  if isinstance(node, cls):
+    return node
+  return _build(cls, node, prefix)
+
+
+REMOVED_KEYS = ("data.shuffle_buffer",)  # declared once, read nowhere: ignored in older runs' configs
+
+
+def _build(cls, node, prefix: str):
+  hints = typing.get_type_hints(cls)
+  declared = {f.name for f in dataclasses.fields(cls)}
+  given = set(node.keys()) - {k[len(prefix):] for k in REMOVED_KEYS if k.startswith(prefix)}
+  if given - declared:
+    key = prefix + sorted(given - declared)[0]
+    raise ConfigError(key, node[key[len(prefix):]], "is not a declared key (see configs/default.py)")
+  if declared - given:
+    key = prefix + sorted(declared - given)[0]
+    raise ConfigError(key, None, "is missing (every key of configs/default.py must be present)")
+  values = {}
+  for name in declared:
+    hint, value = hints[name], node[name]
+    if dataclasses.is_dataclass(hint):
+      value = _build(hint, value, f"{prefix}{name}.")
+    elif typing.get_origin(hint) is collections.abc.Mapping:
+      item = typing.get_args(hint)[1]
+      value = types.MappingProxyType(
+          {k: _build(item, v, f"{prefix}{name}.{k}.") for k, v in value.items()})
+    values[name] = value
+  return cls(**values)
+

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 
 import jax
-import ml_collections
+
+from lmobjective.config import Config
 
 
 # From the JAX GPU performance guide and NVIDIA's JAX-Toolbox: overlap collectives with compute
@@ -43,7 +44,7 @@ def add_xla_flags(flags: tuple[str, ...] = RECOMMENDED_XLA_GPU_FLAGS, environ=os
   return environ["XLA_FLAGS"]
 
 
-def initialize(config: ml_collections.ConfigDict) -> bool:
+def initialize(config: Config) -> bool:
   """Calls jax.distributed.initialize when the config asks for it. Returns whether it did."""
   d = config.distributed
   if d.coordinator_address is not None:
@@ -56,7 +57,7 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
   return False
 
 
-def setup(config: ml_collections.ConfigDict) -> None:
+def setup(config: Config) -> None:
   """XLA flags, then multi-host initialisation. Call before any other JAX use (after `validation.validate`)."""
   if config.train.xla_gpu_flags:
     add_xla_flags()

@@ -16,7 +16,7 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
-from lmobjective import data, inspection, objective, step, validation
+from lmobjective import data, inspection, objective, step
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory (with checkpoints/ and tokenizer/).")
 _TEXT_FILE = flags.DEFINE_string("text_file", None, "A UTF-8 text file to score as one document.")
@@ -56,9 +56,8 @@ def main(argv) -> None:
     sys.exit("error: give --workdir and exactly one of --text_file or --source")
   if not flags.FLAGS["verbosity"].present:
     absl_logging.set_verbosity(absl_logging.WARNING)
-  try:
+  try:  # restore validates the checkpoint's config (a ConfigError is a ValueError)
     run = inspection.restore(_WORKDIR.value, step=_STEP.value)
-    validation.validate(run.config)  # the checkpoint's config (ConfigError is a ValueError)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   if _TEXT_FILE.value is not None:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any
+
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from lmobjective import config as config_lib
 from lmobjective import data, hardware, objective, sharding, step
@@ -30,18 +31,19 @@ from lmobjective.optimizer import make_optimizer, skipped_update_state
 @dataclasses.dataclass
 class Experiment:
   """Everything a run needs, built once from the config."""
-  config: ml_collections.ConfigDict
+  config: config_lib.Config  # the typed view every reader uses
+  raw_config: ml_collections.ConfigDict  # as given: what config.json and checkpoints record
   workdir: str
-  mesh: Any
+  mesh: Mesh
   model: Transformer
   model_cfg: ModelConfig
   tx: optax.GradientTransformation
-  tokenizer: Any
-  pipeline: Any
-  state_sharding: Any
-  train_fn: Any
-  eval_fn: Any
-  init_fn: Any
+  tokenizer: data.Tokenizer
+  pipeline: data.Pipeline
+  state_sharding: step.TrainState  # of NamedShardings
+  train_fn: sharding.Program  # (state, batch) -> (state, metrics)
+  eval_fn: sharding.Program  # (params, batch) -> objective.LossSums
+  init_fn: sharding.Program  # (key) -> state
   eval_sets: dict[str, list[dict]]
   flops_per_token: float
   peak_flops: float | None
@@ -85,8 +87,9 @@ def _guarded_step(train_step, state, batch):
   return new, {**metrics, "finite": ok}
 
 
-def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Experiment:
+def build(raw_config: ml_collections.ConfigDict, workdir: str, devices=None) -> Experiment:
   """`devices`: the devices to lay the mesh over (default: all of every process)."""
+  config = config_lib.typed(raw_config)
   mesh = sharding.make_mesh(config.mesh, devices)
   _check_batch_divides(config, mesh)
   tokenizer = data.build_tokenizer(config.data, workdir)
@@ -126,7 +129,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Expe
   eval_sets = {name: pipeline.eval_batches(name, config.eval.num_batches, per_proc_eval)
                for name in pipeline.source_names} if config.eval.num_batches else {}
   return Experiment(
-      config=config, workdir=workdir, mesh=mesh, model=model, model_cfg=model_cfg, tx=tx,
+      config=config, raw_config=raw_config, workdir=workdir, mesh=mesh, model=model, model_cfg=model_cfg, tx=tx,
       tokenizer=tokenizer, pipeline=pipeline, state_sharding=state_sharding, train_fn=train_fn,
       eval_fn=eval_fn, init_fn=init_fn, eval_sets=eval_sets,
       flops_per_token=flops_per_token(model_cfg, T),

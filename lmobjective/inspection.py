@@ -22,7 +22,8 @@ import numpy as np
 
 from lmobjective import checkpoint as ckpt_lib
 from lmobjective import generate as gen
-from lmobjective import metrics_log, objective, sharding, step
+from lmobjective import config as config_lib
+from lmobjective import metrics_log, objective, sharding, step, validation
 from lmobjective.data import tokenizers
 from lmobjective.model import ModelConfig, Transformer
 
@@ -54,7 +55,7 @@ class PositionLosses:
 @dataclasses.dataclass
 class Run:
   workdir: str
-  config: ml_collections.ConfigDict
+  config: config_lib.Config  # the checkpoint's config, typed
   params: Any
   tokenizer: tokenizers.Tokenizer
   model: Transformer
@@ -238,7 +239,8 @@ def restore(workdir: str, step: int | None = None, device=None) -> Run:
     config = ml_collections.ConfigDict(mngr.restore(
         got_step, args=ckpt_lib.ocp.args.Composite(config=ckpt_lib.ocp.args.JsonRestore()))["config"])
   mngr.close()
+  validation.validate(config)  # the checkpoint's config, as a run would have been checked
   path = os.path.join(workdir, metrics_log.METRICS_FILE)
   metrics = metrics_log.read_metrics(path) if os.path.exists(path) else []
-  return Run(workdir=workdir, config=config, params=params, tokenizer=tok, model=model, step=got_step,
+  return Run(workdir=workdir, config=config_lib.typed(config), params=params, tokenizer=tok, model=model, step=got_step,
              metrics=metrics)

@@ -18,8 +18,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+
+from lmobjective.config import ModelSection
 
 Array = jax.Array
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -27,33 +28,35 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+  """The model's resolved shape and numerics. No defaults: build it with `from_config` (from
+  `config.model` of configs/default.py), or `dataclasses.replace` an existing one."""
   vocab_size: int
-  num_layers: int = 4
-  num_heads: int = 4
-  num_kv_heads: int = 4
-  embed_dim: int = 256
-  mlp_dim: int = 1024
-  max_len: int = 256
-  position: str = "rope"
-  rope_theta: float = 10_000.0
-  norm: str = "rmsnorm"
-  mlp: str = "swiglu"
-  use_bias: bool = False
-  tie_embeddings: bool = True
-  dropout: float = 0.0
-  init_std: float = 0.02
-  param_dtype: Any = jnp.float32
-  compute_dtype: Any = jnp.float32
-  attention: str = "auto"
-  remat: str = "none"
-  scan_layers: bool = False
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  embed_dim: int
+  mlp_dim: int
+  max_len: int
+  position: str
+  rope_theta: float
+  norm: str
+  mlp: str
+  use_bias: bool
+  tie_embeddings: bool
+  dropout: float
+  init_std: float
+  param_dtype: Any
+  compute_dtype: Any
+  attention: str
+  remat: str
+  scan_layers: bool
 
   @property
   def head_dim(self) -> int:
     return self.embed_dim // self.num_heads
 
   @classmethod
-  def from_config(cls, m: ml_collections.ConfigDict, vocab_size: int,
+  def from_config(cls, m: ModelSection, vocab_size: int,
                   context_length: int | None = None) -> "ModelConfig":
     """Resolves defaults (kv heads, MLP width, vocabulary, max_len = context_length) from `config.model`."""
     mlp_dim = m.mlp_dim

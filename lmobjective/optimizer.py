@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import jax
-import ml_collections
 import optax
 
+from lmobjective.config import OptimizerConfig
 
-def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int | None = None) -> optax.Schedule:
+
+def learning_rate_schedule(opt: OptimizerConfig, total_steps: int | None = None) -> optax.Schedule:
   """Linear warmup to `learning_rate`, then cosine/linear decay to `end_learning_rate`.
 
   Warmup is `peak * (step + 1) / warmup_steps`, so the very first update is not a no-op.
@@ -64,7 +65,7 @@ def skipped_update_state(old_state, new_state):
   return jax.tree.map(keep_inner, old_state, new_state, is_leaf=is_inject)
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int | None = None) -> optax.GradientTransformation:
+def make_optimizer(opt: OptimizerConfig, total_steps: int | None = None) -> optax.GradientTransformation:
   """`total_steps` (train.steps) is the decay length when optimizer.decay_steps is None."""
   mask = lambda p: weight_decay_mask(p, opt.decay_embeddings, opt.decay_norms_and_biases)
   # static_args: without it inject_hyperparams calls the mask like a schedule, mask(step), and

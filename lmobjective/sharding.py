@@ -13,7 +13,6 @@ import functools
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -35,9 +34,9 @@ RULES = (
 )
 
 
-def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   """Resolves -1 (at most one) to the remaining devices; the product must equal num_devices."""
-  sizes = [mesh_cfg[a] for a in MESH_AXES]
+  sizes = [getattr(mesh_cfg, a) for a in MESH_AXES]
   if sizes.count(-1) > 1:
     raise ConfigError("mesh", tuple(sizes), "at most one of mesh.data/fsdp/tensor may be -1")
   known = int(np.prod([s for s in sizes if s != -1]))
@@ -51,7 +50,7 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
   return tuple(sizes)
 
 
-def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_cfg, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)

@@ -118,7 +118,7 @@ def _save(exp, mngr, state, batches, accounting, loop: LoopState, val_loss) -> N
           "tokens_seen": loop.tokens_seen, "skipped": loop.skipped,
           "pending": ckpt_lib.encode_metrics(loop.pending),
           "tokenizer": {"path": "tokenizer", "fingerprint": exp.tokenizer.fingerprint()}}
-  ckpt_lib.save(mngr, state, meta, exp.config, val_loss)
+  ckpt_lib.save(mngr, state, meta, exp.raw_config, val_loss)
 
 
 def run_loop(exp: Experiment, state, batches: Iterator[dict], writer: metrics_log.MetricsWriter,
@@ -165,7 +165,7 @@ def restore_or_init(exp: Experiment, mngr, batches) -> tuple[Any, LoopState | No
     return exp.init_fn(jax.random.key(exp.config.seed)), None, accounting, None
   state, meta, saved_config = restored
   step_ = int(state.step)
-  ckpt_lib.check_config(saved_config, ckpt_lib.config_json(exp.config),
+  ckpt_lib.check_config(saved_config, ckpt_lib.config_json(exp.raw_config),
                         exp.config.checkpoint.allow_config_change, step_)
   if meta["tokenizer"]["fingerprint"] != exp.tokenizer.fingerprint():
     raise config_lib.ConfigError("data.tokenizer", os.path.join(exp.workdir, "tokenizer"),
@@ -226,12 +226,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, post_run: Sequence[Post
   so training depends on no analysis code.
   """
   validate(config)  # the one validator, before anything is built or written
-  distributed.setup(config)  # XLA flags and jax.distributed.initialize: before any backend use
+  cfg = config_lib.typed(config)
+  distributed.setup(cfg)  # XLA flags and jax.distributed.initialize: before any backend use
   lead = distributed.is_lead()
-  mngr = ckpt_lib.make_manager(workdir, config.checkpoint)
+  mngr = ckpt_lib.make_manager(workdir, cfg.checkpoint)
   latest = ckpt_lib.latest_config(mngr)  # refuse a changed config before touching the run's files
   if latest is not None:
-    ckpt_lib.check_config(latest[1], ckpt_lib.config_json(config), config.checkpoint.allow_config_change,
+    ckpt_lib.check_config(latest[1], ckpt_lib.config_json(config), cfg.checkpoint.allow_config_change,
                           latest[0])
   if lead:
     os.makedirs(workdir, exist_ok=True)

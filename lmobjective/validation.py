@@ -1,8 +1,9 @@
 """The one config validator: `validate(config)` checks every key of every section, in one place.
 
 Every entry point calls it before anything is built or written: `train.run`, sweep planning
-(every planned run), tokenizer training and `evaluate` (on the checkpoint's config). A bad
-value is one `ConfigError` line naming the key and what is allowed.
+(every planned run), tokenizer training, and `restore` (so `evaluate` and notebooks) on the
+checkpoint's config. A bad value is one `ConfigError` line naming the key and what is allowed.
+Then `config.typed(config)` turns the ConfigDict into the frozen dataclasses library code reads.
 """
 
 from __future__ import annotations

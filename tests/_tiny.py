@@ -22,3 +22,15 @@ def tiny_config(cache_dir, **overrides):
   for key, value in overrides.items():
     set_key(c, key, value)
   return c
+
+
+def model_config(**fields):
+  """configs/default.py's model section, resolved, with `fields` replaced: tests build small models
+  from the real defaults (ModelConfig has none of its own)."""
+  import dataclasses
+
+  from lmobjective.model import ModelConfig
+
+  base = ModelConfig.from_config(load_config_file(os.path.join(ROOT, "configs", "default.py")).model,
+                                 vocab_size=fields.get("vocab_size", 512), context_length=fields.get("max_len", 128))
+  return dataclasses.replace(base, **fields)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from lmobjective import objective
-from lmobjective.model import ModelConfig, Transformer
+from lmobjective.model import Transformer
+from _tiny import model_config
 
 B, T, D, V = 3, 12, 16, 50
 
@@ -71,7 +72,7 @@ def test_all_sums_match_including_z_loss_and_bytes():
 @pytest.mark.slow
 @pytest.mark.parametrize("tied", [True, False])
 def test_model_head_fused_equals_full_model(tied):
-  cfg = ModelConfig(vocab_size=97, num_layers=2, num_heads=2, num_kv_heads=2, embed_dim=32,
+  cfg = model_config(vocab_size=97, num_layers=2, num_heads=2, num_kv_heads=2, embed_dim=32,
                     mlp_dim=64, max_len=16, tie_embeddings=tied)
   model = Transformer(cfg)
   rng = np.random.default_rng(0)
@@ -118,7 +119,7 @@ def test_train_and_eval_steps_with_chunked_loss_equal_dense():
 
   from lmobjective import step
 
-  cfg = ModelConfig(vocab_size=61, num_layers=1, num_heads=2, num_kv_heads=2, embed_dim=16,
+  cfg = model_config(vocab_size=61, num_layers=1, num_heads=2, num_kv_heads=2, embed_dim=16,
                     mlp_dim=32, max_len=10, tie_embeddings=False)
   model, tx = Transformer(cfg), optax.adamw(1e-2)
   rng = np.random.default_rng(1)

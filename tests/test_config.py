@@ -76,3 +76,40 @@ def test_sweep_planning_refuses_a_bad_nan_policy_before_launching(tmp_path):
   with pytest.raises(sweep.SweepError, match="train.nan_policy='ignore'"):
     sweep.plan(str(spec), str(tmp_path / "runs"), {})
   assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+def test_typed_config_mirrors_the_declared_keys():
+  """configs/default.py converts to frozen dataclasses key for key; a key the dataclasses do not
+  declare, or one they miss, is a one-line error naming it; the view is frozen."""
+  import dataclasses
+
+  c = default()
+  t = config_lib.typed(c)
+  assert t.train.steps == c.train.steps and t.data.sources["markov"].markov.order == c.data.sources.markov.markov.order
+  assert list(t.data.sources) == list(c.data.sources)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    t.train.steps = 1
+  extra = default()
+  extra.unlock()
+  extra.train.new_key = 1
+  with pytest.raises(ConfigError, match=r"config.train.new_key=1: is not a declared key"):
+    config_lib.typed(extra)
+  missing = default()
+  missing.unlock()
+  del missing.eval["every_steps"]
+  with pytest.raises(ConfigError, match=r"config.eval.every_steps=None: is missing"):
+    config_lib.typed(missing)
+  old = default()  # a run from before data.shuffle_buffer was removed still converts
+  old.unlock()
+  old.data.shuffle_buffer = 0
+  assert config_lib.typed(old).data == t.data
+
+
+def test_model_config_has_no_defaults_of_its_own():
+  import dataclasses
+
+  from lmobjective.model import ModelConfig
+
+  assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(ModelConfig))
+  m = ModelConfig.from_config(config_lib.typed(default()).model, vocab_size=2048, context_length=128)
+  assert m.max_len == 128 and m.num_kv_heads == m.num_heads  # resolved from the declared config

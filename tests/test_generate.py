@@ -9,9 +9,10 @@ import pytest
 
 from lmobjective import generate as gen
 from lmobjective import model as M
+from _tiny import model_config
 
 # Large init_std so the logits are far from uniform and greedy decoding does not repeat one token.
-MODERN = M.ModelConfig(vocab_size=97, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, mlp_dim=64,
+MODERN = model_config(vocab_size=97, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, mlp_dim=64,
                        max_len=24, init_std=0.5)  # rope + GQA
 GPT2 = dataclasses.replace(MODERN, num_kv_heads=4, position="learned", norm="layernorm", mlp="gelu",
                            use_bias=True, tie_embeddings=False)

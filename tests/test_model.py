@@ -11,8 +11,9 @@ import pytest
 
 from lmobjective import model as M
 from lmobjective import objective
+from _tiny import model_config
 
-MODERN = M.ModelConfig(vocab_size=512, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+MODERN = model_config(vocab_size=512, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
                        mlp_dim=128, max_len=64)
 GPT2 = dataclasses.replace(MODERN, num_kv_heads=4, position="learned", norm="layernorm", mlp="gelu",
                            use_bias=True, tie_embeddings=False)

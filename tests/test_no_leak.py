@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from lmobjective import data
-from lmobjective.model import ModelConfig, Transformer
+from lmobjective.model import Transformer
+from _tiny import model_config
 import importlib.util
 import os
 
@@ -36,7 +37,7 @@ def _pipeline(tmp_path, masking):
 @pytest.mark.parametrize("masking", [True, False])
 def test_perturbing_document_a_changes_no_logit_of_document_b(tmp_path, masking):
   tok, batch = _pipeline(tmp_path, masking)
-  cfg = ModelConfig(vocab_size=tok.vocab_size, num_layers=2, num_heads=2, num_kv_heads=2, embed_dim=32,
+  cfg = model_config(vocab_size=tok.vocab_size, num_layers=2, num_heads=2, num_kv_heads=2, embed_dim=32,
                     mlp_dim=64, max_len=48)
   model = Transformer(cfg)
   params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 48), jnp.int32))["params"])

@@ -11,6 +11,7 @@ import pytest
 
 from lmobjective import model as M
 from lmobjective import optimizer
+from _tiny import model_config
 
 
 def _opt(**kw):
@@ -43,7 +44,7 @@ def test_linear_and_constant_schedules():
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_weight_decay_mask_excludes_norms_biases_embeddings(tie):
-  cfg = M.ModelConfig(vocab_size=32, num_layers=1, num_heads=2, num_kv_heads=2, embed_dim=16, mlp_dim=32,
+  cfg = model_config(vocab_size=32, num_layers=1, num_heads=2, num_kv_heads=2, embed_dim=16, mlp_dim=32,
                       max_len=8, use_bias=True, norm="layernorm", position="learned", tie_embeddings=tie)
   params = nn.unbox(M.Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   mask = optimizer.weight_decay_mask(params)

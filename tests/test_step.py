@@ -15,8 +15,9 @@ import pytest
 
 from lmobjective import model as M
 from lmobjective import objective, step
+from _tiny import model_config
 
-CFG = M.ModelConfig(vocab_size=64, num_layers=2, num_heads=2, num_kv_heads=2, embed_dim=32, mlp_dim=64, max_len=32)
+CFG = model_config(vocab_size=64, num_layers=2, num_heads=2, num_kv_heads=2, embed_dim=32, mlp_dim=64, max_len=32)
 
 
 def _batch(rng, B=8, T=16, V=64, uneven=True):

@@ -18,6 +18,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from lmobjective import config as config_lib
 from lmobjective.config import ConfigError
 from lmobjective.data import cache, mixture, streams, tokenized
 from lmobjective.data.errors import DataWarning
@@ -144,4 +145,6 @@ class Pipeline:
 
 def build_pipeline(data_cfg, tok: Tokenizer, seed: int, batch_size: int, process_index: int = 0,
                    process_count: int = 1, cache_dir: str | None = None) -> Pipeline:
+  """`data_cfg`: `config.data` (a ConfigDict or `config.DataConfig`; typed here, at the boundary)."""
+  data_cfg = config_lib.section(config_lib.DataConfig, data_cfg, "data.")
   return Pipeline(data_cfg, tok, seed, batch_size, process_index, process_count, cache_dir)

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from lmobjective import config as config_lib
 from lmobjective.data import cache, packing, sft, sources
 from lmobjective.data.tokenizers import Tokenizer
 
@@ -45,7 +46,12 @@ def _tokenize_split(docs: list, scfg, tok: Tokenizer) -> Split:
   return Split(stream, starts)
 
 
+def _typed(name: str, scfg) -> config_lib.SourceConfig:
+  return config_lib.section(config_lib.SourceConfig, scfg, f"data.sources.{name}.")
+
+
 def tokenize(name: str, scfg, tok: Tokenizer) -> TokenizedSource:
+  scfg = _typed(name, scfg)
   docs = sources.load_source(name, scfg)
   out = TokenizedSource(name, _tokenize_split(docs.train, scfg, tok), _tokenize_split(docs.val, scfg, tok), docs.info)
   for split_name, split in (("train", out.train), ("val", out.val)):
@@ -54,12 +60,13 @@ def tokenize(name: str, scfg, tok: Tokenizer) -> TokenizedSource:
 
 
 def _source_key(name: str, scfg, tok: Tokenizer) -> str:
-  fields = {k: v for k, v in scfg.to_dict().items() if k != "weight"}
+  fields = {k: v for k, v in dataclasses.asdict(_typed(name, scfg)).items() if k != "weight"}
   return cache.key({"source": fields, "content": sources.fingerprint(name, scfg), "tokenizer": tok.fingerprint()})
 
 
 def load(name: str, scfg, tok: Tokenizer, cache_dir: str | None) -> TokenizedSource:
   """Tokenized splits from the cache, tokenizing and caching them on a miss (cache_dir None = no cache)."""
+  scfg = _typed(name, scfg)
   if cache_dir is None:
     return tokenize(name, scfg, tok)
   path = cache.path_for(cache_dir, name, _source_key(name, scfg, tok))

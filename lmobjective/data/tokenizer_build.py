@@ -12,6 +12,7 @@ import zlib
 
 import numpy as np
 
+from lmobjective import config as config_lib
 from lmobjective.config import ConfigError
 from lmobjective.data import sources, tokenizers
 from lmobjective.data.tokenizers import Tokenizer
@@ -62,6 +63,7 @@ def train(data_cfg) -> Tokenizer:
 
 def build_tokenizer(data_cfg, workdir: str) -> Tokenizer:
   """The tokenizer saved in `workdir/tokenizer/` (resume), else `data.tokenizer.path`, else a trained one."""
+  data_cfg = config_lib.section(config_lib.DataConfig, data_cfg, "data.")
   run_dir = os.path.join(workdir, "tokenizer")
   want = tokenizers.spec(data_cfg.tokenizer)
   if os.path.isdir(run_dir):
