@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from lmobjective import files
 from lmobjective.config import REMOVED_KEYS, ConfigError
 
 CKPT_DIR = "checkpoints"
@@ -289,10 +290,7 @@ def truncate_metrics(workdir: str, step: int | None) -> None:
         break
       if step is not None and rec.get("step", 0) <= step:
         keep.append(line if line.endswith("\n") else line + "\n")
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
+  files.atomic_write(path, "".join(keep))
 
 
 def encode_metrics(metrics_list: list[dict]) -> list[dict]:

@@ -19,6 +19,12 @@ from typing import Any, Iterable, Mapping
 import ml_collections
 
 
+# configs/ beside the package: the presets (a source checkout or an editable install). Entry points
+# default to it by absolute path, so they work from any directory.
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(PROJECT_ROOT, "configs", "default.py")
+
+
 class ConfigError(ValueError):
   """A bad config value. `str(err)` is one line naming the key: 'config.train.steps=-1: must be ...'."""
 

@@ -26,15 +26,15 @@ likely causes. Kinds and rules (all thresholds are stated here and in `Threshold
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
 from typing import Any
 
 import numpy as np
+
+from lmobjective import files
 
 DIAGNOSTICS_FILE = "diagnostics.json"
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution * 1.4826 = its standard deviation
@@ -253,16 +253,12 @@ def diagnose(records: list[dict], vocab_size: int | None = None,
 
 def vocab_size_of(run_dir: str) -> int | None:
   """model.vocab_size from config.json, else the saved tokenizer's size, else None."""
-  with contextlib.suppress(OSError, ValueError):  # no or unreadable config.json: try the tokenizer
-    with open(os.path.join(run_dir, "config.json")) as f:
-      v = json.load(f).get("model", {}).get("vocab_size")
-    if isinstance(v, int):
-      return v
-  try:
-    with open(os.path.join(run_dir, "tokenizer", "tokenizer.json")) as f:
-      return int(json.load(f)["vocab_size"])
-  except (OSError, ValueError, KeyError):
-    return None
+  config = files.read_json(os.path.join(run_dir, "config.json"), default={})
+  v = config.get("model", {}).get("vocab_size")
+  if isinstance(v, int):
+    return v
+  meta = files.read_json(os.path.join(run_dir, "tokenizer", "tokenizer.json"), default={})
+  return int(meta["vocab_size"]) if isinstance(meta.get("vocab_size"), int) else None
 
 
 def summarize(findings: list[dict]) -> str:
@@ -274,10 +270,7 @@ def diagnose_run(run_dir: str, write: bool = True, verbose: bool = True) -> list
   from lmobjective.metrics_log import read_metrics
   findings = diagnose(read_metrics(run_dir), vocab_size_of(run_dir))
   if write:
-    tmp = os.path.join(run_dir, DIAGNOSTICS_FILE + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump(findings, f, indent=1)
-    os.replace(tmp, os.path.join(run_dir, DIAGNOSTICS_FILE))
+    files.write_json(os.path.join(run_dir, DIAGNOSTICS_FILE), findings, indent=1)
   if verbose:
     print(f"diagnostics: {len(findings)} finding(s)" if findings else "diagnostics: no findings")
     for f in findings:
@@ -286,11 +279,7 @@ def diagnose_run(run_dir: str, write: bool = True, verbose: bool = True) -> list
 
 
 def load(run_dir: str) -> list[dict] | None:
-  try:
-    with open(os.path.join(run_dir, DIAGNOSTICS_FILE)) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
+  return files.read_json(os.path.join(run_dir, DIAGNOSTICS_FILE))
 
 
 def cli() -> None:

@@ -13,7 +13,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from lmobjective.config import load_config_file
+from lmobjective.config import DEFAULT_CONFIG, load_config_file
 
 FLAG_PREFIX = "--config."
 
@@ -38,9 +38,6 @@ def unknown_override_keys(config, argv: list[str]) -> list[str]:
         unknown.append(key)
         break
   return unknown
-
-
-DEFAULT_CONFIG = "configs/default.py"
 
 
 def _exit_bad_override(argv: list[str], default_config: str, err: Exception):

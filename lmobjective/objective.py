@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmobjective import chunked_loss
+from lmobjective.batch import IGNORE_INDEX  # noqa: F401 (re-exported: objective.IGNORE_INDEX)
 
-IGNORE_INDEX = -100
 LN2 = math.log(2.0)
 
 

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless-safe; notebooks still display returned figures
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lmobjective import files
 from lmobjective.metrics_log import split_series  # noqa: E402
 
 LOSS_PNG = "loss_curves.png"
@@ -39,8 +40,7 @@ def loss_curves(records: list[dict], title: str = "") -> plt.Figure:
 def save_loss_curves(records: list[dict], workdir: str, title: str = "") -> str:
   path = os.path.join(workdir, LOSS_PNG)
   fig = loss_curves(records, title)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
+  with files.atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=110)
   plt.close(fig)
-  os.replace(tmp, path)
   return path

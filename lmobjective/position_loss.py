@@ -8,13 +8,13 @@ one curve per context length without reloading the params.
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmobjective import files
 from lmobjective import objective, sharding, step
 
 POSITION_FILE = "val_loss_by_position.json"
@@ -68,15 +68,9 @@ def save(exp, params, workdir: str, write: bool = True) -> str | None:
   if not write:
     return None
   path = os.path.join(workdir, POSITION_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump(result, f)
-  os.replace(path + ".tmp", path)
+  files.write_json(path, result)
   return path
 
 
 def load(run_dir: str) -> dict | None:
-  try:
-    with open(os.path.join(run_dir, POSITION_FILE)) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
+  return files.read_json(os.path.join(run_dir, POSITION_FILE))

@@ -10,7 +10,6 @@ val_loss_by_position.json (the loss-by-position plot).
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from typing import Any
@@ -21,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lmobjective import diagnose, metrics_log, position_loss  # noqa: E402
+from lmobjective import diagnose, files, metrics_log, position_loss  # noqa: E402
 
 PLOTS = {"curves": "sweep_loss_curves.png", "mixture": "mixture_per_source.png",
          "context": "context_length.png", "position": "loss_by_position.png"}
@@ -29,11 +28,7 @@ METRICS = ("tokens_seen", "wall_s", "train_loss", "val_loss", "val_perplexity", 
 
 
 def _json(path: str) -> Any:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
+  return files.read_json(path)
 
 
 def run_row(run_dir: str, name: str, overrides: dict[str, str]) -> dict[str, Any]:
@@ -95,11 +90,10 @@ def _fmt(v: Any, col: str) -> str:
 
 def write_csv(table: list[dict], path: str) -> None:
   cols = columns(table)
-  with open(path + f".tmp{os.getpid()}", "w", newline="") as f:
+  with files.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     w.writerows(table)
-  os.replace(path + f".tmp{os.getpid()}", path)
 
 
 def markdown(table: list[dict]) -> str:
@@ -218,9 +212,9 @@ def plot_position(plan: dict) -> plt.Figure | None:
 def _save(fig: plt.Figure | None, path: str) -> str | None:
   if fig is None:
     return None
-  fig.savefig(path + f".tmp{os.getpid()}.png", dpi=110)
+  with files.atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=110)
   plt.close(fig)
-  os.replace(path + f".tmp{os.getpid()}.png", path)
   return path
 
 
@@ -230,9 +224,7 @@ def write_all(plan: dict, verbose: bool = True) -> list[dict]:
   table = rows(plan)
   write_csv(table, os.path.join(d, "results.csv"))
   md = markdown(table)
-  with open(os.path.join(d, f"results.md.tmp{os.getpid()}"), "w") as f:
-    f.write(f"# Sweep {plan['sweep']}\n\n{plan.get('description', '')}\n\n{md}")
-  os.replace(os.path.join(d, f"results.md.tmp{os.getpid()}"), os.path.join(d, "results.md"))
+  files.atomic_write(os.path.join(d, "results.md"), f"# Sweep {plan['sweep']}\n\n{plan.get('description', '')}\n\n{md}")
   _save(plot_curves(plan), os.path.join(d, PLOTS["curves"]))
   _save(plot_mixture(table), os.path.join(d, PLOTS["mixture"]))
   _save(plot_context(table), os.path.join(d, PLOTS["context"]))

@@ -22,7 +22,7 @@ import optax
 
 from lmobjective import objective
 
-MODEL_FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+from lmobjective.batch import MODEL_FIELDS  # noqa: F401 (re-exported: step.MODEL_FIELDS)
 
 
 @flax.struct.dataclass

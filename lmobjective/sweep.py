@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 
+from lmobjective import files
 from lmobjective import config as config_lib
 from lmobjective.sweep_spec import (FLAG, SweepError, expand, format_value, load_spec, parse_extra,
                                      run_config)
@@ -152,9 +153,8 @@ def launch(p: dict, name: str) -> bool:
   if rc != 0:
     print(f"[sweep] FAILED {name} (exit {rc}); see {run_dir}/train.log:\n" + _tail(run_dir), flush=True)
     return False
-  with open(os.path.join(run_dir, DONE_FILE + ".tmp"), "w") as f:
-    json.dump({"run": name, "wall_s": wall, "command": cmd, "finished": time.time()}, f, indent=1)
-  os.replace(os.path.join(run_dir, DONE_FILE + ".tmp"), os.path.join(run_dir, DONE_FILE))
+  files.write_json(os.path.join(run_dir, DONE_FILE),
+                   {"run": name, "wall_s": wall, "command": cmd, "finished": time.time()}, indent=1)
   print(f"[sweep] done  {name} in {wall:.0f}s", flush=True)
   return True
 
@@ -185,9 +185,7 @@ def run_all(p: dict, names: list[str], parallel: int = 1) -> list[str]:
 def save_plan(p: dict) -> None:
   os.makedirs(p["workdir"], exist_ok=True)
   path = os.path.join(p["workdir"], SPEC_FILE)
-  with open(path + f".tmp{os.getpid()}", "w") as f:
-    json.dump(p, f, indent=1)
-  os.replace(path + f".tmp{os.getpid()}", path)
+  files.write_json(path, p, indent=1)
 
 
 def load_plan(workdir: str) -> dict:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import sys
 import time
@@ -36,6 +35,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
+from lmobjective import files
 from lmobjective import checkpoint as ckpt_lib
 from lmobjective import config as config_lib
 from lmobjective import distributed, launch, metrics_log, sharding
@@ -209,10 +209,7 @@ def _train_record(exp, done, metrics_list, seconds, tokens_before) -> dict[str, 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   path = os.path.join(workdir, "config.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
+  files.write_json(path, config.to_dict(), indent=2, sort_keys=True, default=str)
 
 
 PostRunStep = Callable[[Experiment, Any, str, bool], None]

@@ -113,3 +113,17 @@ def test_model_config_has_no_defaults_of_its_own():
   assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(ModelConfig))
   m = ModelConfig.from_config(config_lib.typed(default()).model, vocab_size=2048, context_length=128)
   assert m.max_len == 128 and m.num_kv_heads == m.num_heads  # resolved from the declared config
+
+
+def test_console_entry_points_find_their_default_config_from_any_directory(tmp_path):
+  """From cwd=/ the default --config still resolves (an absolute path from the package): a bad
+  override then fails in one line about that key, before anything is written."""
+  import subprocess
+  import sys
+
+  workdir = tmp_path / "run"
+  r = subprocess.run([sys.executable, "-m", "lmobjective.train", f"--workdir={workdir}", "--config.train.steps=-1"],
+                     cwd="/", capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines()[-1] == "error: config.train.steps=-1: must be in [0, inf]"
+  assert not workdir.exists()

@@ -14,6 +14,7 @@ import warnings
 
 import numpy as np
 
+from lmobjective import files
 from lmobjective.data.errors import DataWarning
 
 FORMAT = 1
@@ -39,10 +40,8 @@ def save(path: str, arrays: dict[str, np.ndarray], meta: dict, vocab_size: int) 
   os.makedirs(os.path.dirname(path), exist_ok=True)
   out = {k: (v.astype(id_dtype(vocab_size)) if k.endswith("ids") else v) for k, v in arrays.items()}
   out["meta"] = np.array(json.dumps(meta | {"format": FORMAT}))
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
+  with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
     np.savez(f, **out)
-  os.replace(tmp, path)
 
 
 def load(path: str, tokenizer_fingerprint: str) -> tuple[dict[str, np.ndarray], dict] | None:

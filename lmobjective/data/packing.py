@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 
-IGNORE_ID = -100  # targets may carry this where loss_mask is False (not used by default)
-
 
 def append_eos(ids: np.ndarray, lengths_D: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
   """(stream with EOS after every document, doc start offsets [D+1])."""

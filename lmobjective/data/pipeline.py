@@ -19,12 +19,13 @@ import grain
 import numpy as np
 
 from lmobjective import config as config_lib
+from lmobjective.batch import MODEL_FIELDS
 from lmobjective.config import ConfigError
 from lmobjective.data import cache, mixture, streams, tokenized
 from lmobjective.data.errors import DataWarning
 from lmobjective.data.tokenizers import Tokenizer
 
-FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+FIELDS = MODEL_FIELDS  # what a batch carries for the model (plus source_ids, for accounting)
 _READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
 
 

@@ -21,6 +21,7 @@ import os
 import numpy as np
 import sentencepiece as spm
 
+from lmobjective import files
 from lmobjective.config import ConfigError
 from lmobjective.data.errors import DataError
 
@@ -216,24 +217,17 @@ def spec(tcfg) -> dict:
 
 
 def save(tok: Tokenizer, directory: str, tok_spec: dict) -> None:
-  """Atomically: write into a temp dir, then rename it into place."""
-  parent = os.path.dirname(os.path.abspath(directory))
-  os.makedirs(parent, exist_ok=True)
-  tmp = f"{directory}.tmp{os.getpid()}"
-  os.makedirs(tmp, exist_ok=True)
+  """Atomically: write into a temp dir, then rename it into place. If another process saved first,
+  theirs is kept (same seeded training, same bytes)."""
   meta = {"kind": tok.kind, "spec": tok_spec, "fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size}
-  if isinstance(tok, SentencePieceTokenizer):
-    with open(os.path.join(tmp, SPM_FILE), "wb") as f:
-      f.write(tok.payload())
   if isinstance(tok, CharTokenizer):
     meta["chars"] = tok.chars
-  with open(os.path.join(tmp, META_FILE), "w") as f:
-    json.dump(meta, f, ensure_ascii=True, indent=1)
-  try:
-    os.replace(tmp, directory)
-  except OSError:  # another process saved first: keep theirs (same seeded training → same bytes)
-    import shutil
-    shutil.rmtree(tmp, ignore_errors=True)
+  with files.atomic_path(directory, directory=True) as tmp:
+    if isinstance(tok, SentencePieceTokenizer):
+      with open(os.path.join(tmp, SPM_FILE), "wb") as f:
+        f.write(tok.payload())
+    with open(os.path.join(tmp, META_FILE), "w") as f:
+      json.dump(meta, f, ensure_ascii=True, indent=1)
 
 
 def load(path: str, key: str = "data.tokenizer.path") -> tuple[Tokenizer, dict]:

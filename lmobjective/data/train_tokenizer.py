@@ -8,10 +8,11 @@ Writes DIR/tokenizer/ (use it with --config.data.tokenizer.path=DIR/tokenizer).
 from absl import app, flags
 from ml_collections import config_flags
 
+from lmobjective.config import DEFAULT_CONFIG
 from lmobjective.data import tokenizer_build
 from lmobjective.validation import validate
 
-_CONFIG = config_flags.DEFINE_config_file("config", default="configs/default.py", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", default=DEFAULT_CONFIG, lock_config=True)
 _OUTPUT = flags.DEFINE_string("output", None, "directory to write the tokenizer into", required=True)
 
 

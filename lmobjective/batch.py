@@ -1,0 +1,10 @@
+"""The batch the model and the objective read, named once (no imports: the data package uses it too).
+
+Every field is [B, T]: `inputs` and `targets` int32 ids (teacher forcing happens once, when rows
+are cut: targets = inputs shifted by one), `loss_mask` bool (the target is scored),
+`segment_ids` int32 (document of each position, 0 = padding), `positions` int32 (position inside
+its document). A target id of IGNORE_INDEX is never scored, whatever the mask says.
+"""
+
+MODEL_FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+IGNORE_INDEX = -100

@@ -1,0 +1,76 @@
+"""Files written whole or not at all, and JSON read back: the one helper every module uses.
+
+A reader (another process, a resumed run, a notebook) never sees half a file: `atomic_path`
+yields a unique temporary name in the target's directory, and only a body that finished moves
+it into place (`os.replace`, atomic on POSIX); on any error the temporary is removed and the old
+file, if any, is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, directory: bool = False) -> Iterator[str]:
+  """A temporary path to write (a file, or with `directory` a directory) that becomes `path`.
+
+  The temporary keeps `path`'s extension (matplotlib and numpy pick formats by it). For a
+  directory, an existing `path` is kept (another process wrote it first) and the new one dropped.
+  """
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  name = os.path.basename(path)
+  stem, ext = os.path.splitext(name)
+  if directory:
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+  else:
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=parent)
+    os.close(fd)
+  try:
+    yield tmp
+    if directory and os.path.isdir(path):
+      raise FileExistsError(path)
+    os.replace(tmp, path)
+  except FileExistsError:
+    _remove(tmp)
+  except BaseException:
+    _remove(tmp)
+    raise
+
+
+def _remove(tmp: str) -> None:
+  if os.path.isdir(tmp):
+    shutil.rmtree(tmp, ignore_errors=True)
+  else:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+
+
+def atomic_write(path: str, data: str | bytes) -> None:
+  """Writes `data` to `path` whole (text as UTF-8), flushed to disk before it replaces the old file."""
+  with atomic_path(path) as tmp:
+    with open(tmp, "wb") as f:
+      f.write(data.encode("utf-8") if isinstance(data, str) else data)
+      f.flush()
+      os.fsync(f.fileno())
+
+
+def write_json(path: str, obj: Any, **dump_kwargs) -> None:
+  """`json.dumps(obj, **dump_kwargs)` written atomically."""
+  atomic_write(path, json.dumps(obj, **dump_kwargs))
+
+
+def read_json(path: str, default: Any = None) -> Any:
+  """The JSON in `path`, or `default` when the file is missing or is not valid JSON (a file that
+  some older writer left half-written). Other errors (permissions, a directory) propagate."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+    return default
