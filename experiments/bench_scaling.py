@@ -15,9 +15,10 @@ import os
 
 from absl import app, flags
 
-from lmobjective import hardware, sharding
+from lmobjective import sharding
 from lmobjective.config import load_config_file
 from lmobjective.model import ModelConfig, Transformer, flops_per_token
+from lmobjective.run import hardware
 
 _MFU = flags.DEFINE_float("mfu", 0.40, "Assumed model FLOP utilisation for the step-time column.")
 

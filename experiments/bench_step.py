@@ -20,9 +20,10 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from lmobjective import hardware, launch, sharding, step
+from lmobjective import sharding, step
 from lmobjective.model import ModelConfig, Transformer, count_params, flops_per_token
 from lmobjective.optimizer import make_optimizer
+from lmobjective.run import hardware, launch
 
 
 class StepBench:

@@ -2,12 +2,12 @@
 
   python -m lmobjective.sweep --sweep=experiments/mixture_ablation.py --workdir=runs/mixture
   python -m lmobjective.sweep --sweep=experiments/mixture_ablation.py:quick --workdir=runs/mixture_quick
-  python -m lmobjective.mixture_regression --workdir=runs/mixture_quick [--verify]
+  python -m lmobjective.sweep.mixture_regression --workdir=runs/mixture_quick [--verify]
 
 The design spreads points over the simplex with every weight >= 0.1 (so each source's loss is
 measured, not extrapolated from zero): the default 0.6/0.3/0.1, the centre, three corners-ish
 (0.8/0.1/0.1 and rotations) and three edge midpoints (0.45/0.45/0.1 and rotations). Eight runs
-give the 4-parameter-per-source mixture law of lmobjective.mixture_regression 4 degrees of freedom.
+give the 4-parameter-per-source mixture law of lmobjective.sweep.mixture_regression 4 degrees of freedom.
 All runs share one tokenizer (trained by the sweep on the base config's default mixture).
 `quick`: a 2-layer, 128-wide model, 200 steps of 16 x 64 tokens (~1 min per run on 2 CPU cores).
 """

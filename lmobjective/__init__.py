@@ -6,6 +6,6 @@ __all__ = ["restore"]
 def __getattr__(name):
   # Lazy, so `import lmobjective.model` does not pull in orbax: `lmobjective.restore(workdir)`.
   if name == "restore":
-    from lmobjective.inspection import restore
+    from lmobjective.analysis.inspection import restore
     return restore
   raise AttributeError(f"module 'lmobjective' has no attribute {name!r}")

@@ -34,3 +34,19 @@ def model_config(**fields):
   base = ModelConfig.from_config(load_config_file(os.path.join(ROOT, "configs", "default.py")).model,
                                  vocab_size=fields.get("vocab_size", 512), context_length=fields.get("max_len", 128))
   return dataclasses.replace(base, **fields)
+
+
+def run_on_8_devices(script: str, *args, timeout: int = 900) -> dict:
+  """`python script args...` with 8 simulated CPU devices; its last stdout line, parsed as JSON.
+
+  The pytest process already started JAX with one device, so 8-device work runs in a subprocess.
+  """
+  import json
+  import subprocess
+  import sys
+
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, script, *map(str, args)], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -19,9 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmobjective import checkpoint as ckpt_lib
 from lmobjective import config as config_lib
-from lmobjective import inspection, metrics_log, step, train
+from lmobjective import step
+from lmobjective.analysis import inspection
+from lmobjective.run import checkpoint as ckpt_lib
+from lmobjective.run import metrics_log, train
 from _tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

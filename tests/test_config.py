@@ -67,7 +67,7 @@ def test_one_validator_covers_every_section():
 
 
 def test_sweep_planning_refuses_a_bad_nan_policy_before_launching(tmp_path):
-  from lmobjective import sweep
+  from lmobjective.sweep import runner as sweep
 
   spec = tmp_path / "spec.py"
   spec.write_text("def get_sweep(arg=None):\n"

@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from lmobjective import diagnose, metrics_log, post_run, train
+from lmobjective.analysis import diagnose, post_run
+from lmobjective.run import metrics_log, train
 from _tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

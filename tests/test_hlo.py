@@ -9,11 +9,11 @@ no rules bound (the bug this file guards against): the constraint test must catc
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+from _tiny import run_on_8_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = [(8, 1, 1), (4, 2, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2), (1, 1, 8)]
@@ -26,7 +26,8 @@ def worker(workdir: str, outside_rules: bool = False) -> dict:
   sys.path.insert(0, os.path.join(ROOT, "tests"))
   from _tiny import tiny_config
 
-  from lmobjective import experiment, hlo, sharding
+  from lmobjective.run import experiment
+  from lmobjective import hlo, sharding
   from lmobjective.model import count_params
 
   assert jax.device_count() == 8
@@ -58,11 +59,7 @@ def worker(workdir: str, outside_rules: bool = False) -> dict:
 
 
 def run_worker(tmp_path, *extra) -> dict:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, __file__, str(tmp_path), *extra], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return run_on_8_devices(__file__, tmp_path, *extra, timeout=900)
 
 
 @pytest.fixture(scope="module")

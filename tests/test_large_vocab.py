@@ -11,7 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from lmobjective import evaluate, experiment, hlo, position_loss, post_run, restore, sharding, train
+from lmobjective import hlo, restore, sharding
+from lmobjective.analysis import evaluate, position_loss, post_run
+from lmobjective.run import experiment, train
 from _tiny import tiny_config
 
 V, C = 262_144, 4  # vocabulary, loss chunk (positions)

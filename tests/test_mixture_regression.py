@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from lmobjective import mixture_regression as mr
+from lmobjective.sweep import mixture_regression as mr
 
 SOURCES = ["code", "prose", "markov"]
 # The mixtures of experiments/mixture_ablation.py plus four more, as a sweep would measure them.

@@ -24,7 +24,7 @@ def worker(workdir: str, process_id: int, num_processes: int, port: int) -> dict
   import jax
 
   jax.config.update("jax_num_cpu_devices", DEVICES // num_processes)
-  from lmobjective import distributed, experiment
+  from lmobjective.run import distributed, experiment
   from lmobjective.config import load_config_file
 
   config = load_config_file(os.path.join(ROOT, "configs/tiny.py"))
@@ -117,7 +117,7 @@ def test_training_cli_on_two_processes_matches_one_process(tmp_path):
   import jax
 
   import lmobjective
-  from lmobjective import metrics_log
+  from lmobjective.run import metrics_log
 
   one, two = tmp_path / "one", tmp_path / "two"
   (out1,) = _train_cli(one, tmp_path / "cache1", 4, 1)
@@ -153,7 +153,7 @@ def test_training_cli_on_two_processes_matches_one_process(tmp_path):
 
 
 def test_xla_gpu_flags_are_appended_once_and_parse(tmp_path):
-  from lmobjective import distributed
+  from lmobjective.run import distributed
 
   env = {"XLA_FLAGS": "--xla_gpu_enable_latency_hiding_scheduler=false"}
   flags = distributed.add_xla_flags(environ=env)
@@ -168,7 +168,8 @@ def test_xla_gpu_flags_are_appended_once_and_parse(tmp_path):
 
 
 def test_distributed_config_is_validated():
-  from lmobjective import distributed, validation
+  from lmobjective.run import distributed
+  from lmobjective import validation
   from lmobjective.config import ConfigError, load_config_file
 
   c = load_config_file(os.path.join(ROOT, "configs/tiny.py"))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import lmobjective
-from lmobjective import metrics_log, train
+from lmobjective.run import metrics_log, train
 from _tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,8 +25,8 @@ import dataclasses, json, sys
 import jax
 assert jax.device_count() == 8
 import lmobjective
-from lmobjective import experiment, train
 from lmobjective.config import load_config_file
+from lmobjective.run import experiment, train
 cache, workdir, text, overrides = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 c = load_config_file("configs/tiny.py")
 c.data.cache_dir = cache
@@ -115,14 +115,14 @@ def test_notebook_api(run8):
 def test_evaluate_cli(run8, tmp_path):
   workdir, _, _ = run8
   final = [r for r in metrics_log.read_metrics(str(workdir)) if "val_loss" in r][-1]
-  r = subprocess.run([sys.executable, "-m", "lmobjective.evaluate", f"--workdir={workdir}", "--source=code"],
+  r = subprocess.run([sys.executable, "-m", "lmobjective.analysis.evaluate", f"--workdir={workdir}", "--source=code"],
                      cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr
   out = dict(l.split(None, 1) for l in r.stdout.strip().splitlines())
   assert float(out["loss"].split()[0]) == pytest.approx(final["val_loss/code"], rel=1e-5)  # the training eval
   assert float(out["bits_per_byte"]) == pytest.approx(final["val_bits_per_byte/code"], rel=1e-5)
   (tmp_path / "t.txt").write_text(TEXT)
-  r = subprocess.run([sys.executable, "-m", "lmobjective.evaluate", f"--workdir={workdir}",
+  r = subprocess.run([sys.executable, "-m", "lmobjective.analysis.evaluate", f"--workdir={workdir}",
                       f"--text_file={tmp_path / 't.txt'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr
   out = dict(l.split(None, 1) for l in r.stdout.strip().splitlines())

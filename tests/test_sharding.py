@@ -7,11 +7,11 @@ subprocess (`python tests/test_sharding.py <workdir>`) that prints one JSON line
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+from _tiny import run_on_8_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
@@ -35,7 +35,7 @@ def _local_shape(x):
 def _run_mesh(config, mesh_shape, workdir, batches):
   import jax
 
-  from lmobjective import experiment
+  from lmobjective.run import experiment
 
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_shape
   exp = experiment.build(config, workdir, devices=jax.devices()[: int(np.prod(mesh_shape))])
@@ -50,8 +50,9 @@ def _run_mesh(config, mesh_shape, workdir, batches):
 def worker(workdir: str, break_mesh: bool = False) -> dict:
   import jax
 
-  from lmobjective import checkpoint as ckpt_lib
-  from lmobjective import experiment, sharding
+  from lmobjective.run import checkpoint as ckpt_lib
+  from lmobjective.run import experiment
+  from lmobjective import sharding
 
   assert jax.device_count() == 8
   config = tiny_config(os.path.join(workdir, "cache"))
@@ -94,11 +95,7 @@ def worker(workdir: str, break_mesh: bool = False) -> dict:
 
 
 def run_worker(tmp_path, *extra) -> dict:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, __file__, str(tmp_path), *extra], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return run_on_8_devices(__file__, tmp_path, *extra, timeout=600)
 
 
 @pytest.fixture(scope="module")

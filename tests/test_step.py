@@ -149,7 +149,7 @@ def test_bf16_params_keep_every_state_dtype_across_steps():
 def test_a_skipped_step_keeps_params_and_moments_but_not_the_schedule_behind():
   # nan_policy='skip': the NaN step (index 4) changes nothing but the step; every later step s must
   # use lr(s), as in a clean run, not lr(s - 1).
-  from lmobjective import experiment
+  from lmobjective.run import experiment
   from lmobjective.optimizer import learning_rate_schedule, make_optimizer
   opt = _adamw_config(warmup_steps=3, decay_steps=10)
   model, tx = M.Transformer(CFG), make_optimizer(opt)

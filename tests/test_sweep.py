@@ -12,7 +12,8 @@ import time
 import pytest
 
 from lmobjective import config as config_lib
-from lmobjective import sweep, sweep_spec
+from lmobjective.sweep import runner as sweep
+from lmobjective.sweep import spec as sweep_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -204,7 +205,7 @@ def test_run_all_skips_finished_runs_and_runs_n_at_a_time(tmp_path, monkeypatch)
 
 
 def test_position_loss_bins_are_token_weighted():
-  from lmobjective import results
+  from lmobjective.sweep import results
   x, y = results.log_binned([1, 2, 3, 4, 5, 6, 7, 8.0], [1, 1, 1, 1, 1, 1, 3, 1])
   np_x = [round(v, 4) for v in x]
   assert np_x == [1, 2, 3, 4, 5, 6.75, 8] and [round(v, 4) for v in y] == [1, 2, 3, 4, 5, 6.75, 8]

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from lmobjective import experiment, metrics_log, post_run, train
+from lmobjective.analysis import post_run
 from lmobjective.config import load_config_file
+from lmobjective.run import experiment, metrics_log, train
 from _tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

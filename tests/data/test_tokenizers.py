@@ -50,7 +50,7 @@ def test_spm_is_deterministic_across_two_processes(tmp_path):
   """The standalone CLI, run twice in parallel subprocesses, writes byte-identical models."""
   args = ["--config=configs/default.py", "--config.data.tokenizer.sample_lines=20000",
           "--config.data.tokenizer.vocab_size=512"]
-  procs = [subprocess.Popen([sys.executable, "-m", "lmobjective.data.train_tokenizer", *args,
+  procs = [subprocess.Popen([sys.executable, "-m", "lmobjective.run.train_tokenizer", *args,
                              f"--output={tmp_path / str(i)}"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE) for i in range(2)]
   outs = [p.communicate(timeout=120) for p in procs]

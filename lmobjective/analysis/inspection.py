@@ -20,12 +20,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lmobjective import checkpoint as ckpt_lib
-from lmobjective import generate as gen
 from lmobjective import config as config_lib
-from lmobjective import metrics_log, objective, sharding, step, validation
+from lmobjective import objective, sharding, step, validation
+from lmobjective.analysis import generate as gen
 from lmobjective.data import tokenizers
 from lmobjective.model import ModelConfig, Transformer
+from lmobjective.run import checkpoint as ckpt_lib
+from lmobjective.run import metrics_log
 
 
 @dataclasses.dataclass
@@ -181,7 +182,7 @@ class Run:
   # ---- plots --------------------------------------------------------------------------------
 
   def plot_loss_curves(self):
-    from lmobjective import plotting
+    from lmobjective.analysis import plotting
     return plotting.loss_curves(self.metrics, title=os.path.basename(os.path.abspath(self.workdir)))
 
   def plot_loss_per_position(self, text: str | PositionLosses, max_tokens: int = 60):

@@ -1,6 +1,6 @@
 """Mixture regression: fit each source's val loss as a function of the mixture weights, suggest a mixture.
 
-  python -m lmobjective.mixture_regression --workdir=DIR [--law=exp|linear] [--target=mean|<source>] [--verify]
+  python -m lmobjective.sweep.mixture_regression --workdir=DIR [--law=exp|linear] [--target=mean|<source>] [--verify]
 
 DIR is a finished mixture sweep (lmobjective.sweep). Weights are each run's normalised source
 weights (config.json), losses its final val_loss/<source>. Laws, for source i and weights w on the
@@ -158,7 +158,8 @@ def suggest(f: Fit, target: str = "mean", min_weight: float = 0.0) -> tuple[np.n
 
 def sweep_data(workdir: str) -> tuple[list[str], np.ndarray, dict[str, np.ndarray], list[str]]:
   """(sources, W [N,J], val_loss per source [N], run names) over the sweep's finished runs."""
-  from lmobjective import results, sweep
+  from lmobjective.sweep import results
+  from lmobjective.sweep import runner as sweep
   plan = sweep.load_plan(workdir)
   table = [r for r in results.rows(plan) if r["status"] == "done" and "val_loss" in r]
   if not table:
@@ -186,7 +187,8 @@ def report(f: Fit, w: np.ndarray, predicted: float, target: str, W_obs: np.ndarr
 
 def verify(workdir: str, f: Fit, w: np.ndarray, target: str) -> dict:
   """Trains the suggested mixture with the sweep's settings; returns predicted vs measured per source."""
-  from lmobjective import results, sweep
+  from lmobjective.sweep import results
+  from lmobjective.sweep import runner as sweep
   plan = sweep.load_plan(workdir)
   name = f"suggested_{target}"
   first = next(iter(plan["runs"].values()))

@@ -277,7 +277,7 @@ def truncate_metrics(workdir: str, step: int | None) -> None:
 
   A resumed run writes every later line again, identically, so the file never holds duplicates.
   """
-  from lmobjective.metrics_log import METRICS_FILE
+  from lmobjective.run.metrics_log import METRICS_FILE
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 
-from lmobjective import diagnose, metrics_log, plotting, position_loss
+from lmobjective.analysis import diagnose, plotting, position_loss
+from lmobjective.run import metrics_log
 
 
 def loss_by_position(exp, params, workdir: str, lead: bool) -> None:

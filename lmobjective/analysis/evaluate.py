@@ -1,7 +1,7 @@
 """Score a trained run on text: loss, perplexity, bits per token and bits per byte.
 
-    python -m lmobjective.evaluate --workdir=runs/default --text_file=notes.txt
-    python -m lmobjective.evaluate --workdir=runs/default --source=code [--num_batches=16] [--step=200]
+    python -m lmobjective.analysis.evaluate --workdir=runs/default --text_file=notes.txt
+    python -m lmobjective.analysis.evaluate --workdir=runs/default --source=code [--num_batches=16] [--step=200]
 
 --text_file scores the file as one document (first token predicted from EOS, context-length rows).
 --source scores the validation rows of a configured source exactly as the training eval does
@@ -16,7 +16,8 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
-from lmobjective import data, inspection, objective, step
+from lmobjective import data, objective, step
+from lmobjective.analysis import inspection
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory (with checkpoints/ and tokenizer/).")
 _TEXT_FILE = flags.DEFINE_string("text_file", None, "A UTF-8 text file to score as one document.")

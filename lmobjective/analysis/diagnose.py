@@ -1,6 +1,6 @@
 """Loss-curve diagnostics: read a run's metrics.jsonl, name what went wrong and when.
 
-  python -m lmobjective.diagnose --workdir=RUN      # prints findings, writes RUN/diagnostics.json
+  python -m lmobjective.analysis.diagnose --workdir=RUN      # prints findings, writes RUN/diagnostics.json
 
 Each finding is {"kind", "start_step", "end_step", "detail"}; `detail` states the evidence and the
 likely causes. Kinds and rules (all thresholds are stated here and in `Thresholds`):
@@ -267,7 +267,7 @@ def summarize(findings: list[dict]) -> str:
 
 
 def diagnose_run(run_dir: str, write: bool = True, verbose: bool = True) -> list[dict]:
-  from lmobjective.metrics_log import read_metrics
+  from lmobjective.run.metrics_log import read_metrics
   findings = diagnose(read_metrics(run_dir), vocab_size_of(run_dir))
   if write:
     files.write_json(os.path.join(run_dir, DIAGNOSTICS_FILE), findings, indent=1)

@@ -1,6 +1,6 @@
 """Train the configured tokenizer standalone.
 
-  python -m lmobjective.data.train_tokenizer --config=configs/default.py --output=DIR
+  python -m lmobjective.run.train_tokenizer --config=configs/default.py --output=DIR
 
 Writes DIR/tokenizer/ (use it with --config.data.tokenizer.path=DIR/tokenizer).
 """

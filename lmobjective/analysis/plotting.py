@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # headless-safe; notebooks still display returned figures
 import matplotlib.pyplot as plt  # noqa: E402
 
 from lmobjective import files
-from lmobjective.metrics_log import split_series  # noqa: E402
+from lmobjective.run.metrics_log import split_series  # noqa: E402
 
 LOSS_PNG = "loss_curves.png"
 

@@ -3,7 +3,7 @@
   python -m lmobjective.sweep --sweep=experiments/mixture_ablation.py:quick --workdir=runs/mix \
       [--parallel=2] [--launcher=local|slurm] [--config.KEY=VALUE ...]
 
-The spec format is in `lmobjective.sweep_spec`. Precedence: spec overrides < run overrides < command-line `--config.*` (applied to every run).
+The spec format is in `lmobjective.sweep.spec`. Precedence: spec overrides < run overrides < command-line `--config.*` (applied to every run).
 
 Each run is `python -m lmobjective.train --config=BASE --workdir=DIR/<name> --config.K=V ...`
 in a subprocess (output in DIR/<name>/train.log). A run is finished only when DIR/<name>/DONE.json
@@ -12,7 +12,7 @@ runs and re-launches the rest: train.py resumes from DIR/<name>/checkpoints when
 a run without checkpoints starts over (its partial metrics are moved to attempt-<n>/).
 Unless the runs set data.tokenizer.* themselves, one tokenizer is trained in DIR/shared/ on the
 base config and every run uses it, so losses compare on the same vocabulary.
-Afterwards DIR/results.{csv,md} and the sweep plots are written (lmobjective.results).
+Afterwards DIR/results.{csv,md} and the sweep plots are written (lmobjective.sweep.results).
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ import subprocess
 import sys
 import time
 
-from lmobjective import files
 from lmobjective import config as config_lib
-from lmobjective.sweep_spec import (FLAG, SweepError, expand, format_value, load_spec, parse_extra,
+from lmobjective import files
+from lmobjective.sweep.spec import (FLAG, SweepError, expand, format_value, load_spec, parse_extra,
                                      run_config)
 
 DONE_FILE = "DONE.json"
 LOG_FILE = "sweep_log.jsonl"  # one line per launch and per outcome: the launch counter
 SPEC_FILE = "sweep.json"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = config_lib.PROJECT_ROOT
 _LIVE: set = set()  # running training subprocesses, terminated if the sweep itself is interrupted
 
 
@@ -243,7 +243,7 @@ def main(argv: list[str], extra_argv: list[str]) -> int:
     print(f"wrote {path} ({len(p['runs'])} array tasks); submit with: sbatch {path}")
     return 0
   failed = [] if F.results_only else run_all(p, names, F.parallel)
-  from lmobjective import results
+  from lmobjective.sweep import results
   results.write_all(p, verbose=not F.only)
   if failed:
     print(f"[sweep] {len(failed)} run(s) failed: {', '.join(failed)}; re-run the same command to retry")

@@ -20,7 +20,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lmobjective import diagnose, files, metrics_log, position_loss  # noqa: E402
+from lmobjective import files  # noqa: E402
+from lmobjective.analysis import diagnose, position_loss  # noqa: E402
+from lmobjective.run import metrics_log  # noqa: E402
 
 PLOTS = {"curves": "sweep_loss_curves.png", "mixture": "mixture_per_source.png",
          "context": "context_length.png", "position": "loss_by_position.png"}
@@ -98,7 +100,7 @@ def write_csv(table: list[dict], path: str) -> None:
 
 def markdown(table: list[dict]) -> str:
   """The table with short override names (code.weight for data.sources.code.weight)."""
-  from lmobjective.sweep_spec import short_keys
+  from lmobjective.sweep.spec import short_keys
   cols = columns(table)
   short = short_keys([c for c in cols if "." in c and "/" not in c])
   short = {k: v if "." in v or len(k.split(".")) < 2 else ".".join(k.split(".")[-2:]) for k, v in short.items()}

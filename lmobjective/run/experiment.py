@@ -23,9 +23,10 @@ import optax
 from jax.sharding import Mesh
 
 from lmobjective import config as config_lib
-from lmobjective import data, hardware, objective, sharding, step
+from lmobjective import data, objective, sharding, step
 from lmobjective.model import ModelConfig, Transformer, flops_per_token
 from lmobjective.optimizer import make_optimizer, skipped_update_state
+from lmobjective.run import hardware
 
 
 @dataclasses.dataclass

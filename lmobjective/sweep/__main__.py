@@ -1,0 +1,5 @@
+"""`python -m lmobjective.sweep ...`: the sweep runner's CLI."""
+
+from lmobjective.sweep.runner import cli
+
+cli()
