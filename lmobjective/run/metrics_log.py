@@ -52,6 +52,11 @@ class MetricsWriter:
         if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
           self._tb.add_scalar(k, v, step)
 
+  def flush(self) -> None:
+    """Everything written so far on disk, TensorBoard included (it buffers for `flush_secs`)."""
+    if self.enabled and self._tb is not None:
+      self._tb.flush()
+
   def close(self) -> None:
     if self.enabled:
       self._file.close()

@@ -143,6 +143,7 @@ def run_loop(exp: Experiment, state, batches: Iterator[dict], writer: metrics_lo
     preempted = stop is not None and stop.signum is not None
     every = cfg.checkpoint.every_steps
     if mngr is not None and ((every and done % every == 0) or done == total or preempted):
+      writer.flush()  # a kill -9 after this save must not lose the events up to its step
       _save(exp, mngr, state, batches, accounting, loop, val_loss)
     if preempted:
       raise Preempted(EXIT_CODES[stop.signum])
