@@ -20,6 +20,7 @@ packing every position is scored and the two agree; padding or masked prompts ma
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -34,7 +35,7 @@ from lmobjective import config as config_lib
 from lmobjective import files, sharding
 from lmobjective.model import count_params
 from lmobjective.run import checkpoint as ckpt_lib
-from lmobjective.run import distributed, metrics_log
+from lmobjective.run import distributed, lock, metrics_log
 from lmobjective.run.experiment import Experiment, build, device_batch, evaluate
 from lmobjective.run.preemption import EXIT_CODES, Preempted, preemption_signals
 from lmobjective.validation import validate
@@ -221,6 +222,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, post_run: Sequence[Post
   cfg = config_lib.typed(config)
   distributed.setup(cfg)  # XLA flags and jax.distributed.initialize: before any backend use
   lead = distributed.is_lead()
+  owner = lock.WorkdirLock(workdir) if lead else contextlib.nullcontext()
+  with owner:  # one run per workdir: a second one refuses in one line, before it writes anything
+    return _run_owned(config, cfg, workdir, lead, post_run)
+
+
+def _run_owned(config, cfg, workdir: str, lead: bool, post_run) -> dict[str, Any]:
   mngr = ckpt_lib.make_manager(workdir, cfg.checkpoint)
   latest = ckpt_lib.latest_config(mngr)  # refuse a changed config before touching the run's files
   if latest is not None:
