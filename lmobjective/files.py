@@ -16,11 +16,22 @@ import tempfile
 from typing import Any, Iterator
 
 
+def _read_umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+# tempfile makes private files (0600) and directories (0700); a finished file gets the mode an
+# ordinary open() would have given it. Read once: os.umask can only be read by setting it.
+_UMASK = _read_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, directory: bool = False) -> Iterator[str]:
   """A temporary path to write (a file, or with `directory` a directory) that becomes `path`.
 
-  The temporary keeps `path`'s extension (matplotlib and numpy pick formats by it). For a
+  A finished file is fsynced before the rename. The temporary keeps `path`'s extension (matplotlib and numpy pick formats by it). For a
   directory, an existing `path` is kept (another process wrote it first) and the new one dropped.
   """
   parent = os.path.dirname(os.path.abspath(path))
@@ -32,8 +43,12 @@ def atomic_path(path: str, directory: bool = False) -> Iterator[str]:
   else:
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=parent)
     os.close(fd)
+  os.chmod(tmp, (0o777 if directory else 0o666) & ~_UMASK)
   try:
     yield tmp
+    if not directory:
+      with open(tmp, "rb") as f:  # on disk before it replaces the old file
+        os.fsync(f.fileno())
     if directory and os.path.isdir(path):
       raise FileExistsError(path)
     os.replace(tmp, path)
@@ -53,12 +68,10 @@ def _remove(tmp: str) -> None:
 
 
 def atomic_write(path: str, data: str | bytes) -> None:
-  """Writes `data` to `path` whole (text as UTF-8), flushed to disk before it replaces the old file."""
+  """Writes `data` to `path` whole (text as UTF-8)."""
   with atomic_path(path) as tmp:
     with open(tmp, "wb") as f:
       f.write(data.encode("utf-8") if isinstance(data, str) else data)
-      f.flush()
-      os.fsync(f.fileno())
 
 
 def write_json(path: str, obj: Any, **dump_kwargs) -> None:

@@ -48,3 +48,14 @@ def test_read_json_defaults_only_for_missing_or_partial_files(tmp_path):
   assert files.read_json(str(tmp_path / "ok.json")) == {"step": 4}
   with pytest.raises(IsADirectoryError):
     files.read_json(str(tmp_path))
+
+
+def test_finished_files_and_directories_get_the_ordinary_mode(tmp_path):
+  """Not tempfile's private 0600/0700: config.json, plots and tokenizers stay readable by others."""
+  umask = os.umask(0)
+  os.umask(umask)
+  files.write_json(str(tmp_path / "config.json"), {})
+  with files.atomic_path(str(tmp_path / "tokenizer"), directory=True):
+    pass
+  assert os.stat(tmp_path / "config.json").st_mode & 0o777 == 0o666 & ~umask
+  assert os.stat(tmp_path / "tokenizer").st_mode & 0o777 == 0o777 & ~umask
