@@ -118,6 +118,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.grad_accum_steps = 1  # microbatches per step; batch_size must divide evenly
   c.train.log_every_steps = 10
   c.train.nan_policy = "stop"  # non-finite loss/gradient: stop (one-line error, state not saved) | skip the update
+  # Divergence (exit 3, that state never saved; README "Exit codes"): more than this share of
+  # train.steps skipped; the gradient exactly 0 while tokens are scored for this many steps in a
+  # row (a dead model); the parameter norm above this multiple of its initial value (exploded).
+  c.train.max_skipped_fraction = 0.1
+  c.train.dead_grad_steps = 3
+  c.train.max_param_growth = 100.0
   c.train.xla_gpu_flags = False  # add the recommended XLA GPU flags (latency-hiding scheduler, ...) to XLA_FLAGS
 
   # ---- evaluation ---------------------------------------------------------
@@ -133,6 +139,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint.keep_best = False  # also keep the checkpoint with the lowest val_loss
   c.checkpoint.async_save = True  # write in the background; the loop only waits for the host copy
   c.checkpoint.allow_config_change = False  # on resume accept changes to train.steps, eval.*, checkpoint.*, logging, mesh
+  c.checkpoint.allow_data_change = False  # on resume accept sources whose content changed since the checkpoint
+  c.checkpoint.start_over = False  # every checkpoint damaged: start again at step 0 (old history kept aside)
 
   # ---- device mesh (product must equal the device count; -1 = the rest) ----
   c.mesh = ml_collections.ConfigDict()

@@ -200,6 +200,9 @@ class TrainConfig:
   log_every_steps: int
   nan_policy: str
   xla_gpu_flags: bool
+  max_skipped_fraction: float
+  dead_grad_steps: int
+  max_param_growth: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +219,8 @@ class CheckpointConfig:
   keep_best: bool
   async_save: bool
   allow_config_change: bool
+  allow_data_change: bool
+  start_over: bool
 
 
 @dataclasses.dataclass(frozen=True)

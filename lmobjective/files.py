@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from typing import Any, Iterator
 
+from lmobjective import faults
+
 
 def _read_umask() -> int:
   mask = os.umask(0)
@@ -51,6 +53,7 @@ def atomic_path(path: str, directory: bool = False) -> Iterator[str]:
         os.fsync(f.fileno())
     if directory and os.path.isdir(path):
       raise FileExistsError(path)
+    faults.point("atomic.rename", path)
     os.replace(tmp, path)
   except FileExistsError:
     _remove(tmp)

@@ -6,8 +6,9 @@
 Flags -> `run.train.run(config, workdir, post_run=analysis.post_run.STEPS)`: this module is the
 one place where training and the post-run analysis meet, so neither package imports the other.
 Exit status: 0 done; 143 after SIGTERM and 130 after SIGINT, each once the current step finished
-and a checkpoint was saved; 1 with one `error:` line for a bad or changed config or a NaN/Inf
-loss (train.nan_policy='stop'; that state is never saved).
+and a checkpoint was saved; 1 with one `error:` line for a bad or changed config, changed data,
+damaged checkpoints or a failed write (a full disk); 3 with one `error:` line when the run
+diverged (non-finite, dead or exploded; that state is never saved).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from absl import app, flags
 from lmobjective import config as config_lib
 from lmobjective.analysis import post_run as post_run_lib
 from lmobjective.run import launch
-from lmobjective.run.train import NonFiniteLoss, run
+from lmobjective.run.checkpoint import WriteFailed
+from lmobjective.run.train import Diverged, run
+
+EXIT_DIVERGED = 3
 
 
 def main(argv, config_flag, workdir_flag) -> None:
@@ -33,8 +37,11 @@ def main(argv, config_flag, workdir_flag) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save and restore at INFO
   try:
     run(config_flag.value, workdir_flag.value, post_run=post_run_lib.STEPS)
-  except (config_lib.ConfigError, NonFiniteLoss) as e:
+  except (config_lib.ConfigError, WriteFailed) as e:
     sys.exit(f"error: {e}")
+  except Diverged as e:
+    print(f"error: diverged: {e}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_DIVERGED)
 
 
 def cli() -> None:

@@ -26,6 +26,9 @@ def _validate_checkpoint(cfg) -> None:
   require_int(cfg, "checkpoint.every_steps", 0)  # 0 = only at the end and on SIGTERM/SIGINT
   require_int(cfg, "checkpoint.keep", 1)
   require_choice(cfg, "train.nan_policy", ("stop", "skip"))
+  require_float(cfg, "train.max_skipped_fraction", 0.0, 1.0)
+  require_int(cfg, "train.dead_grad_steps", 1)
+  require_float(cfg, "train.max_param_growth", 1.0, lo_open=True)
 
 
 def _validate_distributed(cfg) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from lmobjective import config as config_lib
 from lmobjective.batch import MODEL_FIELDS
 from lmobjective.config import ConfigError
-from lmobjective.data import cache, mixture, streams, tokenized
+from lmobjective.data import cache, fingerprint, mixture, sources, streams, tokenized
 from lmobjective.data.errors import DataWarning
 from lmobjective.data.tokenizers import Tokenizer
 
@@ -49,14 +49,40 @@ class Pipeline:
     self.sources = [tokenized.load(n, data_cfg.sources[n], tok, directory) for n in self.source_names]
     self.kinds = [data_cfg.sources[n].kind for n in self.source_names]
     self.val_fractions = [data_cfg.sources[n].val_fraction for n in self.source_names]
+    self.paths = [data_cfg.sources[n].path for n in self.source_names]
+    self._source_cfgs = {n: data_cfg.sources[n] for n in self.source_names}
     self.train_rows = [self._rows(i, src.train, shuffle=True) for i, src in enumerate(self.sources)]
     for i, rows in enumerate(self.train_rows):
-      if rows.num_rows == 0 and max([self.weights[i]] + [w[i] for _, w in self.stages]) > 0:
-        raise ConfigError("data.context_length", self.T,
-                          f"source '{self.source_names[i]}' has {self.sources[i].train.ids.size} training "
-                          f"tokens, too few for one row of context_length+1={self.T + 1}")
+      if max([self.weights[i]] + [w[i] for _, w in self.stages]) > 0:
+        self._check_trainable(i, rows, "train")
     self.mixture = mixture.build(self.weights, self.stages, batch_size * process_count, seed)
     self._last_step = -1
+    self._fingerprints = None
+
+  def fingerprints(self) -> dict[str, dict]:
+    """{source: its content fingerprint and its splits' token counts and sampled ids} (`fingerprint.py`)."""
+    if self._fingerprints is None:
+      self._fingerprints = {
+          name: {**sources.content_fingerprint(name, self._source_cfgs[name]),
+                 "train": fingerprint.of_ids(src.train.ids), "val": fingerprint.of_ids(src.val.ids)}
+          for name, src in zip(self.source_names, self.sources)}
+    return self._fingerprints
+
+  def _check_trainable(self, i: int, rows, split: str) -> None:
+    """A split that gives no row, or rows with no scored target, would train (or score) nothing."""
+    name = self.source_names[i]
+    size = (self.sources[i].train if split == "train" else self.sources[i].val).ids.size
+    if rows.num_rows == 0:
+      key, value = (("data.context_length", self.T) if split == "train" else
+                    (f"data.sources.{name}.val_fraction", self.val_fractions[i]))
+      word = "training" if split == "train" else "validation"
+      raise ConfigError(key, value, f"source '{name}' has {size} {word} tokens, too few for one row of "
+                        f"context_length+1={self.T + 1}")
+    if isinstance(rows, streams.PaddedRows) and rows.scored_targets() == 0:
+      raise ConfigError(f"data.sources.{name}.path", self.paths[i],
+                        f"the {split} split of source '{name}' has no scored target token (no assistant turn "
+                        "with only_train_on_assistant, or every one cut off by context_length): it would "
+                        f"{'train on' if split == 'train' else 'score'} nothing")
 
   def _rows(self, i: int, split, shuffle: bool):
     key = streams.source_key(self.source_names[i])
@@ -106,10 +132,7 @@ class Pipeline:
     """Deterministic rows of that source's validation split, in order (this process's share; wraps around)."""
     s = self.source_index(source_name)
     rows = self._rows(s, self.sources[s].val, shuffle=False)
-    if rows.num_rows == 0:
-      raise ConfigError(f"data.sources.{source_name}.val_fraction", self.val_fractions[s],
-                        f"source '{source_name}' has {self.sources[s].val.ids.size} validation tokens, "
-                        f"too few for one row of context_length+1={self.T + 1}")
+    self._check_trainable(s, rows, "val")
     needed = num_batches * batch_size * self.process_count
     if needed > rows.num_rows:
       warnings.warn(f"data.sources.{source_name}: eval asks for {needed} rows, the validation split has "

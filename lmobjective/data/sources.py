@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from lmobjective.config import ConfigError
+from lmobjective.data import fingerprint as fingerprint_lib
 from lmobjective.data import stdlib_corpus, synthetic
 from lmobjective.data.errors import DataWarning
 
@@ -63,6 +64,13 @@ def fingerprint(name: str, scfg) -> str:
   if scfg.kind == "markov":
     return "markov"
   return json.dumps([(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in resolve_paths(name, scfg.path)])
+
+
+def content_fingerprint(name: str, scfg) -> dict[str, Any]:
+  """What a checkpoint records of the source's content (`fingerprint.py`: sizes and sampled blocks)."""
+  if scfg.kind in BUILTIN_KINDS:
+    return fingerprint_lib.of_builtin(fingerprint(name, scfg))
+  return fingerprint_lib.of_files(resolve_paths(name, scfg.path))
 
 
 class _Reader:

@@ -87,6 +87,11 @@ class PaddedRows:
   def remainder_fraction(self) -> float:
     return 0.0
 
+  def scored_targets(self) -> int:
+    """Targets with a loss over all rows (what `fields` sets in loss_mask), computed once."""
+    seg_in, seg_tgt = self.seg[:, :-1], self.seg[:, 1:]
+    return int((self.flags[:, 1:] & (seg_tgt > 0) & (seg_tgt == seg_in)).sum())
+
   def fields(self, counters_R: np.ndarray) -> dict[str, np.ndarray]:
     rows = self._order.rows(counters_R) if self._order else counters_R % self.num_rows
     return packing.padded_fields(self.tokens[rows], self.seg[rows], self.flags[rows], self.masking)

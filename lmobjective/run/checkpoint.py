@@ -11,15 +11,27 @@ pending metrics make the next metrics line the one an uninterrupted run writes.
 
 A damaged checkpoint (unreadable files, or values whose checksum disagrees) is moved to
 `WORKDIR/checkpoints_damaged/<step>` with a warning naming the step, and the previous one is used.
+When none is left, the run refuses to start over at step 0 (and overwrite the history) unless
+`checkpoint.start_over=True` says so; the old history is then moved to `WORKDIR/before_start_over/`.
+
+A save that fails (a full disk, a lost mount) stops the run with `SaveFailed`, one line naming the
+path and the last good checkpoint. Orbax reports errors of its asynchronous writer only by logging
+them with their traceback; `SaveWatch` keeps those records instead, so the loop can stop on them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
+import logging
 import os
+import re
 import shutil
 import sys
+import threading
+import time
+import warnings
 from typing import Any
 
 import jax
@@ -30,7 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from lmobjective import files
+from lmobjective import faults, files
 from lmobjective.config import REMOVED_KEYS, ConfigError
 
 CKPT_DIR = "checkpoints"
@@ -40,10 +52,14 @@ FORMAT = 1
 # run goes, what it evaluates and logs, where caches live and the device layout, never the math
 # of the steps already taken. (More steps also stretches a schedule tied to train.steps.)
 SAFE_CHANGES = ("train.steps", "optimizer.decay_steps", "train.log_every_steps", "eval.", "checkpoint.",
+                "train.max_skipped_fraction", "train.dead_grad_steps", "train.max_param_growth",
                 "data.cache_dir", "mesh.", "train.xla_gpu_flags", "model.remat", "model.attention",
                 "objective.loss_chunk_size")
+# Keys added after runs were checkpointed without them, with the value those runs behaved as.
+ADDED_KEYS = {"train.max_skipped_fraction": 0.1, "train.dead_grad_steps": 3, "train.max_param_growth": 100.0}
 # Never compared: the flag itself, and where the cluster's coordinator happens to be this time.
-IGNORED = ("checkpoint.allow_config_change", "distributed.") + REMOVED_KEYS  # removed keys older runs carry
+IGNORED = ("checkpoint.allow_config_change", "checkpoint.allow_data_change", "checkpoint.start_over",
+           "distributed.") + REMOVED_KEYS  # removed keys older runs carry
 
 
 @contextlib.contextmanager
@@ -75,8 +91,23 @@ def make_manager(workdir: str, ckpt_cfg=None, read_only: bool = False) -> ocp.Ch
         enable_async_checkpointing=bool(ckpt_cfg.async_save) if ckpt_cfg is not None else False)
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, CKPT_DIR)), options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": _meta_handler(),
                        "config": ocp.JsonCheckpointHandler()})
+
+
+def _meta_handler() -> ocp.JsonCheckpointHandler:
+  """The meta item's handler: orbax's JSON handler with the `save.meta` fault point in its
+  asynchronous write, where a real full disk or kill -9 strikes during a save. (Patched on the
+  instance: orbax finds a handler's args by its exact class, so a subclass would not be found.)"""
+  handler = ocp.JsonCheckpointHandler()
+  write = handler._save_fn
+
+  async def save_fn(x, directory):
+    faults.point("save.meta", str(directory))
+    return await write(x, directory)
+
+  handler._save_fn = save_fn
+  return handler
 
 
 # ---- checksums --------------------------------------------------------------------------------
@@ -128,6 +159,8 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def config_changes(saved: dict, current: dict) -> list[str]:
   a, b = _flatten(saved), _flatten(current)
+  for k, default in ADDED_KEYS.items():  # a checkpoint from before a key existed ran with its default
+    a.setdefault(k, default)
   return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>")
                 and not k.startswith(IGNORED))
 
@@ -172,6 +205,148 @@ def check_config(saved: dict, current: dict, allow_change: bool, step: int) -> N
 # ---- save / restore ---------------------------------------------------------------------------
 
 
+class WriteFailed(RuntimeError):
+  """A run's file could not be written (a full disk, a lost mount); the message names the path and
+  the last good checkpoint, which is intact."""
+
+
+class SaveFailed(WriteFailed):
+  """A checkpoint save did not complete."""
+
+
+def last_good(workdir: str, exclude: int | None = None) -> str:
+  """What the researcher can do next, from the complete checkpoints on disk."""
+  good = [s for s in finalized_steps(workdir) if s != exclude]
+  if not good:
+    return "there is no earlier checkpoint: rerun the same command to start again"
+  return (f"the last good checkpoint, step {max(good)} ({os.path.join(workdir, CKPT_DIR, str(max(good)))}), "
+          "is intact: rerun the same command to resume from it")
+
+
+class SaveWatch(logging.Filter):
+  """Watches a run's saves: keeps the errors orbax's asynchronous writer logs (instead of their
+  tracebacks) and, from them, raises `SaveFailed` at the next `check` -- the loop calls it before
+  every step, so the run stops at the first step boundary after the failure surfaced.
+
+  Install with `with SaveWatch(mngr, workdir) as watch:`; `watch.save(...)` starts a save.
+  """
+
+  def __init__(self, mngr: ocp.CheckpointManager, workdir: str):
+    super().__init__()
+    self.mngr, self.workdir = mngr, workdir
+    self.errors: list[BaseException] = []
+    self.pending: int | None = None  # the step of the last save started and not yet confirmed
+    self.failed: int | None = None  # the step of a save that failed (its partial directory is removed on exit)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and "orbax" in record.pathname:
+      self.errors.append(record.exc_info[1])
+      return False
+    return True
+
+  def __enter__(self):
+    logging.getLogger("absl").addFilter(self)
+    quiet_async_errors()
+    return self
+
+  def __exit__(self, *exc):
+    if self.failed is not None:
+      # One write failed; the save's other writes run on in orbax's (non-daemon) threads: let them
+      # end (their errors are kept here, too), then drop the partial save.
+      for t in threading.enumerate():
+        if t is not threading.current_thread() and not t.daemon:
+          t.join(timeout=60)
+      for tmp in glob.glob(os.path.join(self.workdir, CKPT_DIR, f"{self.failed}.orbax-checkpoint-tmp*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+    logging.getLogger("absl").removeFilter(self)
+
+  def save(self, state, meta: dict, config, val_loss=None) -> None:
+    step = int(state.step)
+    try:
+      faults.point("save.begin", os.path.join(self.workdir, CKPT_DIR, str(step)))
+      if save(self.mngr, state, meta, config, val_loss):
+        self.pending = step
+    except OSError as e:
+      self._fail(step, e)
+
+  def check(self, wait: bool = False) -> None:
+    """Raises SaveFailed if the last save failed (`wait`: block until it finished first)."""
+    if wait:
+      self.mngr.wait_until_finished()
+    if self.errors:
+      self._fail(self.pending, self.errors[0])
+    if self.pending is not None and not self.mngr.is_saving_in_progress():
+      if not os.path.isdir(os.path.join(self.workdir, CKPT_DIR, str(self.pending))):
+        self._fail(self.pending, None)
+      self.pending = None
+
+  def _fail(self, step: int | None, error: BaseException | None):
+    self.failed, self.errors, self.pending = step, [], None
+    raise SaveFailed(f"checkpoint save at step {step} failed ({_reason(error)}); "
+                     f"{last_good(self.workdir, exclude=step)}") from None
+
+
+def _quiet(unraisable) -> bool:
+  value, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+  return (isinstance(value, RuntimeError) and "Event loop is closed" in str(value)) or (
+      code is not None and "orbax" in code.co_filename)
+
+
+class _AsyncioNoise(logging.Filter):
+  """asyncio's 'exception was never retrieved' records for orbax's/tensorstore's dropped operations."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    text = record.getMessage()
+    return not ("never retrieved" in text and any(w in text for w in ("TensorStore", "OCDBT", "orbax")))
+
+
+def quiet_async_errors() -> None:
+  """Keeps (once per process) the tracebacks of orbax's abandoned asynchronous operations out of
+  stderr: a `sys.unraisablehook`, an `asyncio` log filter and a warnings filter, each passing
+  everything else on.
+
+  When one read or write of a checkpoint fails, orbax gives up on its event loop while
+  tensorstore's other operations are in flight: their coroutines are dropped unawaited, their
+  futures' errors never retrieved, and their callbacks find the loop closed, each printing a
+  traceback when it ends (as late as process exit). The failure itself is reported in one line
+  (a damaged checkpoint's warning, `SaveFailed`); this project runs no coroutines of its own.
+  """
+  hook = sys.unraisablehook
+  if getattr(hook, "lmobjective_quiet", False):
+    return
+
+  def quiet(unraisable) -> None:
+    if not _quiet(unraisable):
+      hook(unraisable)
+
+  quiet.lmobjective_quiet = True
+  sys.unraisablehook = quiet
+  logging.getLogger("asyncio").addFilter(_AsyncioNoise())
+  warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
+
+
+def _reason(error: BaseException | None) -> str:
+  """The failure in a few words: OSError's strerror and file; tensorstore's status and file."""
+  if error is None:
+    return "it was not finalized"
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror + (f": {error.filename}" if error.filename else "")
+  text = str(error).strip()
+  status = re.match(r"([A-Z_]{4,}): ", text)
+  where = re.search(r'local file "([^"]+)"', text)
+  if status and where:  # tensorstore: RESOURCE_EXHAUSTED is a full disk
+    what = "No space left on device" if status.group(1) == "RESOURCE_EXHAUSTED" else status.group(1)
+    return f"{what}: {where.group(1)}"
+  return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+def finalized_steps(workdir: str) -> list[int]:
+  """Steps whose checkpoint directory is complete (orbax renames a save into place when done)."""
+  ckpt_dir = os.path.join(workdir, CKPT_DIR)
+  names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+  return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n)))
+
+
 def save(mngr: ocp.CheckpointManager, state, meta: dict, config: ml_collections.ConfigDict,
          val_loss: float | None = None) -> bool:
   """Starts an (asynchronous) save of `state` at its step; the arrays are copied before returning."""
@@ -208,11 +383,12 @@ def warn(msg: str) -> None:
   print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, workdir: str, abstract_state):
-  """(state, meta, config_dict) of the newest readable checkpoint, else None.
+def restore_latest(mngr: ocp.CheckpointManager, workdir: str, abstract_state, start_over: bool = False):
+  """(state, meta, config_dict) of the newest readable checkpoint, else None (a fresh start).
 
   `abstract_state` carries the target shardings, so a checkpoint written on another device count
-  or mesh restores onto this one. Damaged checkpoints are moved aside with a warning.
+  or mesh restores onto this one. Damaged checkpoints are moved aside with a warning. When every
+  checkpoint this workdir had is damaged, refuses to start again at step 0 unless `start_over`.
   """
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
@@ -224,16 +400,39 @@ def restore_latest(mngr: ocp.CheckpointManager, workdir: str, abstract_state):
         mngr.reload()  # forget the moved-aside steps, so they are saved afresh
       return r["state"], r["meta"], r["config"]
     except Exception as e:  # orbax/tensorstore raise many types for unreadable files
-      reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-      warn(f"checkpoint at step {step} is damaged ({type(e).__name__}: {reason}); moved to "
+      cause = e.__cause__ or e  # tensorstore's own status, not orbax's wrapper
+      reason = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else type(cause).__name__
+      warn(f"checkpoint at step {step} is damaged ({type(cause).__name__}: {reason}); moved to "
            f"{os.path.join(workdir, DAMAGED_DIR, str(step))}; falling back to the previous checkpoint")
       _quarantine(workdir, step)
   mngr.reload()
+  damaged = os.path.join(workdir, DAMAGED_DIR)
+  if os.path.isdir(damaged) and os.listdir(damaged):
+    if not start_over:
+      raise ConfigError("checkpoint.start_over", False,
+                        f"every checkpoint of this run is damaged (moved to {damaged}); starting again at "
+                        "step 0 would overwrite its history: restore a checkpoint there, or pass "
+                        "--config.checkpoint.start_over=True to start over (the old history is kept aside)")
+    _set_aside_history(workdir)
   return None
+
+
+def _set_aside_history(workdir: str) -> None:
+  """checkpoint.start_over: the damaged checkpoints and metrics move to before_start_over/<time>/."""
+  if jax.process_index() != 0:
+    return
+  from lmobjective.run.metrics_log import METRICS_FILE
+  dest = os.path.join(workdir, "before_start_over", time.strftime("%Y%m%d-%H%M%S"))
+  os.makedirs(dest, exist_ok=True)
+  for name in (DAMAGED_DIR, METRICS_FILE, "tensorboard"):
+    if os.path.exists(os.path.join(workdir, name)):
+      shutil.move(os.path.join(workdir, name), os.path.join(dest, name))
+  warn(f"checkpoint.start_over: starting at step 0; the damaged checkpoints and the old metrics are in {dest}")
 
 
 def restore_params(workdir: str, step: int | None, abstract_params):
   """Only the parameters of checkpoint `step` (default: newest readable), onto `abstract_params`' shardings."""
+  quiet_async_errors()  # a damaged one is reported in one warning line
   with quiet_absl():
     mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CKPT_DIR)),
                                  options=ocp.CheckpointManagerOptions(read_only=True, create=False))

@@ -4,12 +4,15 @@ A second run on a workdir that a live run holds refuses in one line naming the h
 since when). A lock left by a dead run is taken over: on this host when its pid is gone (kill -9),
 on any host when its lease has not been renewed for `stale_after_s` (a host that vanished).
 Readers (`restore`, `evaluate`, `diagnose`, later stages that start from a run) never take it.
+A workdir the lock created is removed again on release if the run left nothing else in it (it
+failed before writing), so a refused run leaves no trace.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
 
@@ -36,6 +39,8 @@ class WorkdirLock:
     self.path = os.path.join(workdir, LOCK_FILE)
     self.renew_every_s, self.stale_after_s = renew_every_s, stale_after_s
     self.me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    self.workdir = workdir
+    self._created = False
     self._stop = threading.Event()
     self._thread = None
 
@@ -55,6 +60,7 @@ class WorkdirLock:
       raise ConfigError("workdir", os.path.dirname(self.path),
                         f"in use by pid {held['pid']} on {held.get('host')} since {since} "
                         f"({self.path}); wait for it, or use another workdir")
+    self._created = not os.path.exists(self.workdir)
     self._write()
     if files.read_json(self.path, {}).get("pid") != self.me["pid"]:  # another run took it at the same moment
       raise ConfigError("workdir", os.path.dirname(self.path), "taken by another run just now; use another workdir")
@@ -65,8 +71,14 @@ class WorkdirLock:
     files.write_json(self.path, {**self.me, "renewed": time.time()})
 
   def _renew(self) -> None:
+    warned = False
     while not self._stop.wait(self.renew_every_s):
-      self._write()
+      try:
+        self._write()
+      except OSError as e:  # a full disk: the loop reports its own failed writes; keep trying
+        if not warned:
+          print(f"warning: cannot renew the workdir lock {self.path} ({e.strerror})", file=sys.stderr, flush=True)
+          warned = True
 
   def release(self) -> None:
     self._stop.set()
@@ -74,6 +86,8 @@ class WorkdirLock:
       self._thread.join()
     if files.read_json(self.path, {}).get("pid") == self.me["pid"]:
       os.remove(self.path)
+    if self._created and os.path.isdir(self.workdir) and not os.listdir(self.workdir):
+      os.rmdir(self.workdir)
 
   def __enter__(self):
     self.acquire()

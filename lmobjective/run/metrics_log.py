@@ -13,6 +13,8 @@ import sys
 import time
 from typing import Any, Iterable
 
+from lmobjective import faults
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -44,6 +46,7 @@ class MetricsWriter:
     if not self.enabled:
       return
     record = {k: _jsonable(v) for k, v in record.items()}
+    faults.point("metrics.write", self.path)
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     if self._tb is not None:

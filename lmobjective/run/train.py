@@ -7,8 +7,15 @@ is `lmobjective/train.py`, which adds the post-run analysis steps.
 The same command with the same --workdir resumes from the newest good checkpoint, bit for bit
 (`checkpoint.py`); metrics.jsonl is cut back to the restored step and the rest is written again.
 Exit status: 0 done; 143 after SIGTERM and 130 after SIGINT, each once the current step finished
-and a checkpoint was saved (`preemption.py`); 1 with one `error:` line for a bad or changed config
-or a NaN/Inf loss (train.nan_policy='stop'; that state is never saved).
+and a checkpoint was saved (`preemption.py`); 1 with one `error:` line for a bad or changed config,
+changed data, a failed write (a full disk) or damaged checkpoints; 3 with one `error:` line when
+the run diverged (`Diverged`: a non-finite loss with train.nan_policy='stop', a dead or exploded
+model, too many skipped steps; that state is never saved).
+
+Nothing is written before the run is validated and built: the workdir lock first (which creates
+the directory, and removes it again if the run fails before writing anything else), then the
+build, the resume checks (config, tokenizer, data fingerprints), and only then config.json, the
+tokenizer's directory is kept, and checkpoints/ and metrics are written.
 
 Counts in metric names. A *token* is a scored target (loss_mask set and target >= 0):
 `tokens_seen` (cumulative), `tokens/<source>` and `share/<source>`, and the denominators of
@@ -23,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import sys
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -30,9 +38,11 @@ from typing import Any, Callable, Iterator, Sequence
 import jax
 import ml_collections
 import numpy as np
+import optax
 
 from lmobjective import config as config_lib
-from lmobjective import files, sharding
+from lmobjective import faults, files, sharding
+from lmobjective.data import fingerprint
 from lmobjective.model import count_params
 from lmobjective.run import checkpoint as ckpt_lib
 from lmobjective.run import distributed, lock, metrics_log
@@ -41,8 +51,21 @@ from lmobjective.run.preemption import EXIT_CODES, Preempted, preemption_signals
 from lmobjective.validation import validate
 
 
-class NonFiniteLoss(RuntimeError):
+class Diverged(RuntimeError):
+  """The run diverged at `step` (exit status 3); the state that diverged is never saved. The
+  message starts with what happened: `non-finite`, `dead model`, `exploded` or `skipped`."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
+
+
+class NonFiniteLoss(Diverged):
   """A NaN/Inf loss or gradient with train.nan_policy='stop'. That state is never saved."""
+
+
+_RETRY_HINT = ("that state was not saved; the same config diverges again from the last checkpoint: "
+               "change it (e.g. a lower optimizer.learning_rate) in a new workdir")
 
 
 class TokenAccounting:
@@ -73,22 +96,45 @@ class LoopState:
   pending: list  # train metrics of the steps since the last log line
   tokens_seen: int
   skipped: int = 0
-  checked: int = 0  # leading entries of `pending` already checked for NaN (and counted if skipped)
+  checked: int = 0  # leading entries of `pending` already checked (and counted if skipped)
+  dead_streak: int = 0  # consecutive steps with scored tokens and a gradient norm of exactly 0
+  init_param_norm: float | None = None  # the reference of train.max_param_growth
 
 
 def _fetch_pending(exp: Experiment, loop: LoopState, done: int) -> list[dict]:
-  """Host copies of the pending metrics, finite ones only; stops on a non-finite step if so configured."""
+  """Host copies of the pending metrics, finite ones only; raises `Diverged` on a diverged step."""
   loop.pending = jax.device_get(loop.pending)
   first = done - len(loop.pending) + 1
-  bad = [first + i for i, m in enumerate(loop.pending) if i >= loop.checked and not bool(m["finite"])]
-  loop.checked = len(loop.pending)
-  if bad and exp.config.train.nan_policy == "stop":
-    raise NonFiniteLoss(f"non-finite loss or gradient at step {bad[0]} (train.nan_policy='stop'); "
-                        "that state was not saved; resume restarts from the last checkpoint")
-  for b in bad:
-    ckpt_lib.warn(f"non-finite loss or gradient at step {b}: update skipped (train.nan_policy='skip')")
-  loop.skipped += len(bad)
+  cfg = exp.config.train
+  for i in range(loop.checked, len(loop.pending)):
+    m, s = loop.pending[i], first + i
+    loop.checked = i + 1
+    if not bool(m["finite"]):
+      if cfg.nan_policy == "stop":
+        raise NonFiniteLoss(f"non-finite loss or gradient at step {s} (train.nan_policy='stop'); {_RETRY_HINT}", s)
+      ckpt_lib.warn(f"non-finite loss or gradient at step {s}: update skipped (train.nan_policy='skip')")
+      loop.skipped += 1
+      continue
+    _check_alive(cfg, loop, s, m)
+  if loop.skipped > cfg.max_skipped_fraction * cfg.steps:
+    raise Diverged(f"skipped {loop.skipped} steps by step {done}, more than train.max_skipped_fraction="
+                   f"{cfg.max_skipped_fraction} of train.steps={cfg.steps} (non-finite loss or gradient); {_RETRY_HINT}", done)
   return [m for m in loop.pending if bool(m["finite"])]
+
+
+def _check_alive(cfg, loop: LoopState, s: int, m: dict) -> None:
+  """A finite step can still be dead (zero gradient while tokens are scored) or exploded."""
+  if int(m["num_tokens"]) > 0:  # an all-masked batch legitimately has no gradient
+    loop.dead_streak = loop.dead_streak + 1 if float(m["grad_norm"]) == 0.0 else 0
+  if loop.dead_streak >= cfg.dead_grad_steps:
+    raise Diverged(f"dead model: the gradient norm was exactly 0 at steps {s - loop.dead_streak + 1}..{s} while "
+                   f"tokens were scored (train.dead_grad_steps={cfg.dead_grad_steps}); {_RETRY_HINT}", s)
+  norm = float(m["param_norm"])
+  if loop.init_param_norm is None:  # a checkpoint from before the reference was recorded
+    loop.init_param_norm = norm
+  if norm > cfg.max_param_growth * loop.init_param_norm:
+    raise Diverged(f"exploded: the parameter norm {norm:.4g} at step {s} is {norm / loop.init_param_norm:.4g}x its "
+                   f"initial {loop.init_param_norm:.4g} (train.max_param_growth={cfg.max_param_growth}); {_RETRY_HINT}", s)
 
 
 def _log_train(exp, done, loop: LoopState, writer, accounting, progress, t_last: float) -> None:
@@ -107,27 +153,49 @@ def _log_train(exp, done, loop: LoopState, writer, accounting, progress, t_last:
   progress.update(done, record["train_loss"], record["positions_per_sec"])
 
 
-def _save(exp, mngr, state, batches, accounting, loop: LoopState, val_loss) -> None:
-  _fetch_pending(exp, loop, int(state.step))  # never saves a state reached through a NaN step
+def _save(exp, watch: ckpt_lib.SaveWatch, state, batches, accounting, loop: LoopState, val_loss) -> None:
+  _fetch_pending(exp, loop, int(state.step))  # never saves a state reached through a diverged step
+  if loop.dead_streak:  # one zero-gradient step is not yet a dead model, but is never saved
+    raise Diverged(f"dead model: the gradient norm was exactly 0 at step {int(state.step)} while tokens were "
+                   f"scored, at a checkpoint; {_RETRY_HINT}", int(state.step))
   meta = {"data_iter": batches.get_state(), "accounting": accounting.counts.tolist(),
-          "tokens_seen": loop.tokens_seen, "skipped": loop.skipped,
+          "tokens_seen": loop.tokens_seen, "skipped": loop.skipped, "init_param_norm": loop.init_param_norm,
           "pending": ckpt_lib.encode_metrics(loop.pending),
-          "tokenizer": {"path": "tokenizer", "fingerprint": exp.tokenizer.fingerprint()}}
-  ckpt_lib.save(mngr, state, meta, exp.raw_config, val_loss)
+          "tokenizer": {"path": "tokenizer", "fingerprint": exp.tokenizer.fingerprint()},
+          "data": exp.pipeline.fingerprints()}
+  watch.save(state, meta, exp.raw_config, val_loss)
 
 
 def run_loop(exp: Experiment, state, batches: Iterator[dict], writer: metrics_log.MetricsWriter,
-             accounting: TokenAccounting, mngr=None, loop: LoopState | None = None, stop=None) -> Any:
-  """Steps from state.step to train.steps; checkpoints into `mngr` (if given); `stop.signum` set = preempt."""
+             accounting: TokenAccounting, watch: ckpt_lib.SaveWatch | None = None,
+             loop: LoopState | None = None, stop=None) -> Any:
+  """Steps from state.step to train.steps; checkpoints through `watch` (if given); `stop.signum` set = preempt.
+
+  Before every step, a failed asynchronous save stops the run (`SaveFailed`); a divergence writes
+  a `{"step", "diverged"}` line and raises `Diverged` (that state is not saved).
+  """
+  loop = loop or LoopState(pending=[], tokens_seen=int(accounting.counts.sum()))
+  if loop.init_param_norm is None and int(state.step) == 0:
+    loop.init_param_norm = float(jax.jit(optax.tree.norm)(state.params))
+  try:
+    return _steps(exp, state, batches, writer, accounting, watch, loop, stop)
+  except Diverged as e:
+    writer.write({"step": e.step, "diverged": str(e)})
+    raise
+
+
+def _steps(exp, state, batches, writer, accounting, watch, loop: LoopState, stop):
   cfg = exp.config
   total = cfg.train.steps
   progress = metrics_log.Progress(total)
   start = int(state.step)
-  loop = loop or LoopState(pending=[], tokens_seen=int(accounting.counts.sum()))
   if start == 0 and exp.eval_sets:
     writer.write({"step": 0, **evaluate(exp, state.params)})
   t_last = time.time()  # after the step-0 eval: eval time is not training throughput
   for s in range(start, total):
+    faults.point("step")
+    if watch is not None:
+      watch.check()  # a failed asynchronous save stops the run before the next step
     host_batch = next(batches)
     accounting.add(host_batch)
     state, metrics = exp.train_fn(state, device_batch(exp, host_batch))
@@ -143,20 +211,27 @@ def run_loop(exp: Experiment, state, batches: Iterator[dict], writer: metrics_lo
       t_last = time.time()  # eval time is not training throughput
     preempted = stop is not None and stop.signum is not None
     every = cfg.checkpoint.every_steps
-    if mngr is not None and ((every and done % every == 0) or done == total or preempted):
+    if watch is not None and ((every and done % every == 0) or done == total or preempted):
       writer.flush()  # a kill -9 after this save must not lose the events up to its step
-      _save(exp, mngr, state, batches, accounting, loop, val_loss)
+      _save(exp, watch, state, batches, accounting, loop, val_loss)
     if preempted:
+      if watch is not None:
+        watch.check(wait=True)
       raise Preempted(EXIT_CODES[stop.signum])
+  if watch is not None:
+    watch.check(wait=True)  # the last save landed, or the run says it did not
   return state
 
 
 def restore_or_init(exp: Experiment, mngr, batches) -> tuple[Any, LoopState | None, TokenAccounting, int | None]:
-  """The newest good checkpoint (state, loop bookkeeping, accounting; data iterator set in place), else a fresh state."""
+  """The newest good checkpoint (state, loop bookkeeping, accounting; data iterator set in place), else a fresh state.
+
+  Refuses (one line, nothing written) a checkpoint whose tokenizer or data differ from this run's.
+  """
   accounting = TokenAccounting(exp.pipeline.source_names)
   state_shape = exp.init_fn.eval_shape(jax.random.key(exp.config.seed))
   abstract = sharding.abstract_state(state_shape, exp.state_sharding)
-  restored = ckpt_lib.restore_latest(mngr, exp.workdir, abstract)
+  restored = ckpt_lib.restore_latest(mngr, exp.workdir, abstract, start_over=exp.config.checkpoint.start_over)
   if restored is None:
     return exp.init_fn(jax.random.key(exp.config.seed)), None, accounting, None
   state, meta, saved_config = restored
@@ -166,11 +241,36 @@ def restore_or_init(exp: Experiment, mngr, batches) -> tuple[Any, LoopState | No
   if meta["tokenizer"]["fingerprint"] != exp.tokenizer.fingerprint():
     raise config_lib.ConfigError("data.tokenizer", os.path.join(exp.workdir, "tokenizer"),
                                  f"differs from the tokenizer of the checkpoint at step {step_}; use a new workdir")
+  check_data(exp, meta.get("data"), step_)
   batches.set_state(meta["data_iter"])
   accounting.counts = np.asarray(meta["accounting"], np.int64)
   pending = [_with_sums(m) for m in ckpt_lib.decode_metrics(meta["pending"])]
-  loop = LoopState(pending=pending, tokens_seen=meta["tokens_seen"], skipped=meta["skipped"], checked=len(pending))
+  loop = LoopState(pending=pending, tokens_seen=meta["tokens_seen"], skipped=meta["skipped"], checked=len(pending),
+                   init_param_norm=meta.get("init_param_norm"))
   return state, loop, accounting, step_
+
+
+def check_data(exp: Experiment, saved: dict | None, step_: int) -> None:
+  """Refuses to resume on data that changed since the checkpoint (unless checkpoint.allow_data_change)."""
+  if saved is None:
+    ckpt_lib.warn(f"the checkpoint at step {step_} records no data fingerprints (an older run): the data is not checked")
+    return
+  changed, touched = fingerprint.changes(saved, exp.pipeline.fingerprints())
+  for name, what in touched.items():
+    ckpt_lib.warn(f"data.sources.{name}: {what} since the checkpoint at step {step_}")
+  if exp.config.checkpoint.allow_data_change:
+    for name, what in changed.items():
+      ckpt_lib.warn(f"data.sources.{name}: changed since the checkpoint at step {step_} ({what}); "
+                    "resuming on it (checkpoint.allow_data_change=True)")
+    return
+  if changed:
+    name, what = next(iter(changed.items()))
+    more = f"; also changed: {', '.join(list(changed)[1:])}" if len(changed) > 1 else ""
+    source = exp.config.data.sources.get(name)
+    raise config_lib.ConfigError(
+        f"data.sources.{name}", source.path or source.kind if source else None,
+        f"changed since the checkpoint at step {step_} ({what}){more}; resuming would train on other data "
+        "and score another validation split: use a new workdir, or --config.checkpoint.allow_data_change=True")
 
 
 def _with_sums(metrics: dict) -> dict:
@@ -228,18 +328,62 @@ def run(config: ml_collections.ConfigDict, workdir: str, post_run: Sequence[Post
 
 
 def _run_owned(config, cfg, workdir: str, lead: bool, post_run) -> dict[str, Any]:
+  _check_resume_config(config, cfg, workdir)  # a changed config is refused before anything is built
+  exp = _build_or_roll_back(config, workdir, lead)
   mngr = ckpt_lib.make_manager(workdir, cfg.checkpoint)
-  latest = ckpt_lib.latest_config(mngr)  # refuse a changed config before touching the run's files
+  with ckpt_lib.SaveWatch(mngr, workdir) as watch:
+    try:
+      state = _train(exp, config, workdir, lead, mngr, watch)
+    except OSError as e:  # a full disk or a lost mount outside the checkpoint writer
+      _close(mngr)  # a save in flight lands first: it is the last good checkpoint
+      raise ckpt_lib.WriteFailed(f"cannot write {e.filename or workdir} ({e.strerror or e}); "
+                                 f"{ckpt_lib.last_good(workdir)}") from None
+    finally:
+      _close(mngr)
+    watch.check()  # the close waited for the last save
+  for step_fn in post_run:  # e.g. post_run.STEPS: loss by position, plots, diagnostics
+    step_fn(exp, state.params, workdir, lead)
+  evals = [r for r in metrics_log.read_metrics(workdir) if "val_loss" in r] if lead else []
+  return evals[-1] if evals else {}
+
+
+def _check_resume_config(config, cfg, workdir: str) -> None:
+  if not os.path.isdir(os.path.join(workdir, ckpt_lib.CKPT_DIR)):
+    return
+  mngr = ckpt_lib.make_manager(workdir, read_only=True)
+  try:
+    latest = ckpt_lib.latest_config(mngr)
+  finally:
+    _close(mngr)
   if latest is not None:
-    ckpt_lib.check_config(latest[1], ckpt_lib.config_json(config), cfg.checkpoint.allow_config_change,
-                          latest[0])
-  if lead:
-    os.makedirs(workdir, exist_ok=True)
-    write_config(config, workdir)
-  exp = build(config, workdir)
+    ckpt_lib.check_config(latest[1], ckpt_lib.config_json(config), cfg.checkpoint.allow_config_change, latest[0])
+
+
+def _build_or_roll_back(config, workdir: str, lead: bool) -> Experiment:
+  """`build`; if it fails, the tokenizer it trained into a workdir without one is removed again."""
+  tokenizer_dir = os.path.join(workdir, "tokenizer")
+  had_tokenizer = os.path.exists(tokenizer_dir)
+  try:
+    return build(config, workdir)
+  except BaseException:
+    if lead and not had_tokenizer:
+      shutil.rmtree(tokenizer_dir, ignore_errors=True)
+    raise
+
+
+def _close(mngr) -> None:
+  """Waits for an asynchronous save and closes the manager; its errors are the `SaveWatch`'s to report."""
+  with contextlib.suppress(Exception):
+    mngr.wait_until_finished()
+  with contextlib.suppress(Exception):
+    mngr.close()
+
+
+def _train(exp: Experiment, config, workdir: str, lead: bool, mngr, watch):
   batches = exp.pipeline.train_iterator()
   state, loop, accounting, resumed_step = restore_or_init(exp, mngr, batches)
-  if lead:
+  if lead:  # every check passed: the run's files are written from here on
+    write_config(config, workdir)
     ckpt_lib.truncate_metrics(workdir, resumed_step)  # lines past the checkpoint are written again
     if resumed_step is not None:
       print(f"resuming from the checkpoint at step {resumed_step}", flush=True)
@@ -248,15 +392,9 @@ def _run_owned(config, cfg, workdir: str, lead: bool, post_run) -> dict[str, Any
                                      purge_step=0 if resumed_step is None else resumed_step + 1)
   try:
     with preemption_signals() as stop:
-      state = run_loop(exp, state, batches, writer, accounting, mngr, loop, stop)
+      return run_loop(exp, state, batches, writer, accounting, watch, loop, stop)
   finally:
-    mngr.wait_until_finished()  # an asynchronous save must land before the process exits
-    mngr.close()
     writer.close()
-  for step_fn in post_run:  # e.g. post_run.STEPS: loss by position, plots, diagnostics
-    step_fn(exp, state.params, workdir, lead)
-  evals = [r for r in metrics_log.read_metrics(workdir) if "val_loss" in r] if lead else []
-  return evals[-1] if evals else {}
 
 
 def _print_header(exp: Experiment, state) -> None:
