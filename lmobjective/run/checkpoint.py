@@ -30,7 +30,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from lmobjective import files
 from lmobjective.config import REMOVED_KEYS, ConfigError
 from lmobjective.run.metrics_log import truncate_metrics  # noqa: F401  (train.py calls it from here)
 
