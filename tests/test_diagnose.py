@@ -148,3 +148,99 @@ OVERFIT = {"train.steps": 200, "eval.every_steps": 25, "train.log_every_steps": 
            "data.sources.code.max_documents": 3, "data.sources.prose.max_documents": 3,
            "data.sources.markov.markov.num_documents": 3, "optimizer.weight_decay": 0.0,
            "optimizer.end_learning_rate": 3e-3, "optimizer.schedule": "constant"}
+
+
+# ---- training broke down (issue #12) -----------------------------------------------------------
+
+# `python -m lmobjective.train --config=configs/tiny.py --workdir=/tmp/div_skip
+#  --config.optimizer.learning_rate=1e3 --config.train.nan_policy=skip` (V = 512, ln V = 6.238, 20
+# steps, CPU, 2026-12-02): exit 0; the old diagnosis said not_learning (steps 0-20) with "learning
+# rate far too low". The same without nan_policy (default 'stop') wrote the same lines to step 6 and
+# stopped at step 7 (exit 1, NaN); the old diagnosis of that file: no findings.
+#   step  train_loss  grad_norm  param_norm  update_norm  tokens_seen
+#   1     6.2192      0.9317     1.867e5     1.867e5      256
+#   2     5.271e6     6088.1     1.602e7     1.618e7      512
+#   3-6   6.2383      0.0        1.586e9 .. 1.380e15      768 .. 1536   (dead: uniform logits)
+#   7-20  {"step": s, "skipped_steps": s - 6} only (skip run); val_loss 6.1511 @0, 6.2383 @10, @20
+REAL_LR_1E3 = [
+    (1, 6.2192, 0.9317, 186745.98), (2, 5270979.5, 6088.088, 16021025.0), (3, 6.2383, 0.0, 1586045312.0),
+    (4, 6.2383, 0.0, 155813625856.0), (5, 6.2383, 0.0, 14955713658880.0), (6, 6.2383, 0.0, 1380431479963648.0)]
+
+
+def lr_1e3_run(nan_policy):
+  records = [{"step": 0, "val_loss": 6.1511}]
+  records += [{"step": s, "train_loss": l, "grad_norm": g, "param_norm": p, "tokens_seen": 256 * s}
+              for s, l, g, p in REAL_LR_1E3]
+  if nan_policy == "skip":
+    for s in range(7, 21):
+      records.append({"step": s, "skipped_steps": s - 6})
+      if s % 10 == 0:
+        records.append({"step": s, "val_loss": 6.2383})
+  return records
+
+
+def test_lr_1e3_with_skip_is_divergence_not_a_too_low_lr():
+  (found,) = diagnose.diagnose(lr_1e3_run("skip"), V)
+  assert (found["kind"], found["start_step"], found["end_step"]) == ("divergence", 3, 20)
+  for evidence in ("grad_norm is exactly 0 from step 3", "param_norm grew from 1.87e+05 (step 1) to 1.59e+09 by step 3",
+                   "14 of 20 steps (70% >= 10%) skipped", "not because the learning rate is too low"):
+    assert evidence in found["detail"]
+  assert "far too low" not in found["detail"]
+
+
+def test_lr_1e3_with_the_default_policy_is_divergence():
+  assert kinds(diagnose.diagnose(lr_1e3_run("stop"), V)) == [("divergence", 3, 6)]
+  stopped = lr_1e3_run("stop") + [{"step": 7, "diverged": "non-finite loss or gradient at step 7"}]
+  (found,) = diagnose.diagnose(stopped, V)
+  assert (found["start_step"], found["end_step"]) == (3, 7)
+  assert "stopped the run at step 7: non-finite loss or gradient at step 7" in found["detail"]
+
+
+def with_norms(records, grad=1.0, param=50.0, skipped=None):
+  """Train lines get grad_norm, param_norm, tokens_seen (256 a step) and skipped_steps as train.py writes them."""
+  out = []
+  for r in records:
+    r = dict(r)
+    if "train_loss" in r:
+      s = r["step"]
+      r.update(grad_norm=grad(s) if callable(grad) else grad, param_norm=param(s) if callable(param) else param,
+               tokens_seen=256 * s)
+      if skipped and skipped(s):
+        r["skipped_steps"] = skipped(s)
+    out.append(r)
+  return out
+
+
+def test_a_diverged_line_alone_is_divergence_from_its_step():
+  records = [r for r in with_norms(curve(healthy())) if r["step"] <= 150]
+  records.append({"step": 150, "diverged": "exploded: param_norm 1e12"})
+  assert kinds(diagnose.diagnose(records, V)) == [("divergence", 150, 150)]
+
+
+def test_skipped_steps_count_from_a_tenth_of_the_run():
+  many = with_norms(curve(healthy()), skipped=lambda s: max(0, (s - 100) // 5))  # 40 of 300 = 13%
+  assert kinds(diagnose.diagnose(many, V)) == [("divergence", 105, 300)]
+  few = with_norms(curve(healthy()), skipped=lambda s: max(0, (s - 100) // 8))  # 25 of 300 = 8%
+  assert diagnose.diagnose(few, V) == []
+
+
+def test_zero_grad_norm_is_dead_only_where_tokens_were_scored():
+  dead = with_norms(curve(healthy()), grad=lambda s: 0.0 if s >= 200 else 1.0)
+  assert kinds(diagnose.diagnose(dead, V)) == [("divergence", 200, 300)]
+  no_tokens = [dict(r, tokens_seen=256 * 199) if r["step"] == 200 and "train_loss" in r else r
+               for r in with_norms(curve(healthy()), grad=lambda s: 0.0 if s == 200 else 1.0)]
+  assert diagnose.diagnose(no_tokens, V) == []
+
+
+def test_param_norm_growth_beyond_100x_its_first_value():
+  grown = with_norms(curve(healthy()), param=lambda s: 10.0 * 1.02 ** s)  # x100 after ln 100 / ln 1.02 = 233 steps
+  assert kinds(diagnose.diagnose(grown, V)) == [("divergence", 234, 300)]
+  assert diagnose.diagnose(with_norms(curve(healthy()), param=lambda s: 10.0 * 1.01 ** s), V) == []  # x20
+
+
+def test_findings_before_a_breakdown_are_kept_and_after_it_dropped():
+  loss = healthy()
+  loss[99:102] += 1.5  # a spike at steps 100-102, before the model dies at 200
+  loss[249:252] += 1.5  # one after it: a dead model's curve says nothing
+  records = with_norms(curve(loss), grad=lambda s: 0.0 if s >= 200 else 1.0)
+  assert kinds(diagnose.diagnose(records, V)) == [("spike", 100, 102), ("divergence", 200, 300)]

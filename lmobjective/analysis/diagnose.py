@@ -5,13 +5,22 @@
 Each finding is {"kind", "start_step", "end_step", "detail"}; `detail` states the evidence and the
 likely causes. Kinds and rules (all thresholds are stated here and in `Thresholds`):
 
+* breakdown (reported as divergence): training itself broke down, whatever the loss curve shows.
+  Any of: a non-finite train/val loss; a `{"step", "diverged": reason}` line (the training loop
+  stopped the run); `skipped_steps` (updates skipped for a non-finite loss or gradient,
+  train.nan_policy=skip) at least 10% of the steps run; grad_norm exactly 0 on a train line that
+  scored tokens (a dead model: the loss no longer depends on the parameters); param_norm above 100
+  times its first logged value (or non-finite). The finding starts at the earliest such step and
+  names every sign (step, grad norm, param norm growth). The curve after that step describes a
+  broken model: only findings that end before it are kept, and a flat loss near ln V is reported
+  in this finding, never as not_learning (whose cause list blames a too-low learning rate).
 * noise scale sigma: the robust standard deviation of the train-loss noise,
   1.4826 * MAD(second differences) / sqrt(6) (second differences cancel a locally linear trend,
   and the second difference of iid noise has variance 6 sigma^2).
-* divergence: a non-finite train/val loss (from its first step); or a final level (median of the
-  last 10% of points) above 1.1 ln V -- worse than a uniform guess, which is where an untrained
-  model starts; or a final level above the running minimum of the smoothed loss by more than
-  max(6 sigma, 5% of that minimum) -- a rise a 6-sigma noise excursion does not explain.
+* divergence: a breakdown (above); or a final level (median of the last 10% of points) above
+  1.1 ln V -- worse than a uniform guess, which is where an untrained model starts; or a final
+  level above the running minimum of the smoothed loss by more than max(6 sigma, 5% of that
+  minimum) -- a rise a 6-sigma noise excursion does not explain.
 * spike: a point whose robust z-score against the median/MAD of the previous `window` points is
   above 6 and which is at least 5% above that median, and after which the loss comes back within
   3 robust scales of the pre-spike median (if it never comes back it is a divergence instead).
@@ -55,6 +64,9 @@ class Thresholds:
   not_learning_frac: float = 0.10  # final loss within this share of ln V ...
   not_learning_drop: float = 0.05  # ... and fell by less than this share of ln V
   window: int = 10  # points in the rolling median/MAD
+  skipped_frac: float = 0.10  # breakdown: skipped updates are at least this share of the steps run
+  dead_grad_norm: float = 0.0  # breakdown: grad_norm <= this (exactly 0) on a line that scored tokens
+  param_growth: float = 100.0  # breakdown: param_norm above this multiple of its first logged value
 
 
 CAUSES = {
@@ -105,13 +117,79 @@ def _finding(kind, start, end, evidence) -> dict[str, Any]:
           "detail": f"{evidence}. Likely causes: {CAUSES[kind]}."}
 
 
-def find_nonfinite(records: list[dict]) -> list[dict]:
+def _nonfinite(records: list[dict], th: Thresholds) -> tuple[int, str] | None:
   for key in ("train_loss", "val_loss"):
     s, v = series(records, key)
     bad = np.flatnonzero(~np.isfinite(v))
     if len(bad):
-      return [_finding("divergence", s[bad[0]], s[-1], f"{key} is {v[bad[0]]} from step {s[bad[0]]}")]
-  return []
+      return int(s[bad[0]]), f"{key} is {v[bad[0]]} from step {s[bad[0]]}"
+  return None
+
+
+def _stopped(records: list[dict], th: Thresholds) -> tuple[int, str] | None:
+  """The line the training loop writes when it stops a broken run: {"step": N, "diverged": reason}."""
+  r = next((r for r in records if "diverged" in r), None)
+  return None if r is None else (int(r["step"]), f"the training loop stopped the run at step {r['step']}: "
+                                                 f"{r['diverged']}")
+
+
+def _skipped(records: list[dict], th: Thresholds) -> tuple[int, str] | None:
+  s, k = series(records, "skipped_steps")  # cumulative over the run (a resume carries it on)
+  if not len(k) or s[-1] <= 0 or k[-1] < th.skipped_frac * s[-1]:
+    return None
+  first = int(s[np.argmax(k > 0)])
+  return first, (f"{int(k[-1])} of {s[-1]} steps ({k[-1] / s[-1]:.0%} >= {th.skipped_frac:.0%}) skipped for a "
+                 f"non-finite loss or gradient, the first by step {first}")
+
+
+def _dead(records: list[dict], th: Thresholds) -> tuple[int, str] | None:
+  """grad_norm exactly 0 on train lines that scored tokens (tokens_seen grew since the last line)."""
+  lines, before = [], 0
+  for r in records:
+    if "train_loss" in r and "grad_norm" in r:
+      seen = r.get("tokens_seen")
+      scored = seen > before if seen is not None else _finite(r["train_loss"]) > 0
+      before = seen if seen is not None else before
+      if scored:
+        lines.append((int(r["step"]), _finite(r["grad_norm"]), _finite(r["train_loss"])))
+  dead = [i for i, (_, g, _) in enumerate(lines) if g <= th.dead_grad_norm]
+  if not dead:
+    return None
+  step, grad, loss = lines[dead[0]]
+  what = "exactly 0" if grad == 0 else f"{grad:g} (<= {th.dead_grad_norm:g})"
+  return step, (f"grad_norm is {what} from step {step} (on {len(dead)} of the {len(lines) - dead[0]} train "
+                f"lines from there, train loss {loss:.4g} at it) while tokens were scored: a dead model, "
+                "the loss no longer depends on the parameters")
+
+
+def _param_growth(records: list[dict], th: Thresholds) -> tuple[int, str] | None:
+  s, v = series(records, "param_norm")
+  if len(v) < 2 or not v[0] > 0:
+    return None
+  big = np.flatnonzero(~(v <= th.param_growth * v[0]))  # NaN/Inf count as grown
+  if not len(big):
+    return None
+  i = int(big[0])
+  return int(s[i]), (f"param_norm grew from {v[0]:.3g} (step {s[0]}) to {v[i]:.3g} by step {s[i]} "
+                     f"(x{v[i] / v[0]:.3g} > x{th.param_growth:g}), {np.nanmax(v):.3g} at most")
+
+
+BREAKDOWN_SIGNS = (_nonfinite, _stopped, _skipped, _dead, _param_growth)
+
+
+def find_breakdown(records: list[dict], vocab_size: int | None, th: Thresholds) -> list[dict]:
+  """One divergence finding naming every sign that training broke down (module docstring), or []."""
+  signs = sorted(e for e in (sign(records, th) for sign in BREAKDOWN_SIGNS) if e is not None)
+  if not signs:
+    return []
+  evidence = "; ".join(text for _, text in signs)
+  flat = _near_uniform(records, vocab_size, th)
+  if flat is not None:  # what not_learning would say, with the cause it would miss
+    key, _, v, ln_v, src = flat
+    evidence += (f"; {key} stayed near {src} = {ln_v:.3f} ({v[0]:.3f} -> {v[-1]:.3f}) because the model "
+                 "broke down, not because the learning rate is too low")
+  last = max(int(r["step"]) for r in records)
+  return [_finding("divergence", signs[0][0], last, f"training broke down from step {signs[0][0]}: {evidence}")]
 
 
 def find_spikes(steps, loss, th: Thresholds, sigma: float) -> tuple[list[dict], list[dict]]:
@@ -219,16 +297,24 @@ def find_overfitting(records: list[dict], th: Thresholds) -> list[dict]:
                    f"(+{vl[-1] / vl[k] - 1:.1%}) while train loss fell from {before:.3f} to {after:.3f}")]
 
 
-def find_not_learning(records: list[dict], vocab_size: int | None, th: Thresholds) -> list[dict]:
+def _near_uniform(records: list[dict], vocab_size: int | None, th: Thresholds) -> tuple | None:
+  """(key, steps, values, ln V, its source) when the loss stayed near ln V and barely fell, else None."""
   key = "val_loss" if any("val_loss" in r for r in records) else "train_loss"
   s, v = series(records, key)
   if len(v) < 2 or not np.all(np.isfinite(v)):
-    return []
+    return None
   ln_v = math.log(vocab_size) if vocab_size else float(v[0])  # an untrained model scores ~ln V
   if (v.min() < (1 - th.not_learning_frac) * ln_v or v[-1] > (1 + th.not_learning_frac) * ln_v
       or v[0] - v[-1] >= th.not_learning_drop * ln_v):
+    return None
+  return key, s, v, ln_v, f"ln V = ln {vocab_size}" if vocab_size else "the first eval loss (vocab unknown)"
+
+
+def find_not_learning(records: list[dict], vocab_size: int | None, th: Thresholds) -> list[dict]:
+  flat = _near_uniform(records, vocab_size, th)
+  if flat is None:
     return []
-  src = f"ln V = ln {vocab_size}" if vocab_size else "the first eval loss (vocab unknown)"
+  key, s, v, ln_v, src = flat
   return [_finding("not_learning", s[0], s[-1],
                    f"{key} went from {v[0]:.3f} to {v[-1]:.3f}, still near {src} = {ln_v:.3f} (fell "
                    f"by {v[0] - v[-1]:.3f} < {th.not_learning_drop:.0%} of it)")]
@@ -236,10 +322,21 @@ def find_not_learning(records: list[dict], vocab_size: int | None, th: Threshold
 
 def diagnose(records: list[dict], vocab_size: int | None = None,
              th: Thresholds = Thresholds()) -> list[dict]:
-  """All findings for one run's metric records, sorted by start step."""
-  found = find_nonfinite(records)
-  if found:
-    return found  # after a NaN the rest of the curve says nothing more
+  """All findings for one run's metric records, sorted by start step.
+
+  After a breakdown (`find_breakdown`) the curve describes a broken model: only the findings of
+  the records before its first step are kept, next to it.
+  """
+  broke = find_breakdown(records, vocab_size, th)
+  if broke:
+    start = broke[0]["start_step"]
+    return sorted(broke + find_in_curve([r for r in records if r["step"] < start], vocab_size, th),
+                  key=lambda f: (f["start_step"], f["kind"]))
+  return find_in_curve(records, vocab_size, th)
+
+
+def find_in_curve(records: list[dict], vocab_size: int | None, th: Thresholds) -> list[dict]:
+  """The findings the loss curves alone show (every kind but breakdown), sorted by start step."""
   steps, loss = series(records, "train_loss")
   sigma = noise_sigma(loss)
   spikes, diverged = find_spikes(steps, loss, th, sigma)

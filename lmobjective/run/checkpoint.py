@@ -42,7 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from lmobjective import faults, files
+from lmobjective import faults
 from lmobjective.config import REMOVED_KEYS, ConfigError
 
 CKPT_DIR = "checkpoints"
@@ -469,27 +469,6 @@ def latest_config(mngr: ocp.CheckpointManager) -> tuple[int, dict] | None:
     except Exception:  # damaged: restore_latest reports it
       continue
   return None
-
-
-def truncate_metrics(workdir: str, step: int | None) -> None:
-  """Keeps metrics.jsonl lines with step <= `step` (none when starting afresh) and drops a torn line.
-
-  A resumed run writes every later line again, identically, so the file never holds duplicates.
-  """
-  from lmobjective.run.metrics_log import METRICS_FILE
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
-    return
-  keep = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        break
-      if step is not None and rec.get("step", 0) <= step:
-        keep.append(line if line.endswith("\n") else line + "\n")
-  files.atomic_write(path, "".join(keep))
 
 
 def encode_metrics(metrics_list: list[dict]) -> list[dict]:

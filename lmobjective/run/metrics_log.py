@@ -1,21 +1,30 @@
 """Run outputs: metrics.jsonl (one JSON object per line), TensorBoard scalars, a console progress line.
 
 Only the lead process (index 0) writes. Lines are appended and flushed as they come, so a killed
-run keeps every line it printed; `read_metrics` skips a torn last line.
+run keeps every line it printed. A line is readable when it is UTF-8 JSON for an object with an
+integer "step" (`parse_line`); `read_metrics` skips the others, and a resume (`truncate_metrics`)
+moves them to `metrics.unreadable.jsonl` (`set_aside`): no line is ever deleted for being unreadable.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
+import warnings
 from typing import Any, Iterable
 
-from lmobjective import faults
+from lmobjective import faults, files
 
 METRICS_FILE = "metrics.jsonl"
+UNREADABLE_FILE = "metrics.unreadable.jsonl"
+
+
+class MetricsWarning(UserWarning):
+  """metrics.jsonl holds lines that are not metric records; they were skipped."""
 
 
 def _jsonable(v: Any) -> Any:
@@ -30,7 +39,7 @@ class MetricsWriter:
   def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True,
                purge_step: int | None = None):
     """purge_step: TensorBoard drops the events of earlier files at steps >= it (a resumed run
-    passes its checkpoint step + 1, a fresh one 0), as `checkpoint.truncate_metrics` does here."""
+    passes its checkpoint step + 1, a fresh one 0), as `truncate_metrics` does here."""
     self.enabled = enabled
     self.path = os.path.join(workdir, METRICS_FILE)
     self._tb = None
@@ -67,18 +76,109 @@ class MetricsWriter:
         self._tb.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class Line:
+  """One line of a metrics file: `raw` as on disk (newline included, if it has one); `record` is
+  None for an unreadable line, and `reason` then says why."""
+  number: int  # 1-based
+  raw: bytes
+  record: dict[str, Any] | None
+  reason: str = ""
+
+  @property
+  def torn(self) -> bool:
+    """Unreadable and without a newline: the last line of a process killed (or still) writing it."""
+    return self.record is None and not self.raw.endswith(b"\n")
+
+
+def parse_line(raw: bytes) -> tuple[dict[str, Any] | None, str]:
+  """(record, "") for UTF-8 JSON of an object with an integer "step", else (None, the reason)."""
+  try:
+    rec = json.loads(raw.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    return None, f"UnicodeDecodeError: invalid UTF-8 at byte {e.start}"
+  except json.JSONDecodeError as e:
+    return None, f"JSONDecodeError: {e.msg.removesuffix(' at')} at char {e.pos}"  # some msgs end in "at"
+  if not isinstance(rec, dict):
+    return None, f"a JSON {type(rec).__name__}, not an object"
+  if not isinstance(rec.get("step"), int) or isinstance(rec["step"], bool):
+    return None, "no integer step"
+  return rec, ""
+
+
+def metrics_path(workdir_or_file: str) -> str:
+  return os.path.join(workdir_or_file, METRICS_FILE) if os.path.isdir(workdir_or_file) else workdir_or_file
+
+
+def scan(path: str) -> list[Line]:
+  """Every line of the metrics file `path`, readable or not, in file order (split at b"\\n" only)."""
+  with open(path, "rb") as f:
+    return [Line(i, raw, *parse_line(raw)) for i, raw in enumerate(f, 1)]
+
+
 def read_metrics(workdir_or_file: str) -> list[dict[str, Any]]:
-  path = workdir_or_file
-  if os.path.isdir(path):
-    path = os.path.join(path, METRICS_FILE)
-  records = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError:
-        break  # a torn final line from a killed process
-  return records
+  """The readable records of a run's metrics.jsonl, in file order; unreadable lines are skipped.
+
+  Skipped lines get one MetricsWarning per call naming their count and the first line number, except
+  a torn last line, which is skipped silently (a killed run, or a live one mid-write).
+  """
+  path = metrics_path(workdir_or_file)
+  lines = scan(path)
+  bad = [ln for ln in lines if ln.record is None and not ln.torn]
+  if bad:
+    warnings.warn(f"{path}: {len(bad)} unreadable line(s) skipped, the first at line {bad[0].number} "
+                  f"({bad[0].reason})", MetricsWarning, stacklevel=2)
+  return [ln.record for ln in lines if ln.record is not None]
+
+
+def set_aside(side_path: str, lines: list[Line]) -> None:
+  """Appends `lines` to the side file as JSON objects, one a line, written atomically:
+
+    {"line": 57, "text": "{\\"step\\": 5, \\"tra", "reason": "JSONDecodeError: ..."}
+
+  `line` is the 1-based number in the metrics file as it was when set aside, `text` the raw line
+  without its newline (invalid UTF-8 bytes as surrogate escapes: `text.encode("utf-8",
+  "surrogateescape")` gives the bytes back), `reason` what `parse_line` said.
+  """
+  old = b""
+  if os.path.exists(side_path):
+    with open(side_path, "rb") as f:
+      old = f.read()
+  if old and not old.endswith(b"\n"):
+    old += b"\n"
+  new = "".join(json.dumps({"line": ln.number, "text": ln.raw.rstrip(b"\n").decode("utf-8", "surrogateescape"),
+                            "reason": ln.reason}) + "\n" for ln in lines)
+  files.atomic_write(side_path, old + new.encode("utf-8"))
+
+
+def truncate_metrics(workdir: str, step: int | None) -> None:
+  """Keeps the metrics.jsonl lines a resumed run will not write again; never deletes an unreadable one.
+
+  Called on resume with the restored checkpoint's step, or None on a fresh start. Readable lines
+  (`parse_line`) with step <= `step` stay, byte for byte and in order; the later ones -- all of
+  them when `step` is None -- are dropped, since the run writes them again, identically.
+  Unreadable lines are moved to WORKDIR/metrics.unreadable.jsonl (appended; format in `set_aside`),
+  each reported in one stderr line naming file:line: `warning:` for a damaged line, a quieter
+  `note:` for a torn last line (no newline: a process killed mid-write, the expected case). The side
+  file is written before metrics.jsonl, each atomically, so a kill in between can repeat side
+  entries but loses nothing. A second call changes nothing.
+  """
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return
+  lines = scan(path)
+  bad = [ln for ln in lines if ln.record is None]
+  keep = [ln.raw for ln in lines if ln.record is not None and step is not None and ln.record["step"] <= step]
+  if bad:
+    side = os.path.join(workdir, UNREADABLE_FILE)
+    set_aside(side, bad)
+    for ln in bad:
+      what = "torn last line (killed mid-write?)" if ln.torn else "unreadable line"
+      print(f"{'note' if ln.torn else 'warning'}: {path}:{ln.number}: {what} ({ln.reason}) moved to {side}",
+            file=sys.stderr, flush=True)
+  data = b"".join(raw if raw.endswith(b"\n") else raw + b"\n" for raw in keep)
+  if data != b"".join(ln.raw for ln in lines):
+    files.atomic_write(path, data)
 
 
 def split_series(records: Iterable[dict], key: str) -> tuple[list[int], list[float]]:

@@ -384,7 +384,7 @@ def _train(exp: Experiment, config, workdir: str, lead: bool, mngr, watch):
   state, loop, accounting, resumed_step = restore_or_init(exp, mngr, batches)
   if lead:  # every check passed: the run's files are written from here on
     write_config(config, workdir)
-    ckpt_lib.truncate_metrics(workdir, resumed_step)  # lines past the checkpoint are written again
+    metrics_log.truncate_metrics(workdir, resumed_step)  # lines past the checkpoint are written again
     if resumed_step is not None:
       print(f"resuming from the checkpoint at step {resumed_step}", flush=True)
   _print_header(exp, state)
