@@ -221,7 +221,8 @@ def test_nan_loss_stops_without_saving_and_skip_goes_on(tmp_path, cache, monkeyp
   assert sorted(int(d) for d in os.listdir(stop_dir / "checkpoints") if d.isdigit()) == [2, 3, 4]
   skip_dir = tmp_path / "skip"
   train.run(tiny(cache, **{"train.steps": 6, "checkpoint.every_steps": 1, "checkpoint.keep": 3,
-                           "train.log_every_steps": 2, "train.nan_policy": "skip"}), str(skip_dir))
+                           "train.log_every_steps": 2, "train.nan_policy": "skip",
+                           "train.max_skipped_fraction": 0.5}), str(skip_dir))
   records = {r["step"]: r for r in metrics_log.read_metrics(str(skip_dir)) if "train_loss" in r}
   assert sorted(records) == [2, 4, 6] and "skipped_steps" not in records[4]
   assert records[6]["skipped_steps"] == 1  # counted once, though checked at the save of 5 and the log at 6

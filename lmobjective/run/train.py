@@ -189,8 +189,9 @@ def _steps(exp, state, batches, writer, accounting, watch, loop: LoopState, stop
   total = cfg.train.steps
   progress = metrics_log.Progress(total)
   start = int(state.step)
-  if start == 0 and exp.eval_sets:
-    writer.write({"step": 0, **evaluate(exp, state.params)})
+  if start == 0:  # the initial parameter norm: the reference of train.max_param_growth (and diagnose)
+    writer.write({"step": 0, **(evaluate(exp, state.params) if exp.eval_sets else {}),
+                  "param_norm": loop.init_param_norm})
   t_last = time.time()  # after the step-0 eval: eval time is not training throughput
   for s in range(start, total):
     faults.point("step")
