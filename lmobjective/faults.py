@@ -2,8 +2,8 @@
 
     LMOBJECTIVE_FAULTS="save.meta@2=kill,metrics.write=enospc" python -m lmobjective.train ...
 
-Each entry is `point[@n]=action`: at the n-th time (default: every time) the program passes
-`point(name)`, it does `action`:
+Each entry is `point[:basename][@n]=action`: at the n-th time (default: every time) the program
+passes `point(name)` (writing a file of that base name, if given), it does `action`:
 
   kill     SIGKILL this process (what kill -9 or an OOM killer does: no handler, no cleanup)
   enospc   raise OSError(ENOSPC, 'No space left on device', path): a full disk, in-process
@@ -43,13 +43,21 @@ def _armed(spec: str) -> list[tuple[str, int | None, str]]:
 
 
 def point(name: str, path: str | None = None) -> None:
-  """Passes fault point `name` (`path`: the file being written, named by an injected error)."""
+  """Passes fault point `name` (`path`: the file being written, named by an injected error).
+
+  An entry `name:BASENAME` counts and strikes only where `path`'s base name is BASENAME (e.g.
+  `atomic.rename:config.json@1=kill`).
+  """
   spec = os.environ.get(ENV)
   if not spec:
     return
-  _hits[name] += 1
+  base = os.path.basename(path) if path else None
   for point_name, nth, action in _armed(spec):
-    if point_name != name or (nth is not None and nth != _hits[name]):
+    where, _, only = point_name.partition(":")
+    if where != name or (only and only != base):
+      continue
+    _hits[point_name] += 1
+    if nth is not None and nth != _hits[point_name]:
       continue
     if action == "kill":
       os.kill(os.getpid(), signal.SIGKILL)

@@ -9,6 +9,7 @@ file, if any, is left as it was.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -60,6 +61,19 @@ def atomic_path(path: str, directory: bool = False) -> Iterator[str]:
   except BaseException:
     _remove(tmp)
     raise
+
+
+def remove_stale_temporaries(directory: str, names: list[str]) -> list[str]:
+  """Removes the temporaries `atomic_path` left for `names` in `directory` (a writer killed before
+  its rename; the file itself is intact). Only for a directory whose writer is known dead (a run
+  holding its workdir's lock). Returns the removed paths."""
+  removed = []
+  for name in names:
+    stem, ext = os.path.splitext(name)
+    for tmp in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(stem)}.*.tmp{glob.escape(ext)}")):
+      _remove(tmp)
+      removed.append(tmp)
+  return removed
 
 
 def _remove(tmp: str) -> None:

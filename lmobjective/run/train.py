@@ -384,6 +384,8 @@ def _train(exp: Experiment, config, workdir: str, lead: bool, mngr, watch):
   batches = exp.pipeline.train_iterator()
   state, loop, accounting, resumed_step = restore_or_init(exp, mngr, batches)
   if lead:  # every check passed: the run's files are written from here on
+    files.remove_stale_temporaries(
+        workdir, ["config.json", lock.LOCK_FILE, metrics_log.METRICS_FILE, metrics_log.UNREADABLE_FILE])
     write_config(config, workdir)
     metrics_log.truncate_metrics(workdir, resumed_step)  # lines past the checkpoint are written again
     if resumed_step is not None:
