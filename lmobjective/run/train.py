@@ -219,6 +219,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, post_run: Sequence[Post
   so training depends on no analysis code.
   """
   validate(config)  # the one validator, before anything is built or written
+  files.check_workdir(workdir)
   cfg = config_lib.typed(config)
   distributed.setup(cfg)  # XLA flags and jax.distributed.initialize: before any backend use
   lead = distributed.is_lead()
