@@ -230,6 +230,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, post_run: Sequence[Post
 
 def _run_owned(config, cfg, workdir: str, lead: bool, post_run) -> dict[str, Any]:
   mngr = ckpt_lib.make_manager(workdir, cfg.checkpoint)
+  try:  # closed on any error too: its background cleanup racing the exit prints a second traceback
+    exp, state = _start_and_loop(config, cfg, workdir, lead, mngr)
+  finally:
+    mngr.wait_until_finished()  # an asynchronous save must land before the process exits
+    mngr.close()
+  for step_fn in post_run:  # e.g. post_run.STEPS: loss by position, plots, diagnostics
+    step_fn(exp, state.params, workdir, lead)
+  evals = [r for r in metrics_log.read_metrics(workdir) if "val_loss" in r] if lead else []
+  return evals[-1] if evals else {}
+
+
+def _start_and_loop(config, cfg, workdir: str, lead: bool, mngr):
   latest = ckpt_lib.latest_config(mngr)  # refuse a changed config before touching the run's files
   if latest is not None:
     ckpt_lib.check_config(latest[1], ckpt_lib.config_json(config), cfg.checkpoint.allow_config_change,
@@ -251,13 +263,8 @@ def _run_owned(config, cfg, workdir: str, lead: bool, post_run) -> dict[str, Any
     with preemption_signals() as stop:
       state = run_loop(exp, state, batches, writer, accounting, mngr, loop, stop)
   finally:
-    mngr.wait_until_finished()  # an asynchronous save must land before the process exits
-    mngr.close()
     writer.close()
-  for step_fn in post_run:  # e.g. post_run.STEPS: loss by position, plots, diagnostics
-    step_fn(exp, state.params, workdir, lead)
-  evals = [r for r in metrics_log.read_metrics(workdir) if "val_loss" in r] if lead else []
-  return evals[-1] if evals else {}
+  return exp, state
 
 
 def _print_header(exp: Experiment, state) -> None:
