@@ -230,11 +230,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, post_run: Sequence[Post
 
 def _run_owned(config, cfg, workdir: str, lead: bool, post_run) -> dict[str, Any]:
   mngr = ckpt_lib.make_manager(workdir, cfg.checkpoint)
-  try:  # closed on any error too: its background cleanup racing the exit prints a second traceback
+  try:
     exp, state = _start_and_loop(config, cfg, workdir, lead, mngr)
-  finally:
-    mngr.wait_until_finished()  # an asynchronous save must land before the process exits
-    mngr.close()
+  finally:  # on any error too; an asynchronous save must land before the process exits
+    ckpt_lib.close(mngr)
   for step_fn in post_run:  # e.g. post_run.STEPS: loss by position, plots, diagnostics
     step_fn(exp, state.params, workdir, lead)
   evals = [r for r in metrics_log.read_metrics(workdir) if "val_loss" in r] if lead else []
