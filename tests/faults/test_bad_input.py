@@ -96,13 +96,18 @@ NOT_UTF8 = bytes(range(128, 256)) * 40  # no NUL, every byte invalid UTF-8
 # ---- 1. the --config file ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("body,says", [(None, "no such file"), ("def get_config(:\n", "syntax error at line 1")])
-def test_config_file_that_does_not_load_names_it(tmp_path, body, says):
+@pytest.mark.parametrize("module,body,says", [
+    ("lmobjective.train", None, "no such file"),
+    ("lmobjective.train", "def get_config(:\n", "syntax error at line 1"),
+    ("lmobjective.run.train_tokenizer", None, "no such file"),
+])
+def test_config_file_that_does_not_load_names_it(tmp_path, module, body, says):
   path = tmp_path / "conf.py"
   if body is not None:
     path.write_text(body)
   workdir = tmp_path / "run"
-  r = subprocess.run([sys.executable, "-m", "lmobjective.train", f"--config={path}", f"--workdir={workdir}"],
+  out_flag = "--workdir" if module == "lmobjective.train" else "--output"
+  r = subprocess.run([sys.executable, "-m", module, f"--config={path}", f"{out_flag}={workdir}"],
                      cwd=ROOT, capture_output=True, text=True, timeout=120)
   lines = [line for line in r.stderr.splitlines() if line.strip()]
   assert r.returncode == 1 and len(lines) == 1, r.stderr
