@@ -249,7 +249,7 @@ def _array_record(name, scfg, path, reader) -> list[str]:
   try:
     src = grain.sources.ArrayRecordDataSource([path])
     records = [src[i] for i in range(len(src))]
-  except RuntimeError as e:  # array_record reports a damaged or foreign file so
+  except RuntimeError as e:  # how array_record reports a damaged or foreign file
     raise ConfigError(key(name, "path"), path, f"is not an ArrayRecord file ({_first_sentence(e)})") from None
   for i, raw in enumerate(records):
     text = reader.text(raw, f"{path}[{i}]")
