@@ -61,6 +61,14 @@ def decay_steps(cfg: ml_collections.ConfigDict) -> int:
   return cfg.optimizer.decay_steps if cfg.optimizer.decay_steps is not None else cfg.train.steps
 
 
+def mlp_dim(model) -> int:
+  """The MLP width of `config.model`: model.mlp_dim, or when unset 4*embed_dim (gelu) or
+  8/3*embed_dim rounded up to a multiple of 64 (swiglu)."""
+  if model.mlp_dim is not None:
+    return model.mlp_dim
+  return 4 * model.embed_dim if model.mlp == "gelu" else 64 * -(-(8 * model.embed_dim // 3) // 64)
+
+
 def get(cfg: ml_collections.ConfigDict, key: str) -> Any:
   node = cfg
   for part in key.split("."):

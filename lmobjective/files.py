@@ -3,7 +3,8 @@
 A reader (another process, a resumed run, a notebook) never sees half a file: `atomic_path`
 yields a unique temporary name in the target's directory, and only a body that finished moves
 it into place (`os.replace`, atomic on POSIX); on any error the temporary is removed and the old
-file, if any, is left as it was.
+file, if any, is left as it was. `check_workdir` refuses an output directory that cannot be
+written, in one line, before anything is.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import tempfile
 from typing import Any, Iterator
 
 from lmobjective import faults
+from lmobjective.config import ConfigError
 
 
 def _read_umask() -> int:
@@ -104,3 +106,29 @@ def read_json(path: str, default: Any = None) -> Any:
       return json.load(f)
   except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
     return default
+
+
+def check_dir(key: str, path: str) -> None:
+  """Raises `ConfigError(key, path, ...)` unless `path` is, or can be made as, a directory we can write.
+
+  Creates nothing that stays: the nearest existing ancestor gets an empty directory made and removed
+  at once, since permission bits say nothing as root and /proc or /sys refuse writes all the same.
+  """
+  if not path:
+    raise ConfigError(key, path, "must be a directory path")
+  target = os.path.abspath(os.path.expanduser(path))
+  existing = target
+  while not os.path.lexists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ConfigError(key, path, "exists and is not a directory" if existing == target
+                      else f"{existing} is not a directory")
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=existing))
+  except OSError as e:
+    raise ConfigError(key, path, f"cannot create anything in {existing} ({e.strerror})") from None
+
+
+def check_workdir(path: str) -> None:
+  """The run's --workdir: a directory (existing or not) that this process can write into."""
+  check_dir("workdir", path)

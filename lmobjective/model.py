@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmobjective import config as config_lib
 from lmobjective.config import ModelSection
 
 Array = jax.Array
@@ -59,12 +60,9 @@ class ModelConfig:
   def from_config(cls, m: ModelSection, vocab_size: int,
                   context_length: int | None = None) -> "ModelConfig":
     """Resolves defaults (kv heads, MLP width, vocabulary, max_len = context_length) from `config.model`."""
-    mlp_dim = m.mlp_dim
-    if mlp_dim is None:
-      mlp_dim = 4 * m.embed_dim if m.mlp == "gelu" else 64 * -(-(8 * m.embed_dim // 3) // 64)
     return cls(
         vocab_size=m.vocab_size or vocab_size, num_layers=m.num_layers, num_heads=m.num_heads,
-        num_kv_heads=m.num_kv_heads or m.num_heads, embed_dim=m.embed_dim, mlp_dim=mlp_dim,
+        num_kv_heads=m.num_kv_heads or m.num_heads, embed_dim=m.embed_dim, mlp_dim=config_lib.mlp_dim(m),
         max_len=m.max_len if m.max_len is not None else context_length, position=m.position, rope_theta=m.rope_theta, norm=m.norm, mlp=m.mlp,
         use_bias=m.use_bias, tie_embeddings=m.tie_embeddings, dropout=m.dropout, init_std=m.init_std,
         param_dtype=DTYPES[m.param_dtype], compute_dtype=DTYPES[m.compute_dtype],

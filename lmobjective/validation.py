@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from lmobjective.config import ConfigError, decay_steps, get, max_len, require_choice, require_float, require_int
+from lmobjective.config import (ConfigError, decay_steps, get, max_len, mlp_dim, require_choice, require_float,
+                                require_int)
 from lmobjective.data import mixture, sources
 
 
@@ -64,6 +65,27 @@ def _validate_core(cfg) -> None:
     v = cfg.mesh[axis]
     if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
       raise ConfigError(f"mesh.{axis}", v, "must be a positive integer or -1 (the rest of the devices)")
+  check_mesh_divides(cfg.mesh, sharded_dims(cfg.model))
+
+
+# The model dimensions each mesh axis splits (sharding.RULES): each must be a multiple of its size.
+SPLIT_DIMS = {"tensor": ("num_heads", "num_kv_heads", "mlp_dim", "vocab_size"), "fsdp": ("embed_dim",)}
+
+
+def sharded_dims(model, vocab_size: int | None = None) -> dict[str, int | None]:
+  """`config.model`'s sizes that the mesh splits, resolved (vocab_size None: the tokenizer's, not known yet)."""
+  return {"num_heads": model.num_heads, "num_kv_heads": model.num_kv_heads or model.num_heads,
+          "mlp_dim": mlp_dim(model), "vocab_size": model.vocab_size or vocab_size, "embed_dim": model.embed_dim}
+
+
+def check_mesh_divides(mesh_sizes, dims: dict[str, int | None]) -> None:
+  """Each split dimension is a multiple of its mesh axis; `mesh_sizes[axis]` -1 = not resolved yet."""
+  for axis, names in SPLIT_DIMS.items():
+    size = mesh_sizes[axis]
+    for name in names:
+      if size > 1 and dims[name] is not None and dims[name] % size:
+        raise ConfigError(f"mesh.{axis}", size, f"must divide model.{name}={dims[name]} (the model splits it "
+                          f"over mesh.{axis})")
 
 
 def _validate_model(cfg) -> None:

@@ -18,6 +18,7 @@ from absl import logging as absl_logging
 
 from lmobjective import data, objective, step
 from lmobjective.analysis import inspection
+from lmobjective.data import sources
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory (with checkpoints/ and tokenizer/).")
 _TEXT_FILE = flags.DEFINE_string("text_file", None, "A UTF-8 text file to score as one document.")
@@ -42,6 +43,23 @@ def evaluate_source(run: inspection.Run, name: str, num_batches: int | None = No
   return out
 
 
+def read_text_file(path: str) -> str:
+  """The text of `path`; a ValueError naming the file (one line) if it is missing, empty, binary or not UTF-8."""
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise ValueError(f"--text_file={path}: {(e.strerror or type(e).__name__).lower()}") from None
+  if not raw:
+    raise ValueError(f"--text_file={path}: is empty (nothing to score)")
+  if (at := sources.nul_offset(raw)) is not None:
+    raise ValueError(f"--text_file={path}: is not text (NUL bytes at offset {at})")
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"--text_file={path}: is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+
+
 def format_metrics(m: dict, step_: int) -> str:
   rows = [("step", f"{step_}"), ("tokens", f"{m['num_tokens']}"), ("bytes", f"{m.get('num_bytes', 0)}"),
           ("loss", f"{m['loss']:.6f} nats/token"), ("perplexity", f"{m['perplexity']:.4f}"),
@@ -57,13 +75,13 @@ def main(argv) -> None:
     sys.exit("error: give --workdir and exactly one of --text_file or --source")
   if not flags.FLAGS["verbosity"].present:
     absl_logging.set_verbosity(absl_logging.WARNING)
-  try:  # restore validates the checkpoint's config (a ConfigError is a ValueError)
+  try:  # the text first (cheap); restore validates the checkpoint's config (a ConfigError is a ValueError)
+    text = None if _TEXT_FILE.value is None else read_text_file(_TEXT_FILE.value)
     run = inspection.restore(_WORKDIR.value, step=_STEP.value)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
-  if _TEXT_FILE.value is not None:
-    with open(_TEXT_FILE.value, encoding="utf-8") as f:
-      m = run.perplexity([f.read()])
+  if text is not None:
+    m = run.perplexity([text])
   else:
     if _SOURCE.value not in run.config.data.sources:
       sys.exit(f"error: unknown source {_SOURCE.value!r}; the run has {', '.join(run.config.data.sources)}")

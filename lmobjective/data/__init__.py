@@ -7,7 +7,8 @@
 
 from lmobjective.data.errors import DataError, DataWarning
 from lmobjective.data.pipeline import FIELDS, Pipeline, build_pipeline
-from lmobjective.data.tokenizer_build import build_tokenizer
+from lmobjective.data.tokenizer_build import build_tokenizer, prepare_tokenizer
 from lmobjective.data.tokenizers import Tokenizer
 
-__all__ = ["DataError", "DataWarning", "FIELDS", "Pipeline", "Tokenizer", "build_pipeline", "build_tokenizer"]
+__all__ = ["DataError", "DataWarning", "FIELDS", "Pipeline", "Tokenizer", "build_pipeline", "build_tokenizer",
+           "prepare_tokenizer"]

@@ -19,6 +19,7 @@ import grain
 import numpy as np
 
 from lmobjective import config as config_lib
+from lmobjective import files
 from lmobjective.batch import MODEL_FIELDS
 from lmobjective.config import ConfigError
 from lmobjective.data import cache, fingerprint, mixture, sources, streams, tokenized
@@ -46,6 +47,7 @@ class Pipeline:
     self.weights = mixture.normalise({n: s.weight for n, s in data_cfg.sources.items()})
     self.stages = mixture.parse_stages(data_cfg.mixture_stages, self.source_names)  # [(step, weights)]
     directory = resolve_cache_dir(data_cfg, cache_dir)
+    files.check_dir("data.cache_dir", directory)  # one line, not a traceback at the first cache write
     self.sources = [tokenized.load(n, data_cfg.sources[n], tok, directory) for n in self.source_names]
     self.kinds = [data_cfg.sources[n].kind for n in self.source_names]
     self.val_fractions = [data_cfg.sources[n].val_fraction for n in self.source_names]

@@ -54,6 +54,8 @@ def resolve_paths(name: str, path: str | None) -> list[str]:
     if not found:
       raise ConfigError(key(name, "path"), part, "matches no file")
     files += found
+  if not files:
+    raise ConfigError(key(name, "path"), path, "names no file")
   return files
 
 
@@ -73,29 +75,46 @@ def content_fingerprint(name: str, scfg) -> dict[str, Any]:
   return fingerprint_lib.of_files(resolve_paths(name, scfg.path))
 
 
+def nul_offset(raw: bytes) -> int | None:
+  """Where `raw` has its first NUL byte (text never has one: a binary file), or None."""
+  at = raw.find(b"\0")
+  return None if at < 0 else at
+
+
 class _Reader:
-  """Decodes bytes as UTF-8; invalid bytes become U+FFFD, counted, with one warning per file."""
+  """Decodes bytes as UTF-8; invalid bytes become U+FFFD, counted, with one warning per file.
+
+  A user's file (not the built-in corpora) that is binary is refused instead of repaired: a NUL
+  byte, or invalid UTF-8 in more than a quarter of its bytes, would train on U+FFFD noise.
+  """
 
   def __init__(self, name: str):
     self.name, self.replacements = name, 0
 
-  def text(self, raw: bytes, where: str) -> str:
+  def text(self, raw: bytes, where: str, check: bool = True) -> str:
+    if check and (at := nul_offset(raw)) is not None:
+      raise ConfigError(key(self.name, "path"), where, f"is not text (NUL bytes at offset {at})")
     try:
       return raw.decode("utf-8")
-    except UnicodeDecodeError:
-      text = raw.decode("utf-8", errors="replace")
-      n = text.count("\ufffd")
-      self.replacements += n
-      warnings.warn(f"data.sources.{self.name}: {where}: {n} invalid UTF-8 byte sequence(s) replaced "
-                    "with U+FFFD", DataWarning, stacklevel=2)
-      return text
+    except UnicodeDecodeError as e:
+      first = e.start
+    text = raw.decode("utf-8", errors="replace")
+    n = text.count("\ufffd")
+    if check and 4 * n > len(raw):
+      raise ConfigError(key(self.name, "path"), where, f"is not UTF-8 text ({n} invalid byte sequences in "
+                        f"{len(raw)} bytes, the first at offset {first})")
+    self.replacements += n
+    warnings.warn(f"data.sources.{self.name}: {where}: {n} invalid UTF-8 byte sequence(s) replaced "
+                  "with U+FFFD", DataWarning, stacklevel=2)
+    return text
 
-  def file(self, path: str, allow_empty: bool = False) -> str:
+  def file(self, path: str, builtin: bool = False) -> str:
+    """A user's file (refused if empty or binary); `builtin`: a file of the built-in corpora."""
     with open(path, "rb") as f:
       raw = f.read()
-    if not allow_empty and not raw.strip():
+    if not builtin and not raw.strip():
       raise ConfigError(key(self.name, "path"), path, "file is empty")
-    return self.text(raw, path)
+    return self.text(raw, path, check=not builtin)
 
 
 def load_source(name: str, scfg) -> SourceDocs:
@@ -107,9 +126,9 @@ def load_source(name: str, scfg) -> SourceDocs:
       train, val = _tail_split(docs[0], scfg.val_fraction)
       return _finish(name, scfg, [train] if train else [], [val] if val else [], info, reader)
   elif scfg.kind == "python_stdlib":
-    docs = stdlib_corpus.code_documents(lambda p: reader.file(p, allow_empty=True))
+    docs = stdlib_corpus.code_documents(lambda p: reader.file(p, builtin=True))
   elif scfg.kind == "stdlib_prose":
-    docs = stdlib_corpus.prose_documents(lambda p: reader.file(p, allow_empty=True))
+    docs = stdlib_corpus.prose_documents(lambda p: reader.file(p, builtin=True))
   elif scfg.kind == "markov":
     docs, chain = synthetic.markov_documents(scfg.markov)
     info["entropy_rate_nats"] = chain.entropy_rate_nats()
@@ -166,8 +185,12 @@ def _document_split(docs: list, val_fraction: float) -> tuple[list, list]:
 def _record_text(name, scfg, rec: Any, where: str):
   if scfg.kind == "chat_jsonl":
     return _conversation(name, rec, where)
-  if not isinstance(rec, dict) or not isinstance(rec.get(scfg.text_field), str):
-    raise ConfigError(key(name, "text_field"), scfg.text_field, f"{where}: record has no string field of that name")
+  if not isinstance(rec, dict) or scfg.text_field not in rec:
+    what = "has no field of that name" if isinstance(rec, dict) else f"is a JSON {type(rec).__name__}, not an object"
+    raise ConfigError(key(name, "text_field"), scfg.text_field, f"{where}: record {what}")
+  if not isinstance(rec[scfg.text_field], str):
+    raise ConfigError(key(name, "text_field"), scfg.text_field,
+                      f"{where}: the field holds a JSON {type(rec[scfg.text_field]).__name__}, not a string")
   return rec[scfg.text_field]
 
 
@@ -194,15 +217,27 @@ def _jsonl(name, scfg, path, reader) -> list:
   return out
 
 
+def _first_sentence(e: Exception) -> str:
+  lines = str(e).strip().splitlines()
+  return lines[0].split(". ")[0].rstrip(".") if lines else type(e).__name__
+
+
 def _parquet(name, scfg, path, reader) -> list[str]:
   import pyarrow as pa
   import pyarrow.parquet as pq
-  schema = pq.read_schema(path)
-  if scfg.text_field not in schema.names:
-    raise ConfigError(key(name, "text_field"), scfg.text_field, f"{path}: no such column (has {schema.names})")
-  col = pq.read_table(path, columns=[scfg.text_field]).column(scfg.text_field)
-  if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
-    return [reader.text(b, path) for b in col.to_pylist() if b]
+  try:
+    schema = pq.read_schema(path)
+    if scfg.text_field not in schema.names:
+      raise ConfigError(key(name, "text_field"), scfg.text_field, f"{path}: no such column (has {schema.names})")
+    col = pq.read_table(path, columns=[scfg.text_field]).column(scfg.text_field)
+  except (pa.ArrowException, OSError) as e:
+    raise ConfigError(key(name, "path"), path, f"is not a Parquet file ({_first_sentence(e)})") from None
+  kind = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
+  if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+    return [reader.text(b, f"{path} row {i}") for i, b in enumerate(col.to_pylist()) if b]
+  if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    raise ConfigError(key(name, "text_field"), scfg.text_field,
+                      f"{path}: the column holds {col.type}, not text (string or binary)")
   return [t for t in col.to_pylist() if t]
 
 
@@ -218,10 +253,13 @@ def _json_or_raw_text(name, scfg, text: str, where: str) -> str:
 
 def _array_record(name, scfg, path, reader) -> list[str]:
   import grain
-  src = grain.sources.ArrayRecordDataSource([path])
   out = []
-  for i in range(len(src)):
-    raw = src[i]
+  try:
+    src = grain.sources.ArrayRecordDataSource([path])
+    records = [src[i] for i in range(len(src))]
+  except RuntimeError as e:  # how array_record reports a damaged or foreign file
+    raise ConfigError(key(name, "path"), path, f"is not an ArrayRecord file ({_first_sentence(e)})") from None
+  for i, raw in enumerate(records):
     text = reader.text(raw, f"{path}[{i}]")
     out.append(_json_or_raw_text(name, scfg, text, f"{path}[{i}]"))
   return [t for t in out if t]

@@ -1,4 +1,5 @@
-"""`build_tokenizer`: load the run's tokenizer, or train it on a seeded sample of the mixture and save it.
+"""`build_tokenizer`: load the run's tokenizer, or train it on a seeded sample of the mixture and save it
+(`prepare_tokenizer`: the same, with the save left to the caller, after its own checks).
 
 The sample is a pure function of the config (seeded numpy, sources in name order), and
 SentencePiece is told not to shuffle, so two processes train byte-identical tokenizers.
@@ -7,8 +8,10 @@ Only training splits are sampled: validation text never shapes the vocabulary.
 
 from __future__ import annotations
 
+import functools
 import os
 import zlib
+from typing import Callable
 
 import numpy as np
 
@@ -63,6 +66,14 @@ def train(data_cfg) -> Tokenizer:
 
 def build_tokenizer(data_cfg, workdir: str) -> Tokenizer:
   """The tokenizer saved in `workdir/tokenizer/` (resume), else `data.tokenizer.path`, else a trained one."""
+  tok, save = prepare_tokenizer(data_cfg, workdir)
+  save()
+  return tok
+
+
+def prepare_tokenizer(data_cfg, workdir: str) -> tuple[Tokenizer, Callable[[], None]]:
+  """Like `build_tokenizer`, but a new tokenizer is not saved yet: call the returned `save()` once
+  every check that uses it has passed, so a failed run leaves no tokenizer that refuses its rerun."""
   data_cfg = config_lib.section(config_lib.DataConfig, data_cfg, "data.")
   run_dir = os.path.join(workdir, "tokenizer")
   want = tokenizers.spec(data_cfg.tokenizer)
@@ -72,7 +83,7 @@ def build_tokenizer(data_cfg, workdir: str) -> Tokenizer:
       if data_cfg.tokenizer.path is None and have.get(field, value) != value:
         raise ConfigError(f"data.tokenizer.{field}", value,
                           f"the run's saved tokenizer ({run_dir}) has {field}={have.get(field)!r}; use a new workdir")
-    return tok
+    return tok, lambda: None
   if data_cfg.tokenizer.path is not None:
     tok, _ = tokenizers.load(os.path.expanduser(data_cfg.tokenizer.path))
     if tok.kind != data_cfg.tokenizer.kind:
@@ -80,5 +91,5 @@ def build_tokenizer(data_cfg, workdir: str) -> Tokenizer:
                         f"data.tokenizer.path={data_cfg.tokenizer.path!r} holds a {tok.kind} tokenizer")
   else:
     tok = train(data_cfg)
-  tokenizers.save(tok, run_dir, want if data_cfg.tokenizer.path is None else {"kind": tok.kind})
-  return tok
+  spec = want if data_cfg.tokenizer.path is None else {"kind": tok.kind}
+  return tok, functools.partial(tokenizers.save, tok, run_dir, spec)

@@ -233,19 +233,33 @@ def save(tok: Tokenizer, directory: str, tok_spec: dict) -> None:
 def load(path: str, key: str = "data.tokenizer.path") -> tuple[Tokenizer, dict]:
   """A tokenizer directory (tokenizer.json [+ spm.model]) or a bare SentencePiece .model file."""
   if os.path.isfile(path):
-    with open(path, "rb") as f:
-      tok = SentencePieceTokenizer(f.read())
-    return tok, {"kind": "sentencepiece"}
+    return _sentencepiece_file(path, key, path), {"kind": "sentencepiece"}
   meta_path = os.path.join(path, META_FILE)
   if not os.path.isfile(meta_path):
     raise ConfigError(key, path, f"no tokenizer here (expected a .model file or a directory with {META_FILE})")
-  with open(meta_path) as f:
-    meta = json.load(f)
-  if meta["kind"] == "sentencepiece":
-    with open(os.path.join(path, SPM_FILE), "rb") as f:
-      tok = SentencePieceTokenizer(f.read())
-  elif meta["kind"] == "char":
+  try:
+    with open(meta_path, encoding="utf-8") as f:
+      meta = json.load(f)
+    kind = meta["kind"]
+  except (ValueError, KeyError, TypeError):  # JSON or UTF-8 errors are ValueErrors
+    raise ConfigError(key, path, f"{META_FILE} is damaged (not JSON naming the tokenizer's kind)") from None
+  if kind == "sentencepiece":
+    tok = _sentencepiece_file(os.path.join(path, SPM_FILE), key, path)
+  elif kind == "char" and isinstance(meta.get("chars"), str):
     tok = CharTokenizer(meta["chars"])
-  else:
+  elif kind == "byte":
     tok = ByteTokenizer()
-  return tok, meta.get("spec", {"kind": meta["kind"]})
+  else:
+    raise ConfigError(key, path, f"{META_FILE} is damaged (kind={kind!r})")
+  return tok, meta.get("spec", {"kind": kind})
+
+
+def _sentencepiece_file(model_path: str, key: str, path: str) -> SentencePieceTokenizer:
+  try:
+    with open(model_path, "rb") as f:
+      return SentencePieceTokenizer(f.read())
+  except OSError as e:
+    raise ConfigError(key, path, f"cannot read {model_path} ({e.strerror})") from None
+  except RuntimeError:  # sentencepiece's parse error is a multi-line C++ message
+    what = "" if model_path == path else f"{model_path} "
+    raise ConfigError(key, path, f"{what}is not a SentencePiece model") from None

@@ -110,6 +110,15 @@ def _meta_handler() -> ocp.JsonCheckpointHandler:
   return handler
 
 
+def close(mngr: ocp.CheckpointManager) -> None:
+  """Waits for pending saves and closes `mngr`, after its start-up cleanup of temporary directories
+  (a background thread that `close()` leaves running: a run that fails at once would print that
+  thread's traceback at exit, under its one error line)."""
+  getattr(mngr, "_maybe_await_cleanup_tmp_directory", lambda: None)()  # private in orbax 0.12
+  mngr.wait_until_finished()
+  mngr.close()
+
+
 # ---- checksums --------------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ import optax
 from jax.sharding import Mesh
 
 from lmobjective import config as config_lib
-from lmobjective import data, objective, sharding, step
+from lmobjective import data, objective, sharding, step, validation
 from lmobjective.model import ModelConfig, Transformer, flops_per_token
 from lmobjective.optimizer import make_optimizer, skipped_update_state
 from lmobjective.run import hardware
@@ -72,6 +72,17 @@ def _check_same_tokenizer(tokenizer, workdir: str) -> None:
                                  f"differs across processes (fingerprints {[bytes(f).hex() for f in every]})")
 
 
+def _check_vocab_fits(model, mesh, tokenizer) -> None:
+  """The model's vocabulary holds the tokenizer's and splits evenly over mesh.tensor."""
+  vocab, tensor = model.vocab_size or tokenizer.vocab_size, mesh.shape["tensor"]
+  if vocab < tokenizer.vocab_size:
+    raise config_lib.ConfigError("model.vocab_size", vocab, f"must be >= the tokenizer's vocabulary {tokenizer.vocab_size}")
+  if vocab % tensor:  # an explicit model.vocab_size was checked with the mesh already
+    raise config_lib.ConfigError("model.vocab_size", model.vocab_size,
+                                 f"the tokenizer's vocabulary {vocab} is not a multiple of mesh.tensor={tensor}: "
+                                 f"set model.vocab_size to one (e.g. {-(-vocab // tensor) * tensor})")
+
+
 def _guarded_step(train_step, state, batch):
   """`train_step`, except that a non-finite loss or gradient leaves params and Adam's state as they were.
 
@@ -93,7 +104,9 @@ def build(raw_config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
   config = config_lib.typed(raw_config)
   mesh = sharding.make_mesh(config.mesh, devices)
   _check_batch_divides(config, mesh)
-  tokenizer = data.build_tokenizer(config.data, workdir)
+  validation.check_mesh_divides(mesh.shape, validation.sharded_dims(config.model))  # -1 axes resolved
+  tokenizer, save_tokenizer = data.prepare_tokenizer(config.data, workdir)  # saved once all checks passed
+  _check_vocab_fits(config.model, mesh, tokenizer)
   n_proc = jax.process_count()
   if n_proc > 1:
     _check_same_tokenizer(tokenizer, workdir)
@@ -101,9 +114,6 @@ def build(raw_config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
       config.data, tokenizer, seed=config.seed, batch_size=config.train.batch_size // n_proc,
       process_index=jax.process_index(), process_count=n_proc, cache_dir=config.data.cache_dir)
   model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size, config.data.context_length)
-  if model_cfg.vocab_size < tokenizer.vocab_size:
-    raise config_lib.ConfigError("model.vocab_size", model_cfg.vocab_size,
-                                 f"must be >= the tokenizer's vocabulary {tokenizer.vocab_size}")
   model = Transformer(model_cfg)
   tx = make_optimizer(config.optimizer, config.train.steps)
   T = config.data.context_length
@@ -129,6 +139,7 @@ def build(raw_config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
   per_proc_eval = config.eval.batch_size // n_proc
   eval_sets = {name: pipeline.eval_batches(name, config.eval.num_batches, per_proc_eval)
                for name in pipeline.source_names} if config.eval.num_batches else {}
+  save_tokenizer()
   return Experiment(
       config=config, raw_config=raw_config, workdir=workdir, mesh=mesh, model=model, model_cfg=model_cfg, tx=tx,
       tokenizer=tokenizer, pipeline=pipeline, state_sharding=state_sharding, train_fn=train_fn,

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
 import sys
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -320,6 +319,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, post_run: Sequence[Post
   so training depends on no analysis code.
   """
   validate(config)  # the one validator, before anything is built or written
+  files.check_workdir(workdir)
   cfg = config_lib.typed(config)
   distributed.setup(cfg)  # XLA flags and jax.distributed.initialize: before any backend use
   lead = distributed.is_lead()
@@ -330,7 +330,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, post_run: Sequence[Post
 
 def _run_owned(config, cfg, workdir: str, lead: bool, post_run) -> dict[str, Any]:
   _check_resume_config(config, cfg, workdir)  # a changed config is refused before anything is built
-  exp = _build_or_roll_back(config, workdir, lead)
+  exp = build(config, workdir)  # saves the tokenizer last, once every check passed
   mngr = ckpt_lib.make_manager(workdir, cfg.checkpoint)
   with ckpt_lib.SaveWatch(mngr, workdir) as watch:
     try:
@@ -360,24 +360,10 @@ def _check_resume_config(config, cfg, workdir: str) -> None:
     ckpt_lib.check_config(latest[1], ckpt_lib.config_json(config), cfg.checkpoint.allow_config_change, latest[0])
 
 
-def _build_or_roll_back(config, workdir: str, lead: bool) -> Experiment:
-  """`build`; if it fails, the tokenizer it trained into a workdir without one is removed again."""
-  tokenizer_dir = os.path.join(workdir, "tokenizer")
-  had_tokenizer = os.path.exists(tokenizer_dir)
-  try:
-    return build(config, workdir)
-  except BaseException:
-    if lead and not had_tokenizer:
-      shutil.rmtree(tokenizer_dir, ignore_errors=True)
-    raise
-
-
 def _close(mngr) -> None:
-  """Waits for an asynchronous save and closes the manager; its errors are the `SaveWatch`'s to report."""
+  """`checkpoint.close` on every exit path; its errors are the `SaveWatch`'s to report."""
   with contextlib.suppress(Exception):
-    mngr.wait_until_finished()
-  with contextlib.suppress(Exception):
-    mngr.close()
+    ckpt_lib.close(mngr)
 
 
 def _train(exp: Experiment, config, workdir: str, lead: bool, mngr, watch):

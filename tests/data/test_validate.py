@@ -93,7 +93,7 @@ def test_too_few_tokens_for_a_row(tmp_path):
 def test_missing_text_field_and_bad_json(tmp_path):
   (tmp_path / "d.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
   _raises(lambda: _build(file_config("jsonl", tmp_path / "d.jsonl"), tmp_path),
-          f"config.data.sources.f.text_field='text': {tmp_path / 'd.jsonl'}:1: record has no string field")
+          f"config.data.sources.f.text_field='text': {tmp_path / 'd.jsonl'}:1: record has no field of that name")
   (tmp_path / "b.jsonl").write_text('{"text": "a"}\n{oops\n')
   _raises(lambda: _build(file_config("jsonl", tmp_path / "b.jsonl"), tmp_path),
           f"config.data.sources.f.path='{tmp_path / 'b.jsonl'}:2': invalid JSON")

@@ -16,7 +16,6 @@ TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, TESTS)  # tests/_tiny.py
 ROOT = os.path.dirname(TESTS)
 
-from _tiny import tiny_config  # noqa: E402
 
 STEPS, EVERY = 8, 2
 CONFIG_FILE = '''
