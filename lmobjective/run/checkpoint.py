@@ -234,8 +234,9 @@ def last_good(workdir: str, exclude: int | None = None) -> str:
 
 class SaveWatch(logging.Filter):
   """Watches a run's saves: keeps the errors orbax's asynchronous writer logs (instead of their
-  tracebacks) and, from them, raises `SaveFailed` at the next `check` -- the loop calls it before
-  every step, so the run stops at the first step boundary after the failure surfaced.
+  tracebacks) and, from them, raises `SaveFailed` at the next `check`. The loop dispatches the
+  step after a save, then waits for the save's write while that step computes (the write still
+  overlaps the device's work), so a failed save stops the run before that step counts.
 
   Install with `with SaveWatch(mngr, workdir) as watch:`; `watch.save(...)` starts a save.
   """
@@ -260,10 +261,10 @@ class SaveWatch(logging.Filter):
 
   def __exit__(self, *exc):
     if self.failed is not None:
-      # One write failed; the save's other writes run on in orbax's (non-daemon) threads: let them
-      # end (their errors are kept here, too), then drop the partial save.
+      # One write failed; the save's other writes run on in orbax's threads: let them end (their
+      # errors are kept here, too), then drop the partial save.
       for t in threading.enumerate():
-        if t is not threading.current_thread() and not t.daemon:
+        if type(t).__module__.startswith("orbax") and t is not threading.current_thread():
           t.join(timeout=60)
       for tmp in glob.glob(os.path.join(self.workdir, CKPT_DIR, f"{self.failed}.orbax-checkpoint-tmp*")):
         shutil.rmtree(tmp, ignore_errors=True)
@@ -271,6 +272,7 @@ class SaveWatch(logging.Filter):
 
   def save(self, state, meta: dict, config, val_loss=None) -> None:
     step = int(state.step)
+    self.check(wait=True)  # the previous save first (orbax would wait for it too): its failure is its own
     try:
       faults.point("save.begin", os.path.join(self.workdir, CKPT_DIR, str(step)))
       if save(self.mngr, state, meta, config, val_loss):
@@ -279,9 +281,12 @@ class SaveWatch(logging.Filter):
       self._fail(step, e)
 
   def check(self, wait: bool = False) -> None:
-    """Raises SaveFailed if the last save failed (`wait`: block until it finished first)."""
-    if wait:
-      self.mngr.wait_until_finished()
+    """Raises SaveFailed if the last save failed (`wait`: block until a save in flight finished)."""
+    if wait and self.pending is not None:
+      try:
+        self.mngr.wait_until_finished()
+      except Exception as e:  # the writer's error, re-raised by the wait (else only logged: `errors`)
+        self._fail(self.pending, e)
     if self.errors:
       self._fail(self.pending, self.errors[0])
     if self.pending is not None and not self.mngr.is_saving_in_progress():

@@ -170,8 +170,9 @@ def run_loop(exp: Experiment, state, batches: Iterator[dict], writer: metrics_lo
              loop: LoopState | None = None, stop=None) -> Any:
   """Steps from state.step to train.steps; checkpoints through `watch` (if given); `stop.signum` set = preempt.
 
-  Before every step, a failed asynchronous save stops the run (`SaveFailed`); a divergence writes
-  a `{"step", "diverged"}` line and raises `Diverged` (that state is not saved).
+  A failed asynchronous save stops the run before the next step counts (`SaveFailed`: that step
+  is dispatched, and the host waits for the write while it computes); a divergence writes a
+  `{"step", "diverged"}` line and raises `Diverged` (that state is not saved).
   """
   loop = loop or LoopState(pending=[], tokens_seen=int(accounting.counts.sum()))
   if loop.init_param_norm is None and int(state.step) == 0:
@@ -194,11 +195,11 @@ def _steps(exp, state, batches, writer, accounting, watch, loop: LoopState, stop
   t_last = time.time()  # after the step-0 eval: eval time is not training throughput
   for s in range(start, total):
     faults.point("step")
-    if watch is not None:
-      watch.check()  # a failed asynchronous save stops the run before the next step
     host_batch = next(batches)
     accounting.add(host_batch)
-    state, metrics = exp.train_fn(state, device_batch(exp, host_batch))
+    state, metrics = exp.train_fn(state, device_batch(exp, host_batch))  # dispatched: computes meanwhile
+    if watch is not None:
+      watch.check(wait=True)  # the last save's write finished; a failed one stops the run before this step counts
     loop.pending.append(metrics)
     done, val_loss = s + 1, None
     if done % cfg.train.log_every_steps == 0 or done == total:

@@ -87,9 +87,9 @@ def test_kills_and_full_disks_at_named_points_lose_nothing(fault_setup, referenc
   assert f"metrics.jsonl:{bad + 1}: unreadable line" in p.stderr
   assert temporaries(w) == []
   ref_losses, losses = _train_losses(reference), _train_losses(w)
-  assert sorted(losses) == list(range(1, STEPS + 1)) and losses == ref_losses
+  assert sorted(losses) == list(range(2, STEPS + 1)) and losses == {s: v for s, v in ref_losses.items() if s != 1}
   aside = [json.loads(x) for x in (w / metrics_log.UNREADABLE_FILE).read_text().splitlines()]
-  assert [a["line"] for a in aside] == [bad + 1]
+  assert [(a["line"], a["text"]) for a in aside] == [(bad + 1, lines[bad].rstrip("\n"))]  # kept, not deleted
   _assert_same_params(inspection.restore(str(w)).params, inspection.restore(str(reference)).params)
 
 
