@@ -10,17 +10,26 @@ import os
 import shutil
 import subprocess
 
+import sys
+
 import jax
 import numpy as np
 import pytest
 
-from conftest import EVERY, STEPS, cli, error_lines, in_process_config, listing, temporaries
-from lmobjective.analysis import diagnose, inspection
-from lmobjective.config import ConfigError
-from lmobjective.run import checkpoint as ckpt_lib
-from lmobjective.run import metrics_log, train
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _faults.py (no conftest.py: tests/data has one)
+
+from _faults import EVERY, STEPS, cli, error_lines, in_process_config, listing, make_fault_setup, temporaries  # noqa: E402
+from lmobjective.analysis import diagnose, inspection  # noqa: E402
+from lmobjective.config import ConfigError  # noqa: E402
+from lmobjective.run import checkpoint as ckpt_lib  # noqa: E402
+from lmobjective.run import metrics_log, train  # noqa: E402
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fault_setup(tmp_path_factory):
+  return make_fault_setup(tmp_path_factory)
 
 
 def _train_losses(workdir) -> dict[int, float]:

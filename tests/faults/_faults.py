@@ -1,5 +1,7 @@
 """Shared pieces of the fault-injection suite: one small text run, the CLI, and file listings.
 
+(A module of its own, not a conftest.py: tests/data imports its conftest by that name.)
+
 The run: configs/tiny.py with one `text` source (a file made of stdlib modules, so it is on
 every machine) and a byte tokenizer, 8 steps, a checkpoint every 2: each CLI run is a few
 seconds, most of them JAX's start-up.
@@ -9,8 +11,6 @@ import os
 import subprocess
 import sys
 import sysconfig
-
-import pytest
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, TESTS)  # tests/_tiny.py
@@ -41,8 +41,7 @@ def write_text(path, modules=("argparse.py", "dataclasses.py", "inspect.py")):
   return path
 
 
-@pytest.fixture(scope="session")
-def fault_setup(tmp_path_factory):
+def make_fault_setup(tmp_path_factory):
   """(config file, text file): the text may be changed by a test that copies it first."""
   d = tmp_path_factory.mktemp("faults")
   text = write_text(d / "corpus.txt")
