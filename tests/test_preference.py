@@ -1,0 +1,207 @@
+"""Preference objectives against float64 NumPy, their invariants, a tiny real model, and a known optimum.
+
+The loss tests run the JAX side under `jax.enable_x64(True)` on float64 inputs and compare it to
+NumPy formulas written out here (not imported): the bar the brief sets is 1e-6, they hold to
+1e-10. One float32 run checks the production dtype against the same float64 reference.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lmobjective import objective, preference
+from lmobjective.model import Transformer
+from _tiny import model_config
+
+
+# ---------------------------------------------------------------------------- float64 references
+
+def _np_log_sigmoid(x):
+  return -np.logaddexp(0.0, -x)
+
+
+def _np_sigmoid(x):
+  return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def np_dpo(pc, pr, nc, nr, rc, rr, beta, eps):
+  """Per pair: loss, d loss / d(pc, pr), rewards (chosen, rejected), logps (chosen, rejected)."""
+  h = (pc - rc) - (pr - rr)
+  loss = -(1 - eps) * _np_log_sigmoid(beta * h) - eps * _np_log_sigmoid(-beta * h)
+  dh = -(1 - eps) * beta * _np_sigmoid(-beta * h) + eps * beta * _np_sigmoid(beta * h)
+  return loss, (dh, -dh), (beta * (pc - rc), beta * (pr - rr)), (pc, pr)
+
+
+def np_ipo(pc, pr, nc, nr, rc, rr, beta, eps):
+  assert eps == 0
+  ac, ar, arc, arr = pc / nc, pr / nr, rc / nc, rr / nr
+  h = (ac - arc) - (ar - arr)
+  loss = (h - 1 / (2 * beta)) ** 2
+  dh = 2 * (h - 1 / (2 * beta))
+  return loss, (dh / nc, -dh / nr), (beta * (ac - arc), beta * (ar - arr)), (ac, ar)
+
+
+def np_simpo(pc, pr, nc, nr, beta, gamma, eps):
+  z = beta * pc / nc - beta * pr / nr - gamma
+  loss = -(1 - eps) * _np_log_sigmoid(z) - eps * _np_log_sigmoid(-z)
+  dz = -(1 - eps) * _np_sigmoid(-z) + eps * _np_sigmoid(z)
+  return loss, (dz * beta / nc, -dz * beta / nr), (beta * pc / nc, beta * pr / nr), (pc / nc, pr / nr)
+
+
+def np_sums(per_pair, valid):
+  """The reference's PreferenceSums (as a dict) and gradients (zero on padding)."""
+  loss, (gc, gr), (wc, wr), (lc, lr) = per_pair
+  s = lambda x: np.where(valid, x, 0.0).sum()
+  sums = dict(loss_sum=s(loss), num_pairs=int(valid.sum()), chosen_reward_sum=s(wc),
+              rejected_reward_sum=s(wr), margin_sum=s(wc - wr), accuracy_sum=s(wc > wr),
+              chosen_logp_sum=s(lc), rejected_logp_sum=s(lr))
+  return sums, (np.where(valid, gc, 0.0), np.where(valid, gr, 0.0))
+
+
+def _random_pairs(seed, B=24, num_pads=5):
+  """Summed log-probs of responses of 1..60 tokens (about -1.5 nats a token, policy near its
+  reference); the last `num_pads` pairs are padding filled with NaN and zero lengths."""
+  rng = np.random.default_rng(seed)
+  nc, nr = rng.integers(1, 61, B), rng.integers(1, 61, B)
+  rc, rr = -1.5 * nc + rng.normal(0, 3, B), -1.5 * nr + rng.normal(0, 3, B)
+  pc, pr = rc + rng.normal(0, 2, B), rr + rng.normal(0, 2, B)
+  valid = np.arange(B) < B - num_pads
+  for x in (pc, pr, rc, rr):
+    x[~valid] = np.nan
+  nc[~valid], nr[~valid] = 0, 0
+  beta = float(rng.uniform(0.05, 2.0))
+  return (pc, pr, nc, nr, rc, rr), valid, beta
+
+
+def _pairs(pc, pr, nc, nr, dtype):
+  return preference.PairLogps(jnp.asarray(pc, dtype), jnp.asarray(pr, dtype), jnp.asarray(nc, jnp.int32),
+                              jnp.asarray(nr, jnp.int32))
+
+
+def _jax_loss(name, logps, valid, beta, eps, gamma, dtype):
+  """PreferenceSums and d loss_sum / d(policy chosen, policy rejected) from the JAX side."""
+  pc, pr, nc, nr, rc, rr = logps
+  reference = None if name == "simpo" else _pairs(rc, rr, nc, nr, dtype)
+
+  def loss(pc_, pr_):
+    policy = preference.PairLogps(pc_, pr_, jnp.asarray(nc, jnp.int32), jnp.asarray(nr, jnp.int32))
+    sums = preference.preference_loss(name, policy, reference, jnp.asarray(valid), beta=beta,
+                                      label_smoothing=eps, gamma=gamma)
+    return sums.loss_sum, sums
+
+  grads, sums = jax.grad(loss, argnums=(0, 1), has_aux=True)(jnp.asarray(pc, dtype), jnp.asarray(pr, dtype))
+  return sums, grads
+
+
+def _np_loss(name, logps, valid, beta, eps, gamma):
+  pc, pr, nc, nr, rc, rr = logps
+  nc, nr = np.maximum(nc, 1), np.maximum(nr, 1)  # the pads' lengths; their values are masked anyway
+  with np.errstate(invalid="ignore"):  # the pads' NaNs
+    if name == "simpo":
+      return np_sums(np_simpo(pc, pr, nc, nr, beta, gamma, eps), valid)
+    return np_sums({"dpo": np_dpo, "ipo": np_ipo}[name](pc, pr, nc, nr, rc, rr, beta, eps), valid)
+
+
+CASES = [("dpo", 0.0, 0.0), ("dpo", 0.1, 0.0), ("dpo", 0.3, 0.0), ("ipo", 0.0, 0.0),
+         ("simpo", 0.0, 0.8), ("simpo", 0.1, 1.5)]  # (loss, label smoothing ε, SimPO γ)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name,eps,gamma", CASES)
+def test_loss_and_gradient_match_float64_numpy(name, eps, gamma, seed):
+  logps, valid, beta = _random_pairs(seed)
+  ref_sums, ref_grads = _np_loss(name, logps, valid, beta, eps, gamma)
+  with jax.enable_x64(True):
+    sums, grads = _jax_loss(name, logps, valid, beta, eps, gamma, jnp.float64)
+    assert sums.loss_sum.dtype == jnp.float64
+  assert int(sums.num_pairs) == ref_sums.pop("num_pairs") == valid.sum()
+  for field, want in ref_sums.items():
+    np.testing.assert_allclose(float(getattr(sums, field)), want, rtol=1e-10, atol=1e-12, err_msg=field)
+  for got, want in zip(grads, ref_grads):
+    assert np.isfinite(np.asarray(got)).all()  # NaN padding reaches no gradient
+    assert np.abs(want).max() > 1e-3  # not trivially zero
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-13)
+  assert 0 < ref_sums["accuracy_sum"] < valid.sum()  # both outcomes occur: the comparison is tested
+
+
+@pytest.mark.parametrize("name,eps,gamma", CASES)
+def test_float32_matches_float64_numpy(name, eps, gamma):
+  """The production dtype on these well-scaled inputs (|log π| <= ~100, per-pair loss ~0.1..3):
+  loss sum within 1e-6 relative of float64; gradients within 1e-5 relative of their largest entry
+  (h is a difference of four float32 numbers of ~100, so it carries ~1e-5 absolute rounding)."""
+  logps, valid, beta = _random_pairs(2)
+  ref_sums, ref_grads = _np_loss(name, logps, valid, beta, eps, gamma)
+  sums, grads = _jax_loss(name, logps, valid, beta, eps, gamma, jnp.float32)
+  assert sums.loss_sum.dtype == jnp.float32
+  np.testing.assert_allclose(float(sums.loss_sum), ref_sums["loss_sum"], rtol=1e-6)
+  for got, want in zip(grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5 * np.abs(want).max())
+
+
+def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
+  logps, valid, beta = _random_pairs(3)
+  pc, pr, nc, nr, _, _ = logps
+  policy = _pairs(pc, pr, nc, nr, jnp.float32)
+  for eps in (0.0, 0.2):
+    m = preference.summarize(preference.dpo(policy, policy, jnp.asarray(valid), beta=beta, label_smoothing=eps))
+    assert m["num_pairs"] == valid.sum()
+    assert abs(m["loss"] - math.log(2.0)) < 1e-6
+    assert m["rewards/chosen"] == m["rewards/rejected"] == m["rewards/margins"] == 0.0
+    assert m["rewards/accuracies"] == 0.0  # TRL counts chosen > rejected; a tie is not a win
+    np.testing.assert_allclose(m["logps/chosen"], pc[valid].mean(), rtol=1e-6)
+  # IPO at the reference sits at h = 0: loss 1/(4β²), also with zero rewards
+  m = preference.summarize(preference.ipo(policy, policy, jnp.asarray(valid), beta=beta))
+  np.testing.assert_allclose(m["loss"], 1 / (4 * beta ** 2), rtol=1e-6)
+  assert m["rewards/margins"] == 0.0
+
+
+@pytest.mark.parametrize("name,eps,gamma", CASES)
+def test_sums_of_halves_add_up(name, eps, gamma):
+  """Split the batch in two (padding in the second half only): each sum of the whole equals the
+  sum of the halves' sums, and the mean is taken once, over all valid pairs."""
+  logps, valid, beta = _random_pairs(4, B=24, num_pads=5)
+  half = lambda sl: _jax_loss(name, tuple(x[sl] for x in logps), valid[sl], beta, eps, gamma, jnp.float32)[0]
+  whole, first, second = half(slice(None)), half(slice(0, 12)), half(slice(12, None))
+  assert int(first.num_pairs) == 12 and int(second.num_pairs) == 7
+  for field, w, a, b in zip(whole._fields, whole, first, second):
+    np.testing.assert_allclose(float(w), float(a) + float(b), rtol=2e-6, atol=1e-6, err_msg=field)
+  acc = lambda sl: preference.preference_accuracy(_pairs(*(x[sl] for x in logps[:4]), jnp.float32),
+                                                 jnp.asarray(valid[sl]))
+  for w, a, b in zip(acc(slice(None)), acc(slice(0, 12)), acc(slice(12, None))):
+    assert int(w) == int(a) + int(b)
+
+
+def test_preference_accuracy_raw_and_length_normalised():
+  logps, valid, _ = _random_pairs(5)
+  pc, pr, nc, nr, _, _ = logps
+  acc = preference.preference_accuracy(_pairs(pc, pr, nc, nr, jnp.float32), jnp.asarray(valid))
+  v = valid
+  assert int(acc.num_pairs) == v.sum()
+  assert int(acc.correct_sum) == (pc[v] > pr[v]).sum()
+  assert int(acc.normalized_correct_sum) == (pc[v] / nc[v] > pr[v] / nr[v]).sum()
+  # by hand: per token only, in total only, both, a tie (neither), in total only, and a pad that would win
+  table = preference.PairLogps(jnp.array([-20.0, -6.0, -4.0, -5.0, -1.0, 0.0]),
+                               jnp.array([-10.0, -8.0, -6.0, -5.0, -9.0, -9.0]),
+                               jnp.array([20, 2, 2, 5, 1, 1]), jnp.array([5, 8, 2, 5, 30, 1]))
+  acc = preference.preference_accuracy(table, jnp.array([True] * 5 + [False]))
+  assert (int(acc.correct_sum), int(acc.normalized_correct_sum), int(acc.num_pairs)) == (3, 2, 5)
+
+
+def test_preference_loss_by_name_and_its_refusals():
+  logps, valid, beta = _random_pairs(6)
+  pc, pr, nc, nr, rc, rr = logps
+  policy, reference = _pairs(pc, pr, nc, nr, jnp.float32), _pairs(rc, rr, nc, nr, jnp.float32)
+  v = jnp.asarray(valid)
+  assert preference.preference_loss("dpo", policy, reference, v, beta=beta, label_smoothing=0.1) == \
+      preference.dpo(policy, reference, v, beta=beta, label_smoothing=0.1)
+  assert preference.preference_loss("simpo", policy, None, v, beta=beta, gamma=0.5) == \
+      preference.simpo(policy, v, beta=beta, gamma=0.5)
+  for name, reference_, kwargs in [("kto", reference, {}), ("dpo", reference, {"gamma": 0.5}),
+                                   ("ipo", reference, {"label_smoothing": 0.1}), ("simpo", reference, {}),
+                                   ("dpo", None, {}), ("dpo", reference, {"beta": 0.0})]:
+    with pytest.raises(ValueError):
+      preference.preference_loss(name, policy, reference_, v, **{"beta": beta, **kwargs})
