@@ -71,8 +71,7 @@ def _masked(pairs: PairLogps, pair_valid_B: jax.Array) -> tuple[jax.Array, PairL
 
 
 def _length_averaged(pairs: PairLogps) -> PairLogps:
-  """log π(y)/|y| for both responses (lengths kept). Call after `_masked`: lengths are >= 1 there,
-  except for a valid pair with an empty response, which has no average (its division is guarded)."""
+  """log π(y)/|y| for both responses (lengths kept); an empty response averages to 0, not NaN."""
   mean = lambda s, n: s / jnp.maximum(n, 1).astype(s.dtype)
   return pairs._replace(chosen=mean(pairs.chosen, pairs.chosen_tokens),
                         rejected=mean(pairs.rejected, pairs.rejected_tokens))
