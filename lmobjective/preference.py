@@ -1,0 +1,199 @@
+"""Preference objectives (DPO, IPO, SimPO) on pairs of responses, as sums over pairs.
+
+A pair is one prompt x with a chosen response y_w and a rejected one y_l. Every number starts
+from `objective.score`: `response_logps` turns its per-token log-probs into each row's
+log π(y|x) (summed over the response targets only; prompt tokens are never scored) and the
+row's response length. The losses read those per-pair sums and lengths, of the policy and (DPO,
+IPO) of the frozen reference, and return `PreferenceSums`: sums over the valid pairs, so
+microbatches, devices and hosts aggregate exactly by adding, and `summarize` divides once by
+`num_pairs` to give TRL's logged metrics. Padding pairs (`pair_valid_B` false) add nothing to
+any sum and get no gradient.
+
+Notation as in the DPO paper: h = [log π(y_w) − log π_ref(y_w)] − [log π(y_l) − log π_ref(y_l)],
+σ the logistic function, β > 0.
+
+Shape legend: B pairs (or rows), T positions.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lmobjective import objective
+
+LOSS_NAMES = ("dpo", "ipo", "simpo")
+
+
+def response_logps(losses: objective.TokenLosses, response_mask_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per row: (log π(response | prompt), number of response targets).
+
+  `losses` come from `objective.score`; `response_mask_BxT` is true where the *target* is a
+  response token. Prompt targets are never scored, whatever their ids: their log-probs are
+  dropped by a select, so they change neither the value nor its gradient.
+  """
+  return objective.sequence_sums(losses, response_mask_BxT)
+
+
+class PairLogps(NamedTuple):
+  """One model's view of B pairs: summed response log-probs and response lengths (float32/int32 [B])."""
+  chosen: jax.Array  # log π(y_w | x)
+  rejected: jax.Array  # log π(y_l | x)
+  chosen_tokens: jax.Array  # |y_w|, response targets scored
+  rejected_tokens: jax.Array  # |y_l|
+
+
+class PreferenceSums(NamedTuple):
+  """Sums over valid pairs; add them across microbatches/devices, then call `summarize`.
+
+  The reward and log-prob fields are what TRL logs for the loss that made them (see each loss);
+  they carry no gradient (TRL detaches them too).
+  """
+  loss_sum: jax.Array
+  num_pairs: jax.Array  # int32
+  chosen_reward_sum: jax.Array  # -> rewards/chosen
+  rejected_reward_sum: jax.Array  # -> rewards/rejected
+  margin_sum: jax.Array  # -> rewards/margins (chosen - rejected)
+  accuracy_sum: jax.Array  # -> rewards/accuracies: pairs with chosen reward > rejected reward
+  chosen_logp_sum: jax.Array  # -> logps/chosen
+  rejected_logp_sum: jax.Array  # -> logps/rejected
+
+
+def _masked(pairs: PairLogps, pair_valid_B: jax.Array) -> tuple[jax.Array, PairLogps]:
+  """Zero the padding pairs' inputs (and give them length 1) so nothing non-finite reaches a gradient."""
+  valid_B = pair_valid_B.astype(bool)
+  zero = lambda x: jnp.where(valid_B, x, jnp.zeros_like(x))
+  one = lambda n: jnp.where(valid_B, n, jnp.ones_like(n))
+  return valid_B, PairLogps(zero(pairs.chosen), zero(pairs.rejected), one(pairs.chosen_tokens),
+                            one(pairs.rejected_tokens))
+
+
+def _length_averaged(pairs: PairLogps) -> PairLogps:
+  """log π(y)/|y| for both responses (lengths kept); an empty response averages to 0, not NaN."""
+  mean = lambda s, n: s / jnp.maximum(n, 1).astype(s.dtype)
+  return pairs._replace(chosen=mean(pairs.chosen, pairs.chosen_tokens),
+                        rejected=mean(pairs.rejected, pairs.rejected_tokens))
+
+
+def _sigmoid_loss(z_B: jax.Array, label_smoothing: float) -> jax.Array:
+  """−(1−ε)·log σ(z) − ε·log σ(−z): the conservative (label-smoothed) logistic loss."""
+  return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z_B) - label_smoothing * jax.nn.log_sigmoid(-z_B)
+
+
+def _sums(valid_B, loss_B, chosen_reward_B, rejected_reward_B, logps: PairLogps) -> PreferenceSums:
+  total = lambda x: jnp.where(valid_B, x, jnp.zeros_like(x)).sum()
+  metric = lambda x: jax.lax.stop_gradient(total(x))
+  return PreferenceSums(
+      loss_sum=total(loss_B), num_pairs=valid_B.sum(dtype=jnp.int32),
+      chosen_reward_sum=metric(chosen_reward_B), rejected_reward_sum=metric(rejected_reward_B),
+      margin_sum=metric(chosen_reward_B - rejected_reward_B),
+      accuracy_sum=metric((chosen_reward_B > rejected_reward_B).astype(loss_B.dtype)),
+      chosen_logp_sum=metric(logps.chosen), rejected_logp_sum=metric(logps.rejected))
+
+
+def dpo(policy: PairLogps, reference: PairLogps, pair_valid_B: jax.Array, *, beta: float,
+        label_smoothing: float = 0.0) -> PreferenceSums:
+  """DPO (Rafailov et al. 2023), conservative with `label_smoothing` ε (Mitchell's cDPO):
+
+    loss = −(1−ε)·log σ(β·h) − ε·log σ(−β·h),   h from *summed* log-probs,
+
+  β multiplying h once. Rewards are β·(log π(y) − log π_ref(y)) per response; logps are the
+  policy's summed log-probs. This is TRL's `loss_type="sigmoid"` (ε = `label_smoothing`).
+  """
+  valid_B, policy = _masked(policy, pair_valid_B)
+  _, reference = _masked(reference, pair_valid_B)
+  chosen_ratio_B = policy.chosen - reference.chosen
+  rejected_ratio_B = policy.rejected - reference.rejected
+  loss_B = _sigmoid_loss(beta * (chosen_ratio_B - rejected_ratio_B), label_smoothing)
+  return _sums(valid_B, loss_B, beta * chosen_ratio_B, beta * rejected_ratio_B, policy)
+
+
+def ipo(policy: PairLogps, reference: PairLogps, pair_valid_B: jax.Array, *, beta: float) -> PreferenceSums:
+  """IPO (Azar et al. 2023, eq. 17, β their τ) as TRL computes it (`loss_type="ipo"`):
+
+    loss = (h̄ − 1/(2β))²,   h̄ = h from *length-averaged* log-probs log π(y)/|y|,
+
+  no σ and no β on h̄. The paper writes h with summed log-probs; TRL divides every sequence's
+  log-prob (policy and reference) by its response length first, and so do we. Rewards and logps
+  are TRL's too, hence also from the averages: β·(log π(y)/|y| − log π_ref(y)/|y|) and log π(y)/|y|.
+  """
+  valid_B, policy = _masked(policy, pair_valid_B)
+  _, reference = _masked(reference, pair_valid_B)
+  policy, reference = _length_averaged(policy), _length_averaged(reference)
+  chosen_ratio_B = policy.chosen - reference.chosen
+  rejected_ratio_B = policy.rejected - reference.rejected
+  loss_B = jnp.square(chosen_ratio_B - rejected_ratio_B - 1.0 / (2.0 * beta))
+  return _sums(valid_B, loss_B, beta * chosen_ratio_B, beta * rejected_ratio_B, policy)
+
+
+def simpo(policy: PairLogps, pair_valid_B: jax.Array, *, beta: float, gamma: float,
+          label_smoothing: float = 0.0) -> PreferenceSums:
+  """SimPO (Meng et al. 2024, eq. 6), reference-free and length-normalised:
+
+    loss = −log σ(β·log π(y_w)/|y_w| − β·log π(y_l)/|y_l| − γ).
+
+  `gamma` is the paper's γ, the target reward margin; TRL's CPO trainer (`loss_type="simpo"`)
+  takes the same γ as `simpo_gamma`, while SimPO's own code and Levanter take
+  `gamma_beta_ratio` = γ/β (so γ = β·gamma_beta_ratio). `label_smoothing` ε > 0 gives TRL's
+  conservative form −(1−ε)·log σ(z) − ε·log σ(−z) (not in the paper; 0 is the paper). Rewards
+  are β·log π(y)/|y| and logps the averages log π(y)/|y|, as TRL logs them.
+  """
+  valid_B, policy = _masked(policy, pair_valid_B)
+  policy = _length_averaged(policy)
+  chosen_reward_B, rejected_reward_B = beta * policy.chosen, beta * policy.rejected
+  loss_B = _sigmoid_loss(chosen_reward_B - rejected_reward_B - gamma, label_smoothing)
+  return _sums(valid_B, loss_B, chosen_reward_B, rejected_reward_B, policy)
+
+
+def preference_loss(name: str, policy: PairLogps, reference: PairLogps | None, pair_valid_B: jax.Array,
+                    *, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0) -> PreferenceSums:
+  """The loss called `name` (one of LOSS_NAMES). A setting the loss does not use must stay at its
+  default (IPO has no ε, only SimPO has γ, SimPO has no reference): a silently ignored knob is a bug."""
+  if name not in LOSS_NAMES:
+    raise ValueError(f"unknown preference loss {name!r}; expected one of {LOSS_NAMES}")
+  if beta <= 0:
+    raise ValueError(f"beta must be > 0, got {beta}")
+  if gamma and name != "simpo":
+    raise ValueError(f"gamma={gamma} is a SimPO setting; {name} has no margin")
+  if label_smoothing and name == "ipo":
+    raise ValueError(f"label_smoothing={label_smoothing} is not defined for IPO")
+  if name == "simpo":
+    if reference is not None:
+      raise ValueError("SimPO is reference-free: pass reference=None")
+    return simpo(policy, pair_valid_B, beta=beta, gamma=gamma, label_smoothing=label_smoothing)
+  if reference is None:
+    raise ValueError(f"{name} needs the reference model's log-probs")
+  if name == "dpo":
+    return dpo(policy, reference, pair_valid_B, beta=beta, label_smoothing=label_smoothing)
+  return ipo(policy, reference, pair_valid_B, beta=beta)
+
+
+class AccuracySums(NamedTuple):
+  """Reference-free ranking accuracy: valid pairs where the policy prefers the chosen response."""
+  num_pairs: jax.Array  # int32
+  correct_sum: jax.Array  # log π(y_w) > log π(y_l)
+  normalized_correct_sum: jax.Array  # log π(y_w)/|y_w| > log π(y_l)/|y_l|
+
+
+def preference_accuracy(policy: PairLogps, pair_valid_B: jax.Array) -> AccuracySums:
+  """How often the policy alone ranks the pair right, by summed and by length-averaged log-prob
+  (ties count as wrong). Needs no reference, so it reads the same before and after any training."""
+  valid_B, policy = _masked(policy, pair_valid_B)
+  averaged = _length_averaged(policy)
+  count = lambda better_B: jnp.where(valid_B, better_B, False).sum(dtype=jnp.int32)
+  return AccuracySums(num_pairs=valid_B.sum(dtype=jnp.int32), correct_sum=count(policy.chosen > policy.rejected),
+                      normalized_correct_sum=count(averaged.chosen > averaged.rejected))
+
+
+def summarize(sums: PreferenceSums) -> dict[str, float]:
+  """Host-side means over pairs under TRL's names; with no pairs, the loss is NaN and nothing else."""
+  n = int(sums.num_pairs)
+  if n == 0:
+    return {"loss": float("nan"), "num_pairs": 0}
+  mean = lambda x: float(x) / n
+  return {"loss": mean(sums.loss_sum), "rewards/chosen": mean(sums.chosen_reward_sum),
+          "rewards/rejected": mean(sums.rejected_reward_sum), "rewards/margins": mean(sums.margin_sum),
+          "rewards/accuracies": mean(sums.accuracy_sum), "logps/chosen": mean(sums.chosen_logp_sum),
+          "logps/rejected": mean(sums.rejected_logp_sum), "num_pairs": n}
