@@ -21,7 +21,7 @@ from absl import app, flags
 from lmobjective import config as config_lib
 from lmobjective.analysis import post_run as post_run_lib
 from lmobjective.run import launch
-from lmobjective.run.checkpoint import WriteFailed
+from lmobjective.run.save_watch import WriteFailed
 from lmobjective.run.train import Diverged, run
 
 EXIT_DIVERGED = 3

@@ -14,24 +14,17 @@ A damaged checkpoint (unreadable files, or values whose checksum disagrees) is m
 When none is left, the run refuses to start over at step 0 (and overwrite the history) unless
 `checkpoint.start_over=True` says so; the old history is then moved to `WORKDIR/before_start_over/`.
 
-A save that fails (a full disk, a lost mount) stops the run with `SaveFailed`, one line naming the
-path and the last good checkpoint. Orbax reports errors of its asynchronous writer only by logging
-them with their traceback; `SaveWatch` keeps those records instead, so the loop can stop on them.
+A save that fails (a full disk, a lost mount) stops the run: `save_watch.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
-import logging
 import os
-import re
 import shutil
 import sys
-import threading
 import time
-import warnings
 from typing import Any
 
 import jax
@@ -43,6 +36,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from lmobjective import faults
+from lmobjective.run import async_errors
 from lmobjective.config import REMOVED_KEYS, ConfigError
 
 CKPT_DIR = "checkpoints"
@@ -214,146 +208,6 @@ def check_config(saved: dict, current: dict, allow_change: bool, step: int) -> N
 # ---- save / restore ---------------------------------------------------------------------------
 
 
-class WriteFailed(RuntimeError):
-  """A run's file could not be written (a full disk, a lost mount); the message names the path and
-  the last good checkpoint, which is intact."""
-
-
-class SaveFailed(WriteFailed):
-  """A checkpoint save did not complete."""
-
-
-def last_good(workdir: str, exclude: int | None = None) -> str:
-  """What the researcher can do next, from the complete checkpoints on disk."""
-  good = [s for s in finalized_steps(workdir) if s != exclude]
-  if not good:
-    return "there is no earlier checkpoint: rerun the same command to start again"
-  return (f"the last good checkpoint, step {max(good)} ({os.path.join(workdir, CKPT_DIR, str(max(good)))}), "
-          "is intact: rerun the same command to resume from it")
-
-
-class SaveWatch(logging.Filter):
-  """Watches a run's saves: keeps the errors orbax's asynchronous writer logs (instead of their
-  tracebacks) and, from them, raises `SaveFailed` at the next `check`. The loop dispatches the
-  step after a save, then waits for the save's write while that step computes (the write still
-  overlaps the device's work), so a failed save stops the run before that step counts.
-
-  Install with `with SaveWatch(mngr, workdir) as watch:`; `watch.save(...)` starts a save.
-  """
-
-  def __init__(self, mngr: ocp.CheckpointManager, workdir: str):
-    super().__init__()
-    self.mngr, self.workdir = mngr, workdir
-    self.errors: list[BaseException] = []
-    self.pending: int | None = None  # the step of the last save started and not yet confirmed
-    self.failed: int | None = None  # the step of a save that failed (its partial directory is removed on exit)
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if record.exc_info and "orbax" in record.pathname:
-      self.errors.append(record.exc_info[1])
-      return False
-    return True
-
-  def __enter__(self):
-    logging.getLogger("absl").addFilter(self)
-    quiet_async_errors()
-    return self
-
-  def __exit__(self, *exc):
-    if self.failed is not None:
-      # One write failed; the save's other writes run on in orbax's threads: let them end (their
-      # errors are kept here, too), then drop the partial save.
-      for t in threading.enumerate():
-        if type(t).__module__.startswith("orbax") and t is not threading.current_thread():
-          t.join(timeout=60)
-      for tmp in glob.glob(os.path.join(self.workdir, CKPT_DIR, f"{self.failed}.orbax-checkpoint-tmp*")):
-        shutil.rmtree(tmp, ignore_errors=True)
-    logging.getLogger("absl").removeFilter(self)
-
-  def save(self, state, meta: dict, config, val_loss=None) -> None:
-    step = int(state.step)
-    self.check(wait=True)  # the previous save first (orbax would wait for it too): its failure is its own
-    try:
-      faults.point("save.begin", os.path.join(self.workdir, CKPT_DIR, str(step)))
-      if save(self.mngr, state, meta, config, val_loss):
-        self.pending = step
-    except OSError as e:
-      self._fail(step, e)
-
-  def check(self, wait: bool = False) -> None:
-    """Raises SaveFailed if the last save failed (`wait`: block until a save in flight finished)."""
-    if wait and self.pending is not None:
-      try:
-        self.mngr.wait_until_finished()
-      except Exception as e:  # the writer's error, re-raised by the wait (else only logged: `errors`)
-        self._fail(self.pending, e)
-    if self.errors:
-      self._fail(self.pending, self.errors[0])
-    if self.pending is not None and not self.mngr.is_saving_in_progress():
-      if not os.path.isdir(os.path.join(self.workdir, CKPT_DIR, str(self.pending))):
-        self._fail(self.pending, None)
-      self.pending = None
-
-  def _fail(self, step: int | None, error: BaseException | None):
-    self.failed, self.errors, self.pending = step, [], None
-    raise SaveFailed(f"checkpoint save at step {step} failed ({_reason(error)}); "
-                     f"{last_good(self.workdir, exclude=step)}") from None
-
-
-def _quiet(unraisable) -> bool:
-  value, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
-  return (isinstance(value, RuntimeError) and "Event loop is closed" in str(value)) or (
-      code is not None and "orbax" in code.co_filename)
-
-
-class _AsyncioNoise(logging.Filter):
-  """asyncio's 'exception was never retrieved' records for orbax's/tensorstore's dropped operations."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    text = record.getMessage()
-    return not ("never retrieved" in text and any(w in text for w in ("TensorStore", "OCDBT", "orbax")))
-
-
-def quiet_async_errors() -> None:
-  """Keeps (once per process) the tracebacks of orbax's abandoned asynchronous operations out of
-  stderr: a `sys.unraisablehook`, an `asyncio` log filter and a warnings filter, each passing
-  everything else on.
-
-  When one read or write of a checkpoint fails, orbax gives up on its event loop while
-  tensorstore's other operations are in flight: their coroutines are dropped unawaited, their
-  futures' errors never retrieved, and their callbacks find the loop closed, each printing a
-  traceback when it ends (as late as process exit). The failure itself is reported in one line
-  (a damaged checkpoint's warning, `SaveFailed`); this project runs no coroutines of its own.
-  """
-  hook = sys.unraisablehook
-  if getattr(hook, "lmobjective_quiet", False):
-    return
-
-  def quiet(unraisable) -> None:
-    if not _quiet(unraisable):
-      hook(unraisable)
-
-  quiet.lmobjective_quiet = True
-  sys.unraisablehook = quiet
-  logging.getLogger("asyncio").addFilter(_AsyncioNoise())
-  warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
-
-
-def _reason(error: BaseException | None) -> str:
-  """The failure in a few words: OSError's strerror and file; tensorstore's status and file."""
-  if error is None:
-    return "it was not finalized"
-  if isinstance(error, OSError) and error.strerror:
-    return error.strerror + (f": {error.filename}" if error.filename else "")
-  text = str(error).strip()
-  status = re.match(r"([A-Z_]{4,}): ", text)
-  where = re.search(r'local file "([^"]+)"', text)
-  if status and where:  # tensorstore: RESOURCE_EXHAUSTED is a full disk
-    what = "No space left on device" if status.group(1) == "RESOURCE_EXHAUSTED" else status.group(1)
-    return f"{what}: {where.group(1)}"
-  return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"
-
-
 def finalized_steps(workdir: str) -> list[int]:
   """Steps whose checkpoint directory is complete (orbax renames a save into place when done)."""
   ckpt_dir = os.path.join(workdir, CKPT_DIR)
@@ -446,7 +300,7 @@ def _set_aside_history(workdir: str) -> None:
 
 def restore_params(workdir: str, step: int | None, abstract_params):
   """Only the parameters of checkpoint `step` (default: newest readable), onto `abstract_params`' shardings."""
-  quiet_async_errors()  # a damaged one is reported in one warning line
+  async_errors.quiet()  # a damaged one is reported in one warning line
   with quiet_absl():
     mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CKPT_DIR)),
                                  options=ocp.CheckpointManagerOptions(read_only=True, create=False))

@@ -44,7 +44,7 @@ from lmobjective import faults, files, sharding
 from lmobjective.data import fingerprint
 from lmobjective.model import count_params
 from lmobjective.run import checkpoint as ckpt_lib
-from lmobjective.run import distributed, lock, metrics_log
+from lmobjective.run import distributed, lock, metrics_log, save_watch
 from lmobjective.run.experiment import Experiment, build, device_batch, evaluate
 from lmobjective.run.preemption import EXIT_CODES, Preempted, preemption_signals
 from lmobjective.validation import validate
@@ -152,7 +152,7 @@ def _log_train(exp, done, loop: LoopState, writer, accounting, progress, t_last:
   progress.update(done, record["train_loss"], record["positions_per_sec"])
 
 
-def _save(exp, watch: ckpt_lib.SaveWatch, state, batches, accounting, loop: LoopState, val_loss) -> None:
+def _save(exp, watch: save_watch.SaveWatch, state, batches, accounting, loop: LoopState, val_loss) -> None:
   _fetch_pending(exp, loop, int(state.step))  # never saves a state reached through a diverged step
   if loop.dead_streak:  # one zero-gradient step is not yet a dead model, but is never saved
     raise Diverged(f"dead model: the gradient norm was exactly 0 at step {int(state.step)} while tokens were "
@@ -166,7 +166,7 @@ def _save(exp, watch: ckpt_lib.SaveWatch, state, batches, accounting, loop: Loop
 
 
 def run_loop(exp: Experiment, state, batches: Iterator[dict], writer: metrics_log.MetricsWriter,
-             accounting: TokenAccounting, watch: ckpt_lib.SaveWatch | None = None,
+             accounting: TokenAccounting, watch: save_watch.SaveWatch | None = None,
              loop: LoopState | None = None, stop=None) -> Any:
   """Steps from state.step to train.steps; checkpoints through `watch` (if given); `stop.signum` set = preempt.
 
@@ -333,13 +333,13 @@ def _run_owned(config, cfg, workdir: str, lead: bool, post_run) -> dict[str, Any
   _check_resume_config(config, cfg, workdir)  # a changed config is refused before anything is built
   exp = build(config, workdir)  # saves the tokenizer last, once every check passed
   mngr = ckpt_lib.make_manager(workdir, cfg.checkpoint)
-  with ckpt_lib.SaveWatch(mngr, workdir) as watch:
+  with save_watch.SaveWatch(mngr, workdir) as watch:
     try:
       state = _train(exp, config, workdir, lead, mngr, watch)
     except OSError as e:  # a full disk or a lost mount outside the checkpoint writer
       _close(mngr)  # a save in flight lands first: it is the last good checkpoint
-      raise ckpt_lib.WriteFailed(f"cannot write {e.filename or workdir} ({e.strerror or e}); "
-                                 f"{ckpt_lib.last_good(workdir)}") from None
+      raise save_watch.WriteFailed(f"cannot write {e.filename or workdir} ({e.strerror or e}); "
+                                 f"{save_watch.last_good(workdir)}") from None
     finally:
       _close(mngr)
     watch.check()  # the close waited for the last save
