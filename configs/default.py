@@ -21,7 +21,7 @@ placeholder = config_dict.placeholder
 def source(kind: str, weight: float, **overrides) -> ml_collections.ConfigDict:
   """One named data source. Every source declares every field; `kind` picks which apply."""
   s = ml_collections.ConfigDict()
-  s.kind = kind  # python_stdlib | stdlib_prose | markov | text | jsonl | parquet | array_record | chat_jsonl
+  s.kind = kind  # python_stdlib | stdlib_prose | markov | text | jsonl | parquet | array_record | chat_jsonl | preference_jsonl
   s.weight = float(weight)  # share of *tokens* fed to the model (normalised over sources)
   s.path = placeholder(str)  # file, directory or glob (comma-separated allowed) for file kinds
   s.text_field = "text"  # jsonl / parquet / array_record(json) field holding the document
@@ -37,6 +37,12 @@ def source(kind: str, weight: float, **overrides) -> ml_collections.ConfigDict:
   s.markov.document_length = 1000  # symbols per document
   # chat_jsonl: conversations rendered through a template; loss on assistant tokens only if set.
   s.only_train_on_assistant = True
+  # preference_jsonl: {"prompt", "chosen", "rejected"} per line, plain strings or chat messages. A
+  # pair is two padded rows (chosen, rejected) of context_length; a long prompt keeps its end
+  # (the turn nearest the response), a long response its start. None = context_length // 2 for the
+  # prompt, and the rest of the row for the response.
+  s.max_prompt_length = placeholder(int)
+  s.max_response_length = placeholder(int)
   s.update(overrides)
   return s
 
@@ -94,6 +100,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---- objective ----------------------------------------------------------
   c.objective = ml_collections.ConfigDict()
   c.objective.z_loss = 0.0  # weight of mean(logsumexp^2) added to the training loss
+  c.objective.kind = "next_token"  # next_token | dpo | ipo | simpo (preference objectives read preference_jsonl pairs)
+  c.objective.beta = 0.1  # preference objectives: β (DPO/IPO: of the log-ratio to the reference; SimPO: of the mean log-prob)
+  c.objective.label_smoothing = 0.0  # DPO/SimPO: conservative DPO's ε (share of flipped labels); 0 = the paper
+  c.objective.simpo_gamma = 0.0  # SimPO's target margin γ (TRL's simpo_gamma; SimPO's code takes γ/β); 0 for every other kind
   c.objective.loss_chunk_size = 0  # >0: fuse the LM head with the loss over chunks of this many positions (no [B,T,V] logits); 0 = dense
 
   # ---- optimizer ----------------------------------------------------------
@@ -114,6 +124,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---- training -----------------------------------------------------------
   c.train = ml_collections.ConfigDict()
   c.train.steps = 600
+  # A stage that starts from another run: "WORKDIR" (its newest checkpoint) or "WORKDIR:STEP". Loads
+  # that run's params (not its optimizer state; this run starts at step 0) and reuses its tokenizer;
+  # the params also become the frozen reference of a preference objective. None = from scratch.
+  c.train.init_from = placeholder(str)
   c.train.batch_size = 24  # global sequences per optimizer step (all devices, all hosts)
   c.train.grad_accum_steps = 1  # microbatches per step; batch_size must divide evenly
   c.train.log_every_steps = 10

@@ -130,6 +130,8 @@ class SourceConfig:
   max_documents: int | None
   markov: MarkovConfig
   only_train_on_assistant: bool
+  max_prompt_length: int | None
+  max_response_length: int | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +182,10 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
+  kind: str
+  beta: float
+  label_smoothing: float
+  simpo_gamma: float
   z_loss: float
   loss_chunk_size: int
 
@@ -203,6 +209,7 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   steps: int
+  init_from: str | None
   batch_size: int
   grad_accum_steps: int
   log_every_steps: int

@@ -12,6 +12,7 @@ import ml_collections
 
 from lmobjective.config import (ConfigError, decay_steps, get, max_len, mlp_dim, require_choice, require_float,
                                 require_int)
+from lmobjective import preference
 from lmobjective.data import mixture, sources
 
 
@@ -57,6 +58,7 @@ def _validate_core(cfg) -> None:
   _validate_model(cfg)
   require_float(cfg, "objective.z_loss", 0.0)
   require_int(cfg, "objective.loss_chunk_size", 0)
+  _validate_objective(cfg)
   _validate_optimizer(cfg)
   require_int(cfg, "eval.every_steps", 1)
   require_int(cfg, "eval.num_batches", 0)
@@ -66,6 +68,35 @@ def _validate_core(cfg) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
       raise ConfigError(f"mesh.{axis}", v, "must be a positive integer or -1 (the rest of the devices)")
   check_mesh_divides(cfg.mesh, sharded_dims(cfg.model))
+
+
+OBJECTIVE_KINDS = ("next_token",) + preference.LOSS_NAMES
+
+
+def _validate_objective(cfg) -> None:
+  require_choice(cfg, "objective.kind", OBJECTIVE_KINDS)
+  kind = cfg.objective.kind
+  require_float(cfg, "objective.beta", 0.0, lo_open=True)
+  require_float(cfg, "objective.label_smoothing", 0.0, 0.5)
+  require_float(cfg, "objective.simpo_gamma", 0.0)
+  if cfg.objective.simpo_gamma and kind != "simpo":  # a silently ignored knob is a bug
+    raise ConfigError("objective.simpo_gamma", cfg.objective.simpo_gamma, f"is a SimPO setting; objective.kind={kind!r} has no margin")
+  if cfg.objective.label_smoothing and kind not in ("dpo", "simpo"):
+    raise ConfigError("objective.label_smoothing", cfg.objective.label_smoothing,
+                      f"applies to objective.kind dpo or simpo, not {kind!r}")
+  if kind != "next_token" and cfg.objective.z_loss:
+    raise ConfigError("objective.z_loss", cfg.objective.z_loss, f"applies to objective.kind='next_token', not {kind!r}")
+  if kind in ("dpo", "ipo") and not cfg.train.init_from:
+    raise ConfigError("train.init_from", cfg.train.init_from,
+                      f"objective.kind={kind!r} needs a reference: the run to start from (WORKDIR or WORKDIR:STEP)")
+  pairs = kind != "next_token"
+  for name, s in cfg.data.sources.items():
+    if (s.kind == "preference_jsonl") != pairs:
+      allowed = ("preference objectives train on kind='preference_jsonl' sources only" if pairs else
+                 "a preference_jsonl source needs a preference objective (objective.kind dpo, ipo or simpo)")
+      raise ConfigError(f"data.sources.{name}.kind", s.kind, f"with objective.kind={kind!r}: {allowed}")
+  if cfg.train.init_from is not None and (not isinstance(cfg.train.init_from, str) or not cfg.train.init_from):
+    raise ConfigError("train.init_from", cfg.train.init_from, "must be WORKDIR or WORKDIR:STEP")
 
 
 # The model dimensions each mesh axis splits (sharding.RULES): each must be a multiple of its size.
@@ -192,3 +223,5 @@ def _validate_source(cfg, name: str) -> None:
     require_int(cfg, f"{p}.markov.num_documents", 2)
     require_int(cfg, f"{p}.markov.document_length", 1)
   _require_bool(cfg, f"{p}.only_train_on_assistant")
+  require_int(cfg, f"{p}.max_prompt_length", 1, allow_none=True)
+  require_int(cfg, f"{p}.max_response_length", 1, allow_none=True)

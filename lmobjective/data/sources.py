@@ -22,7 +22,7 @@ from lmobjective.data import stdlib_corpus, synthetic
 from lmobjective.data.errors import DataWarning
 
 BUILTIN_KINDS = ("python_stdlib", "stdlib_prose", "markov")
-FILE_KINDS = ("text", "jsonl", "parquet", "array_record", "chat_jsonl")
+FILE_KINDS = ("text", "jsonl", "parquet", "array_record", "chat_jsonl", "preference_jsonl")
 KINDS = BUILTIN_KINDS + FILE_KINDS
 _SPLIT_SEED = 0x53504C4954  # fixed: the validation set must not depend on the run seed
 _ROLES = ("system", "user", "assistant")

@@ -50,7 +50,10 @@ SAFE_CHANGES = ("train.steps", "optimizer.decay_steps", "train.log_every_steps",
                 "data.cache_dir", "mesh.", "train.xla_gpu_flags", "model.remat", "model.attention",
                 "objective.loss_chunk_size")
 # Keys added after runs were checkpointed without them, with the value those runs behaved as.
-ADDED_KEYS = {"train.max_skipped_fraction": 0.1, "train.dead_grad_steps": 3, "train.max_param_growth": 100.0}
+ADDED_KEYS = {"train.max_skipped_fraction": 0.1, "train.dead_grad_steps": 3, "train.max_param_growth": 100.0,
+              "train.init_from": None, "objective.kind": "next_token", "objective.beta": 0.1,
+              "objective.label_smoothing": 0.0, "objective.simpo_gamma": 0.0}
+ADDED_SOURCE_KEYS = {"max_prompt_length": None, "max_response_length": None}  # in every data.sources.<name>
 # Never compared: the flag itself, and where the cluster's coordinator happens to be this time.
 IGNORED = ("checkpoint.allow_config_change", "checkpoint.allow_data_change", "checkpoint.start_over",
            "distributed.") + REMOVED_KEYS  # removed keys older runs carry
@@ -164,6 +167,9 @@ def config_changes(saved: dict, current: dict) -> list[str]:
   a, b = _flatten(saved), _flatten(current)
   for k, default in ADDED_KEYS.items():  # a checkpoint from before a key existed ran with its default
     a.setdefault(k, default)
+  for name in saved.get("data", {}).get("sources", {}):
+    for k, default in ADDED_SOURCE_KEYS.items():
+      a.setdefault(f"data.sources.{name}.{k}", default)
   return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>")
                 and not k.startswith(IGNORED))
 
