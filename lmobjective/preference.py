@@ -45,6 +45,20 @@ class PairLogps(NamedTuple):
   rejected_tokens: jax.Array  # |y_l|
 
 
+def pair_logps(losses: objective.TokenLosses, response_mask_BxT: jax.Array) -> PairLogps:
+  """`PairLogps` of a pair batch: 2P rows, row 2i the chosen and row 2i+1 the rejected response
+  of pair i (the layout of `preference_jsonl` batches)."""
+  logp_B, n_B = response_logps(losses, response_mask_BxT)
+  logp_Px2, n_Px2 = logp_B.reshape(-1, 2), n_B.reshape(-1, 2)
+  return PairLogps(chosen=logp_Px2[:, 0], rejected=logp_Px2[:, 1], chosen_tokens=n_Px2[:, 0],
+                   rejected_tokens=n_Px2[:, 1])
+
+
+def pair_valid(pairs: PairLogps) -> jax.Array:
+  """A pair counts when both responses have a scored token (padding pairs have none)."""
+  return (pairs.chosen_tokens > 0) & (pairs.rejected_tokens > 0)
+
+
 class PreferenceSums(NamedTuple):
   """Sums over valid pairs; add them across microbatches/devices, then call `summarize`.
 

@@ -118,6 +118,31 @@ class Program:
     return list(self._compiled.values())
 
 
+class Bound:
+  """`program` with its trailing arguments fixed, e.g. a frozen reference model's params: called,
+  lowered and compiled with `(*args, *trailing)`. The trailing arrays stay arguments of the
+  program (never constants folded into it) and are never donated."""
+
+  def __init__(self, program: Program, *trailing):
+    self.program, self.trailing, self.mesh = program, trailing, program.mesh
+
+  def __call__(self, *args, **static):
+    return self.program(*args, *self.trailing, **static)
+
+  def lower(self, *args, **static):
+    return self.program.lower(*args, *self.trailing, **static)
+
+  def compile(self, *args, **static):
+    return self.program.compile(*args, *self.trailing, **static)
+
+  def eval_shape(self, *args, **static):
+    return self.program.eval_shape(*args, *self.trailing, **static)
+
+  @property
+  def executables(self) -> list:
+    return self.program.executables
+
+
 def _leaf_signature(x):
   sharding = getattr(x, "sharding", None)
   if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):

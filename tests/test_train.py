@@ -154,7 +154,8 @@ def _window(*steps):
 def test_train_line_weights_the_window_by_tokens_and_names_its_counts():
   import types
   cfg = tiny_config("/unused", **{"objective.z_loss": 1e-4})
-  exp = types.SimpleNamespace(config=cfg, peak_flops=1e12, flops_per_token=1e6)
+  exp = types.SimpleNamespace(config=cfg, peak_flops=1e12, flops_per_token=1e6,
+                              pipeline=types.SimpleNamespace(rows_per_example=1))
   # 10, 30 and 60 scored tokens: last-step values and means of per-step means would each differ
   window = _window((10, 2.0, 5, 20), (30, 1.0, 6, 90), (60, 0.5, 30, 60))
   rec = train._train_record(exp, 3, window, seconds=2.0, tokens_before=1000)

@@ -35,6 +35,7 @@ def resolve_cache_dir(data_cfg, cache_dir: str | None) -> str:
 
 
 class Pipeline:
+  rows_per_example = 1  # rows a batch holds per example of train.batch_size
 
   def __init__(self, data_cfg, tok: Tokenizer, seed: int, batch_size: int, process_index: int = 0,
                process_count: int = 1, cache_dir: str | None = None):

@@ -23,7 +23,7 @@ import optax
 from jax.sharding import Mesh
 
 from lmobjective import config as config_lib
-from lmobjective import data, objective, sharding, step, validation
+from lmobjective import data, objective, preference, sharding, step, validation
 from lmobjective.model import ModelConfig, Transformer, flops_per_token
 from lmobjective.optimizer import make_optimizer, skipped_update_state
 from lmobjective.run import hardware
@@ -83,14 +83,14 @@ def _check_vocab_fits(model, mesh, tokenizer) -> None:
                                  f"set model.vocab_size to one (e.g. {-(-vocab // tensor) * tensor})")
 
 
-def _guarded_step(train_step, state, batch):
+def _guarded_step(train_step, state, batch, *frozen):
   """`train_step`, except that a non-finite loss or gradient leaves params and Adam's state as they were.
 
   The step counter and the learning-rate schedule still advance (the data moves on, and step s
   always uses lr(s): `optimizer.skipped_update_state`); metrics['finite'] tells the host, which
   stops (train.nan_policy='stop') or logs the skip. `where(True, new, old)` is `new` bit for bit.
   """
-  new, metrics = train_step(state, batch)
+  new, metrics = train_step(state, batch, *frozen)
   ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
   keep = lambda n, o: jnp.where(ok, n, o)
   skipped_opt_state = skipped_update_state(state.opt_state, new.opt_state)
@@ -124,18 +124,9 @@ def build(raw_config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     state_shape = jax.eval_shape(init, jax.random.key(0))
     state_sharding = sharding.state_shardings(state_shape, params_sharding, tx, mesh)
   init_fn = sharding.Program(init, mesh, out_shardings=state_sharding)
-  batch_shard, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  train_fn = sharding.Program(
-      functools.partial(_guarded_step, functools.partial(step.train_step, model=model, tx=tx,
-                        grad_accum_steps=config.train.grad_accum_steps, z_loss=config.objective.z_loss,
-                        loss_chunk_size=config.objective.loss_chunk_size)),
-      mesh, in_shardings=(state_sharding, batch_shard), out_shardings=(state_sharding, rep),
-      donate_argnums=0)
   token_bytes = jnp.asarray(tokenizer.token_byte_lengths(), jnp.int32)
-  eval_fn = sharding.Program(
-      lambda params, batch: step.eval_step(params, batch, model=model, token_bytes_V=token_bytes,
-                                           loss_chunk_size=config.objective.loss_chunk_size),
-      mesh, in_shardings=(params_sharding, batch_shard), out_shardings=rep)
+  train_fn, eval_fn = _step_programs(config, model, tx, mesh, state_sharding, params_sharding, token_bytes,
+                                     reference_params=None)
   per_proc_eval = config.eval.batch_size // n_proc
   eval_sets = {name: pipeline.eval_batches(name, config.eval.num_batches, per_proc_eval)
                for name in pipeline.source_names} if config.eval.num_batches else {}
@@ -148,12 +139,51 @@ def build(raw_config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
       peak_flops=hardware.peak_flops_per_device(config.model.compute_dtype))
 
 
+def preference_loss(config: config_lib.Config) -> step.PreferenceLoss | None:
+  """The preference loss `config.objective` declares (None for next-token prediction)."""
+  o = config.objective
+  if o.kind == "next_token":
+    return None
+  return step.PreferenceLoss(o.kind, o.beta, o.label_smoothing, o.simpo_gamma)
+
+
+def _step_programs(config, model, tx, mesh, state_sharding, params_sharding, token_bytes, reference_params):
+  """The jitted train step `(state, batch) -> (state, metrics)` and eval step `(params, batch) -> sums`
+  of the configured objective. A preference objective's frozen reference is an argument of both
+  programs, sharded like the policy's params and bound here (`sharding.Bound`), never donated."""
+  batch_shard, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  chunk, accum = config.objective.loss_chunk_size, config.train.grad_accum_steps
+  loss = preference_loss(config)
+  if loss is None:
+    train = functools.partial(step.train_step, model=model, tx=tx, grad_accum_steps=accum,
+                              z_loss=config.objective.z_loss, loss_chunk_size=chunk)
+    evaluate_ = lambda params, batch: step.eval_step(params, batch, model=model, token_bytes_V=token_bytes,
+                                                     loss_chunk_size=chunk)
+    frozen, frozen_shardings = (), ()
+  else:
+    train = functools.partial(step.preference_train_step, model=model, tx=tx, loss=loss, grad_accum_steps=accum,
+                              loss_chunk_size=chunk)
+    evaluate_ = functools.partial(step.preference_eval_step, model=model, loss=loss, loss_chunk_size=chunk)
+    frozen, frozen_shardings = ((reference_params,), (params_sharding,)) if loss.needs_reference else ((), ())
+  train_fn = sharding.Program(functools.partial(_guarded_step, train), mesh,
+                              in_shardings=(state_sharding, batch_shard, *frozen_shardings),
+                              out_shardings=(state_sharding, rep), donate_argnums=0)
+  eval_fn = sharding.Program(evaluate_, mesh, in_shardings=(params_sharding, batch_shard, *frozen_shardings),
+                             out_shardings=rep)
+  if frozen:
+    return sharding.Bound(train_fn, *frozen), sharding.Bound(eval_fn, *frozen)
+  return train_fn, eval_fn
+
+
 def device_batch(exp: Experiment, host_batch: dict) -> dict:
   return sharding.global_batch({k: host_batch[k] for k in step.MODEL_FIELDS}, exp.mesh)
 
 
 def evaluate(exp: Experiment, params) -> dict[str, float]:
-  """val_loss, val_perplexity, val_bits_per_byte overall (token-weighted) and per source."""
+  """val_loss, val_perplexity, val_bits_per_byte overall (token-weighted) and per source; for a
+  preference objective `evaluate_pairs`."""
+  if exp.config.objective.kind != "next_token":
+    return evaluate_pairs(exp, params)
   out, totals = {}, np.zeros(3)
   for name, batches in exp.eval_sets.items():
     sums = np.zeros(3)  # loss_sum, num_tokens, bytes_sum
@@ -170,3 +200,36 @@ def evaluate(exp: Experiment, params) -> dict[str, float]:
     out.update(val_loss=m["loss"], val_perplexity=m["perplexity"],
                val_bits_per_token=m["bits_per_token"], val_bits_per_byte=m.get("bits_per_byte"))
   return {k: v for k, v in out.items() if v is not None}
+
+
+def _host_sums(sums):
+  return jax.tree.map(np.float64, jax.device_get(sums))
+
+
+def evaluate_pairs(exp: Experiment, params) -> dict[str, float]:
+  """On the held-out pairs: val_loss (the preference loss, per pair), TRL's metrics as val_rewards/*
+  and val_logps/*, and the reference-free val_preference_accuracy (raw and _normalized by length),
+  overall and val_loss/<source>, val_preference_accuracy/<source> per source."""
+  out, total = {}, None
+  for name, batches in exp.eval_sets.items():
+    source = None
+    for host_batch in batches:
+      sums = _host_sums(exp.eval_fn(params, device_batch(exp, host_batch)))
+      source = sums if source is None else jax.tree.map(np.add, source, sums)
+    m = pair_metrics(*source)
+    out[f"val_loss/{name}"] = m["loss"]
+    out[f"val_preference_accuracy/{name}"] = m.get("preference_accuracy", float("nan"))
+    total = source if total is None else jax.tree.map(np.add, total, source)
+  if total is not None:
+    out.update({f"val_{k}": v for k, v in pair_metrics(*total).items()})
+  return out
+
+
+def pair_metrics(pref, acc) -> dict[str, float]:
+  """`preference.summarize` of the loss sums, and the preference accuracy of `AccuracySums`."""
+  m = preference.summarize(pref)
+  n = int(acc.num_pairs)
+  if n:
+    m.update(preference_accuracy=float(acc.correct_sum) / n,
+             preference_accuracy_normalized=float(acc.normalized_correct_sum) / n)
+  return m

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 
 from lmobjective import config as config_lib
-from lmobjective import faults, files, sharding
+from lmobjective import faults, files, preference, sharding
 from lmobjective.data import fingerprint
 from lmobjective.model import count_params
 from lmobjective.run import checkpoint as ckpt_lib
@@ -277,7 +277,7 @@ def check_data(exp: Experiment, saved: dict | None, step_: int) -> None:
 def _with_sums(metrics: dict) -> dict:
   """Step metrics a checkpoint saved before steps reported `correct_sum` and `z_sum` (it has the
   step's means `accuracy` and `z_loss`): the sums, so a resumed run can weight its window."""
-  if "correct_sum" in metrics:
+  if "correct_sum" in metrics or "num_pairs" in metrics:  # pairs' metrics are sums already
     return metrics
   out = dict(metrics)
   n = np.float32(out["num_tokens"])
@@ -287,21 +287,34 @@ def _with_sums(metrics: dict) -> dict:
 
 def _train_record(exp, done, metrics_list, seconds, tokens_before) -> dict[str, Any]:
   """The train line for the steps since the last one: losses and accuracy per scored token of the
-  whole window; lr and the norms are the last step's."""
+  whole window (per pair, and TRL's metrics, for a preference objective); lr and the norms are the
+  last step's."""
   n = np.array([m["num_tokens"] for m in metrics_list], np.float64)
   per_token = lambda key: float(np.sum([np.float64(m[key]) for m in metrics_list]) / max(n.sum(), 1))
-  loss = float((np.array([m["loss"] for m in metrics_list]) * n).sum() / max(n.sum(), 1))
   last = metrics_list[-1]
-  positions = len(metrics_list) * exp.config.train.batch_size * exp.config.data.context_length
-  rec = {"step": done, "train_loss": loss, "lr": float(last["lr"]), "grad_norm": float(last["grad_norm"]),
+  rows = len(metrics_list) * exp.config.train.batch_size * exp.pipeline.rows_per_example
+  rec = {"step": done, "lr": float(last["lr"]), "grad_norm": float(last["grad_norm"]),
          "update_norm": float(last["update_norm"]), "param_norm": float(last["param_norm"]),
-         "train_accuracy": per_token("correct_sum"), "tokens_seen": tokens_before + int(n.sum()),
-         "positions_per_sec": positions / max(seconds, 1e-9)}
+         "tokens_seen": tokens_before + int(n.sum()),
+         "positions_per_sec": rows * exp.config.data.context_length / max(seconds, 1e-9)}
+  if "num_pairs" in last:
+    rec.update(_pairs_record(metrics_list))
+  else:
+    rec.update(train_loss=float((np.array([m["loss"] for m in metrics_list]) * n).sum() / max(n.sum(), 1)),
+               train_accuracy=per_token("correct_sum"))
   if exp.config.objective.z_loss > 0:
     rec["z_loss"] = per_token("z_sum")
   if exp.peak_flops:
     rec["mfu"] = rec["positions_per_sec"] * exp.flops_per_token / (exp.peak_flops * jax.device_count())
   return rec
+
+
+def _pairs_record(metrics_list) -> dict[str, Any]:
+  """train_loss per pair and TRL's rewards/* and logps/* over the window's pairs."""
+  sums = preference.PreferenceSums(*(np.sum([np.float64(m[k]) for m in metrics_list])
+                                     for k in preference.PreferenceSums._fields))
+  m = preference.summarize(sums)
+  return {"train_loss": m.pop("loss"), **m}
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
