@@ -225,3 +225,6 @@ def _validate_source(cfg, name: str) -> None:
   _require_bool(cfg, f"{p}.only_train_on_assistant")
   require_int(cfg, f"{p}.max_prompt_length", 1, allow_none=True)
   require_int(cfg, f"{p}.max_response_length", 1, allow_none=True)
+  if s.kind == "preference_jsonl" and (s.max_prompt_length or 0) > cfg.data.context_length:
+    raise ConfigError(f"{p}.max_prompt_length", s.max_prompt_length, f"must be <= data.context_length="
+                      f"{cfg.data.context_length}, so a response token is still a target in a row of context_length+1")

@@ -144,3 +144,47 @@ def pack_padded(ids: np.ndarray, lengths_D: np.ndarray, flags: np.ndarray, capac
           "truncated_documents": int((lengths_D > capacity).sum()),
           "truncated_tokens": int((lengths_D - kept_D).sum())}
   return tokens, seg, out_flags, acct
+
+
+# ---- preference pairs: two padded rows per pair (2i chosen, 2i+1 rejected) -----------------
+
+
+def pair_spans(starts_D: np.ndarray, flags: np.ndarray, T: int, max_prompt: int | None,
+               max_response: int | None) -> tuple[np.ndarray, dict]:
+  """Kept spans of pair documents [D, 4] (prompt start, prompt length, response start, response length).
+
+  A document's prompt is every token before its first flag, its response the rest. Within a row of
+  C = T + 1 tokens the prompt keeps its last p = min(P, max_prompt) tokens (None: T // 2), the
+  response its first min(R, max_response, C - p) (None: as many as fit). P is the same in both rows
+  of a pair, so they share the truncated prompt.
+  """
+  begin_D, end_D = starts_D[:-1], starts_D[1:]
+  at = np.flatnonzero(flags)
+  doc = np.searchsorted(starts_D, at, side="right") - 1
+  resp_D = end_D.copy()  # no flag: no response (cannot happen for rendered pairs)
+  first_docs, first = np.unique(doc, return_index=True)
+  resp_D[first_docs] = at[first]
+  P_D, R_D = resp_D - begin_D, end_D - resp_D
+  p_D = np.minimum(P_D, T // 2 if max_prompt is None else max_prompt)
+  r_D = np.clip(np.minimum(R_D, T + 1 - p_D), 0, max_response)
+  spans = np.stack([resp_D - p_D, p_D, resp_D, r_D], axis=1)
+  cum = np.concatenate([[0], np.cumsum(flags)])
+  lost = (cum[end_D] - cum[resp_D + r_D]).reshape(-1, 2).any(axis=1)  # a flagged (scored) token was cut
+  acct = {"pairs": len(P_D) // 2, "rows": len(P_D),
+          "padding_fraction": float(1 - (p_D + r_D).sum() / max(len(P_D) * (T + 1), 1)),
+          "prompt_truncated_pairs": int((P_D[0::2] > p_D[0::2]).sum()),
+          "response_truncated_pairs": int(lost.sum()),
+          "truncated_tokens": int((P_D - p_D + R_D - r_D).sum())}
+  return spans, acct
+
+
+def pair_rows(ids: np.ndarray, flags: np.ndarray, spans_Rx4: np.ndarray, capacity: int,
+              pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(tokens, segment ids: 1 on tokens, 0 on padding, flags) [R, capacity]: prompt span, response span, pad."""
+  ps, p, rs, r = (spans_Rx4[:, k:k + 1] for k in range(4))
+  col = np.arange(capacity)[None, :]
+  src = np.where(col < p, ps + col, rs + col - p)
+  used = col < p + r
+  src = np.where(used, src, 0)
+  tokens = np.where(used, ids[src], pad_id)
+  return tokens, used.astype(np.int32), flags[src] & used

@@ -6,6 +6,8 @@ segment_ids (int32, 1-based per document, 0 = pad), positions (int32), source_id
 index into `source_names`, -1 where the target is padding).
 Global batch k holds global rows [k*n*B, (k+1)*n*B); process p builds rows [p*B, (p+1)*B) of it.
 Everything is a pure function of (seed, k), so grain's iterator state is just the next k.
+Preference sources (preference_jsonl) deal pairs instead of rows: B counts pairs (TRL's convention)
+and a batch has `rows_per_example` = 2 rows per pair, interleaved (2i chosen, 2i+1 rejected).
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ class Pipeline:
     self.stages = mixture.parse_stages(data_cfg.mixture_stages, self.source_names)  # [(step, weights)]
     directory = resolve_cache_dir(data_cfg, cache_dir)
     files.check_dir("data.cache_dir", directory)  # one line, not a traceback at the first cache write
-    self.sources = [tokenized.load(n, data_cfg.sources[n], tok, directory) for n in self.source_names]
     self.kinds = [data_cfg.sources[n].kind for n in self.source_names]
+    self.rows_per_example = _rows_per_example(self.source_names, self.kinds)  # 2: pairs (chosen, rejected)
+    self.sources = [tokenized.load(n, data_cfg.sources[n], tok, directory) for n in self.source_names]
     self.val_fractions = [data_cfg.sources[n].val_fraction for n in self.source_names]
     self.paths = [data_cfg.sources[n].path for n in self.source_names]
     self._source_cfgs = {n: data_cfg.sources[n] for n in self.source_names}
@@ -72,25 +75,31 @@ class Pipeline:
     return self._fingerprints
 
   def _check_trainable(self, i: int, rows, split: str) -> None:
-    """A split that gives no row, or rows with no scored target, would train (or score) nothing."""
-    name = self.source_names[i]
+    """A split that gives no row (no pair), or rows with no scored target, would train (or score) nothing."""
+    name, pairs = self.source_names[i], isinstance(rows, streams.PairRows)
     size = (self.sources[i].train if split == "train" else self.sources[i].val).ids.size
+    word = "training" if split == "train" else "validation"
     if rows.num_rows == 0:
       key, value = (("data.context_length", self.T) if split == "train" else
                     (f"data.sources.{name}.val_fraction", self.val_fractions[i]))
-      word = "training" if split == "train" else "validation"
-      raise ConfigError(key, value, f"source '{name}' has {size} {word} tokens, too few for one row of "
+      raise ConfigError(key, value, f"source '{name}' has no {word} pairs" if pairs else
+                        f"source '{name}' has {size} {word} tokens, too few for one row of "
                         f"context_length+1={self.T + 1}")
-    if isinstance(rows, streams.PaddedRows) and rows.scored_targets() == 0:
-      raise ConfigError(f"data.sources.{name}.path", self.paths[i],
-                        f"the {split} split of source '{name}' has no scored target token (no assistant turn "
-                        "with only_train_on_assistant, or every one cut off by context_length): it would "
-                        f"{'train on' if split == 'train' else 'score'} nothing")
+    if isinstance(rows, (streams.PaddedRows, streams.PairRows)) and rows.scored_targets() == 0:
+      why = ("no scored response token (every response cut off by context_length and max_prompt_length)"
+             if pairs else "no scored target token (no assistant turn with only_train_on_assistant, or every "
+             "one cut off by context_length)")
+      raise ConfigError(f"data.sources.{name}.path", self.paths[i], f"the {split} split of source '{name}' has "
+                        f"{why}: it would {'train on' if split == 'train' else 'score'} nothing")
 
   def _rows(self, i: int, split, shuffle: bool):
     key = streams.source_key(self.source_names[i])
     if self.kinds[i] == "chat_jsonl":
       return streams.PaddedRows(split, self.T, self.tok.pad_id, self.masking, self.seed, key, shuffle)
+    if self.kinds[i] == "preference_jsonl":
+      scfg = self._source_cfgs[self.source_names[i]]
+      return streams.PairRows(split, self.T, self.tok.pad_id, self.masking, self.seed, key, shuffle,
+                              scfg.max_prompt_length, scfg.max_response_length)
     if self.packing == "window" and shuffle and split.ids.size > self.T + 1:
       return streams.WindowRows(split, self.T, self.tok.eos_id, self.masking, self.seed, key)
     return streams.ConcatRows(split, self.T, self.tok.eos_id, self.masking, self.seed, key, shuffle)
@@ -98,7 +107,7 @@ class Pipeline:
   # ---- training ---------------------------------------------------------------------------
 
   def global_rows(self, step: int) -> np.ndarray:
-    """This process's global row indices of batch `step`."""
+    """This process's global row indices of batch `step` (pair indices for preference sources)."""
     first = (step * self.process_count + self.process_index) * self.batch_size
     return np.arange(first, first + self.batch_size, dtype=np.int64)
 
@@ -108,15 +117,18 @@ class Pipeline:
     return self._assemble(src_B, ctr_B, self.train_rows)
 
   def _assemble(self, src_B, ctr_B, row_sources) -> dict[str, np.ndarray]:
-    B, T = len(src_B), self.T
-    out = {k: np.zeros((B, T), bool if k == "loss_mask" else np.int32) for k in FIELDS}
-    out["source_ids"] = np.full((B, T), -1, np.int32)
+    """B examples -> B * rows_per_example rows (a pair's rows stay adjacent, in the order `fields` gives)."""
+    k, T = self.rows_per_example, self.T
+    out = {f: np.zeros((len(src_B) * k, T), bool if f == "loss_mask" else np.int32) for f in FIELDS}
+    out["source_ids"] = np.full((len(src_B) * k, T), -1, np.int32)
     for s in np.unique(src_B):
-      sel = np.flatnonzero(src_B == s)
-      f = row_sources[s].fields(ctr_B[sel])
-      for k in FIELDS:
-        out[k][sel] = f[k]
-      out["source_ids"][sel] = np.where(f["target_valid"], s, -1)
+      sel_B = np.flatnonzero(src_B == s)
+      rows = (sel_B[:, None] * k + np.arange(k)[None, :]).ravel()
+      f = row_sources[s].fields(ctr_B[sel_B])
+      for name in FIELDS:
+        out[name][rows] = f[name]
+      counted = f["loss_mask"] if k == 2 else f["target_valid"]  # pairs: the source on response targets only
+      out["source_ids"][rows] = np.where(counted, s, -1)
     return out
 
   def train_iterator(self) -> grain.DatasetIterator:
@@ -132,14 +144,16 @@ class Pipeline:
     return self.source_names.index(name)
 
   def eval_batches(self, source_name: str, num_batches: int, batch_size: int) -> list[dict[str, np.ndarray]]:
-    """Deterministic rows of that source's validation split, in order (this process's share; wraps around)."""
+    """Deterministic rows of that source's validation split, in order (this process's share; wraps around).
+
+    `batch_size` counts examples: each batch has batch_size * rows_per_example rows."""
     s = self.source_index(source_name)
     rows = self._rows(s, self.sources[s].val, shuffle=False)
     self._check_trainable(s, rows, "val")
-    needed = num_batches * batch_size * self.process_count
+    needed, unit = num_batches * batch_size * self.process_count, "pairs" if self.rows_per_example == 2 else "rows"
     if needed > rows.num_rows:
-      warnings.warn(f"data.sources.{source_name}: eval asks for {needed} rows, the validation split has "
-                    f"{rows.num_rows}; rows repeat", DataWarning, stacklevel=2)
+      warnings.warn(f"data.sources.{source_name}: eval asks for {needed} {unit}, the validation split has "
+                    f"{rows.num_rows}; {unit} repeat", DataWarning, stacklevel=2)
     out = []
     for b in range(num_batches):
       first = (b * self.process_count + self.process_index) * batch_size
@@ -154,7 +168,8 @@ class Pipeline:
     steps = self._last_step + 1 if step is None else step
     total_rows = steps * self.batch_size * self.process_count
     rows_S = self.mixture.rows_per_source(total_rows)
-    out = {"steps": steps, "global_rows": total_rows, "tokens": total_rows * self.T, "sources": {},
+    out = {"steps": steps, "global_rows": total_rows * self.rows_per_example,
+           "tokens": total_rows * self.rows_per_example * self.T, "sources": {},
            "stages": [{"step": st, "weights": dict(zip(self.source_names, w.tolist()))} for st, w in self.stages]}
     for i, (name, src, rows) in enumerate(zip(self.source_names, self.sources, self.train_rows)):
       d = {"kind": self.kinds[i], "weight": float(self.weights[i]),
@@ -164,10 +179,20 @@ class Pipeline:
            "rows_per_epoch": rows.num_rows, "remainder_fraction": rows.remainder_fraction(),
            "val_rows": self._rows(i, src.val, shuffle=False).num_rows if src.val.ids.size else 0,
            "epochs_seen": float(rows_S[i] / max(rows.num_rows, 1)), **src.info}
-      if isinstance(rows, streams.PaddedRows):
+      if isinstance(rows, (streams.PaddedRows, streams.PairRows)):
         d.update(rows.accounting)
       out["sources"][name] = d
     return out
+
+
+def _rows_per_example(names, kinds) -> int:
+  """2 when the sources are preference pairs (all of them: a mixture cannot mix pairs and rows), else 1."""
+  pairs = [k == "preference_jsonl" for k in kinds]
+  if any(pairs) and not all(pairs):
+    name = names[pairs.index(False)]
+    raise ConfigError(f"data.sources.{name}.kind", kinds[pairs.index(False)],
+                      "cannot be mixed with preference_jsonl sources (a batch holds pairs or rows, not both)")
+  return 2 if any(pairs) else 1
 
 
 def build_pipeline(data_cfg, tok: Tokenizer, seed: int, batch_size: int, process_index: int = 0,

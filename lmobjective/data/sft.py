@@ -38,3 +38,46 @@ def render(conversations: list[list[dict]], tok: Tokenizer, only_train_on_assist
       flags[n0] = False  # a conversation's first token is never predicted from inside it
     lengths.append(len(ids) - n0)
   return np.array(ids, np.int64), np.array(lengths, np.int64), np.array(flags, bool)
+
+
+
+def render_pairs(pairs: list[dict], tok: Tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(ids, lengths, flags) of two documents per preference pair: 2i = prompt+chosen, 2i+1 = prompt+rejected.
+
+  Plain pair (prompt a string): [EOS] + enc(prompt) + enc(response) + [EOS], flags on enc(response)
+  and its EOS (TRL appends EOS to each response). Chat pair: `render` of the prompt messages plus one
+  assistant turn, flagged exactly as SFT flags that turn (its content and <|end|>); the prompt's own
+  assistant turns carry no flag. Either way a document's prompt is every token before its first flag.
+  """
+  is_chat = [isinstance(p["prompt"], list) for p in pairs]
+  plain = iter(_plain_docs([p for p, c in zip(pairs, is_chat) if not c], tok))
+  chat = iter(_chat_docs([p for p, c in zip(pairs, is_chat) if c], tok))
+  docs = [d for c in is_chat for d in (next(chat) if c else next(plain))]
+  lengths = np.array([len(ids) for ids, _ in docs], np.int64)
+  if not docs:
+    return np.zeros(0, np.int64), lengths, np.zeros(0, bool)
+  return (np.concatenate([ids for ids, _ in docs]).astype(np.int64), lengths,
+          np.concatenate([flags for _, flags in docs]).astype(bool))
+
+
+def _plain_docs(pairs: list[dict], tok: Tokenizer) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+  enc = tok.encode_batch([t for p in pairs for t in (p["prompt"], p["chosen"], p["rejected"])])
+  out = []
+  for k in range(0, len(enc), 3):
+    prompt = [tok.eos_id] + enc[k]  # EOS opens the document, as in pretraining streams
+    out.append([(np.array(prompt + r + [tok.eos_id]), np.array([False] * len(prompt) + [True] * (len(r) + 1)))
+                for r in enc[k + 1:k + 3]])
+  return out
+
+
+def _chat_docs(pairs: list[dict], tok: Tokenizer) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+  turns = [[{"role": "assistant", "content": p[r]}] for p in pairs for r in ("chosen", "rejected")]
+  ids, lengths, flags = render([p["prompt"] for p in pairs] + turns, tok, only_train_on_assistant=True)
+  cuts = np.cumsum(lengths)[:-1]
+  parts = list(zip(np.split(ids, cuts), np.split(flags, cuts)))
+  prompts, turns = parts[:len(pairs)], parts[len(pairs):]
+  out = []
+  for k, (prompt, _) in enumerate(prompts):  # the prompt's EOS goes: the assistant turn follows directly
+    out.append([(np.concatenate([prompt[:-1], t]), np.concatenate([np.zeros(len(prompt) - 1, bool), f]))
+                for t, f in turns[2 * k:2 * k + 2]])
+  return out

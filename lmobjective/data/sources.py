@@ -30,7 +30,9 @@ _ROLES = ("system", "user", "assistant")
 
 @dataclasses.dataclass
 class SourceDocs:
-  """Documents of one source: str for text kinds; list of {'role','content'} dicts for chat_jsonl."""
+  """Documents of one source: str for text kinds; list of {'role','content'} dicts for chat_jsonl;
+  for preference_jsonl one pair {'prompt': str | messages, 'chosen': str, 'rejected': str} (responses
+  as the assistant's content), so the split and max_documents count pairs."""
   name: str
   train: list[Any]
   val: list[Any]
@@ -133,7 +135,7 @@ def load_source(name: str, scfg) -> SourceDocs:
     docs, chain = synthetic.markov_documents(scfg.markov)
     info["entropy_rate_nats"] = chain.entropy_rate_nats()
     info["entropy_rate_bits_per_byte"] = chain.entropy_rate_bits()
-  elif scfg.kind in ("jsonl", "chat_jsonl"):
+  elif scfg.kind in ("jsonl", "chat_jsonl", "preference_jsonl"):
     docs = [d for f in resolve_paths(name, scfg.path) for d in _jsonl(name, scfg, f, reader)]
   elif scfg.kind == "parquet":
     docs = [d for f in resolve_paths(name, scfg.path) for d in _parquet(name, scfg, f, reader)]
@@ -185,6 +187,8 @@ def _document_split(docs: list, val_fraction: float) -> tuple[list, list]:
 def _record_text(name, scfg, rec: Any, where: str):
   if scfg.kind == "chat_jsonl":
     return _conversation(name, rec, where)
+  if scfg.kind == "preference_jsonl":
+    return _pair(name, rec, where)
   if not isinstance(rec, dict) or scfg.text_field not in rec:
     what = "has no field of that name" if isinstance(rec, dict) else f"is a JSON {type(rec).__name__}, not an object"
     raise ConfigError(key(name, "text_field"), scfg.text_field, f"{where}: record {what}")
@@ -196,12 +200,53 @@ def _record_text(name, scfg, rec: Any, where: str):
 
 def _conversation(name, rec, where) -> list[dict]:
   msgs = rec.get("messages") if isinstance(rec, dict) else None
-  ok = isinstance(msgs, list) and all(
-      isinstance(m, dict) and m.get("role") in _ROLES and isinstance(m.get("content"), str) for m in msgs)
-  if not ok:
+  if not _messages_ok(msgs):
     raise ConfigError(key(name, "path"), where,
                       "chat record must be {'messages': [{'role': system|user|assistant, 'content': str}, ...]}")
   return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+_PAIR_FIELDS = ("prompt", "chosen", "rejected")  # TRL's names
+
+
+def _messages_ok(msgs) -> bool:
+  return isinstance(msgs, list) and all(
+      isinstance(m, dict) and m.get("role") in _ROLES and isinstance(m.get("content"), str) for m in msgs)
+
+
+def _response(name, rec, field: str, chat: bool, where: str) -> str:
+  """A response as the assistant's content: a string, or (chat) [{'role': 'assistant', 'content': str}]."""
+  r = rec[field]
+  if chat and isinstance(r, list) and len(r) == 1 and _messages_ok(r) and r[0]["role"] == "assistant":
+    r = r[0]["content"]
+  if not isinstance(r, str):
+    want = "a string or [{'role': 'assistant', 'content': str}]" if chat else "a string (as the prompt is)"
+    raise ConfigError(key(name, "path"), where, f"preference record: '{field}' must be {want}, not {r!r:.60}")
+  if not r:
+    raise ConfigError(key(name, "path"), where, f"preference record: '{field}' is empty")
+  return r
+
+
+def _pair(name, rec, where) -> dict:
+  """{'prompt', 'chosen', 'rejected'}: plain (three strings) or chat (prompt messages ending in a user turn)."""
+  if not isinstance(rec, dict) or any(f not in rec for f in _PAIR_FIELDS):
+    what = (f"has no '{next(f for f in _PAIR_FIELDS if f not in rec)}' field" if isinstance(rec, dict)
+            else f"is a JSON {type(rec).__name__}, not an object")
+    raise ConfigError(key(name, "path"), where, f"preference record {what} (needs prompt, chosen, rejected)")
+  prompt = _prompt(name, rec["prompt"], where)
+  return {"prompt": prompt, **{f: _response(name, rec, f, isinstance(prompt, list), where) for f in _PAIR_FIELDS[1:]}}
+
+
+def _prompt(name, prompt, where) -> str | list[dict]:
+  if isinstance(prompt, str):
+    return prompt
+  if not _messages_ok(prompt):
+    raise ConfigError(key(name, "path"), where, "preference record: 'prompt' must be a string or a list of "
+                      "{'role': system|user|assistant, 'content': str}")
+  if not prompt or prompt[-1]["role"] != "user":
+    what = f"its last turn is {prompt[-1]['role']}" if prompt else "the list is empty"
+    raise ConfigError(key(name, "path"), where, f"preference record: 'prompt' must end with a user turn ({what})")
+  return [{"role": m["role"], "content": m["content"]} for m in prompt]
 
 
 def _jsonl(name, scfg, path, reader) -> list:

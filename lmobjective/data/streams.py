@@ -95,3 +95,38 @@ class PaddedRows:
   def fields(self, counters_R: np.ndarray) -> dict[str, np.ndarray]:
     rows = self._order.rows(counters_R) if self._order else counters_R % self.num_rows
     return packing.padded_fields(self.tokens[rows], self.seg[rows], self.flags[rows], self.masking)
+
+
+class PairRows:
+  """Preference pairs: two padded rows per pair, interleaved (row 2i chosen, 2i+1 rejected); pairs shuffled
+  per epoch. A counter counts pairs (`num_rows` is the number of pairs), so `fields(ctr_P)` gives 2P rows.
+
+  Truncation, per row of C = T + 1 tokens (`packing.pair_spans`): the prompt keeps its end, its last
+  min(P, max_prompt_length) tokens (None: T // 2); the response keeps its start, its first
+  min(R, max_response_length, C - kept prompt) tokens (None: as many as fit). Both rows of a pair
+  share the truncated prompt. Cut pairs are counted in `accounting`.
+  """
+
+  def __init__(self, split: Split, T: int, pad_id: int, document_masking: bool, seed: int, key: int,
+               shuffle: bool = True, max_prompt_length: int | None = None, max_response_length: int | None = None):
+    self.ids, self.flags, self.T, self.pad_id, self.masking = split.ids, split.flags, T, pad_id, document_masking
+    self.spans, self.accounting = packing.pair_spans(split.doc_starts, split.flags, T, max_prompt_length,
+                                                     max_response_length)
+    self.num_rows = split.num_documents // 2
+    self._order = _EpochOrder(self.num_rows, seed, key) if shuffle and self.num_rows else None
+
+  def remainder_fraction(self) -> float:
+    return 0.0
+
+  def scored_targets(self) -> int:
+    """Targets with a loss over all rows: kept response flags, less a flag in column 0 (never a target)."""
+    ps, p, rs, r = self.spans.T
+    cum = np.concatenate([[0], np.cumsum(self.flags)])
+    first_is_input = (p == 0) & (r > 0) & self.flags[np.minimum(rs, len(self.flags) - 1)]
+    return int((cum[rs + r] - cum[rs] - first_is_input).sum())
+
+  def fields(self, ctr_P: np.ndarray) -> dict[str, np.ndarray]:
+    pairs = self._order.rows(ctr_P) if self._order else ctr_P % self.num_rows
+    docs_R = (2 * pairs[:, None] + np.arange(2)[None, :]).ravel()
+    tokens, seg, flags = packing.pair_rows(self.ids, self.flags, self.spans[docs_R], self.T + 1, self.pad_id)
+    return packing.padded_fields(tokens, seg, flags, self.masking)

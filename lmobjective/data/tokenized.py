@@ -15,7 +15,10 @@ from lmobjective.data.tokenizers import Tokenizer
 
 @dataclasses.dataclass
 class Split:
-  """One split. ids: the stream (EOS after every document); doc_starts [D+1]; flags: SFT loss flags."""
+  """One split. ids: the stream (EOS after every document); doc_starts [D+1]; flags: SFT loss flags.
+
+  Preference pairs are documents 2i (prompt+chosen) and 2i+1 (prompt+rejected), flags on the response.
+  """
   ids: np.ndarray
   doc_starts: np.ndarray
   flags: np.ndarray | None = None
@@ -38,8 +41,9 @@ class TokenizedSource:
 
 
 def _tokenize_split(docs: list, scfg, tok: Tokenizer) -> Split:
-  if scfg.kind == "chat_jsonl":
-    ids, lengths, flags = sft.render(docs, tok, scfg.only_train_on_assistant)
+  if scfg.kind in ("chat_jsonl", "preference_jsonl"):
+    ids, lengths, flags = (sft.render(docs, tok, scfg.only_train_on_assistant) if scfg.kind == "chat_jsonl"
+                           else sft.render_pairs(docs, tok))
     return Split(ids, np.concatenate([[0], np.cumsum(lengths)]), flags)
   ids, lengths = tok.encode_flat(docs)
   stream, starts = packing.append_eos(ids, lengths, tok.eos_id)

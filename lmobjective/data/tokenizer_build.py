@@ -27,11 +27,17 @@ def source_weights(data_cfg) -> dict[str, float]:
   return {name: float(s.weight) for name, s in data_cfg.sources.items()}
 
 
+def _texts(doc) -> list[str]:
+  """The text of a document: a string, a conversation's contents, or a pair's prompt and responses."""
+  if isinstance(doc, dict):
+    return _texts(doc["prompt"]) + [doc["chosen"], doc["rejected"]]
+  return [m["content"] for m in doc] if isinstance(doc, list) else [doc]
+
+
 def _lines(docs: list) -> list[str]:
   out = []
   for d in docs:
-    texts = [m["content"] for m in d] if isinstance(d, list) else [d]
-    for t in texts:
+    for t in _texts(d):
       for line in t.split("\n"):
         out += [line[i:i + _MAX_LINE_CHARS] for i in range(0, len(line), _MAX_LINE_CHARS) if line[i:i + _MAX_LINE_CHARS].strip()]
   return out
