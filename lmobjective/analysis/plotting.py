@@ -37,9 +37,35 @@ def loss_curves(records: list[dict], title: str = "") -> plt.Figure:
   return fig
 
 
+def preference_curves(records: list[dict], title: str = "") -> plt.Figure:
+  """A preference stage under TRL's names. Left: loss per pair. Middle: rewards (chosen, rejected,
+  margins; train solid, val dots). Right: rewards/accuracies and the reference-free preference
+  accuracy on held-out pairs (raw and length-normalised)."""
+  fig, (ax_loss, ax_rew, ax_acc) = plt.subplots(1, 3, figsize=(15, 4))
+  for key, style, label in (("train_loss", "-", "train loss"), ("val_loss", "o-", "val loss")):
+    ax_loss.plot(*split_series(records, key), style, label=label, lw=1.5)
+  ax_loss.set(xlabel="step", ylabel="loss (per pair)", title=title or "preference loss")
+  for i, name in enumerate(("chosen", "rejected", "margins")):
+    ax_rew.plot(*split_series(records, f"rewards/{name}"), "-", color=f"C{i}", lw=1, label=f"rewards/{name}")
+    ax_rew.plot(*split_series(records, f"val_rewards/{name}"), "o", color=f"C{i}", label=f"val_rewards/{name}")
+  ax_rew.axhline(0, color="k", lw=0.5)
+  ax_rew.set(xlabel="step", ylabel="implicit reward", title="rewards")
+  for key, style in (("rewards/accuracies", "-"), ("val_rewards/accuracies", "o-"),
+                     ("val_preference_accuracy", "s--"), ("val_preference_accuracy_normalized", "^--")):
+    ax_acc.plot(*split_series(records, key), style, lw=1, label=key)
+  ax_acc.set(xlabel="step", ylabel="share of pairs", ylim=(0, 1), title="accuracies")
+  for ax in (ax_loss, ax_rew, ax_acc):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  return fig
+
+
 def save_loss_curves(records: list[dict], workdir: str, title: str = "") -> str:
+  """loss_curves.png: `loss_curves`, or `preference_curves` for a run whose lines carry TRL's names."""
   path = os.path.join(workdir, LOSS_PNG)
-  fig = loss_curves(records, title)
+  pairs = any("rewards/margins" in r or "val_rewards/margins" in r for r in records)
+  fig = (preference_curves if pairs else loss_curves)(records, title)
   with files.atomic_path(path) as tmp:
     fig.savefig(tmp, dpi=110)
   plt.close(fig)

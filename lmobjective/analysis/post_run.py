@@ -14,7 +14,9 @@ from lmobjective.run import metrics_log
 
 
 def loss_by_position(exp, params, workdir: str, lead: bool) -> None:
-  """val_loss_by_position.json (computed on every process, written by the lead one)."""
+  """val_loss_by_position.json (computed on every process, written by the lead one); next-token runs only."""
+  if exp.config.objective.kind != "next_token":
+    return
   position_loss.save(exp, params, workdir, write=lead)
 
 
@@ -37,6 +39,8 @@ STEPS = (loss_by_position, loss_curves_and_table, diagnostics)
 
 def print_loss_table(records: list[dict]) -> None:
   evals = [r for r in records if "val_loss" in r]
+  if evals and "val_rewards/margins" in evals[0]:
+    return print_preference_table(records)
   train = {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
   print(f"{'step':>6} {'train_loss':>10} {'val_loss':>9} {'val_ppl':>9} {'val_bpb':>8}")
   for r in evals:
@@ -45,3 +49,15 @@ def print_loss_table(records: list[dict]) -> None:
           f"{r['val_perplexity']:>9.2f} {r.get('val_bits_per_byte', float('nan')):>8.4f}")
   if len(evals) >= 2:
     print(f"final val loss / step-0 val loss = {evals[-1]['val_loss'] / evals[0]['val_loss']:.3f}")
+
+
+def print_preference_table(records: list[dict]) -> None:
+  """Step / train loss / val loss per pair, TRL's val rewards, and the reference-free accuracies."""
+  evals = [r for r in records if "val_loss" in r]
+  train = {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
+  print(f"{'step':>6} {'train_loss':>10} {'val_loss':>9} {'margins':>8} {'rew_acc':>7} {'pref_acc':>8} {'norm_acc':>8}")
+  nan = float("nan")
+  for r in evals:
+    print(f"{r['step']:>6} {train.get(r['step'], nan):>10.4f} {r['val_loss']:>9.4f} "
+          f"{r.get('val_rewards/margins', nan):>8.4f} {r.get('val_rewards/accuracies', nan):>7.3f} "
+          f"{r.get('val_preference_accuracy', nan):>8.3f} {r.get('val_preference_accuracy_normalized', nan):>8.3f}")

@@ -144,21 +144,28 @@ class Pipeline:
     return self.source_names.index(name)
 
   def eval_batches(self, source_name: str, num_batches: int, batch_size: int) -> list[dict[str, np.ndarray]]:
-    """Deterministic rows of that source's validation split, in order (this process's share; wraps around).
-
-    `batch_size` counts examples: each batch has batch_size * rows_per_example rows."""
+    """Deterministic rows of that source's validation split, in order (this process's share; wraps
+    around). `batch_size` counts examples: each batch has batch_size * rows_per_example rows. Pairs
+    do not wrap: each held-out pair is scored once and the slots past the split are padding pairs."""
     s = self.source_index(source_name)
     rows = self._rows(s, self.sources[s].val, shuffle=False)
     self._check_trainable(s, rows, "val")
-    needed, unit = num_batches * batch_size * self.process_count, "pairs" if self.rows_per_example == 2 else "rows"
+    needed, pairs = num_batches * batch_size * self.process_count, self.rows_per_example == 2
     if needed > rows.num_rows:
-      warnings.warn(f"data.sources.{source_name}: eval asks for {needed} {unit}, the validation split has "
-                    f"{rows.num_rows}; {unit} repeat", DataWarning, stacklevel=2)
+      warnings.warn(f"data.sources.{source_name}: eval asks for {needed} {'pairs' if pairs else 'rows'}, the "
+                    f"validation split has {rows.num_rows}; "
+                    f"{'the rest are padding pairs (each held-out pair is scored once)' if pairs else 'rows repeat'}",
+                    DataWarning, stacklevel=2)
     out = []
     for b in range(num_batches):
       first = (b * self.process_count + self.process_index) * batch_size
       ctr = np.arange(first, first + batch_size, dtype=np.int64)
-      out.append(self._assemble(np.full(batch_size, s), ctr, {s: rows}))
+      batch = self._assemble(np.full(batch_size, s), ctr, {s: rows})
+      if pairs:  # a pair past the split is padding: no scored token, so no pair (`preference.pair_valid`)
+        past_R = np.repeat(ctr >= rows.num_rows, 2)
+        batch["loss_mask"][past_R] = False
+        batch["source_ids"][past_R] = -1
+      out.append(batch)
     return out
 
   # ---- accounting -------------------------------------------------------------------------

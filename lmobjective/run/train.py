@@ -406,7 +406,7 @@ def _print_header(exp: Experiment, state) -> None:
   c = exp.config
   print(f"lmobjective | devices {jax.device_count()} x {jax.devices()[0].device_kind} | mesh "
         f"{dict(exp.mesh.shape)} | params {count_params(state.params):,} | vocab {exp.model_cfg.vocab_size}"
-        f" (ln V = {np.log(exp.model_cfg.vocab_size):.3f}) | {c.train.batch_size}x{c.data.context_length}"
+        f" (ln V = {np.log(exp.model_cfg.vocab_size):.3f}) | {c.train.batch_size * exp.pipeline.rows_per_example}x{c.data.context_length}"
         f" positions/step | {exp.flops_per_token / 1e6:.1f} MFLOP/position")
   print("sources (token share): " + ", ".join(
       f"{n} {w:.2f}" for n, w in zip(exp.pipeline.source_names, exp.pipeline.weights)))

@@ -132,11 +132,14 @@ def test_split_is_seeded_and_disjoint_by_pair(tmp_path):
   tok = tokenizers.CharTokenizer("qcr0123456789")
   pipe = _pipeline(tmp_path, records, T=8, batch_size=2, tok=tok, val_fraction=0.1)
   assert pipe.sources[0].val.num_documents == 8
-  with pytest.warns(DataWarning, match="eval asks for 6 pairs, the validation split has 4; pairs repeat"):
+  with pytest.warns(DataWarning, match="eval asks for 6 pairs, the validation split has 4; the rest are padding"):
     ev = pipe.eval_batches("f", num_batches=3, batch_size=2)
   assert [e["inputs"].shape for e in ev] == [(4, 8)] * 3
-  prompts = {tok.decode(r[1:4]) for e in ev for r in e["inputs"]}
-  assert prompts == {r["prompt"] for r in d.val}
+  scored = [r for e in ev for r, m in zip(e["inputs"], e["loss_mask"]) if m.any()]
+  assert len(scored) == 8  # each held-out pair once (two rows), then padding pairs
+  assert not ev[2]["loss_mask"].any() and (ev[2]["source_ids"] == -1).all()
+  prompts = [tok.decode(r[1:4]) for r in scored[0::2]]
+  assert sorted(prompts) == sorted(r["prompt"] for r in d.val)
 
 
 GOOD = json.dumps(PLAIN)
