@@ -2,6 +2,7 @@
 
     python -m lmobjective.analysis.evaluate --workdir=runs/default --text_file=notes.txt
     python -m lmobjective.analysis.evaluate --workdir=runs/default --source=code [--num_batches=16] [--step=200]
+    python -m lmobjective.analysis.evaluate --workdir=runs/sft --pairs_file=pairs.jsonl
 
 --text_file scores the file as one document (first token predicted from EOS, context-length rows).
 --source scores the validation rows of a configured source exactly as the training eval does
@@ -16,13 +17,18 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
+import jax
+
+from lmobjective import config as config_lib
 from lmobjective import data, objective, step
 from lmobjective.analysis import inspection
-from lmobjective.data import sources
+from lmobjective.data import sources, streams, tokenized
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory (with checkpoints/ and tokenizer/).")
 _TEXT_FILE = flags.DEFINE_string("text_file", None, "A UTF-8 text file to score as one document.")
 _SOURCE = flags.DEFINE_string("source", None, "A configured source: score its validation split.")
+_PAIRS_FILE = flags.DEFINE_string("pairs_file", None, "A preference_jsonl file: the reference-free preference "
+                                  "accuracy of the run on its pairs (any stage's model).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable one).")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", None, "Eval batches for --source (default: eval.num_batches).")
 
@@ -41,6 +47,39 @@ def evaluate_source(run: inspection.Run, name: str, num_batches: int | None = No
   out = objective.summarize(sums[0], sums[1], sums[2])
   out["num_bytes"] = int(sums[2])
   return out
+
+
+def pairs_source(path: str, max_prompt_length: int | None = None, max_response_length: int | None = None):
+  """The `preference_jsonl` source of a file, every pair in it (no validation split)."""
+  scfg = config_lib.load_config_file(config_lib.DEFAULT_CONFIG).data.sources.code
+  scfg.update(kind="preference_jsonl", path=path, val_fraction=0.0, max_prompt_length=max_prompt_length,
+              max_response_length=max_response_length)
+  return config_lib.section(config_lib.SourceConfig, scfg, "pairs.")
+
+
+def evaluate_pairs(run: inspection.Run, path: str, max_prompt_length: int | None = None,
+                   max_response_length: int | None = None, batch_size: int = 32) -> dict[str, float]:
+  """The reference-free preference accuracy of `run` on every pair of a preference_jsonl file, read and
+  truncated as a preference run reads it: the share of pairs with log π(chosen|x) > log π(rejected|x)
+  (`preference_accuracy`) and with the length-averaged log-probs (`_normalized`), and the mean summed
+  log-probs and their mean margin (`logps/chosen`, `logps/rejected`, `logps/margin`). Any stage's
+  model can be scored: it needs no reference."""
+  split = tokenized.tokenize("pairs", pairs_source(path, max_prompt_length, max_response_length), run.tokenizer).train
+  rows = streams.PairRows(split, run.context_length, run.tokenizer.pad_id, run.config.data.document_masking,
+                          seed=0, key=0, shuffle=False, max_prompt_length=max_prompt_length,
+                          max_response_length=max_response_length)
+  totals = np.zeros(5)  # pairs, correct, normalized correct, logp chosen, logp rejected
+  for first in range(0, rows.num_rows, batch_size):
+    ctr_P = np.arange(first, first + batch_size)
+    batch = rows.fields(ctr_P)
+    batch["loss_mask"][np.repeat(ctr_P >= rows.num_rows, 2)] = False  # the last batch's padding pairs
+    acc, logps, valid_P = jax.device_get(run.pair_program(run.params, {k: batch[k] for k in step.MODEL_FIELDS}))
+    totals += [acc.num_pairs, acc.correct_sum, acc.normalized_correct_sum, logps.chosen[valid_P].sum(),
+               logps.rejected[valid_P].sum()]
+  n = max(float(totals[0]), 1.0)
+  return {"num_pairs": int(totals[0]), "preference_accuracy": float(totals[1]) / n,
+          "preference_accuracy_normalized": float(totals[2]) / n, "logps/chosen": float(totals[3]) / n,
+          "logps/rejected": float(totals[4]) / n, "logps/margin": float(totals[3] - totals[4]) / n}
 
 
 def read_text_file(path: str) -> str:
@@ -71,8 +110,8 @@ def format_metrics(m: dict, step_: int) -> str:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _WORKDIR.value is None or (_TEXT_FILE.value is None) == (_SOURCE.value is None):
-    sys.exit("error: give --workdir and exactly one of --text_file or --source")
+  if _WORKDIR.value is None or [_TEXT_FILE.value, _SOURCE.value, _PAIRS_FILE.value].count(None) != 2:
+    sys.exit("error: give --workdir and exactly one of --text_file, --source or --pairs_file")
   if not flags.FLAGS["verbosity"].present:
     absl_logging.set_verbosity(absl_logging.WARNING)
   try:  # the text first (cheap); restore validates the checkpoint's config (a ConfigError is a ValueError)
@@ -80,6 +119,13 @@ def main(argv) -> None:
     run = inspection.restore(_WORKDIR.value, step=_STEP.value)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
+  if _PAIRS_FILE.value is not None:
+    try:
+      m = evaluate_pairs(run, _PAIRS_FILE.value)
+    except (FileNotFoundError, ValueError) as e:
+      sys.exit(f"error: {e}")
+    print(f"{'step':<31} {run.step}\n" + "\n".join(f"{k:<31} {v:.6g}" for k, v in m.items()))
+    return
   if text is not None:
     m = run.perplexity([text])
   else:

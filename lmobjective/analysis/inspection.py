@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from lmobjective import config as config_lib
-from lmobjective import objective, sharding, step, validation
+from lmobjective import objective, preference, sharding, step, validation
 from lmobjective.analysis import generate as gen
 from lmobjective.data import tokenizers
 from lmobjective.model import ModelConfig, Transformer
@@ -95,6 +95,24 @@ class Run:
     chunk = int(self.config.objective.loss_chunk_size)
     return sharding.Program(lambda params, batch: step.eval_step(
         params, batch, model=self.model, token_bytes_V=token_bytes, loss_chunk_size=chunk), self.mesh)
+
+  @functools.cached_property
+  def pair_program(self):
+    """(params, pair batch) -> (AccuracySums, PairLogps, valid pair mask): the reference-free view of
+    pairs (`analysis.evaluate.evaluate_pairs`), through the one loss entry point."""
+    chunk = int(self.config.objective.loss_chunk_size)
+
+    def fn(params, batch):
+      losses = objective.score(self.model, params, batch, chunk_size=chunk)
+      pairs = preference.pair_logps(losses, batch["loss_mask"])
+      valid_P = preference.pair_valid(pairs)
+      return preference.preference_accuracy(pairs, valid_P), pairs, valid_P
+    return sharding.Program(fn, self.mesh)
+
+  def preference_accuracy(self, path: str, **kw) -> dict[str, float]:
+    """`analysis.evaluate.evaluate_pairs` of this run on a preference_jsonl file."""
+    from lmobjective.analysis import evaluate
+    return evaluate.evaluate_pairs(self, path, **kw)
 
   @functools.cached_property
   def _last_logits(self):
