@@ -20,7 +20,7 @@ from absl import logging as absl_logging
 import jax
 
 from lmobjective import config as config_lib
-from lmobjective import data, objective, step
+from lmobjective import data, objective, preference, step
 from lmobjective.analysis import inspection
 from lmobjective.data import sources, streams, tokenized
 
@@ -57,29 +57,35 @@ def pairs_source(path: str, max_prompt_length: int | None = None, max_response_l
   return config_lib.section(config_lib.SourceConfig, scfg, "pairs.")
 
 
-def evaluate_pairs(run: inspection.Run, path: str, max_prompt_length: int | None = None,
-                   max_response_length: int | None = None, batch_size: int = 32) -> dict[str, float]:
-  """The reference-free preference accuracy of `run` on every pair of a preference_jsonl file, read and
-  truncated as a preference run reads it: the share of pairs with log π(chosen|x) > log π(rejected|x)
-  (`preference_accuracy`) and with the length-averaged log-probs (`_normalized`), and the mean summed
-  log-probs and their mean margin (`logps/chosen`, `logps/rejected`, `logps/margin`). Any stage's
-  model can be scored: it needs no reference."""
+def pair_logps(run: inspection.Run, path: str, max_prompt_length: int | None = None,
+               max_response_length: int | None = None, batch_size: int = 32) -> preference.PairLogps:
+  """`run`'s summed response log-probs and response lengths for every pair of a preference_jsonl
+  file, in file order (NumPy [P]), read and truncated as a preference run reads it."""
   split = tokenized.tokenize("pairs", pairs_source(path, max_prompt_length, max_response_length), run.tokenizer).train
   rows = streams.PairRows(split, run.context_length, run.tokenizer.pad_id, run.config.data.document_masking,
                           seed=0, key=0, shuffle=False, max_prompt_length=max_prompt_length,
                           max_response_length=max_response_length)
-  totals = np.zeros(5)  # pairs, correct, normalized correct, logp chosen, logp rejected
+  parts = []
   for first in range(0, rows.num_rows, batch_size):
-    ctr_P = np.arange(first, first + batch_size)
-    batch = rows.fields(ctr_P)
-    batch["loss_mask"][np.repeat(ctr_P >= rows.num_rows, 2)] = False  # the last batch's padding pairs
-    acc, logps, valid_P = jax.device_get(run.pair_program(run.params, {k: batch[k] for k in step.MODEL_FIELDS}))
-    totals += [acc.num_pairs, acc.correct_sum, acc.normalized_correct_sum, logps.chosen[valid_P].sum(),
-               logps.rejected[valid_P].sum()]
-  n = max(float(totals[0]), 1.0)
-  return {"num_pairs": int(totals[0]), "preference_accuracy": float(totals[1]) / n,
-          "preference_accuracy_normalized": float(totals[2]) / n, "logps/chosen": float(totals[3]) / n,
-          "logps/rejected": float(totals[4]) / n, "logps/margin": float(totals[3] - totals[4]) / n}
+    batch = rows.fields(np.arange(first, first + batch_size))  # the last one wraps: cut below
+    parts.append(jax.device_get(run.pair_program(run.params, {k: batch[k] for k in step.MODEL_FIELDS})))
+  return preference.PairLogps(*(np.concatenate([np.asarray(p[i]) for p in parts])[:rows.num_rows] for i in range(4)))
+
+
+def evaluate_pairs(run: inspection.Run, path: str, **kw) -> dict[str, float]:
+  """The reference-free preference accuracy of `run` on every pair of a preference_jsonl file
+  (`pair_logps`; `kw` its truncation and batch size): the share of pairs with log π(chosen|x) >
+  log π(rejected|x) (`preference_accuracy`) and with the length-averaged log-probs (`_normalized`),
+  the mean summed log-probs and their mean margin (`logps/chosen`, `logps/rejected`, `logps/margin`).
+  Any stage's model can be scored: it needs no reference."""
+  logps = pair_logps(run, path, **kw)
+  valid_P = np.asarray(preference.pair_valid(logps))
+  acc = preference.preference_accuracy(logps, valid_P)
+  n = max(int(acc.num_pairs), 1)
+  chosen, rejected = float(logps.chosen[valid_P].sum()) / n, float(logps.rejected[valid_P].sum()) / n
+  return {"num_pairs": int(acc.num_pairs), "preference_accuracy": int(acc.correct_sum) / n,
+          "preference_accuracy_normalized": int(acc.normalized_correct_sum) / n, "logps/chosen": chosen,
+          "logps/rejected": rejected, "logps/margin": chosen - rejected}
 
 
 def read_text_file(path: str) -> str:

@@ -98,16 +98,10 @@ class Run:
 
   @functools.cached_property
   def pair_program(self):
-    """(params, pair batch) -> (AccuracySums, PairLogps, valid pair mask): the reference-free view of
-    pairs (`analysis.evaluate.evaluate_pairs`), through the one loss entry point."""
+    """(params, pair batch) -> `PairLogps`, through the one loss entry point (`analysis.evaluate.pair_logps`)."""
     chunk = int(self.config.objective.loss_chunk_size)
-
-    def fn(params, batch):
-      losses = objective.score(self.model, params, batch, chunk_size=chunk)
-      pairs = preference.pair_logps(losses, batch["loss_mask"])
-      valid_P = preference.pair_valid(pairs)
-      return preference.preference_accuracy(pairs, valid_P), pairs, valid_P
-    return sharding.Program(fn, self.mesh)
+    return sharding.Program(lambda params, batch: preference.pair_logps(
+        objective.score(self.model, params, batch, chunk_size=chunk), batch["loss_mask"]), self.mesh)
 
   def preference_accuracy(self, path: str, **kw) -> dict[str, float]:
     """`analysis.evaluate.evaluate_pairs` of this run on a preference_jsonl file."""
