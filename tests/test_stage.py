@@ -118,6 +118,8 @@ def test_restore_reads_the_stage_own_checkpoint_and_tokenizer(origin, stage_run)
   assert any(not np.array_equal(a, b) for a, b in leaves)  # two steps trained on top of the origin
   assert np.isfinite(run.perplexity("def f(x):\n    return x\n")["loss"])
   assert isinstance(run.generate("def ", max_new_tokens=4, temperature=0.0), str)
+  assert [r["step"] for r in run.metrics if "val_loss" in r] == [0, 2]  # the stage's own metrics.jsonl
+  run.plot_loss_curves()  # the notebook's plots read the same
 
 
 def test_resume_restores_the_stage_checkpoint_and_the_recorded_reference(origin, stage_run):
