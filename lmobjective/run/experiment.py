@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,7 @@ from lmobjective import config as config_lib
 from lmobjective import data, objective, preference, sharding, step, validation
 from lmobjective.model import ModelConfig, Transformer, flops_per_token
 from lmobjective.optimizer import make_optimizer, skipped_update_state
-from lmobjective.run import hardware
+from lmobjective.run import hardware, stage
 
 
 @dataclasses.dataclass
@@ -44,10 +44,14 @@ class Experiment:
   state_sharding: step.TrainState  # of NamedShardings
   train_fn: sharding.Program  # (state, batch) -> (state, metrics)
   eval_fn: sharding.Program  # (params, batch) -> objective.LossSums
-  init_fn: sharding.Program  # (key) -> state
+  init_fn: sharding.Program | stage.SeededInit  # (key) -> state
   eval_sets: dict[str, list[dict]]
   flops_per_token: float
   peak_flops: float | None
+  origin: stage.Origin | None = None  # train.init_from, resolved; None = from scratch
+  # The origin's params, sharded like the policy's and never donated (init_fn copies them): the
+  # frozen reference of a preference objective. None without train.init_from.
+  reference_params: Any = None
 
 
 def _check_batch_divides(config, mesh) -> None:
@@ -105,7 +109,10 @@ def build(raw_config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
   mesh = sharding.make_mesh(config.mesh, devices)
   _check_batch_divides(config, mesh)
   validation.check_mesh_divides(mesh.shape, validation.sharded_dims(config.model))  # -1 axes resolved
-  tokenizer, save_tokenizer = data.prepare_tokenizer(config.data, workdir)  # saved once all checks passed
+  origin_req = stage.request(config.train.init_from, workdir) if config.train.init_from else None
+  tokenizer, save_tokenizer = (  # saved once all checks passed
+      stage.prepare_tokenizer(config.data, workdir, origin_req) if origin_req else
+      data.prepare_tokenizer(config.data, workdir))
   _check_vocab_fits(config.model, mesh, tokenizer)
   n_proc = jax.process_count()
   if n_proc > 1:
@@ -124,9 +131,15 @@ def build(raw_config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     state_shape = jax.eval_shape(init, jax.random.key(0))
     state_sharding = sharding.state_shardings(state_shape, params_sharding, tx, mesh)
   init_fn = sharding.Program(init, mesh, out_shardings=state_sharding)
+  origin, reference = None, None
+  if origin_req:  # step 0 starts from the origin's params (a copy), with a fresh optimizer state
+    abstract = sharding.abstract_state(state_shape.params, state_sharding.params)
+    origin, reference = stage.load(origin_req, raw_config, abstract, tokenizer)
+    init_fn = stage.SeededInit(sharding.Program(functools.partial(stage.start_state, tx), mesh,
+                                                out_shardings=state_sharding), reference)
   token_bytes = jnp.asarray(tokenizer.token_byte_lengths(), jnp.int32)
   train_fn, eval_fn = _step_programs(config, model, tx, mesh, state_sharding, params_sharding, token_bytes,
-                                     reference_params=None)
+                                     reference_params=reference)
   per_proc_eval = config.eval.batch_size // n_proc
   eval_sets = {name: pipeline.eval_batches(name, config.eval.num_batches, per_proc_eval)
                for name in pipeline.source_names} if config.eval.num_batches else {}
@@ -136,7 +149,8 @@ def build(raw_config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
       tokenizer=tokenizer, pipeline=pipeline, state_sharding=state_sharding, train_fn=train_fn,
       eval_fn=eval_fn, init_fn=init_fn, eval_sets=eval_sets,
       flops_per_token=flops_per_token(model_cfg, T),
-      peak_flops=hardware.peak_flops_per_device(config.model.compute_dtype))
+      peak_flops=hardware.peak_flops_per_device(config.model.compute_dtype), origin=origin,
+      reference_params=reference)
 
 
 def preference_loss(config: config_lib.Config) -> step.PreferenceLoss | None:

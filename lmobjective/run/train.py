@@ -14,8 +14,8 @@ model, too many skipped steps; that state is never saved).
 
 Nothing is written before the run is validated and built: the workdir lock first (which creates
 the directory, and removes it again if the run fails before writing anything else), then the
-build, the resume checks (config, tokenizer, data fingerprints), and only then config.json, the
-tokenizer's directory is kept, and checkpoints/ and metrics are written.
+build, the resume checks (config, tokenizer, data fingerprints, a stage's origin: `stage.py`), and
+only then config.json, the tokenizer's directory is kept, and checkpoints/ and metrics are written.
 
 Counts in metric names. A *token* is a scored target (loss_mask set and target >= 0):
 `tokens_seen` (cumulative), `tokens/<source>` and `share/<source>`, and the denominators of
@@ -162,6 +162,8 @@ def _save(exp, watch: save_watch.SaveWatch, state, batches, accounting, loop: Lo
           "pending": ckpt_lib.encode_metrics(loop.pending),
           "tokenizer": {"path": "tokenizer", "fingerprint": exp.tokenizer.fingerprint()},
           "data": exp.pipeline.fingerprints()}
+  if exp.origin is not None:  # train.init_from: a resume reloads exactly this reference
+    meta["origin"] = exp.origin.record()
   watch.save(state, meta, exp.raw_config, val_loss)
 
 
@@ -317,9 +319,11 @@ def _pairs_record(metrics_list) -> dict[str, Any]:
   return {"train_loss": m.pop("loss"), **m}
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+def write_config(config: ml_collections.ConfigDict, workdir: str, origin=None) -> None:
+  """The config as given; a stage (train.init_from) adds a top-level "origin": {workdir, step, params_fingerprint}."""
   path = os.path.join(workdir, "config.json")
-  files.write_json(path, config.to_dict(), indent=2, sort_keys=True, default=str)
+  record = {**config.to_dict(), **({"origin": origin.record()} if origin is not None else {})}
+  files.write_json(path, record, indent=2, sort_keys=True, default=str)
 
 
 PostRunStep = Callable[[Experiment, Any, str, bool], None]
@@ -386,7 +390,7 @@ def _train(exp: Experiment, config, workdir: str, lead: bool, mngr, watch):
   if lead:  # every check passed: the run's files are written from here on
     files.remove_stale_temporaries(
         workdir, ["config.json", lock.LOCK_FILE, metrics_log.METRICS_FILE, metrics_log.UNREADABLE_FILE])
-    write_config(config, workdir)
+    write_config(config, workdir, exp.origin)
     metrics_log.truncate_metrics(workdir, resumed_step)  # lines past the checkpoint are written again
     if resumed_step is not None:
       print(f"resuming from the checkpoint at step {resumed_step}", flush=True)
@@ -408,6 +412,9 @@ def _print_header(exp: Experiment, state) -> None:
         f"{dict(exp.mesh.shape)} | params {count_params(state.params):,} | vocab {exp.model_cfg.vocab_size}"
         f" (ln V = {np.log(exp.model_cfg.vocab_size):.3f}) | {c.train.batch_size * exp.pipeline.rows_per_example}x{c.data.context_length}"
         f" positions/step | {exp.flops_per_token / 1e6:.1f} MFLOP/position")
+  if exp.origin is not None:
+    o = exp.origin
+    print(f"init_from: {o.workdir} step {o.step} (params sha256 {o.params_fingerprint})")
   print("sources (token share): " + ", ".join(
       f"{n} {w:.2f}" for n, w in zip(exp.pipeline.source_names, exp.pipeline.weights)))
   for at, w_S in exp.pipeline.stages:

@@ -1,0 +1,239 @@
+"""The origin of a training stage: `train.init_from` = "WORKDIR" (its newest readable checkpoint) or "WORKDIR:STEP".
+
+A stage starts at step 0 from another run's parameters: a fresh optimizer state, schedule and data
+position, the origin's tokenizer (`WORKDIR/tokenizer`, never trained again, so the ids match; the
+stage saves a copy in its own workdir), and the origin's model (`model.*` must agree, resolved).
+The origin's parameters stay on device as the stage's frozen reference (`Experiment.reference_params`).
+
+Every check here is one `ConfigError` line raised while the experiment is built, before the run
+writes anything. The origin is recorded (`Origin.record()`) in config.json and in every
+checkpoint's meta; a resumed stage reloads the recorded step, never "the newest" (which may have
+moved on), and refuses if those parameters changed or are gone: its reference stays the one it
+started from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+
+from lmobjective import config as config_lib
+from lmobjective import step
+from lmobjective.config import ConfigError
+from lmobjective.data import tokenizers
+from lmobjective.run import checkpoint as ckpt_lib
+
+KEY = "train.init_from"
+# Keys of config.model that change how the parameters are computed or regularised, not what they
+# are: a stage may set them its own way (e.g. dropout for SFT). Every other key must match.
+FREE_MODEL_KEYS = ("remat", "attention", "compute_dtype", "dropout", "init_std")
+
+
+@dataclasses.dataclass(frozen=True)
+class Origin:
+  """The checkpoint a stage started from."""
+  workdir: str  # absolute
+  step: int
+  params_fingerprint: str  # sha256 hex of the params' `checkpoint.checksums`
+
+  def record(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """Where to load the origin from: `step` None = the newest readable; `fingerprint` set on resume."""
+  spec: str  # train.init_from as given
+  workdir: str
+  step: int | None
+  fingerprint: str | None = None
+
+
+def parse(spec: str) -> tuple[str, int | None]:
+  """'WORKDIR' -> (absolute WORKDIR, None); 'WORKDIR:STEP' -> (absolute WORKDIR, STEP)."""
+  head, sep, tail = spec.rpartition(":")
+  path, at = (head, int(tail)) if sep and head and tail.isdigit() else (spec, None)
+  return os.path.abspath(os.path.expanduser(path)), at
+
+
+def params_fingerprint(params) -> str:
+  sums = ckpt_lib.checksums({"params": params})
+  return hashlib.sha256(json.dumps(sums, sort_keys=True).encode()).hexdigest()
+
+
+# ---- which checkpoint ---------------------------------------------------------------------------
+
+
+def request(spec: str, workdir: str) -> Request:
+  """The origin this run's own checkpoints recorded (a resume), else the one `spec` names; checks it exists."""
+  recorded = recorded_origin(workdir)
+  if recorded is not None:
+    req = Request(spec, recorded["workdir"], recorded["step"], recorded["params_fingerprint"])
+    if req.step not in ckpt_lib.finalized_steps(req.workdir):
+      raise ConfigError(KEY, spec, f"this run started from {req.workdir} step {req.step}, which is gone: its "
+                        "reference would change; restore that checkpoint, or use a new workdir")
+    return req
+  origin_dir, at = parse(spec)
+  if origin_dir == os.path.abspath(workdir):
+    raise ConfigError(KEY, spec, "is this run's own workdir; a stage starts from another run's checkpoint")
+  steps = ckpt_lib.finalized_steps(origin_dir)
+  if not steps:
+    raise ConfigError(KEY, spec, f"{os.path.join(origin_dir, ckpt_lib.CKPT_DIR)} holds no checkpoint")
+  if at is not None and at not in steps:
+    raise ConfigError(KEY, spec, f"{origin_dir} has no checkpoint at step {at} (it has steps {steps})")
+  return Request(spec, origin_dir, at)
+
+
+def recorded_origin(workdir: str) -> dict | None:
+  """The origin recorded in the meta of this run's newest checkpoint whose meta reads, else None."""
+  if not ckpt_lib.finalized_steps(workdir):
+    return None
+  mngr = ckpt_lib.make_manager(workdir, read_only=True)
+  try:
+    for s in sorted(mngr.all_steps(), reverse=True):
+      try:
+        return mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"].get("origin")
+      except Exception:  # damaged: restore_latest reports and moves it
+        continue
+    return None
+  finally:
+    mngr.close()
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------
+
+
+def prepare_tokenizer(data_cfg, workdir: str, req: Request):
+  """(the origin's tokenizer, save) like `data.prepare_tokenizer`: refuses a setting that conflicts with it."""
+  data_cfg = config_lib.section(config_lib.DataConfig, data_cfg, "data.")
+  origin_tok_dir = os.path.join(req.workdir, "tokenizer")
+  tok, have = tokenizers.load(origin_tok_dir, key=KEY)
+  tcfg = data_cfg.tokenizer
+  if tcfg.path is not None:
+    other, _ = tokenizers.load(os.path.expanduser(tcfg.path))
+    if other.fingerprint() != tok.fingerprint():
+      raise ConfigError("data.tokenizer.path", tcfg.path, f"is not the origin's tokenizer ({origin_tok_dir}; fingerprint "
+                        f"{other.fingerprint()} vs {tok.fingerprint()}); a stage reuses its origin's: unset it")
+  else:
+    for field, value in tokenizers.spec(tcfg).items():
+      if have.get(field, value) != value:
+        raise ConfigError(f"data.tokenizer.{field}", value, f"the origin's tokenizer ({origin_tok_dir}) has "
+                          f"{field}={have.get(field)!r}; a stage reuses it: set the same")
+  run_dir = os.path.join(workdir, "tokenizer")
+  if not os.path.isdir(run_dir):
+    return tok, functools.partial(tokenizers.save, tok, run_dir, have)
+  own, _ = tokenizers.load(run_dir, key="workdir")
+  if own.fingerprint() != tok.fingerprint():
+    raise ConfigError("data.tokenizer", run_dir, f"differs from the origin's tokenizer ({origin_tok_dir}); "
+                      "use a new workdir")
+  return own, lambda: None
+
+
+# ---- model and parameters ---------------------------------------------------------------------
+
+
+def resolved_model(config: dict, vocab_size: int) -> dict:
+  """`config['model']` (a config.json-like dict) with its derived values filled in (None = derived)."""
+  m = dict(config["model"])
+  m["vocab_size"] = m.get("vocab_size") or vocab_size
+  m["num_kv_heads"] = m.get("num_kv_heads") or m["num_heads"]
+  m["max_len"] = m["max_len"] if m.get("max_len") is not None else config["data"]["context_length"]
+  m["mlp_dim"] = config_lib.mlp_dim(ml_collections.ConfigDict(m))
+  return m
+
+
+def check_model(saved: dict, current: dict, vocab_size: int, where: str) -> None:
+  """Refuses, naming the first differing `model.X`, a model other than the origin's (`where`)."""
+  a, b = resolved_model(saved, vocab_size), resolved_model(current, vocab_size)
+  for k in sorted(set(a) | set(b)):
+    if k not in FREE_MODEL_KEYS and a.get(k, "<absent>") != b.get(k, "<absent>"):
+      raise ConfigError(f"model.{k}", b.get(k, "<absent>"),
+                        f"the origin ({where}) has {a.get(k, '<absent>')!r}; a stage keeps its origin's model")
+
+
+def load(req: Request, raw_config, abstract_params, tokenizer) -> tuple[Origin, dict]:
+  """(Origin, params on `abstract_params`' shardings) of the requested checkpoint, after the model check."""
+  steps = [req.step] if req.step is not None else sorted(ckpt_lib.finalized_steps(req.workdir), reverse=True)
+  for s in steps:
+    try:
+      got, params, meta = _restore(req, s, raw_config, abstract_params, tokenizer)
+      return _checked(req, got, params, meta, tokenizer)
+    except ConfigError:
+      raise
+    except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+      if req.step is not None:
+        _gone(req, e)
+      ckpt_lib.warn(f"{KEY}: checkpoint at step {s} of {req.workdir} is unreadable ({type(e).__name__}); "
+                    "trying the previous one")
+  raise ConfigError(KEY, req.spec, f"{req.workdir} has no readable checkpoint")
+
+
+def _restore(req: Request, s: int, raw_config, abstract_params, tokenizer):
+  mngr = ckpt_lib.make_manager(req.workdir, read_only=True)
+  try:
+    saved = mngr.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  finally:
+    mngr.close()
+  check_model(saved, ckpt_lib.config_json(raw_config), tokenizer.vocab_size, f"{req.workdir} step {s}")
+  got, params, meta, _ = ckpt_lib.restore_params(req.workdir, s, abstract_params)
+  return got, params, meta
+
+
+def _checked(req: Request, s: int, params, meta: dict, tokenizer) -> tuple[Origin, dict]:
+  if meta["tokenizer"]["fingerprint"] != tokenizer.fingerprint():
+    raise ConfigError(KEY, req.spec, f"{req.workdir}/tokenizer is not the tokenizer its checkpoint at step {s} "
+                      "was trained with")
+  origin = Origin(req.workdir, s, params_fingerprint(params))
+  if req.fingerprint is not None and origin.params_fingerprint != req.fingerprint:
+    raise ConfigError(KEY, req.spec, f"this run started from {req.workdir} step {s} with params sha256 "
+                      f"{req.fingerprint}, which now has {origin.params_fingerprint}: its reference would "
+                      "change; restore that checkpoint, or use a new workdir")
+  return origin, params
+
+
+def _gone(req: Request, e: Exception):
+  started = "this run started from it" if req.fingerprint is not None else "the requested step"
+  raise ConfigError(KEY, req.spec, f"cannot read {req.workdir} step {req.step} ({started}; {type(e).__name__}): "
+                    "restore that checkpoint, or use a new workdir") from None
+
+
+# ---- the step-0 state ---------------------------------------------------------------------------
+
+
+def start_state(tx, key: jax.Array, params) -> step.TrainState:
+  """Step 0 from `params`: a copy (the train step donates its state; the reference keeps its buffers),
+  a fresh optimizer state, and the dropout rng `step.init_state` derives from `key`."""
+  _, dropout_rng = jax.random.split(key)
+  params = jax.tree.map(jnp.copy, params)
+  return step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=dropout_rng)
+
+
+class SeededInit:
+  """`program(key, params)` with the origin's params bound: the `(key) -> state` interface of `Experiment.init_fn`."""
+
+  def __init__(self, program, params):
+    self.program, self.params, self.mesh = program, params, program.mesh
+
+  def __call__(self, key):
+    return self.program(key, self.params)
+
+  def eval_shape(self, key):
+    return self.program.eval_shape(key, self.params)
+
+  def lower(self, key):
+    return self.program.lower(key, self.params)
+
+  def compile(self, key):
+    return self.program.compile(key, self.params)
+
+  @property
+  def executables(self) -> list:
+    return self.program.executables
