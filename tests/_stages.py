@@ -7,7 +7,6 @@ import ml_collections
 import numpy as np
 
 from _tiny import ROOT, tiny_config
-from lmobjective.config import load_config_file
 
 _DEFAULT = os.path.join(ROOT, "configs", "default.py")
 

@@ -1,0 +1,120 @@
+"""The objective stack from the command line: pretrain → SFT → DPO, each stage `init_from` the one
+before, and a DPO stage killed with SIGKILL mid-run that resumes bit for bit.
+
+One config file, one stage per argument (`stack_config.py:pretrain|sft|dpo`); every run is the
+CLI a researcher types (`python -m lmobjective.train`), a few seconds each on CPU.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "faults"))
+from _faults import ROOT, cli, write_text  # noqa: E402
+from test_checkpoint import tensorboard_scalars  # noqa: E402
+
+STEPS = 8
+CONFIG = '''
+from lmobjective.config import load_config_file
+from configs.default import source
+
+
+def get_config(stage):
+  c = load_config_file({tiny!r})
+  c.data.tokenizer.kind = "byte"
+  c.data.cache_dir = {cache!r}
+  paths = {{"pretrain": ("text", {text!r}), "sft": ("chat_jsonl", {chat!r}), "dpo": ("preference_jsonl", {pairs!r})}}
+  kind, path = paths[stage]
+  c.data.sources = {{stage: source(kind, 1.0, path=path, val_fraction=0.1)}}
+  c.data.context_length = 48
+  c.train.steps, c.train.log_every_steps = {steps}, 1
+  c.checkpoint.every_steps, c.checkpoint.keep = 2, 10
+  c.eval.every_steps, c.eval.batch_size = 4, 8
+  if stage == "dpo":
+    c.objective.kind, c.objective.beta = "dpo", 0.1
+    c.train.batch_size, c.train.grad_accum_steps = 8, 2  # pairs per step, two microbatches
+  return c
+'''
+
+
+def _reverse_task(n: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  words = ["".join(rng.choice(list("abcdefgh"), rng.integers(3, 8))) for _ in range(n)]
+  return [([{"role": "user", "content": f"reverse {w}"}], w[::-1], w) for w in words]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+  d = tmp_path_factory.mktemp("stack")
+  text = write_text(d / "corpus.txt")
+  tasks = _reverse_task(240)
+  with open(d / "chat.jsonl", "w") as f:
+    for prompt, answer, _ in tasks:
+      f.write(json.dumps({"messages": prompt + [{"role": "assistant", "content": answer}]}) + "\n")
+  with open(d / "pairs.jsonl", "w") as f:
+    for prompt, answer, wrong in _reverse_task(240, seed=1):
+      f.write(json.dumps({"prompt": prompt, "chosen": answer, "rejected": wrong}) + "\n")
+  cfg = d / "stack_config.py"
+  cfg.write_text(CONFIG.format(tiny=os.path.join(ROOT, "configs", "tiny.py"), cache=str(d / "cache"), text=str(text),
+                               chat=str(d / "chat.jsonl"), pairs=str(d / "pairs.jsonl"), steps=STEPS))
+  runs = {}
+  for stage, origin in (("pretrain", None), ("sft", "pretrain"), ("dpo", "sft")):
+    args = [f"train.init_from={d / origin}"] if origin else []
+    p = cli(f"{cfg}:{stage}", d / stage, *args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs[stage] = p
+  return d, cfg
+
+
+def _lines(workdir):
+  return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_each_stage_starts_from_the_one_before(stack):
+  d, _ = stack
+  for stage, origin in (("sft", "pretrain"), ("dpo", "sft")):
+    config = json.load(open(d / stage / "config.json"))
+    assert config["origin"]["workdir"] == str(d / origin) and config["origin"]["step"] == STEPS
+    assert open(d / stage / "tokenizer" / os.listdir(d / stage / "tokenizer")[0], "rb").read() == \
+        open(d / origin / "tokenizer" / os.listdir(d / origin / "tokenizer")[0], "rb").read()
+  first = _lines(d / "dpo")[0]
+  assert first["step"] == 0 and abs(first["val_loss"] - np.log(2)) < 1e-6  # policy = reference at step 0
+  assert abs(first["val_rewards/margins"]) < 1e-6 and abs(first["val_rewards/chosen"]) < 1e-6
+
+
+def test_dpo_lines_carry_trls_names_in_the_log_and_tensorboard(stack):
+  d, _ = stack
+  lines = _lines(d / "dpo")
+  train = [r for r in lines if "train_loss" in r]
+  assert len(train) == STEPS
+  for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+              "logps/rejected"):
+    assert all(np.isfinite(r[key]) for r in train), key
+    assert len(tensorboard_scalars(d / "dpo", key)) == STEPS, key
+  val = [r for r in lines if "val_loss" in r]
+  assert [r["step"] for r in val] == [0, 4, 8]
+  for key in ("val_rewards/accuracies", "val_preference_accuracy", "val_preference_accuracy_normalized"):
+    assert all(0.0 <= r[key] <= 1.0 for r in val), key
+  assert val[-1]["val_num_pairs"] == 24  # each held-out pair once
+  assert os.path.exists(d / "dpo" / "loss_curves.png")
+
+
+def test_kill_9_mid_dpo_then_resume_equals_the_uninterrupted_run_bit_for_bit(stack):
+  d, cfg = stack
+  killed = d / "dpo_killed"
+  args = [f"train.init_from={d / 'sft'}"]
+  p = cli(f"{cfg}:dpo", killed, *args, faults="step@6=kill")  # after the checkpoint at step 4
+  assert p.returncode == -9, p.stderr[-2000:]
+  p = cli(f"{cfg}:dpo", killed, *args)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "resuming from the checkpoint at step 4" in p.stdout
+  drop = ("positions_per_sec", "mfu")
+  strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]
+  assert strip(_lines(killed)) == strip(_lines(d / "dpo"))
+  from lmobjective.analysis import inspection
+  a, b = inspection.restore(str(d / "dpo")), inspection.restore(str(killed))
+  import jax
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a.params, b.params)
