@@ -133,3 +133,13 @@ def test_eval_step_accuracy_is_reference_free_and_counts_pairs():
   assert int(acc.normalized_correct_sum) == int((mean[0::2] > mean[1::2]).sum())
   z = 2.0 * (mean[0::2] - mean[1::2]) - 0.5
   assert abs(float(pref.loss_sum) - np.sum(np.log1p(np.exp(-z)))) < 1e-5
+
+
+def test_chunked_loss_gives_the_dense_step():
+  batch, reference = _pairs(np.random.default_rng(8)), _state(optax.sgd(1.0), seed=1).params
+  tx = optax.sgd(1.0)
+  run = lambda chunk: jax.jit(functools.partial(step.preference_train_step, model=M.Transformer(CFG), tx=tx, loss=DPO,
+                                                loss_chunk_size=chunk))(_state(tx), batch, reference)
+  (dense, m_dense), (chunked, m_chunked) = run(0), run(4)
+  assert abs(float(m_dense["loss"]) - float(m_chunked["loss"])) < 1e-6
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), dense.params, chunked.params)

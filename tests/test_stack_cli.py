@@ -32,7 +32,7 @@ def get_config(stage):
   c.data.context_length = 48
   c.train.steps, c.train.log_every_steps = {steps}, 1
   c.checkpoint.every_steps, c.checkpoint.keep = 2, 10
-  c.eval.every_steps, c.eval.batch_size = 4, 8
+  c.eval.every_steps, c.eval.batch_size, c.eval.num_batches = 4, 8, 4
   if stage == "dpo":
     c.objective.kind, c.objective.beta = "dpo", 0.1
     c.train.batch_size, c.train.grad_accum_steps = 8, 2  # pairs per step, two microbatches
@@ -98,7 +98,7 @@ def test_dpo_lines_carry_trls_names_in_the_log_and_tensorboard(stack):
   assert [r["step"] for r in val] == [0, 4, 8]
   for key in ("val_rewards/accuracies", "val_preference_accuracy", "val_preference_accuracy_normalized"):
     assert all(0.0 <= r[key] <= 1.0 for r in val), key
-  assert val[-1]["val_num_pairs"] == 24  # each held-out pair once
+  assert val[-1]["val_num_pairs"] == 24  # each held-out pair once (32 slots: 8 are padding)
   assert os.path.exists(d / "dpo" / "loss_curves.png")
 
 
