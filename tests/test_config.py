@@ -1,6 +1,7 @@
 """Config boundary: keys that default to another key's value stay independent when overridden."""
 
 import os
+import re
 
 import pytest
 
@@ -127,3 +128,17 @@ def test_console_entry_points_find_their_default_config_from_any_directory(tmp_p
   assert r.returncode == 1, r.stderr[-2000:]
   assert r.stderr.strip().splitlines()[-1] == "error: config.train.steps=-1: must be in [0, inf]"
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize("preset,missing", [("sft", "config.data.sources.chat.path=None"),
+                                            ("dpo", "config.train.init_from=None")])
+def test_stage_presets_validate_once_given_their_origin_and_data(preset, missing, tmp_path):
+  from lmobjective.validation import validate
+  c = load_config_file(os.path.join(ROOT, "configs", f"{preset}.py"))
+  with pytest.raises(ConfigError, match=re.escape(missing)):
+    validate(c)
+  c.train.init_from = str(tmp_path / "origin")
+  for s in c.data.sources.values():
+    s.path = str(tmp_path / "data.jsonl")
+  validate(c)
+  assert list(c.data.sources) == [{"sft": "chat", "dpo": "pairs"}[preset]]
