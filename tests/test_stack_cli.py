@@ -118,3 +118,17 @@ def test_kill_9_mid_dpo_then_resume_equals_the_uninterrupted_run_bit_for_bit(sta
   a, b = inspection.restore(str(d / "dpo")), inspection.restore(str(killed))
   import jax
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a.params, b.params)
+
+
+def test_a_chat_prompt_is_rendered_with_the_template_and_the_reply_ends_at_the_turn(stack):
+  d, _ = stack
+  from lmobjective.analysis import inspection
+  from lmobjective.data import sft
+  run = inspection.restore(str(d / "sft"))
+  messages = [{"role": "user", "content": "reverse abcd"}]
+  assert run.prompt_ids(messages) == sft.render_prompt(messages, run.tokenizer)
+  new = run.generate_ids(messages, max_new_tokens=12, temperature=0.0)
+  reply = run.generate(messages, max_new_tokens=12, temperature=0.0)
+  stops = [i for i, t in enumerate(new) if t in (run.tokenizer.eos_id, run.tokenizer.special_id("<|end|>"))]
+  assert reply == run.tokenizer.decode(new[:stops[0] if stops else len(new)])
+  assert "<|end|>" not in reply

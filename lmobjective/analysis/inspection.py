@@ -169,12 +169,20 @@ class Run:
 
   # ---- sampling -----------------------------------------------------------------------------
 
-  def generate_ids(self, prompt: str, max_new_tokens: int = 50, temperature: float = 1.0,
+  def prompt_ids(self, prompt: str | list[dict]) -> list[int]:
+    """What the model is conditioned on: EOS + the text (a document, as in pretraining), or chat
+    messages ([{'role', 'content'}, ...]) rendered with the SFT template up to the assistant header."""
+    if isinstance(prompt, str):
+      return [self.tokenizer.eos_id] + self.tokenizer.encode(prompt)
+    from lmobjective.data import sft
+    return sft.render_prompt(list(prompt), self.tokenizer)
+
+  def generate_ids(self, prompt: str | list[dict], max_new_tokens: int = 50, temperature: float = 1.0,
                    top_k: int | None = None, seed: int = 0, use_cache: bool = True) -> list[int]:
     cfg = self.model.cfg
     if cfg.position == "learned" and max_new_tokens + 1 > cfg.max_len:
       raise ValueError(f"max_new_tokens={max_new_tokens} does not fit the learned positions (max_len={cfg.max_len})")
-    ids = [self.tokenizer.eos_id] + self.tokenizer.encode(prompt)
+    ids = self.prompt_ids(prompt)
     if cfg.position == "learned":
       ids = ids[-(cfg.max_len - max_new_tokens):]  # learned positions end at max_len
     out = self._generate[bool(use_cache)](
@@ -183,13 +191,16 @@ class Run:
         vocab_limit=self.tokenizer.vocab_size)
     return [int(t) for t in np.asarray(out)[0]]
 
-  def generate(self, prompt: str, max_new_tokens: int = 50, temperature: float = 1.0,
+  def generate(self, prompt: str | list[dict], max_new_tokens: int = 50, temperature: float = 1.0,
                top_k: int | None = None, seed: int = 0, stop_at_eos: bool = True) -> str:
-    """Continuation of `prompt` (KV-cached decoding; temperature 0 = greedy)."""
+    """Continuation of `prompt` (KV-cached decoding; temperature 0 = greedy). A chat prompt (a list
+    of messages) is rendered with the SFT template and the reply ends at the turn's <|end|>."""
     new = self.generate_ids(prompt, max_new_tokens, temperature, top_k, seed)
-    if stop_at_eos and self.tokenizer.eos_id in new:
-      new = new[:new.index(self.tokenizer.eos_id)]
-    return self.tokenizer.decode(new)
+    stops = [self.tokenizer.eos_id] if stop_at_eos else []
+    if not isinstance(prompt, str):
+      stops.append(self.tokenizer.special_id("<|end|>"))
+    cut = min([new.index(t) for t in stops if t in new], default=len(new))
+    return self.tokenizer.decode(new[:cut])
 
   # ---- plots --------------------------------------------------------------------------------
 

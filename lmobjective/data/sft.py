@@ -40,6 +40,19 @@ def render(conversations: list[list[dict]], tok: Tokenizer, only_train_on_assist
   return np.array(ids, np.int64), np.array(lengths, np.int64), np.array(flags, bool)
 
 
+def render_prompt(messages: list[dict], tok: Tokenizer) -> list[int]:
+  """The ids a model trained on `render` sees before an assistant turn: the messages rendered
+  through the template, then the assistant header (`<|assistant|>\\n`), for generation."""
+  ids, _, _ = render([messages + [{"role": "assistant", "content": ""}]], tok, only_train_on_assistant=True)
+  header = [tok.special_id("<|assistant|>")] + tok.encode("\n")
+  n = len(ids) - len(_closing(tok))  # drop the empty turn's <|end|>\n and the EOS
+  assert ids[n - len(header):n].tolist() == header
+  return ids[:n].tolist()
+
+
+def _closing(tok: Tokenizer) -> list[int]:
+  return [tok.special_id("<|end|>")] + tok.encode("\n") + [tok.eos_id]
+
 
 def render_pairs(pairs: list[dict], tok: Tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(ids, lengths, flags) of two documents per preference pair: 2i = prompt+chosen, 2i+1 = prompt+rejected.

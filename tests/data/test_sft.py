@@ -23,6 +23,14 @@ def test_render_table():
   assert TOK.decode(ids[:13]) == "<|user|>\nhi<|end|>\n<|assistant|>\nyo<|end|>\n"
 
 
+def test_render_prompt_is_the_training_rendering_up_to_the_assistant_content():
+  prompt = sft.render_prompt(CHAT["messages"][:1], TOK)
+  assert prompt == [259, 10, 104, 105, 261, 10, 260, 10]  # <|user|>\nhi<|end|>\n<|assistant|>\n (table above)
+  ids, _, flags = sft.render([CHAT["messages"]], TOK, only_train_on_assistant=True)
+  first_scored = int(np.flatnonzero(flags)[0])
+  assert ids[:first_scored].tolist() == prompt  # generation conditions on what training scored after
+
+
 def test_render_all_tokens_when_not_only_assistant():
   _, _, flags = sft.render([CHAT["messages"]], TOK, only_train_on_assistant=False)
   np.testing.assert_array_equal(flags, [False] + [True] * 12)
