@@ -6,12 +6,15 @@
 
 --text_file scores the file as one document (first token predicted from EOS, context-length rows).
 --source scores the validation rows of a configured source exactly as the training eval does
-(same rows, same eval step), so with the default --num_batches it reproduces val_loss/<source>.
+(same rows, same eval step), so with the default --num_batches it reproduces val_loss/<source>; a
+pair source gives the preference accuracy on every held-out pair. --pairs_file scores any run on
+the pairs of a preference_jsonl file (reference-free: any stage can be scored).
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 
 import numpy as np
 from absl import app, flags
@@ -23,6 +26,7 @@ from lmobjective import config as config_lib
 from lmobjective import data, objective, preference, step
 from lmobjective.analysis import inspection
 from lmobjective.data import sources, streams, tokenized
+from lmobjective.data.errors import DataWarning
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory (with checkpoints/ and tokenizer/).")
 _TEXT_FILE = flags.DEFINE_string("text_file", None, "A UTF-8 text file to score as one document.")
@@ -47,6 +51,34 @@ def evaluate_source(run: inspection.Run, name: str, num_batches: int | None = No
   out = objective.summarize(sums[0], sums[1], sums[2])
   out["num_bytes"] = int(sums[2])
   return out
+
+
+def evaluate_pair_source(run: inspection.Run, name: str, batch_size: int | None = None) -> dict[str, float]:
+  """`pair_metrics` of `run` on every held-out pair of a configured pair source, each scored once."""
+  cfg = run.config
+  batch_size = batch_size or int(cfg.eval.batch_size)
+  pipe = data.build_pipeline(cfg.data, run.tokenizer, seed=cfg.seed, batch_size=batch_size,
+                             cache_dir=cfg.data.cache_dir)
+  num_pairs = pipe.stats(step=0)["sources"][name]["val_rows"]
+  parts = []
+  with warnings.catch_warnings():  # the last batch's spare slots are padding pairs, as intended
+    warnings.simplefilter("ignore", DataWarning)
+    batches = pipe.eval_batches(name, -(-num_pairs // batch_size), batch_size)
+  for batch in batches:
+    parts.append(jax.device_get(run.pair_program(run.params, {k: batch[k] for k in step.MODEL_FIELDS})))
+  return pair_metrics(preference.PairLogps(*(np.concatenate([np.asarray(p[i]) for p in parts]) for i in range(4))))
+
+
+def pair_metrics(logps: preference.PairLogps) -> dict[str, float]:
+  """Over the valid pairs: the reference-free preference accuracy (raw; `_normalized` by length), the
+  mean summed log-probs and their mean margin."""
+  valid_P = np.asarray(preference.pair_valid(logps))
+  acc = preference.preference_accuracy(logps, valid_P)
+  n = max(int(acc.num_pairs), 1)
+  chosen, rejected = float(logps.chosen[valid_P].sum()) / n, float(logps.rejected[valid_P].sum()) / n
+  return {"num_pairs": int(acc.num_pairs), "preference_accuracy": int(acc.correct_sum) / n,
+          "preference_accuracy_normalized": int(acc.normalized_correct_sum) / n, "logps/chosen": chosen,
+          "logps/rejected": rejected, "logps/margin": chosen - rejected}
 
 
 def pairs_source(path: str, max_prompt_length: int | None = None, max_response_length: int | None = None):
@@ -78,14 +110,7 @@ def evaluate_pairs(run: inspection.Run, path: str, **kw) -> dict[str, float]:
   log π(rejected|x) (`preference_accuracy`) and with the length-averaged log-probs (`_normalized`),
   the mean summed log-probs and their mean margin (`logps/chosen`, `logps/rejected`, `logps/margin`).
   Any stage's model can be scored: it needs no reference."""
-  logps = pair_logps(run, path, **kw)
-  valid_P = np.asarray(preference.pair_valid(logps))
-  acc = preference.preference_accuracy(logps, valid_P)
-  n = max(int(acc.num_pairs), 1)
-  chosen, rejected = float(logps.chosen[valid_P].sum()) / n, float(logps.rejected[valid_P].sum()) / n
-  return {"num_pairs": int(acc.num_pairs), "preference_accuracy": int(acc.correct_sum) / n,
-          "preference_accuracy_normalized": int(acc.normalized_correct_sum) / n, "logps/chosen": chosen,
-          "logps/rejected": rejected, "logps/margin": chosen - rejected}
+  return pair_metrics(pair_logps(run, path, **kw))
 
 
 def read_text_file(path: str) -> str:
@@ -130,15 +155,20 @@ def main(argv) -> None:
       m = evaluate_pairs(run, _PAIRS_FILE.value)
     except (FileNotFoundError, ValueError) as e:
       sys.exit(f"error: {e}")
-    print(f"{'step':<31} {run.step}\n" + "\n".join(f"{k:<31} {v:.6g}" for k, v in m.items()))
-    return
+    return _print_pairs(m, run.step)
   if text is not None:
     m = run.perplexity([text])
   else:
     if _SOURCE.value not in run.config.data.sources:
       sys.exit(f"error: unknown source {_SOURCE.value!r}; the run has {', '.join(run.config.data.sources)}")
+    if run.config.data.sources[_SOURCE.value].kind == "preference_jsonl":
+      return _print_pairs(evaluate_pair_source(run, _SOURCE.value), run.step)
     m = evaluate_source(run, _SOURCE.value, _NUM_BATCHES.value)
   print(format_metrics(m, run.step))
+
+
+def _print_pairs(m: dict, step_: int) -> None:
+  print(f"{'step':<31} {step_}\n" + "\n".join(f"{k:<31} {v:.6g}" for k, v in m.items()))
 
 
 def cli() -> None:
