@@ -1,0 +1,111 @@
+"""What each stage of an objective stack changed: one table, a row per stage (pretrained, sft, dpo).
+
+Every stage's model is scored on the same three held-out sets, whatever it was trained on:
+  * `pretrain_val_loss`: the pretraining run's validation rows (its sources, its eval batches),
+    token-weighted over sources, nats per token;
+  * `sft_val_loss`: the SFT run's held-out conversations, assistant tokens only, nats per token;
+  * the DPO run's held-out pairs, each once: the reference-free `pref_accuracy` (log π(chosen|x) >
+    log π(rejected|x)), `pref_accuracy_norm` (the same with length-averaged log-probs),
+    `logp_margin` (mean log π(chosen|x) − log π(rejected|x), nats) and `num_pairs`;
+and the DPO row adds TRL's `rewards/accuracies` and `rewards/margins` from its last val line (they
+need the reference, so only the DPO stage has them).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+
+from lmobjective import files
+from lmobjective.analysis import evaluate, inspection
+
+COLUMNS = ("stage", "step", "pretrain_val_loss", "sft_val_loss", "pref_accuracy", "pref_accuracy_norm",
+           "logp_margin", "num_pairs", "rewards/accuracies", "rewards/margins")
+
+
+def _token_weighted(run: inspection.Run) -> float:
+  """val_loss of `run`'s params on its config's eval sources, token-weighted over them."""
+  parts = [evaluate.evaluate_source(run, name) for name in run.config.data.sources]
+  tokens = sum(p["num_tokens"] for p in parts)
+  return sum(p["loss"] * p["num_tokens"] for p in parts) / max(tokens, 1)
+
+
+def rows(workdirs: dict[str, str]) -> list[dict]:
+  """One row per stage of `workdirs` ({'pretrained': w0, 'sft': w1, 'dpo': w2}, in stack order)."""
+  runs = {stage: inspection.restore(w) for stage, w in workdirs.items()}
+  pre, sft, dpo = runs["pretrained"], runs["sft"], runs["dpo"]
+  (chat,), (pairs,) = list(sft.config.data.sources), list(dpo.config.data.sources)
+  out = []
+  for stage, run in runs.items():
+    on = lambda other: dataclasses.replace(other, params=run.params)  # this stage's model, other's data
+    acc = evaluate.evaluate_pair_source(on(dpo), pairs)
+    sft_loss = evaluate.evaluate_source(on(sft), chat)["loss"]
+    row = {"stage": stage, "step": run.step, "pretrain_val_loss": _token_weighted(on(pre)), "sft_val_loss": sft_loss,
+           "pref_accuracy": acc["preference_accuracy"], "pref_accuracy_norm": acc["preference_accuracy_normalized"],
+           "logp_margin": acc["logps/margin"], "num_pairs": acc["num_pairs"],
+           "rewards/accuracies": None, "rewards/margins": None}
+    if stage == "dpo":
+      last = [r for r in run.metrics if "val_rewards/accuracies" in r][-1]
+      row.update({"rewards/accuracies": last["val_rewards/accuracies"], "rewards/margins": last["val_rewards/margins"]})
+    out.append(row)
+  return out
+
+
+def _cell(v) -> str:
+  if v is None:
+    return "–"
+  return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def markdown(table: list[dict]) -> str:
+  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+  lines += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in table]
+  return "\n".join(lines) + "\n"
+
+
+def save(table: list[dict], workdir: str) -> tuple[str, str]:
+  """WORKDIR/stack.md and WORKDIR/stack.csv (written atomically)."""
+  md, path_csv = os.path.join(workdir, "stack.md"), os.path.join(workdir, "stack.csv")
+  with files.atomic_path(md) as tmp:
+    with open(tmp, "w") as f:
+      f.write(markdown(table))
+  with files.atomic_path(path_csv) as tmp:
+    with open(tmp, "w", newline="") as f:
+      w = csv.DictWriter(f, fieldnames=COLUMNS)
+      w.writeheader()
+      w.writerows({c: ("" if r[c] is None else r[c]) for c in COLUMNS} for r in table)
+  return md, path_csv
+
+
+def stage_curves(workdirs: dict[str, str]):
+  """One figure, a panel per stage: pretraining and SFT train/val loss; DPO's loss, margins and accuracies."""
+  import matplotlib.pyplot as plt
+
+  from lmobjective.run.metrics_log import read_metrics, split_series
+  fig, axes = plt.subplots(1, len(workdirs) + 1, figsize=(5 * (len(workdirs) + 1), 4))
+  for ax, (stage, w) in zip(axes, workdirs.items()):
+    records = read_metrics(w)
+    ax.plot(*split_series(records, "train_loss"), lw=1, label="train loss")
+    ax.plot(*split_series(records, "val_loss"), "o-", label="val loss")
+    ax.set(xlabel="step", ylabel="loss (per pair)" if stage == "dpo" else "loss (nats / token)", title=stage)
+  dpo = read_metrics(workdirs["dpo"])
+  for key, style in (("rewards/accuracies", "-"), ("val_rewards/accuracies", "o-"), ("val_preference_accuracy", "s--"),
+                     ("val_preference_accuracy_normalized", "^--")):
+    axes[-1].plot(*split_series(dpo, key), style, lw=1, label=key)
+  axes[-1].set(xlabel="step", ylabel="share of pairs", ylim=(0, 1), title="dpo: accuracies")
+  for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  return fig
+
+
+def save_curves(workdirs: dict[str, str], workdir: str) -> str:
+  import matplotlib.pyplot as plt
+  path = os.path.join(workdir, "stack.png")
+  fig = stage_curves(workdirs)
+  with files.atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  return path
