@@ -27,6 +27,9 @@ def source(kind: str, weight: float, **overrides) -> ml_collections.ConfigDict:
   s.text_field = "text"  # jsonl / parquet / array_record(json) field holding the document
   s.val_fraction = 0.05  # held-out share: tail of a single file, seeded document split otherwise
   s.max_documents = placeholder(int)  # cap for quick runs; None = all
+  # python_stdlib / stdlib_prose: comma-separated stdlib modules left out of both splits ("" = none),
+  # e.g. ",".join(stdlib_tasks.heldout_modules(f)) so pretraining never reads the held-out tasks' docstrings.
+  s.exclude_modules = ""
   # markov: a seeded order-k chain over `num_symbols` printable characters.
   s.markov = ml_collections.ConfigDict()
   s.markov.order = 1

@@ -13,7 +13,7 @@ import ml_collections
 from lmobjective.config import (ConfigError, decay_steps, get, max_len, mlp_dim, require_choice, require_float,
                                 require_int)
 from lmobjective import preference
-from lmobjective.data import mixture, sources
+from lmobjective.data import mixture, sources, stdlib_corpus
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -225,6 +225,16 @@ def _validate_source(cfg, name: str) -> None:
   _require_bool(cfg, f"{p}.only_train_on_assistant")
   require_int(cfg, f"{p}.max_prompt_length", 1, allow_none=True)
   require_int(cfg, f"{p}.max_response_length", 1, allow_none=True)
+  _validate_exclude_modules(s, p)
   if s.kind == "preference_jsonl" and (s.max_prompt_length or 0) > cfg.data.context_length:
     raise ConfigError(f"{p}.max_prompt_length", s.max_prompt_length, f"must be <= data.context_length="
                       f"{cfg.data.context_length}, so a response token is still a target in a row of context_length+1")
+
+
+def _validate_exclude_modules(s, p: str) -> None:
+  if not isinstance(s.exclude_modules, str):
+    raise ConfigError(f"{p}.exclude_modules", s.exclude_modules, "must be a comma-separated string of module names")
+  if s.exclude_modules.strip() and s.kind not in sources.EXCLUDING_KINDS:
+    raise ConfigError(f"{p}.exclude_modules", s.exclude_modules,
+                      f"applies to kind {' or '.join(sources.EXCLUDING_KINDS)}, not {s.kind!r}")
+  stdlib_corpus.parse_modules(f"{p}.exclude_modules", s.exclude_modules)

@@ -24,6 +24,7 @@ from lmobjective.data.errors import DataWarning
 BUILTIN_KINDS = ("python_stdlib", "stdlib_prose", "markov")
 FILE_KINDS = ("text", "jsonl", "parquet", "array_record", "chat_jsonl", "preference_jsonl")
 KINDS = BUILTIN_KINDS + FILE_KINDS
+EXCLUDING_KINDS = ("python_stdlib", "stdlib_prose")  # the kinds `exclude_modules` applies to
 _SPLIT_SEED = 0x53504C4954  # fixed: the validation set must not depend on the run seed
 _ROLES = ("system", "user", "assistant")
 
@@ -63,11 +64,16 @@ def resolve_paths(name: str, path: str | None) -> list[str]:
 
 def fingerprint(name: str, scfg) -> str:
   """What the source's content depends on, cheap to compute (file sizes and mtimes, not bytes)."""
-  if scfg.kind in ("python_stdlib", "stdlib_prose"):
-    return stdlib_corpus.fingerprint()
+  if scfg.kind in EXCLUDING_KINDS:
+    return stdlib_corpus.fingerprint(excluded(name, scfg))
   if scfg.kind == "markov":
     return "markov"
   return json.dumps([(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in resolve_paths(name, scfg.path)])
+
+
+def excluded(name: str, scfg) -> tuple[str, ...]:
+  """The stdlib modules a python_stdlib / stdlib_prose source leaves out (sorted; refused if unknown)."""
+  return stdlib_corpus.parse_modules(key(name, "exclude_modules"), scfg.exclude_modules)
 
 
 def content_fingerprint(name: str, scfg) -> dict[str, Any]:
@@ -128,9 +134,9 @@ def load_source(name: str, scfg) -> SourceDocs:
       train, val = _tail_split(docs[0], scfg.val_fraction)
       return _finish(name, scfg, [train] if train else [], [val] if val else [], info, reader)
   elif scfg.kind == "python_stdlib":
-    docs = stdlib_corpus.code_documents(lambda p: reader.file(p, builtin=True))
+    docs = stdlib_corpus.code_documents(lambda p: reader.file(p, builtin=True), excluded(name, scfg))
   elif scfg.kind == "stdlib_prose":
-    docs = stdlib_corpus.prose_documents(lambda p: reader.file(p, builtin=True))
+    docs = stdlib_corpus.prose_documents(lambda p: reader.file(p, builtin=True), excluded(name, scfg))
   elif scfg.kind == "markov":
     docs, chain = synthetic.markov_documents(scfg.markov)
     info["entropy_rate_nats"] = chain.entropy_rate_nats()

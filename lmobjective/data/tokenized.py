@@ -65,6 +65,8 @@ def tokenize(name: str, scfg, tok: Tokenizer) -> TokenizedSource:
 
 def _source_key(name: str, scfg, tok: Tokenizer) -> str:
   fields = {k: v for k, v in dataclasses.asdict(_typed(name, scfg)).items() if k != "weight"}
+  if not fields["exclude_modules"]:  # keyed only when set: caches from before the key stay valid
+    del fields["exclude_modules"]
   return cache.key({"source": fields, "content": sources.fingerprint(name, scfg), "tokenizer": tok.fingerprint()})
 
 
