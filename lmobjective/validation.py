@@ -91,9 +91,9 @@ def _validate_objective(cfg) -> None:
                       f"objective.kind={kind!r} needs a reference: the run to start from (WORKDIR or WORKDIR:STEP)")
   pairs = kind != "next_token"
   for name, s in cfg.data.sources.items():
-    if (s.kind == "preference_jsonl") != pairs:
-      allowed = ("preference objectives train on kind='preference_jsonl' sources only" if pairs else
-                 "a preference_jsonl source needs a preference objective (objective.kind dpo, ipo or simpo)")
+    if (s.kind in sources.PAIR_KINDS) != pairs:
+      allowed = (f"preference objectives train on kind {' or '.join(sources.PAIR_KINDS)} sources only" if pairs else
+                 f"a {s.kind} source needs a preference objective (objective.kind dpo, ipo or simpo)")
       raise ConfigError(f"data.sources.{name}.kind", s.kind, f"with objective.kind={kind!r}: {allowed}")
   if cfg.train.init_from is not None and (not isinstance(cfg.train.init_from, str) or not cfg.train.init_from):
     raise ConfigError("train.init_from", cfg.train.init_from, "must be WORKDIR or WORKDIR:STEP")
@@ -226,7 +226,7 @@ def _validate_source(cfg, name: str) -> None:
   require_int(cfg, f"{p}.max_prompt_length", 1, allow_none=True)
   require_int(cfg, f"{p}.max_response_length", 1, allow_none=True)
   _validate_exclude_modules(s, p)
-  if s.kind == "preference_jsonl" and (s.max_prompt_length or 0) > cfg.data.context_length:
+  if s.kind in sources.PAIR_KINDS and (s.max_prompt_length or 0) > cfg.data.context_length:
     raise ConfigError(f"{p}.max_prompt_length", s.max_prompt_length, f"must be <= data.context_length="
                       f"{cfg.data.context_length}, so a response token is still a target in a row of context_length+1")
 

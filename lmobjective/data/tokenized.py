@@ -41,8 +41,8 @@ class TokenizedSource:
 
 
 def _tokenize_split(docs: list, scfg, tok: Tokenizer) -> Split:
-  if scfg.kind in ("chat_jsonl", "preference_jsonl"):
-    ids, lengths, flags = (sft.render(docs, tok, scfg.only_train_on_assistant) if scfg.kind == "chat_jsonl"
+  if scfg.kind in sources.CHAT_KINDS + sources.PAIR_KINDS:
+    ids, lengths, flags = (sft.render(docs, tok, scfg.only_train_on_assistant) if scfg.kind in sources.CHAT_KINDS
                            else sft.render_pairs(docs, tok))
     return Split(ids, np.concatenate([[0], np.cumsum(lengths)]), flags)
   ids, lengths = tok.encode_flat(docs)
