@@ -21,12 +21,15 @@ placeholder = config_dict.placeholder
 def source(kind: str, weight: float, **overrides) -> ml_collections.ConfigDict:
   """One named data source. Every source declares every field; `kind` picks which apply."""
   s = ml_collections.ConfigDict()
-  s.kind = kind  # python_stdlib | stdlib_prose | markov | text | jsonl | parquet | array_record | chat_jsonl | preference_jsonl
+  s.kind = kind  # python_stdlib | stdlib_prose | markov | stdlib_chat | stdlib_pairs | text | jsonl | parquet | array_record | chat_jsonl | preference_jsonl
   s.weight = float(weight)  # share of *tokens* fed to the model (normalised over sources)
   s.path = placeholder(str)  # file, directory or glob (comma-separated allowed) for file kinds
   s.text_field = "text"  # jsonl / parquet / array_record(json) field holding the document
   s.val_fraction = 0.05  # held-out share: tail of a single file, seeded document split otherwise
   s.max_documents = placeholder(int)  # cap for quick runs; None = all
+  # python_stdlib / stdlib_prose: comma-separated stdlib modules left out of both splits ("" = none),
+  # e.g. ",".join(stdlib_tasks.heldout_modules(f)) so pretraining never reads the held-out tasks' docstrings.
+  s.exclude_modules = ""
   # markov: a seeded order-k chain over `num_symbols` printable characters.
   s.markov = ml_collections.ConfigDict()
   s.markov.order = 1
@@ -35,9 +38,10 @@ def source(kind: str, weight: float, **overrides) -> ml_collections.ConfigDict:
   s.markov.seed = 1234
   s.markov.num_documents = 2000
   s.markov.document_length = 1000  # symbols per document
-  # chat_jsonl: conversations rendered through a template; loss on assistant tokens only if set.
+  # chat_jsonl / stdlib_chat: conversations rendered through a template; loss on assistant tokens only if set.
+  # stdlib_chat / stdlib_pairs: docstring tasks split by held-out module (val_fraction), see data/README.md.
   s.only_train_on_assistant = True
-  # preference_jsonl: {"prompt", "chosen", "rejected"} per line, plain strings or chat messages. A
+  # preference_jsonl / stdlib_pairs: {"prompt", "chosen", "rejected"} per line, plain strings or chat messages. A
   # pair is two padded rows (chosen, rejected) of context_length; a long prompt keeps its end
   # (the turn nearest the response), a long response its start. None = context_length // 2 for the
   # prompt, and the rest of the row for the response.
@@ -100,7 +104,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---- objective ----------------------------------------------------------
   c.objective = ml_collections.ConfigDict()
   c.objective.z_loss = 0.0  # weight of mean(logsumexp^2) added to the training loss
-  c.objective.kind = "next_token"  # next_token | dpo | ipo | simpo (preference objectives read preference_jsonl pairs)
+  c.objective.kind = "next_token"  # next_token | dpo | ipo | simpo (preference objectives read preference_jsonl / stdlib_pairs pairs)
   c.objective.beta = 0.1  # preference objectives: β (DPO/IPO: of the log-ratio to the reference; SimPO: of the mean log-prob)
   c.objective.label_smoothing = 0.0  # DPO/SimPO: conservative DPO's ε (share of flipped labels); 0 = the paper
   c.objective.simpo_gamma = 0.0  # SimPO's target margin γ (TRL's simpo_gamma; SimPO's code takes γ/β); 0 for every other kind

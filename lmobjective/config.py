@@ -128,6 +128,7 @@ class SourceConfig:
   text_field: str
   val_fraction: float
   max_documents: int | None
+  exclude_modules: str
   markov: MarkovConfig
   only_train_on_assistant: bool
   max_prompt_length: int | None

@@ -13,7 +13,7 @@ import ml_collections
 from lmobjective.config import (ConfigError, decay_steps, get, max_len, mlp_dim, require_choice, require_float,
                                 require_int)
 from lmobjective import preference
-from lmobjective.data import mixture, sources
+from lmobjective.data import mixture, sources, stdlib_corpus
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -91,9 +91,9 @@ def _validate_objective(cfg) -> None:
                       f"objective.kind={kind!r} needs a reference: the run to start from (WORKDIR or WORKDIR:STEP)")
   pairs = kind != "next_token"
   for name, s in cfg.data.sources.items():
-    if (s.kind == "preference_jsonl") != pairs:
-      allowed = ("preference objectives train on kind='preference_jsonl' sources only" if pairs else
-                 "a preference_jsonl source needs a preference objective (objective.kind dpo, ipo or simpo)")
+    if (s.kind in sources.PAIR_KINDS) != pairs:
+      allowed = (f"preference objectives train on kind {' or '.join(sources.PAIR_KINDS)} sources only" if pairs else
+                 f"a {s.kind} source needs a preference objective (objective.kind dpo, ipo or simpo)")
       raise ConfigError(f"data.sources.{name}.kind", s.kind, f"with objective.kind={kind!r}: {allowed}")
   if cfg.train.init_from is not None and (not isinstance(cfg.train.init_from, str) or not cfg.train.init_from):
     raise ConfigError("train.init_from", cfg.train.init_from, "must be WORKDIR or WORKDIR:STEP")
@@ -225,6 +225,16 @@ def _validate_source(cfg, name: str) -> None:
   _require_bool(cfg, f"{p}.only_train_on_assistant")
   require_int(cfg, f"{p}.max_prompt_length", 1, allow_none=True)
   require_int(cfg, f"{p}.max_response_length", 1, allow_none=True)
-  if s.kind == "preference_jsonl" and (s.max_prompt_length or 0) > cfg.data.context_length:
+  _validate_exclude_modules(s, p)
+  if s.kind in sources.PAIR_KINDS and (s.max_prompt_length or 0) > cfg.data.context_length:
     raise ConfigError(f"{p}.max_prompt_length", s.max_prompt_length, f"must be <= data.context_length="
                       f"{cfg.data.context_length}, so a response token is still a target in a row of context_length+1")
+
+
+def _validate_exclude_modules(s, p: str) -> None:
+  if not isinstance(s.exclude_modules, str):
+    raise ConfigError(f"{p}.exclude_modules", s.exclude_modules, "must be a comma-separated string of module names")
+  if s.exclude_modules.strip() and s.kind not in sources.EXCLUDING_KINDS:
+    raise ConfigError(f"{p}.exclude_modules", s.exclude_modules,
+                      f"applies to kind {' or '.join(sources.EXCLUDING_KINDS)}, not {s.kind!r}")
+  stdlib_corpus.parse_modules(f"{p}.exclude_modules", s.exclude_modules)

@@ -291,6 +291,17 @@ def test_a_mixture_stage_added_on_resume_equals_having_it_from_the_start(tmp_pat
          {k: v for k, v in last(staged).items() if k.startswith("tokens/")}
 
 
+def test_a_run_from_before_exclude_modules_compares_as_excluding_nothing(tmp_path):
+  cfg = lambda **kw: ckpt_lib.config_json(tiny(tmp_path, **kw))
+  older = cfg()
+  for s in older["data"]["sources"].values():
+    del s["exclude_modules"]
+  assert ckpt_lib.config_changes(older, cfg()) == []
+  name = next(iter(older["data"]["sources"]))
+  key = f"data.sources.{name}.exclude_modules"
+  assert ckpt_lib.config_changes(older, cfg(**{key: "textwrap"})) == [key]
+
+
 def test_mixture_stage_changes_are_judged_by_the_batches_they_change(tmp_path):
   cfg = lambda stages="": ckpt_lib.config_json(tiny(tmp_path, **{"data.mixture_stages": stages}))
   older = cfg()

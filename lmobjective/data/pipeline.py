@@ -6,7 +6,7 @@ segment_ids (int32, 1-based per document, 0 = pad), positions (int32), source_id
 index into `source_names`, -1 where the target is padding).
 Global batch k holds global rows [k*n*B, (k+1)*n*B); process p builds rows [p*B, (p+1)*B) of it.
 Everything is a pure function of (seed, k), so grain's iterator state is just the next k.
-Preference sources (preference_jsonl) deal pairs instead of rows: B counts pairs (TRL's convention)
+Preference sources (`sources.PAIR_KINDS`) deal pairs instead of rows: B counts pairs (TRL's convention)
 and a batch has `rows_per_example` = 2 rows per pair, interleaved (2i chosen, 2i+1 rejected).
 """
 
@@ -94,9 +94,9 @@ class Pipeline:
 
   def _rows(self, i: int, split, shuffle: bool):
     key = streams.source_key(self.source_names[i])
-    if self.kinds[i] == "chat_jsonl":
+    if self.kinds[i] in sources.CHAT_KINDS:
       return streams.PaddedRows(split, self.T, self.tok.pad_id, self.masking, self.seed, key, shuffle)
-    if self.kinds[i] == "preference_jsonl":
+    if self.kinds[i] in sources.PAIR_KINDS:
       scfg = self._source_cfgs[self.source_names[i]]
       return streams.PairRows(split, self.T, self.tok.pad_id, self.masking, self.seed, key, shuffle,
                               scfg.max_prompt_length, scfg.max_response_length)
@@ -194,11 +194,12 @@ class Pipeline:
 
 def _rows_per_example(names, kinds) -> int:
   """2 when the sources are preference pairs (all of them: a mixture cannot mix pairs and rows), else 1."""
-  pairs = [k == "preference_jsonl" for k in kinds]
+  pairs = [k in sources.PAIR_KINDS for k in kinds]
   if any(pairs) and not all(pairs):
     name = names[pairs.index(False)]
     raise ConfigError(f"data.sources.{name}.kind", kinds[pairs.index(False)],
-                      "cannot be mixed with preference_jsonl sources (a batch holds pairs or rows, not both)")
+                      f"cannot be mixed with {' / '.join(sources.PAIR_KINDS)} sources (a batch holds pairs or rows, "
+                      "not both)")
   return 2 if any(pairs) else 1
 
 

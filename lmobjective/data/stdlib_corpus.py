@@ -3,6 +3,8 @@
 `python_stdlib`: the .py files (sorted paths; test dirs, site-packages and caches skipped).
 `stdlib_prose`: English prose from the same files: each module's docstrings (module, class,
 function) joined into one document, plus every `pydoc_data.topics` page.
+A module is a file's dotted name under the stdlib root (`json/decoder.py` -> `json.decoder`,
+`json/__init__.py` -> `json`); `exclude` drops those modules' files from both corpora.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import ast
 import os
 import sys
 import sysconfig
+
+from lmobjective.config import ConfigError
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idle_test", "tests", "test"}
 
@@ -28,18 +32,46 @@ def stdlib_files() -> list[str]:
   return sorted(files)
 
 
-def fingerprint() -> str:
-  """Identifies the corpus without reading it: the interpreter version and library location."""
-  return f"{sys.version}|{stdlib_root()}"
+def module_name(path: str) -> str:
+  parts = os.path.relpath(path, stdlib_root())[:-len(".py")].split(os.sep)
+  return ".".join(parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts)
 
 
-def code_documents(read) -> list[str]:
+def module_names() -> list[str]:
+  return sorted({module_name(p) for p in stdlib_files()})
+
+
+def parse_modules(key: str, text: str) -> tuple[str, ...]:
+  """The sorted module names of a comma-separated list ("" = none); an unknown name is refused at `key`."""
+  names = sorted({n.strip() for n in text.split(",") if n.strip()})
+  if not names:
+    return ()
+  known = set(module_names())
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise ConfigError(key, text, f"'{unknown[0]}' is not a module of the stdlib's .py files ({stdlib_root()})")
+  return tuple(names)
+
+
+def fingerprint(exclude: tuple[str, ...] = ()) -> str:
+  """Identifies the corpus without reading it: the interpreter version and library location (and
+  the excluded modules, only when there are any, so the full corpus keeps its old fingerprint)."""
+  base = f"{sys.version}|{stdlib_root()}"
+  return f"{base}|exclude={','.join(exclude)}" if exclude else base
+
+
+def _files(exclude: tuple[str, ...]) -> list[str]:
+  drop = set(exclude)
+  return [p for p in stdlib_files() if module_name(p) not in drop]
+
+
+def code_documents(read, exclude: tuple[str, ...] = ()) -> list[str]:
   """One document per non-empty stdlib .py file. `read(path) -> str` decodes (and counts bad bytes)."""
-  return [t for t in map(read, stdlib_files()) if t.strip()]
+  return [t for t in map(read, _files(exclude)) if t.strip()]
 
 
-def prose_documents(read) -> list[str]:
-  docs = [d for d in (_module_docstrings(read(p)) for p in stdlib_files()) if d]
+def prose_documents(read, exclude: tuple[str, ...] = ()) -> list[str]:
+  docs = [d for d in (_module_docstrings(read(p)) for p in _files(exclude)) if d]
   from pydoc_data import topics  # the pages behind `help('topic')`
   docs += [topics.topics[k].strip() for k in sorted(topics.topics) if topics.topics[k].strip()]
   return docs

@@ -41,8 +41,8 @@ class TokenizedSource:
 
 
 def _tokenize_split(docs: list, scfg, tok: Tokenizer) -> Split:
-  if scfg.kind in ("chat_jsonl", "preference_jsonl"):
-    ids, lengths, flags = (sft.render(docs, tok, scfg.only_train_on_assistant) if scfg.kind == "chat_jsonl"
+  if scfg.kind in sources.CHAT_KINDS + sources.PAIR_KINDS:
+    ids, lengths, flags = (sft.render(docs, tok, scfg.only_train_on_assistant) if scfg.kind in sources.CHAT_KINDS
                            else sft.render_pairs(docs, tok))
     return Split(ids, np.concatenate([[0], np.cumsum(lengths)]), flags)
   ids, lengths = tok.encode_flat(docs)
@@ -65,6 +65,8 @@ def tokenize(name: str, scfg, tok: Tokenizer) -> TokenizedSource:
 
 def _source_key(name: str, scfg, tok: Tokenizer) -> str:
   fields = {k: v for k, v in dataclasses.asdict(_typed(name, scfg)).items() if k != "weight"}
+  if not fields["exclude_modules"]:  # keyed only when set: caches from before the key stay valid
+    del fields["exclude_modules"]
   return cache.key({"source": fields, "content": sources.fingerprint(name, scfg), "tokenizer": tok.fingerprint()})
 
 

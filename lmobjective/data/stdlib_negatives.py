@@ -1,0 +1,105 @@
+"""Rejected responses for `stdlib_pairs`: three kinds of wrong summary, mixed with seeded shares per pair.
+
+* `hard`: the summary of another function of the same module or with the same name elsewhere
+  (`json.dumps` vs `pickle.dumps`): on topic, wrong function.
+* `random`: the summary of a random other function.
+* `corrupted`: the right summary with one content word (4+ letters, not a stop word) replaced by a
+  content word of another summary: right form, wrong meaning.
+
+Each pair draws its kind from `DESIGN` with an RNG seeded by the function's name; a kind that has
+no candidate (a module's only function, a summary without a content word) falls back to the next
+of `DESIGN`'s order, so the realised shares (reported) differ slightly from the design. Negatives
+come from the same split as the pair (`draw` gets one split), so no held-out summary reaches training.
+A rejected response never equals the chosen one.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import re
+
+import numpy as np
+
+DESIGN = {"hard": 0.4, "random": 0.3, "corrupted": 0.3}
+_TRIES = 64
+_WORD = re.compile(r"[A-Za-z]{4,}")
+_STOP = frozenset("""about above after again against also been before being below between both could does doing
+during each either else every from further have having here however into itself just many more most much must
+never only other otherwise over same should some such than that their them then there these they this those
+through under until upon very what when where whether which while will with within without would your return
+returns given instead""".split())
+
+
+def _rng(name: str) -> np.random.Generator:
+  return np.random.default_rng(int.from_bytes(hashlib.sha256(f"stdlib_negatives\0{name}".encode()).digest()[:8], "big"))
+
+
+def _content_spans(text: str) -> list[tuple[int, int]]:
+  return [m.span() for m in _WORD.finditer(text) if m.group().lower() not in _STOP]
+
+
+class _Pool:
+  """One split's tasks, indexed by module and by last name component."""
+
+  def __init__(self, tasks):
+    self.tasks = tasks
+    self.near = collections.defaultdict(set)
+    for i, t in enumerate(tasks):
+      self.near["module:" + t.module].add(i)
+      self.near["name:" + t.name.rsplit(".", 1)[-1]].add(i)
+    self.spans = [_content_spans(t.summary) for t in tasks]
+
+  def hard(self, i: int, rng) -> str | None:
+    t = self.tasks[i]
+    near = self.near["module:" + t.module] | self.near["name:" + t.name.rsplit(".", 1)[-1]]
+    options = [self.tasks[j].summary for j in sorted(near) if self.tasks[j].summary != t.summary]
+    return options[rng.integers(len(options))] if options else None
+
+  def random(self, i: int, rng) -> str | None:
+    for _ in range(_TRIES):
+      other = self.tasks[rng.integers(len(self.tasks))].summary
+      if other != self.tasks[i].summary:
+        return other
+    return None
+
+  def corrupted(self, i: int, rng) -> str | None:
+    text, spans = self.tasks[i].summary, self.spans[i]
+    if not spans:
+      return None
+    start, end = spans[rng.integers(len(spans))]
+    for _ in range(_TRIES):
+      j = rng.integers(len(self.tasks))
+      words = [self.tasks[j].summary[a:b] for a, b in self.spans[j]]
+      words = [w for w in words if w.lower() != text[start:end].lower()]
+      if words:
+        word = words[rng.integers(len(words))]
+        word = word[0].upper() + word[1:] if text[start].isupper() else word[0].lower() + word[1:]
+        return text[:start] + word + text[end:]
+    return None
+
+
+def draw(tasks) -> tuple[list[str | None], list[str | None]]:
+  """(rejected response, its kind) per task of one split; (None, None) where no kind has a candidate."""
+  pool, kinds = _Pool(tasks), tuple(DESIGN)
+  cum = np.cumsum(list(DESIGN.values()))
+  rejected, used = [], []
+  for i, t in enumerate(tasks):
+    rng = _rng(t.name)
+    first = min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), len(kinds) - 1)
+    r, kind = None, None
+    for k in kinds[first:] + kinds[:first]:
+      r = getattr(pool, k)(i, rng)
+      if r is not None:
+        kind = k
+        break
+    rejected.append(r)
+    used.append(kind)
+  return rejected, used
+
+
+def shares(kinds: list[str]) -> dict:
+  """The info `stats()` reports: the design and the realised shares and counts of the given pairs."""
+  counts = {k: sum(x == k for x in kinds) for k in DESIGN}
+  return {"negative_design": dict(DESIGN), "negative_counts": counts,
+          "negative_shares": {k: c / max(len(kinds), 1) for k, c in counts.items()}}
