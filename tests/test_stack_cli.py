@@ -132,3 +132,26 @@ def test_a_chat_prompt_is_rendered_with_the_template_and_the_reply_ends_at_the_t
   stops = [i for i, t in enumerate(new) if t in (run.tokenizer.eos_id, run.tokenizer.special_id("<|end|>"))]
   assert reply == run.tokenizer.decode(new[:stops[0] if stops else len(new)])
   assert "<|end|>" not in reply
+
+
+def test_the_stack_table_agrees_with_each_stages_own_eval_lines(stack, tmp_path):
+  d, _ = stack
+  from lmobjective.analysis import stack as stack_table
+  workdirs = {"pretrained": str(d / "pretrain"), "sft": str(d / "sft"), "dpo": str(d / "dpo")}
+  rows = {r["stage"]: r for r in stack_table.rows(workdirs)}
+  last = lambda w: [r for r in _lines(w) if "val_loss" in r][-1]
+  first = lambda w: [r for r in _lines(w) if "val_loss" in r][0]
+  # each stage's own column is what its run logged on the same rows with the same params
+  assert abs(rows["pretrained"]["pretrain_val_loss"] - last(d / "pretrain")["val_loss"]) < 1e-6
+  assert abs(rows["sft"]["sft_val_loss"] - last(d / "sft")["val_loss"]) < 1e-6
+  assert abs(rows["pretrained"]["sft_val_loss"] - first(d / "sft")["val_loss"]) < 1e-6  # SFT's step 0
+  assert rows["dpo"]["pref_accuracy"] == last(d / "dpo")["val_preference_accuracy"]
+  assert rows["sft"]["pref_accuracy"] == first(d / "dpo")["val_preference_accuracy"]  # DPO's step 0
+  assert rows["dpo"]["pref_accuracy_norm"] == last(d / "dpo")["val_preference_accuracy_normalized"]
+  assert rows["dpo"]["rewards/margins"] == last(d / "dpo")["val_rewards/margins"]
+  assert rows["sft"]["rewards/margins"] is None and rows["dpo"]["num_pairs"] == 24
+  logps = last(d / "dpo")
+  assert abs(rows["dpo"]["logp_margin"] - (logps["val_logps/chosen"] - logps["val_logps/rejected"])) < 1e-4
+  md, path_csv = stack_table.save(list(rows.values()), str(tmp_path))
+  assert open(md).read().splitlines()[0].startswith("| stage | step | pretrain_val_loss")
+  assert len(open(path_csv).read().splitlines()) == 4

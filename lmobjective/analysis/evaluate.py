@@ -161,7 +161,7 @@ def main(argv) -> None:
   else:
     if _SOURCE.value not in run.config.data.sources:
       sys.exit(f"error: unknown source {_SOURCE.value!r}; the run has {', '.join(run.config.data.sources)}")
-    if run.config.data.sources[_SOURCE.value].kind == "preference_jsonl":
+    if run.config.data.sources[_SOURCE.value].kind in sources.PAIR_KINDS:
       return _print_pairs(evaluate_pair_source(run, _SOURCE.value), run.step)
     m = evaluate_source(run, _SOURCE.value, _NUM_BATCHES.value)
   print(format_metrics(m, run.step))
