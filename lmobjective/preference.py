@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from lmobjective import objective
 
 LOSS_NAMES = ("dpo", "ipo", "simpo")
+REFERENCE_LOSSES = ("dpo", "ipo")  # the losses with a frozen reference (`objective.reference` applies)
+REFERENCE_MODES = ("cached", "live")  # its log-probs: precomputed per pair, or a forward in every step
 
 
 def response_logps(losses: objective.TokenLosses, response_mask_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
