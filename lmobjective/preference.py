@@ -56,6 +56,13 @@ def pair_logps(losses: objective.TokenLosses, response_mask_BxT: jax.Array) -> P
                    rejected_tokens=n_Px2[:, 1])
 
 
+def pair_logps_of_rows(logp_B: jax.Array, like: PairLogps) -> PairLogps:
+  """`PairLogps` from per-row summed log-probs [2P] (row 2i chosen, 2i+1 rejected) and the lengths of
+  `like`: a cached reference's values, scored on the same rows as the policy (so the same lengths)."""
+  logp_Px2 = logp_B.reshape(-1, 2)
+  return like._replace(chosen=logp_Px2[:, 0], rejected=logp_Px2[:, 1])
+
+
 def pair_valid(pairs: PairLogps) -> jax.Array:
   """A pair counts when both responses have a scored token (padding pairs have none)."""
   return (pairs.chosen_tokens > 0) & (pairs.rejected_tokens > 0)
