@@ -9,8 +9,9 @@ batches then carry each row's value (`Pipeline.attach_reference`) and the step h
 forward and no reference params.
 
 Each source's tables live beside its tokenized data, `<data cache dir>/<source>-reference-<key>.npz`,
-written atomically by process 0. The key hashes everything the numbers depend on (`key_fields`): the
-reference params' fingerprint, the source's token-cache key (its config, files and tokenizer) and its
+written atomically by every process (the same bytes: a cache dir need not be shared; all processes
+score, or none does). The key hashes everything the numbers depend on (`key_fields`): the reference
+params' fingerprint, the source's token-cache key (its config, files and tokenizer) and its
 splits' token fingerprints, context length, truncation and document masking, and the forward's
 settings (the resolved model config, the backend, loss_chunk_size). Another reference, other data or
 another truncation is another file, built fresh. A file whose stored fields differ from the ones asked
@@ -156,8 +157,7 @@ def prepare(config, pipeline, model, model_cfg, mesh, params_sharding, params, p
       t0 = time.perf_counter()
       tables = {s: _split_table(program, params, pipeline, name, s, config.eval.batch_size, mesh) for s in SPLITS}
       seconds = time.perf_counter() - t0
-      if jax.process_index() == 0:
-        save(path, fields, tables)
+      save(path, fields, tables)  # by every process, as the token cache is: a cache dir need not be shared
       _say(f"reference log-probs of '{name}': built {path} ({_count(tables)}) in {seconds:.2f} s")
     out[name] = tables
   return out
