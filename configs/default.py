@@ -108,6 +108,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.objective.beta = 0.1  # preference objectives: β (DPO/IPO: of the log-ratio to the reference; SimPO: of the mean log-prob)
   c.objective.label_smoothing = 0.0  # DPO/SimPO: conservative DPO's ε (share of flipped labels); 0 = the paper
   c.objective.simpo_gamma = 0.0  # SimPO's target margin γ (TRL's simpo_gamma; SimPO's code takes γ/β); 0 for every other kind
+  # DPO/IPO: the frozen reference's log-probs. cached: computed once per pair before training, stored beside
+  # the tokenized data (lmobjective/run/reference_cache.py), read from the batch (no reference forward in the
+  # step); live: the reference's forward in every step. SimPO and next_token have no reference: leave it.
+  c.objective.reference = "cached"
   c.objective.loss_chunk_size = 0  # >0: fuse the LM head with the loss over chunks of this many positions (no [B,T,V] logits); 0 = dense
 
   # ---- optimizer ----------------------------------------------------------

@@ -1,6 +1,6 @@
 """The objective stack as one experiment: pretrain -> SFT -> DPO, then one table of what each changed.
 
-    python experiments/objective_stack.py --workdir=runs/stack [--size=quick|full] [--steps_scale=1.0]
+    python experiments/objective_stack.py --workdir=runs/stack [--size=quick|full]
 
 Each stage is the training CLI a researcher would type (printed before it runs), from the previous
 stage's checkpoint (`train.init_from`), in WORKDIR/{pretrained,sft,dpo}; a stage whose final
@@ -15,13 +15,11 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+import argparse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/stack", "Where the three stages and the table go.")
-_SIZE = flags.DEFINE_enum("size", "quick", ["quick", "full"], "quick: the CPU setting (about 10 minutes on 2 cores).")
 
 STAGES = (("pretrained", "pretrain", None), ("sft", "sft", "pretrained"), ("dpo", "dpo", "sft"))
 
@@ -50,10 +48,13 @@ def run_stage(workdir: str, name: str, config_arg: str, origin: str | None) -> N
   print(f"== {name}: done in {time.time() - t0:.0f} s", flush=True)
 
 
-def main(argv) -> None:
-  del argv
-  workdir = os.path.abspath(_WORKDIR.value)
-  suffix = ",quick" if _SIZE.value == "quick" else ""
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", default="runs/stack", help="where the three stages and the table go")
+  parser.add_argument("--size", choices=("quick", "full"), default="quick", help="quick: the CPU setting")
+  args = parser.parse_args()
+  workdir = os.path.abspath(args.workdir)
+  suffix = ",quick" if args.size == "quick" else ""
   t0 = time.time()
   for name, stage, origin in STAGES:
     run_stage(workdir, name, stage + suffix, origin)
@@ -67,4 +68,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -4,7 +4,11 @@ Every field is [B, T]: `inputs` and `targets` int32 ids (teacher forcing happens
 are cut: targets = inputs shifted by one), `loss_mask` bool (the target is scored),
 `segment_ids` int32 (document of each position, 0 = padding), `positions` int32 (position inside
 its document). A target id of IGNORE_INDEX is never scored, whatever the mask says.
+
+Pair batches of a cached reference (`objective.reference="cached"`) also carry REFERENCE_LOGPS,
+float32 [B]: the frozen reference's summed response log-prob of each row (0 on padding pairs).
 """
 
 MODEL_FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 IGNORE_INDEX = -100
+REFERENCE_LOGPS = "reference_logps"

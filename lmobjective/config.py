@@ -188,6 +188,7 @@ class ObjectiveConfig:
   label_smoothing: float
   simpo_gamma: float
   z_loss: float
+  reference: str
   loss_chunk_size: int
 
 

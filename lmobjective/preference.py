@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from lmobjective import objective
 
 LOSS_NAMES = ("dpo", "ipo", "simpo")
+REFERENCE_LOSSES = ("dpo", "ipo")  # the losses with a frozen reference (`objective.reference` applies)
+REFERENCE_MODES = ("cached", "live")  # its log-probs: precomputed per pair, or a forward in every step
 
 
 def response_logps(losses: objective.TokenLosses, response_mask_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -52,6 +54,13 @@ def pair_logps(losses: objective.TokenLosses, response_mask_BxT: jax.Array) -> P
   logp_Px2, n_Px2 = logp_B.reshape(-1, 2), n_B.reshape(-1, 2)
   return PairLogps(chosen=logp_Px2[:, 0], rejected=logp_Px2[:, 1], chosen_tokens=n_Px2[:, 0],
                    rejected_tokens=n_Px2[:, 1])
+
+
+def pair_logps_of_rows(logp_B: jax.Array, like: PairLogps) -> PairLogps:
+  """`PairLogps` from per-row summed log-probs [2P] (row 2i chosen, 2i+1 rejected) and the lengths of
+  `like`: a cached reference's values, scored on the same rows as the policy (so the same lengths)."""
+  logp_Px2 = logp_B.reshape(-1, 2)
+  return like._replace(chosen=logp_Px2[:, 0], rejected=logp_Px2[:, 1])
 
 
 def pair_valid(pairs: PairLogps) -> jax.Array:

@@ -7,7 +7,8 @@ so k microbatches with uneven masks give the same update as one large batch. The
 float32 whatever `param_dtype` is (k bfloat16 additions would round small microbatch gradients
 away), and the optimizer gets float32 gradients; params keep their dtype.
 
-Batch fields (int32 [B,T] unless noted): inputs, targets, loss_mask (bool), segment_ids, positions.
+Batch fields (int32 [B,T] unless noted): inputs, targets, loss_mask (bool), segment_ids, positions;
+pair batches of a cached reference also reference_logps (float32 [B], `batch.REFERENCE_LOGPS`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import optax
 
 from lmobjective import objective, preference
 
-from lmobjective.batch import MODEL_FIELDS  # noqa: F401 (re-exported: step.MODEL_FIELDS)
+from lmobjective.batch import MODEL_FIELDS, REFERENCE_LOGPS  # noqa: F401 (re-exported: step.MODEL_FIELDS)
 
 
 @flax.struct.dataclass
@@ -155,6 +156,21 @@ def _pair_logps(model, params, micro, loss_chunk_size, deterministic=True, rngs=
   return preference.pair_logps(losses, micro["loss_mask"]), losses
 
 
+def _pair_fields(batch: dict) -> tuple[str, ...]:
+  """The fields a preference step reads: the model's, and the cached reference's log-probs when present."""
+  return MODEL_FIELDS + ((REFERENCE_LOGPS,) if REFERENCE_LOGPS in batch else ())
+
+
+def _reference(model, reference_params, micro, policy: preference.PairLogps, loss_chunk_size: int):
+  """The frozen reference's `PairLogps`: the batch's cached values when it has them (made before training by
+  this same `_pair_logps` on the same rows: run/reference_cache.py), else a forward of `reference_params`."""
+  if REFERENCE_LOGPS in micro:
+    return preference.pair_logps_of_rows(micro[REFERENCE_LOGPS], policy)
+  if reference_params is None:
+    raise ValueError("a reference loss needs reference_params or the batch's reference_logps")
+  return _pair_logps(model, jax.lax.stop_gradient(reference_params), micro, loss_chunk_size)[0]
+
+
 def _preference_sums(params, reference_params, micro, rng, *, model, loss: PreferenceLoss,
                      loss_chunk_size: int, deterministic: bool):
   """(loss sum over pairs, (PreferenceSums, scored response tokens)) of one microbatch of pairs."""
@@ -162,7 +178,7 @@ def _preference_sums(params, reference_params, micro, rng, *, model, loss: Prefe
                                None if deterministic else {"dropout": rng})
   reference = None
   if loss.needs_reference:  # frozen: no gradient flows into it
-    reference, _ = _pair_logps(model, jax.lax.stop_gradient(reference_params), micro, loss_chunk_size)
+    reference = _reference(model, reference_params, micro, policy, loss_chunk_size)
   sums = loss(policy, reference, preference.pair_valid(policy))
   return sums.loss_sum, (sums, losses.valid.sum(dtype=jnp.int32))
 
@@ -171,12 +187,13 @@ def preference_train_step(state: TrainState, batch: dict, reference_params=None,
                           tx: optax.GradientTransformation, loss: PreferenceLoss, grad_accum_steps: int = 1,
                           loss_chunk_size: int = 0) -> tuple[TrainState, dict]:
   """One update on a batch of 2P rows (P pairs); the gradient of the loss summed over pairs,
-  divided once by the batch's valid pairs (exact under accumulation, like tokens for next-token)."""
+  divided once by the batch's valid pairs (exact under accumulation, like tokens for next-token).
+  The reference: the batch's reference_logps when it has them, else `reference_params` (live)."""
   deterministic = model.cfg.dropout == 0.0
   loss_fn = lambda params, micro, rng: _preference_sums(
       params, reference_params, micro, rng, model=model, loss=loss, loss_chunk_size=loss_chunk_size,
       deterministic=deterministic)
-  micro = _split_pairs({k: batch[k] for k in MODEL_FIELDS}, grad_accum_steps)
+  micro = _split_pairs({k: batch[k] for k in _pair_fields(batch)}, grad_accum_steps)
   grad_sums, (sums, num_tokens) = _accumulate(loss_fn, state.params, micro,
                                               jax.random.fold_in(state.rng, state.step), grad_accum_steps)
   new_state, norms = _apply(state, tx, grad_sums, sums.num_pairs)
@@ -187,9 +204,10 @@ def preference_train_step(state: TrainState, batch: dict, reference_params=None,
 
 def preference_eval_step(params, batch: dict, reference_params=None, *, model: nn.Module, loss: PreferenceLoss,
                          loss_chunk_size: int = 0) -> tuple[preference.PreferenceSums, preference.AccuracySums]:
-  """The loss's sums and the reference-free preference accuracy on one batch of pairs."""
+  """The loss's sums and the reference-free preference accuracy on one batch of pairs (the reference as
+  in `preference_train_step`)."""
   policy, _ = _pair_logps(model, params, batch, loss_chunk_size)
-  reference = _pair_logps(model, reference_params, batch, loss_chunk_size)[0] if loss.needs_reference else None
+  reference = _reference(model, reference_params, batch, policy, loss_chunk_size) if loss.needs_reference else None
   valid_P = preference.pair_valid(policy)
   return loss(policy, reference, valid_P), preference.preference_accuracy(policy, valid_P)
 

@@ -84,6 +84,10 @@ def _validate_objective(cfg) -> None:
   if cfg.objective.label_smoothing and kind not in ("dpo", "simpo"):
     raise ConfigError("objective.label_smoothing", cfg.objective.label_smoothing,
                       f"applies to objective.kind dpo or simpo, not {kind!r}")
+  require_choice(cfg, "objective.reference", preference.REFERENCE_MODES)
+  if cfg.objective.reference != "cached" and kind not in preference.REFERENCE_LOSSES:  # the default is accepted
+    raise ConfigError("objective.reference", cfg.objective.reference,
+                      f"applies to objective.kind dpo or ipo (a frozen reference), not {kind!r}")
   if kind != "next_token" and cfg.objective.z_loss:
     raise ConfigError("objective.z_loss", cfg.objective.z_loss, f"applies to objective.kind='next_token', not {kind!r}")
   if kind in ("dpo", "ipo") and not cfg.train.init_from:

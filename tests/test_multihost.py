@@ -1,6 +1,7 @@
 """Multi-host: 2 processes x 2 CPU devices (jax.distributed over gloo on localhost) train exactly
 like 1 process x 4 devices, both the bare steps and the whole training CLI (outputs written once,
-collective checkpoints, resume); the XLA flag switch and the distributed config keys.
+collective checkpoints, resume), a cached DPO reference gathered on every process; the XLA flag
+switch and the distributed config keys.
 
 Workers run as subprocesses (`python tests/test_multihost.py WORKDIR PROCESS_ID NUM_PROCESSES
 PORT`), each printing one JSON line; NUM_PROCESSES=1 is the single-process reference.
@@ -51,17 +52,63 @@ def worker(workdir: str, process_id: int, num_processes: int, port: int) -> dict
   return out
 
 
+def dpo_worker(workdir: str, process_id: int, num_processes: int, port: int) -> dict:
+  """A cached-reference DPO stage from WORKDIR/origin (trained by the single-process run), the data
+  cache per process (WORKDIR/cache_<n>_<id>: not shared); its tables, losses and what it printed."""
+  import contextlib
+  import io
+  import pathlib
+
+  import jax
+
+  jax.config.update("jax_num_cpu_devices", DEVICES // num_processes)
+  sys.path.insert(0, os.path.join(ROOT, "tests"))
+  sys.path.insert(0, os.path.join(ROOT, "tests", "faults"))
+  from _faults import write_text
+  from _stages import stage_config
+  from test_preference_sharding import _pairs_file
+  from lmobjective.run import distributed, experiment, train
+
+  d, common = pathlib.Path(workdir), {"data.tokenizer.kind": "byte", "data.context_length": 24}
+  if num_processes == 1:
+    origin = stage_config(d / "cache_origin", "text", write_text(d / "corpus.txt"), **common,
+                          **{"train.steps": 2, "eval.num_batches": 0})
+    with contextlib.redirect_stdout(io.StringIO()):
+      train.run(origin, str(d / "origin"))
+    _pairs_file(str(d / "pairs.jsonl"))
+  cache = d / f"cache_{num_processes}_{process_id}"
+  c = stage_config(cache, "preference_jsonl", d / "pairs.jsonl", **common, **{
+      "objective.kind": "dpo", "train.init_from": str(d / "origin"), "eval.num_batches": 0})
+  if num_processes > 1:
+    c.distributed.coordinator_address = f"localhost:{port}"
+    c.distributed.num_processes, c.distributed.process_id = num_processes, process_id
+  distributed.setup(c)
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    exp = experiment.build(c, str(d / f"dpo{num_processes}"))
+  state, it, losses = exp.init_fn(jax.random.key(0)), exp.pipeline.train_iterator(), []
+  for _ in range(STEPS):
+    state, metrics = exp.train_fn(state, experiment.device_batch(exp, next(it)))
+    losses.append(float(metrics["loss"]))
+  tables = {s: t.tolist() for s, t in exp.pipeline.reference_logps["preference"].items()}
+  out = {"tables": tables, "losses": losses, "printed": printed.getvalue(),
+         "files": sorted(f for f in os.listdir(cache) if "-reference-" in f)}
+  if num_processes > 1:
+    jax.distributed.shutdown()
+  return out
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]
 
 
-def _launch(workdir, num_processes):
+def _launch(workdir, num_processes, *mode):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   port = _free_port()
-  procs = [subprocess.Popen([sys.executable, __file__, str(workdir), str(i), str(num_processes), str(port)],
+  procs = [subprocess.Popen([sys.executable, __file__, *mode, str(workdir), str(i), str(num_processes), str(port)],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(num_processes)]
   outs = []
@@ -83,6 +130,26 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
     np.testing.assert_allclose(out["losses"], single["losses"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(out["val_loss"], single["val_loss"], atol=1e-5, rtol=0)
   assert multi[0]["losses"] == multi[1]["losses"]  # one SPMD program: identical on every process
+
+
+@pytest.mark.slow
+def test_a_cached_reference_on_two_processes_matches_one_process(tmp_path):
+  """Each process feeds its share of the pairs; the tables are gathered by pair id, so both processes
+  hold the single process's table, and each writes its own copy (the cache dirs are not shared).
+  Then one process finds its file and the other does not: both score again (none waits alone)."""
+  (single,) = _launch(tmp_path, 1, "dpo")
+  assert "reference log-probs of 'preference': built" in single["printed"]
+  multi = _launch(tmp_path, 2, "dpo")
+  for out in multi:
+    for split in ("train", "val"):
+      np.testing.assert_allclose(out["tables"][split], single["tables"][split], atol=1e-5, rtol=0, err_msg=split)
+    np.testing.assert_allclose(out["losses"], single["losses"], atol=1e-5, rtol=0)
+    assert out["files"] == single["files"]  # the same key: the same file name on every host
+  assert multi[0]["tables"] == multi[1]["tables"]
+  assert "built" in multi[0]["printed"] and multi[1]["printed"] == ""  # only the lead prints
+  os.remove(tmp_path / "cache_2_1" / multi[1]["files"][0])
+  again = _launch(tmp_path, 2, "dpo")
+  assert "built" in again[0]["printed"] and again[1]["files"] == multi[1]["files"]
 
 
 def _train_cli(workdir, cache, devices_per_process: int, num_processes: int, *overrides) -> list[str]:
@@ -184,4 +251,5 @@ def test_distributed_config_is_validated():
 
 
 if __name__ == "__main__":
-  print(json.dumps(worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))
+  fn, args = (dpo_worker, sys.argv[2:]) if sys.argv[1] == "dpo" else (worker, sys.argv[1:])
+  print(json.dumps(fn(args[0], int(args[1]), int(args[2]), int(args[3]))))

@@ -1,6 +1,7 @@
 """A DPO stage on 8 simulated CPU devices: the same losses and params on every mesh, and in the
-compiled train step the frozen reference is an argument laid out exactly like the policy's params
-(sharded under FSDP/tensor parallelism, never donated), which `memory_analysis()` shows.
+compiled train step the frozen reference (`objective.reference="live"`) is an argument laid out
+exactly like the policy's params (sharded under FSDP/tensor parallelism, never donated), which
+`memory_analysis()` shows; a cached reference scored on a 2x2x2 mesh gives the live losses.
 
 One subprocess (`python tests/test_preference_sharding.py <workdir>`) trains a tiny origin on one
 device, then builds the DPO stage from it on each mesh and prints one JSON line.
@@ -47,11 +48,12 @@ def worker(workdir: str) -> dict:
   origin = stage_config(cache, "text", text, **common, **{"train.steps": 2, "eval.num_batches": 0})
   train.run(origin, os.path.join(workdir, "origin"))  # on all 8 devices, data-parallel
   _pairs_file(os.path.join(workdir, "pairs.jsonl"))
-  out = {"losses": {}, "params": {}, "layout": {}}
+  out = {"losses": {}, "params": {}, "layout": {}, "cached_losses": {}}
+  dpo = lambda reference: stage_config(cache, "preference_jsonl", os.path.join(workdir, "pairs.jsonl"), **common, **{
+      "objective.kind": "dpo", "train.init_from": os.path.join(workdir, "origin"), "train.batch_size": 16,
+      "train.grad_accum_steps": 2, "eval.num_batches": 0, "objective.reference": reference})
   for mesh in MESHES:
-    c = stage_config(cache, "preference_jsonl", os.path.join(workdir, "pairs.jsonl"), **common, **{
-        "objective.kind": "dpo", "train.init_from": os.path.join(workdir, "origin"), "train.batch_size": 16,
-        "train.grad_accum_steps": 2, "eval.num_batches": 0})
+    c = dpo("live")  # what this test looks at: the reference as an argument of the compiled step
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
     exp = experiment.build(c, os.path.join(workdir, "stage"), devices=jax.devices()[: int(np.prod(mesh))])
     state = exp.init_fn(jax.random.key(0))
@@ -79,6 +81,16 @@ def worker(workdir: str) -> dict:
     out["layout"][key]["reference_alive"] = not any(x.is_deleted() for x in jax.tree.leaves(exp.reference_params))
     out["losses"][key] = losses
     out["params"][key] = [np.asarray(x).ravel()[:32].tolist() for x in jax.tree.leaves(state.params)]
+  for mesh in MESHES[-1:]:  # the cached reference (the default): its table scored on the mesh and gathered
+    c = dpo("cached")
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+    exp = experiment.build(c, os.path.join(workdir, "cached"), devices=jax.devices()[: int(np.prod(mesh))])
+    state, it = exp.init_fn(jax.random.key(0)), exp.pipeline.train_iterator()
+    losses = []
+    for s in range(STEPS):
+      state, metrics = exp.train_fn(state, experiment.device_batch(exp, next(it)))
+      losses.append(float(metrics["loss"]))
+    out["cached_losses"]["x".join(map(str, mesh))] = losses
   return out
 
 
@@ -95,6 +107,12 @@ def test_dpo_losses_and_params_agree_on_every_mesh(result):
     np.testing.assert_allclose(losses, ref, atol=1e-5, rtol=0, err_msg=key)
     for a, b in zip(result["params"][key], result["params"]["1x1x1"]):
       np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=key)
+
+
+@pytest.mark.slow
+def test_a_cached_reference_scored_on_a_mesh_gives_the_live_losses(result):
+  for key, losses in result["cached_losses"].items():
+    np.testing.assert_allclose(losses, result["losses"]["1x1x1"], atol=1e-5, rtol=0, err_msg=key)
 
 
 @pytest.mark.slow

@@ -143,3 +143,21 @@ def test_chunked_loss_gives_the_dense_step():
   (dense, m_dense), (chunked, m_chunked) = run(0), run(4)
   assert abs(float(m_dense["loss"]) - float(m_chunked["loss"])) < 1e-6
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), dense.params, chunked.params)
+
+
+@pytest.mark.parametrize("loss", [DPO, step.PreferenceLoss("ipo", beta=0.5)])
+def test_a_batchs_reference_logps_stand_in_for_the_reference_forward(loss):
+  """A cached reference (the batch's values, as `run/reference_cache.py` makes them) gives the live step;
+  IPO also reads the reference's lengths, which come from the policy's rows."""
+  tx = optax.sgd(1.0)
+  batch, reference = _pairs(np.random.default_rng(9)), _state(tx, seed=1).params
+  ref_logp, _ = _logps_float64(reference, batch)
+  cached = dict(batch, reference_logps=ref_logp.astype(np.float32))
+  (live, m_live), (from_batch, m_batch) = _train(loss, 2, batch, reference), _train(loss, 2, cached, None)
+  for key in preference.PreferenceSums._fields:
+    np.testing.assert_allclose(float(m_batch[key]), float(m_live[key]), rtol=1e-5, atol=1e-5, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), live.params, from_batch.params)
+  eval_fn = jax.jit(functools.partial(step.preference_eval_step, model=M.Transformer(CFG), loss=loss))
+  pref, _ = eval_fn(_state(tx).params, cached)
+  np.testing.assert_allclose(float(pref.loss_sum), float(eval_fn(_state(tx).params, batch, reference)[0].loss_sum),
+                             rtol=1e-5)

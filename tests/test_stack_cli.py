@@ -111,6 +111,7 @@ def test_kill_9_mid_dpo_then_resume_equals_the_uninterrupted_run_bit_for_bit(sta
   p = cli(f"{cfg}:dpo", killed, *args)
   assert p.returncode == 0, p.stderr[-3000:]
   assert "resuming from the checkpoint at step 4" in p.stdout
+  assert "reference log-probs of 'dpo': reused" in p.stdout  # the cached default: scored once, by the first run
   drop = ("positions_per_sec", "mfu")
   strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]
   assert strip(_lines(killed)) == strip(_lines(d / "dpo"))

@@ -22,7 +22,7 @@ import numpy as np
 
 from lmobjective import config as config_lib
 from lmobjective import files
-from lmobjective.batch import MODEL_FIELDS
+from lmobjective.batch import MODEL_FIELDS, REFERENCE_LOGPS
 from lmobjective.config import ConfigError
 from lmobjective.data import cache, fingerprint, mixture, sources, streams, tokenized
 from lmobjective.data.errors import DataWarning
@@ -64,6 +64,7 @@ class Pipeline:
     self.mixture = mixture.build(self.weights, self.stages, batch_size * process_count, seed)
     self._last_step = -1
     self._fingerprints = None
+    self.reference_logps = None  # {source: {"train"|"val": float32 [pairs, 2]}} once `attach_reference`d
 
   def fingerprints(self) -> dict[str, dict]:
     """{source: its content fingerprint and its splits' token counts and sampled ids} (`fingerprint.py`)."""
@@ -114,13 +115,15 @@ class Pipeline:
   def batch(self, step: int) -> dict[str, np.ndarray]:
     src_B, ctr_B = self.mixture.assign(self.global_rows(step))
     self._last_step = max(self._last_step, step)
-    return self._assemble(src_B, ctr_B, self.train_rows)
+    return self._assemble(src_B, ctr_B, self.train_rows, "train")
 
-  def _assemble(self, src_B, ctr_B, row_sources) -> dict[str, np.ndarray]:
+  def _assemble(self, src_B, ctr_B, row_sources, split: str) -> dict[str, np.ndarray]:
     """B examples -> B * rows_per_example rows (a pair's rows stay adjacent, in the order `fields` gives)."""
     k, T = self.rows_per_example, self.T
     out = {f: np.zeros((len(src_B) * k, T), bool if f == "loss_mask" else np.int32) for f in FIELDS}
     out["source_ids"] = np.full((len(src_B) * k, T), -1, np.int32)
+    if self.reference_logps is not None:
+      out[REFERENCE_LOGPS] = np.zeros(len(src_B) * k, np.float32)
     for s in np.unique(src_B):
       sel_B = np.flatnonzero(src_B == s)
       rows = (sel_B[:, None] * k + np.arange(k)[None, :]).ravel()
@@ -129,7 +132,20 @@ class Pipeline:
         out[name][rows] = f[name]
       counted = f["loss_mask"] if k == 2 else f["target_valid"]  # pairs: the source on response targets only
       out["source_ids"][rows] = np.where(counted, s, -1)
+      if self.reference_logps is not None:  # column 0 the chosen row (even), 1 the rejected (odd)
+        table_Nx2 = self.reference_logps[self.source_names[s]][split]
+        out[REFERENCE_LOGPS][rows] = table_Nx2[f["pair_index"], np.arange(len(rows)) % 2]
     return out
+
+  def attach_reference(self, tables: dict[str, dict[str, np.ndarray]]) -> None:
+    """From now on batches carry REFERENCE_LOGPS, row 2i (2i+1) of a batch from `tables[source][split]
+    [pair, 0 (1)]`: the reference's log-probs of each pair of each split (`run/reference_cache.py`)."""
+    self.reference_logps = tables
+
+  def pair_rows(self, name: str, split: str) -> streams.PairRows:
+    """A pair source's `split` ("train" or "val") in split order: `pair_index` i = documents 2i, 2i+1."""
+    s = self.source_index(name)
+    return self._rows(s, getattr(self.sources[s], split), shuffle=False)
 
   def train_iterator(self) -> grain.DatasetIterator:
     """Infinite; grain state {'next_index': step} is JSON-serialisable (get_state/set_state)."""
@@ -160,11 +176,13 @@ class Pipeline:
     for b in range(num_batches):
       first = (b * self.process_count + self.process_index) * batch_size
       ctr = np.arange(first, first + batch_size, dtype=np.int64)
-      batch = self._assemble(np.full(batch_size, s), ctr, {s: rows})
+      batch = self._assemble(np.full(batch_size, s), ctr, {s: rows}, "val")
       if pairs:  # a pair past the split is padding: no scored token, so no pair (`preference.pair_valid`)
         past_R = np.repeat(ctr >= rows.num_rows, 2)
         batch["loss_mask"][past_R] = False
         batch["source_ids"][past_R] = -1
+        if REFERENCE_LOGPS in batch:
+          batch[REFERENCE_LOGPS][past_R] = 0.0
       out.append(batch)
     return out
 

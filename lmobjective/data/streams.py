@@ -104,7 +104,8 @@ class PairRows:
   Truncation, per row of C = T + 1 tokens (`packing.pair_spans`): the prompt keeps its end, its last
   min(P, max_prompt_length) tokens (None: T // 2); the response keeps its start, its first
   min(R, max_response_length, C - kept prompt) tokens (None: as many as fit). Both rows of a pair
-  share the truncated prompt. Cut pairs are counted in `accounting`.
+  share the truncated prompt. Cut pairs are counted in `accounting`. `fields` also gives `pair_index`
+  [2P]: which pair of the split each row is (after the epoch's permutation), for per-pair tables.
   """
 
   def __init__(self, split: Split, T: int, pad_id: int, document_masking: bool, seed: int, key: int,
@@ -129,4 +130,4 @@ class PairRows:
     pairs = self._order.rows(ctr_P) if self._order else ctr_P % self.num_rows
     docs_R = (2 * pairs[:, None] + np.arange(2)[None, :]).ravel()
     tokens, seg, flags = packing.pair_rows(self.ids, self.flags, self.spans[docs_R], self.T + 1, self.pad_id)
-    return packing.padded_fields(tokens, seg, flags, self.masking)
+    return {**packing.padded_fields(tokens, seg, flags, self.masking), "pair_index": docs_R // 2}

@@ -63,7 +63,8 @@ def tokenize(name: str, scfg, tok: Tokenizer) -> TokenizedSource:
   return out
 
 
-def _source_key(name: str, scfg, tok: Tokenizer) -> str:
+def cache_key(name: str, scfg, tok: Tokenizer) -> str:
+  """The token cache's key of a source: its config (but its weight), its content and the tokenizer."""
   fields = {k: v for k, v in dataclasses.asdict(_typed(name, scfg)).items() if k != "weight"}
   if not fields["exclude_modules"]:  # keyed only when set: caches from before the key stay valid
     del fields["exclude_modules"]
@@ -75,7 +76,7 @@ def load(name: str, scfg, tok: Tokenizer, cache_dir: str | None) -> TokenizedSou
   scfg = _typed(name, scfg)
   if cache_dir is None:
     return tokenize(name, scfg, tok)
-  path = cache.path_for(cache_dir, name, _source_key(name, scfg, tok))
+  path = cache.path_for(cache_dir, name, cache_key(name, scfg, tok))
   hit = cache.load(path, tok.fingerprint())
   if hit is not None:
     arrays, meta = hit

@@ -52,7 +52,7 @@ SAFE_CHANGES = ("train.steps", "optimizer.decay_steps", "train.log_every_steps",
 # Keys added after runs were checkpointed without them, with the value those runs behaved as.
 ADDED_KEYS = {"train.max_skipped_fraction": 0.1, "train.dead_grad_steps": 3, "train.max_param_growth": 100.0,
               "train.init_from": None, "objective.kind": "next_token", "objective.beta": 0.1,
-              "objective.label_smoothing": 0.0, "objective.simpo_gamma": 0.0}
+              "objective.label_smoothing": 0.0, "objective.simpo_gamma": 0.0, "objective.reference": "live"}
 ADDED_SOURCE_KEYS = {"max_prompt_length": None, "max_response_length": None, "exclude_modules": ""}  # in every data.sources.<name>
 # Never compared: the flag itself, and where the cluster's coordinator happens to be this time.
 IGNORED = ("checkpoint.allow_config_change", "checkpoint.allow_data_change", "checkpoint.start_over",
@@ -171,7 +171,14 @@ def config_changes(saved: dict, current: dict) -> list[str]:
     for k, default in ADDED_SOURCE_KEYS.items():
       a.setdefault(f"data.sources.{name}.{k}", default)
   return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>")
-                and not k.startswith(IGNORED))
+                and not k.startswith(IGNORED) and not _unused(k, b))
+
+
+def _unused(key: str, current: dict) -> bool:
+  """`objective.reference` means nothing without a reference (next_token, SimPO): older runs of those
+  compare as "live" and today's default is "cached", and neither changes a number, so it is not compared."""
+  from lmobjective import preference
+  return key == "objective.reference" and current.get("objective.kind") not in preference.REFERENCE_LOSSES
 
 
 def _mixture_changes_from(saved: dict, current: dict) -> int | None:

@@ -26,7 +26,7 @@ from lmobjective import config as config_lib
 from lmobjective import data, objective, preference, sharding, step, validation
 from lmobjective.model import ModelConfig, Transformer, flops_per_token
 from lmobjective.optimizer import make_optimizer, skipped_update_state
-from lmobjective.run import hardware, stage
+from lmobjective.run import hardware, reference_cache, stage
 
 
 @dataclasses.dataclass
@@ -52,6 +52,8 @@ class Experiment:
   # The origin's params, sharded like the policy's and never donated (init_fn copies them): the
   # frozen reference of a preference objective. None without train.init_from.
   reference_params: Any = None
+  # What `device_batch` sends: the model's fields, and reference_logps with a cached reference.
+  batch_fields: tuple[str, ...] = step.MODEL_FIELDS
 
 
 def _check_batch_divides(config, mesh) -> None:
@@ -137,9 +139,14 @@ def build(raw_config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     origin, reference = stage.load(origin_req, raw_config, abstract, tokenizer)
     init_fn = stage.SeededInit(sharding.Program(functools.partial(stage.start_state, tx), mesh,
                                                 out_shardings=state_sharding), reference)
+  cached = cached_reference(config)
+  if cached:  # before the eval batches are cut: they carry the values too
+    pipeline.attach_reference(reference_cache.prepare(
+        config, pipeline, model, model_cfg, mesh, params_sharding, reference, origin.params_fingerprint,
+        data.pipeline.resolve_cache_dir(config.data, config.data.cache_dir)))
   token_bytes = jnp.asarray(tokenizer.token_byte_lengths(), jnp.int32)
   train_fn, eval_fn = _step_programs(config, model, tx, mesh, state_sharding, params_sharding, token_bytes,
-                                     reference_params=reference)
+                                     reference_params=None if cached else reference)
   per_proc_eval = config.eval.batch_size // n_proc
   eval_sets = {name: pipeline.eval_batches(name, config.eval.num_batches, per_proc_eval)
                for name in pipeline.source_names} if config.eval.num_batches else {}
@@ -150,7 +157,14 @@ def build(raw_config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
       eval_fn=eval_fn, init_fn=init_fn, eval_sets=eval_sets,
       flops_per_token=flops_per_token(model_cfg, T),
       peak_flops=hardware.peak_flops_per_device(config.model.compute_dtype), origin=origin,
-      reference_params=reference)
+      reference_params=reference,
+      batch_fields=step.MODEL_FIELDS + ((step.REFERENCE_LOGPS,) if cached else ()))
+
+
+def cached_reference(config: config_lib.Config) -> bool:
+  """DPO/IPO with objective.reference="cached": the reference's log-probs come with the batches."""
+  o = config.objective
+  return o.kind in preference.REFERENCE_LOSSES and o.reference == "cached"
 
 
 def preference_loss(config: config_lib.Config) -> step.PreferenceLoss | None:
@@ -163,8 +177,9 @@ def preference_loss(config: config_lib.Config) -> step.PreferenceLoss | None:
 
 def _step_programs(config, model, tx, mesh, state_sharding, params_sharding, token_bytes, reference_params):
   """The jitted train step `(state, batch) -> (state, metrics)` and eval step `(params, batch) -> sums`
-  of the configured objective. A preference objective's frozen reference is an argument of both
-  programs, sharded like the policy's params and bound here (`sharding.Bound`), never donated."""
+  of the configured objective. A live reference (`reference_params` given) is an argument of both
+  programs, sharded like the policy's params and bound here (`sharding.Bound`), never donated; a
+  cached one (None) comes in the batch, and the programs take no reference params at all."""
   batch_shard, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   chunk, accum = config.objective.loss_chunk_size, config.train.grad_accum_steps
   loss = preference_loss(config)
@@ -178,7 +193,8 @@ def _step_programs(config, model, tx, mesh, state_sharding, params_sharding, tok
     train = functools.partial(step.preference_train_step, model=model, tx=tx, loss=loss, grad_accum_steps=accum,
                               loss_chunk_size=chunk)
     evaluate_ = functools.partial(step.preference_eval_step, model=model, loss=loss, loss_chunk_size=chunk)
-    frozen, frozen_shardings = ((reference_params,), (params_sharding,)) if loss.needs_reference else ((), ())
+    live = loss.needs_reference and reference_params is not None
+    frozen, frozen_shardings = ((reference_params,), (params_sharding,)) if live else ((), ())
   train_fn = sharding.Program(functools.partial(_guarded_step, train), mesh,
                               in_shardings=(state_sharding, batch_shard, *frozen_shardings),
                               out_shardings=(state_sharding, rep), donate_argnums=0)
@@ -190,7 +206,7 @@ def _step_programs(config, model, tx, mesh, state_sharding, params_sharding, tok
 
 
 def device_batch(exp: Experiment, host_batch: dict) -> dict:
-  return sharding.global_batch({k: host_batch[k] for k in step.MODEL_FIELDS}, exp.mesh)
+  return sharding.global_batch({k: host_batch[k] for k in exp.batch_fields}, exp.mesh)
 
 
 def evaluate(exp: Experiment, params) -> dict[str, float]:

@@ -39,7 +39,7 @@ def test_a_cache_written_by_another_tokenizer_is_ignored_with_one_warning(cache_
   byte, char = tokenizers.ByteTokenizer(), tokenizers.CharTokenizer("!\"#$%&'()*+,-./0")
   tokenized.load("m0", scfg, byte, cache_dir)
   # Put the byte tokenizer's file where the char tokenizer's cache would be.
-  os.replace(_files(cache_dir)[0], cache.path_for(cache_dir, "m0", tokenized._source_key("m0", scfg, char)))
+  os.replace(_files(cache_dir)[0], cache.path_for(cache_dir, "m0", tokenized.cache_key("m0", scfg, char)))
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     src = tokenized.load("m0", scfg, char, cache_dir)
