@@ -6,6 +6,7 @@ machine, and a kill that lands after the run finished would test nothing.
 """
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -315,3 +316,23 @@ def test_mixture_stage_changes_are_judged_by_the_batches_they_change(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="data.mixture_stages") as e:
       ckpt_lib.check_config(saved, current, allow, 6)
     assert "\n" not in str(e.value)
+
+
+def test_an_older_checkpoints_config_gains_the_added_keys_and_validates():
+  import ml_collections
+  from lmobjective.config import load_config_file
+  from lmobjective.run import checkpoint as ckpt
+  from lmobjective.validation import validate
+  new = ckpt.config_json(load_config_file(os.path.join(ROOT, "configs", "default.py")))
+  old = json.loads(json.dumps(new))
+  for key in ckpt.ADDED_KEYS:
+    section, leaf = key.split(".")
+    del old[section][leaf]
+  for source in old["data"]["sources"].values():
+    for key in ckpt.ADDED_SOURCE_KEYS:
+      del source[key]
+  with pytest.raises(KeyError):
+    validate(ml_collections.ConfigDict(old))
+  filled = ckpt.with_added_keys(old)
+  validate(ml_collections.ConfigDict(filled))
+  assert filled == new  # a next-token run's added keys are the defaults

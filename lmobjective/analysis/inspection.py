@@ -252,7 +252,7 @@ def restore(workdir: str, step: int | None = None, device=None) -> Run:
       step, args=ckpt_lib.ocp.args.Composite(config=ckpt_lib.ocp.args.JsonRestore()))["config"])
   if found is None:
     raise FileNotFoundError(f"no readable checkpoint in {os.path.join(workdir, ckpt_lib.CKPT_DIR)}")
-  config = ml_collections.ConfigDict(found[1])
+  config = ml_collections.ConfigDict(ckpt_lib.with_added_keys(found[1]))
   tok, _ = tokenizers.load(os.path.join(workdir, "tokenizer"), key="workdir")
   model = Transformer(ModelConfig.from_config(config.model, tok.vocab_size, config.data.context_length))
   abstract = _abstract_params(model, int(config.data.context_length), device or jax.devices()[0])
@@ -260,8 +260,8 @@ def restore(workdir: str, step: int | None = None, device=None) -> Run:
   if meta["tokenizer"]["fingerprint"] != tok.fingerprint():
     raise ValueError(f"{workdir}/tokenizer is not the tokenizer checkpoint {got_step} was trained with")
   if got_step != found[0]:  # the newest was damaged: use the config of the one restored
-    config = ml_collections.ConfigDict(mngr.restore(
-        got_step, args=ckpt_lib.ocp.args.Composite(config=ckpt_lib.ocp.args.JsonRestore()))["config"])
+    config = ml_collections.ConfigDict(ckpt_lib.with_added_keys(mngr.restore(
+        got_step, args=ckpt_lib.ocp.args.Composite(config=ckpt_lib.ocp.args.JsonRestore()))["config"]))
   mngr.close()
   validation.validate(config)  # the checkpoint's config, as a run would have been checked
   path = os.path.join(workdir, metrics_log.METRICS_FILE)

@@ -163,6 +163,24 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def with_added_keys(saved: dict) -> dict:
+  """A checkpoint's config with the keys added since it was written, at the values it ran with
+  (`ADDED_KEYS`, `ADDED_SOURCE_KEYS`), so `restore` validates and types it like a new one."""
+  out = json.loads(json.dumps(saved))
+  for key, default in ADDED_KEYS.items():
+    *parents, leaf = key.split(".")
+    node = out
+    for part in parents:
+      node = node.setdefault(part, {})
+    node.setdefault(leaf, default)
+  if "reference" not in saved.get("objective", {}) and out["objective"]["kind"] not in ("dpo", "ipo"):
+    out["objective"]["reference"] = "cached"  # the default, which is accepted where there is no reference
+  for source in out.get("data", {}).get("sources", {}).values():
+    for key, default in ADDED_SOURCE_KEYS.items():
+      source.setdefault(key, default)
+  return out
+
+
 def config_changes(saved: dict, current: dict) -> list[str]:
   a, b = _flatten(saved), _flatten(current)
   for k, default in ADDED_KEYS.items():  # a checkpoint from before a key existed ran with its default
