@@ -160,11 +160,11 @@ def test_default_sources_keep_their_fingerprints_and_cache_keys():
     old_content = stdlib_corpus.fingerprint() if s.kind != "markov" else "markov"
     assert sources.fingerprint(name, typed) == old_content
     assert sources.content_fingerprint(name, typed) == fingerprint.of_builtin(old_content)
-    assert tokenized._source_key(name, s, TOK) == cache.key(
+    assert tokenized.cache_key(name, s, TOK) == cache.key(
         {"source": old_fields, "content": old_content, "tokenizer": TOK.fingerprint()})
   excluded = _source("python_stdlib", exclude_modules="textwrap")
   assert sources.fingerprint("s", excluded) == stdlib_corpus.fingerprint() + "|exclude=textwrap"
-  assert tokenized._source_key("s", excluded, TOK) != tokenized._source_key("s", _source("python_stdlib"), TOK)
+  assert tokenized.cache_key("s", excluded, TOK) != tokenized.cache_key("s", _source("python_stdlib"), TOK)
 
 
 @pytest.mark.parametrize("kind, value, match", [
