@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 import warnings
+
+_SOURCES = ("TensorStore", "OCDBT", "orbax", "tensorstore")
 
 
 def _quiet(unraisable) -> bool:
@@ -24,7 +27,11 @@ class _AsyncioNoise(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     text = record.getMessage()
-    return not ("never retrieved" in text and any(w in text for w in ("TensorStore", "OCDBT", "orbax")))
+    if "never retrieved" not in text:
+      return True
+    if record.exc_info and record.exc_info[2] is not None:  # the message names only the error: its frames say whose
+      text += "".join(f.filename for f in traceback.extract_tb(record.exc_info[2]))
+    return not any(w in text for w in _SOURCES)
 
 
 def quiet() -> None:
