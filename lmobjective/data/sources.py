@@ -69,7 +69,7 @@ def fingerprint(name: str, scfg) -> str:
   if scfg.kind in EXCLUDING_KINDS:
     return stdlib_corpus.fingerprint(excluded(name, scfg))
   if scfg.kind in ("stdlib_chat", "stdlib_pairs"):
-    return f"{stdlib_corpus.fingerprint()}|{scfg.kind} v{stdlib_tasks.VERSION}"
+    return f"{stdlib_corpus.fingerprint()}|{scfg.kind} {stdlib_tasks.code_digest()}"
   if scfg.kind == "markov":
     return "markov"
   return json.dumps([(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in resolve_paths(name, scfg.path)])

@@ -1,10 +1,18 @@
-"""Rejected responses for `stdlib_pairs`: three kinds of wrong summary, mixed with seeded shares per pair.
+"""Rejected responses for `stdlib_pairs`: five kinds of bad answer, mixed with seeded shares per pair.
 
+Two kinds are another function's summary, so they can be told apart only by reading the prompt:
 * `hard`: the summary of another function of the same module or with the same name elsewhere
   (`json.dumps` vs `pickle.dumps`): on topic, wrong function.
 * `random`: the summary of a random other function.
-* `corrupted`: the right summary with one content word (4+ letters, not a stop word) replaced by a
-  content word of another summary: right form, wrong meaning.
+Three are the right summary damaged the ways language models damage text, so the fault is in the
+response itself (what a small model can learn to see, and what preference data is collected for):
+* `corrupted`: one content word (4+ letters, not a stop word) replaced by a content word of
+  another summary: right form, wrong meaning.
+* `swapped`: two of its content words exchanged: the same words, the wrong relation.
+* `repeated`: a run of n = 2–4 of its words said again in place of the n words that follow: the
+  degenerate repetition of greedy decoding (which a language model finds likely).
+All five keep the response's length in words but `hard` and `random`, so a pair's log-probs differ
+by what was said, not by how much.
 
 Each pair draws its kind from `DESIGN` with an RNG seeded by the function's name; a kind that has
 no candidate (a module's only function, a summary without a content word) falls back to the next
@@ -21,9 +29,9 @@ import re
 
 import numpy as np
 
-DESIGN = {"hard": 0.4, "random": 0.3, "corrupted": 0.3}
+DESIGN = {"hard": 0.2, "random": 0.2, "corrupted": 0.2, "swapped": 0.2, "repeated": 0.2}
 _TRIES = 64
-_WORD = re.compile(r"[A-Za-z]{4,}")
+_WORD = re.compile(r"(?<!\w)[A-Za-z]{4,}(?!\w)")  # whole words: not `soon` of `call_soon`
 _STOP = frozenset("""about above after again against also been before being below between both could does doing
 during each either else every from further have having here however into itself just many more most much must
 never only other otherwise over same should some such than that their them then there these they this those
@@ -37,6 +45,11 @@ def _rng(name: str) -> np.random.Generator:
 
 def _content_spans(text: str) -> list[tuple[int, int]]:
   return [m.span() for m in _WORD.finditer(text) if m.group().lower() not in _STOP]
+
+
+def _cased(word: str, like: str) -> str:
+  """`word` with its first letter in the case of `like` (the letter of the slot it goes to)."""
+  return (word[0].upper() if like.isupper() else word[0].lower()) + word[1:]
 
 
 class _Pool:
@@ -74,9 +87,29 @@ class _Pool:
       words = [w for w in words if w.lower() != text[start:end].lower()]
       if words:
         word = words[rng.integers(len(words))]
-        word = word[0].upper() + word[1:] if text[start].isupper() else word[0].lower() + word[1:]
-        return text[:start] + word + text[end:]
+        return text[:start] + _cased(word, text[start]) + text[end:]
     return None
+
+
+  def swapped(self, i: int, rng) -> str | None:
+    text, spans = self.tasks[i].summary, self.spans[i]
+    pairs = [(x, y) for x in range(len(spans)) for y in range(x + 1, len(spans))
+             if text[slice(*spans[x])].lower() != text[slice(*spans[y])].lower()]
+    if not pairs:
+      return None
+    (a0, a1), (b0, b1) = (spans[k] for k in pairs[rng.integers(len(pairs))])
+    return text[:a0] + _cased(text[b0:b1], text[a0]) + text[a1:b0] + _cased(text[a0:a1], text[b0]) + text[b1:]
+
+  def repeated(self, i: int, rng) -> str | None:
+    words = self.tasks[i].summary.split(" ")
+    n = int(rng.integers(2, 5))
+    if len(words) < 2 * n:
+      n = len(words) // 2
+    if n < 2:
+      return None
+    start = int(rng.integers(len(words) - 2 * n + 1))
+    stutter = words[:start + n] + words[start:start + n] + words[start + 2 * n:]
+    return " ".join(stutter) if stutter != words else None
 
 
 def draw(tasks) -> tuple[list[str | None], list[str | None]]:

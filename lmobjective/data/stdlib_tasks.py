@@ -25,7 +25,6 @@ import numpy as np
 
 from lmobjective.data import stdlib_corpus, stdlib_negatives
 
-VERSION = 1  # bump when the records change: part of the sources' fingerprint, so caches are rebuilt
 SUMMARY_CHARS = 200
 PHRASINGS = ("What does `{sig}` do?",
              "Explain `{sig}` in one sentence.",
@@ -47,6 +46,17 @@ class Task:
   name: str  # qualified: module.function or module.Class.method
   signature: str  # name(args), annotations dropped, self/cls dropped
   summary: str
+
+
+@functools.lru_cache(maxsize=None)
+def code_digest() -> str:
+  """sha256 (16 hex) of this module's and stdlib_negatives.py's source: what the records are made by, so
+  any edit of either is a new fingerprint and the tokenized and reference caches are rebuilt."""
+  h = hashlib.sha256()
+  for module in (__file__, stdlib_negatives.__file__):
+    with open(module, "rb") as f:
+      h.update(f.read())
+  return h.hexdigest()[:16]
 
 
 def unit_hash(*parts: str) -> float:
@@ -177,7 +187,7 @@ def _subset(items: list, n: int, which: str) -> list:
 def chat_splits(val_fraction: float, max_documents: int | None) -> tuple[list, list, dict]:
   """`stdlib_chat`: (train, val) conversations and their info."""
   train, val = _cap(*split(val_fraction), max_documents)
-  info = {"tasks_version": VERSION, "heldout_modules": len(heldout_modules(val_fraction))}
+  info = {"tasks_code": code_digest(), "heldout_modules": len(heldout_modules(val_fraction))}
   return [conversation(t) for t in train], [conversation(t) for t in val], info
 
 
@@ -190,6 +200,6 @@ def pair_splits(val_fraction: float, max_documents: int | None) -> tuple[list, l
     by_split.append([({"prompt": [{"role": "user", "content": prompt(t)}], "chosen": t.summary, "rejected": r}, k)
                      for t, r, k in zip(tasks_split, rejected, kinds) if r is not None])
   train, val = _cap(*by_split, max_documents)
-  info = {"tasks_version": VERSION, "heldout_modules": len(heldout_modules(val_fraction)),
+  info = {"tasks_code": code_digest(), "heldout_modules": len(heldout_modules(val_fraction)),
           "tasks_without_negative": dropped, **stdlib_negatives.shares([k for _, k in train + val])}
   return [p for p, _ in train], [p for p, _ in val], info

@@ -1,6 +1,7 @@
 """stdlib_tasks.py, stdlib_negatives.py: chat and preference tasks from stdlib docstrings, split by module;
 exclude_modules on the pretraining corpora."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -120,9 +121,16 @@ def test_negatives_are_never_the_answer_and_follow_the_design():
                  for o in by_summary[r])
     elif k == "random":
       assert r in by_summary
-    else:  # one word replaced
+    elif k == "corrupted":  # one word replaced
       a, b = t.summary.split(" "), r.split(" ")
       assert len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1, (t.summary, r)
+    elif k == "swapped":  # two different words exchanged: the same words, in another order
+      a, b = (re.findall(r"\w+", x.lower()) for x in (t.summary, r))
+      assert sum(x != y for x, y in zip(a, b, strict=True)) == 2 and sorted(a) == sorted(b), (t.summary, r)
+    else:  # "repeated": words[s:s+n] said again in place of words[s+n:s+2n], 2 <= n <= 4
+      a, b = t.summary.split(" "), r.split(" ")
+      assert len(a) == len(b) and any(b[:s + n] == a[:s + n] and b[s + n:s + 2 * n] == a[s:s + n] and
+                                      b[s + 2 * n:] == a[s + 2 * n:] for n in range(2, 5) for s in range(len(a) - 2 * n + 1)), (t.summary, r)
   shares = stdlib_negatives.shares(kinds)["negative_shares"]
   for k, want in stdlib_negatives.DESIGN.items():
     assert abs(shares[k] - want) < 0.02, (k, shares)  # +-2.5 standard errors at n ~ 3900, fallbacks included
@@ -165,6 +173,22 @@ def test_default_sources_keep_their_fingerprints_and_cache_keys():
   excluded = _source("python_stdlib", exclude_modules="textwrap")
   assert sources.fingerprint("s", excluded) == stdlib_corpus.fingerprint() + "|exclude=textwrap"
   assert tokenized.cache_key("s", excluded, TOK) != tokenized.cache_key("s", _source("python_stdlib"), TOK)
+
+
+def test_an_edit_of_the_task_or_negative_code_is_a_new_cache_key(tmp_path, monkeypatch):
+  """The records are made by code, not read from files: its source is part of the key (no version to bump)."""
+  pairs = _source("stdlib_pairs")
+  before = tokenized.cache_key("s", pairs, TOK)
+  edited = tmp_path / "stdlib_negatives.py"
+  edited.write_text(open(stdlib_negatives.__file__).read().replace('"hard": 0.2', '"hard": 0.25'))
+  monkeypatch.setattr(stdlib_negatives, "__file__", str(edited))
+  stdlib_tasks.code_digest.cache_clear()
+  try:
+    assert tokenized.cache_key("s", pairs, TOK) != before
+  finally:
+    monkeypatch.undo()
+    stdlib_tasks.code_digest.cache_clear()
+  assert tokenized.cache_key("s", pairs, TOK) == before
 
 
 @pytest.mark.parametrize("kind, value, match", [
