@@ -36,6 +36,8 @@ def get_config(arg: str = "pretrain"):
     (source,) = c.data.sources.values()
     source.kind = "stdlib_chat" if stage == "sft" else "stdlib_pairs"
     source.val_fraction = HELD_OUT
+    if stage == "dpo":
+      c.optimizer.learning_rate = 5e-4  # held-out preference accuracy moved more than at dpo.py's 1e-4
   if size == "quick":
     c.train.steps = QUICK_STEPS[stage]
     c.eval.every_steps = 50

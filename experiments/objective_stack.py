@@ -5,7 +5,7 @@
 Each stage is the training CLI a researcher would type (printed before it runs), from the previous
 stage's checkpoint (`train.init_from`), in WORKDIR/{pretrained,sft,dpo}; a stage whose final
 checkpoint exists is reused. Then `analysis/stack.py` scores every stage's model on the same
-held-out sets and writes WORKDIR/stack.md, WORKDIR/stack.csv and WORKDIR/stack.png.
+held-out sets (and the pairs by kind of negative) and writes WORKDIR/stack.md, WORKDIR/stack.csv and WORKDIR/stack.png.
 """
 
 from __future__ import annotations
@@ -60,10 +60,11 @@ def main() -> None:
     run_stage(workdir, name, stage + suffix, origin)
   from lmobjective.analysis import stack
   workdirs = {name: os.path.join(workdir, name) for name, _, _ in STAGES}
-  table = stack.rows(workdirs)
-  md, csv_path = stack.save(table, workdir)
+  table, kinds = stack.rows(workdirs), stack.kind_rows(workdirs)
+  md, csv_path = stack.save(table, workdir, kinds)
   png = stack.save_curves(workdirs, workdir)
-  print(stack.markdown(table), end="")
+  print(stack.markdown(table) + ("\nheld-out preference accuracy by kind of negative:\n" + stack.kind_markdown(kinds)
+                                 if kinds else ""), end="")
   print(f"wrote {md}, {csv_path}, {png} ({time.time() - t0:.0f} s in all)")
 
 

@@ -156,3 +156,7 @@ def test_the_stack_table_agrees_with_each_stages_own_eval_lines(stack, tmp_path)
   md, path_csv = stack_table.save(list(rows.values()), str(tmp_path))
   assert open(md).read().splitlines()[0].startswith("| stage | step | pretrain_val_loss")
   assert len(open(path_csv).read().splitlines()) == 4
+  assert stack_table.kind_rows(workdirs) is None  # a preference_jsonl source has no kinds of negative
+  by_kind = [{"stage": s, "kind": k, "num_pairs": n, "pref_accuracy": a, "pref_accuracy_norm": b, "logp_margin": 0.0}
+             for s, k, n, a, b in (("sft", "hard", 3, 1 / 3, 2 / 3), ("dpo", "hard", 3, 1.0, 2 / 3))]
+  assert stack_table.kind_markdown(by_kind).splitlines()[2] == "| hard | 3 | 0.333 / 0.667 | 1.000 / 0.667 |"

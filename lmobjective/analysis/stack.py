@@ -8,14 +8,17 @@ Every stage's model is scored on the same three held-out sets, whatever it was t
     log π(rejected|x)), `pref_accuracy_norm` (the same with length-averaged log-probs),
     `logp_margin` (mean log π(chosen|x) − log π(rejected|x), nats) and `num_pairs`;
 and the DPO row adds TRL's `rewards/accuracies` and `rewards/margins` from its last val line (they
-need the reference, so only the DPO stage has them).
+need the reference, so only the DPO stage has them). When the pairs are `stdlib_pairs`, `kind_rows`
+breaks the preference accuracy down by the kind of negative (`data/stdlib_negatives.py`).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
+import tempfile
 
 from lmobjective import files
 from lmobjective.analysis import evaluate, inspection
@@ -52,6 +55,42 @@ def rows(workdirs: dict[str, str]) -> list[dict]:
   return out
 
 
+def kind_rows(workdirs: dict[str, str]) -> list[dict] | None:
+  """Per stage and kind of negative, the raw and normalised preference accuracy on the DPO run's held-out
+  `stdlib_pairs` (each pair once, scored as `evaluate_pairs` scores a file); None for other pair sources."""
+  from lmobjective.data import stdlib_negatives, stdlib_tasks
+  dpo = inspection.restore(workdirs["dpo"])
+  (source,) = dpo.config.data.sources.values()
+  if source.kind != "stdlib_pairs":
+    return None
+  _, val, _ = stdlib_tasks.kinded_pair_splits(float(source.val_fraction), source.max_documents)
+  kinds = sorted({k for _, k in val}, key=[*stdlib_negatives.DESIGN].index)
+  out = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for kind in kinds:
+      with open(os.path.join(tmp, f"{kind}.jsonl"), "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p, k in val if k == kind)
+    truncation = {"max_prompt_length": source.max_prompt_length, "max_response_length": source.max_response_length}
+    for stage, w in workdirs.items():
+      run = dpo if stage == "dpo" else inspection.restore(w)
+      for kind in kinds:
+        m = evaluate.evaluate_pairs(run, os.path.join(tmp, f"{kind}.jsonl"), **truncation)
+        out.append({"stage": stage, "kind": kind, "num_pairs": m["num_pairs"], "pref_accuracy": m["preference_accuracy"],
+                    "pref_accuracy_norm": m["preference_accuracy_normalized"], "logp_margin": m["logps/margin"]})
+  return out
+
+
+def kind_markdown(table: list[dict]) -> str:
+  """A row per kind of negative, a column per stage: `raw / normalised` accuracy."""
+  stages, kinds = list(dict.fromkeys(r["stage"] for r in table)), list(dict.fromkeys(r["kind"] for r in table))
+  cell = {(r["stage"], r["kind"]): r for r in table}
+  lines = ["| negative | pairs | " + " | ".join(f"{s} (raw / norm)" for s in stages) + " |", "|" + "---|" * (len(stages) + 2)]
+  for k in kinds:
+    lines.append(f"| {k} | {cell[stages[0], k]['num_pairs']} | " + " | ".join(
+        f"{cell[s, k]['pref_accuracy']:.3f} / {cell[s, k]['pref_accuracy_norm']:.3f}" for s in stages) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def _cell(v) -> str:
   if v is None:
     return "–"
@@ -64,12 +103,12 @@ def markdown(table: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def save(table: list[dict], workdir: str) -> tuple[str, str]:
-  """WORKDIR/stack.md and WORKDIR/stack.csv (written atomically)."""
+def save(table: list[dict], workdir: str, kinds: list[dict] | None = None) -> tuple[str, str]:
+  """WORKDIR/stack.md (the table, then `kind_markdown(kinds)` if given) and WORKDIR/stack.csv (written atomically)."""
   md, path_csv = os.path.join(workdir, "stack.md"), os.path.join(workdir, "stack.csv")
   with files.atomic_path(md) as tmp:
     with open(tmp, "w") as f:
-      f.write(markdown(table))
+      f.write(markdown(table) + ("\n" + kind_markdown(kinds) if kinds else ""))
   with files.atomic_path(path_csv) as tmp:
     with open(tmp, "w", newline="") as f:
       w = csv.DictWriter(f, fieldnames=COLUMNS)

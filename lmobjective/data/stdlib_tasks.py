@@ -193,6 +193,12 @@ def chat_splits(val_fraction: float, max_documents: int | None) -> tuple[list, l
 
 def pair_splits(val_fraction: float, max_documents: int | None) -> tuple[list, list, dict]:
   """`stdlib_pairs`: (train, val) preference pairs (negatives drawn within each split) and their info."""
+  train, val, info = kinded_pair_splits(val_fraction, max_documents)
+  return [p for p, _ in train], [p for p, _ in val], info
+
+
+def kinded_pair_splits(val_fraction: float, max_documents: int | None) -> tuple[list, list, dict]:
+  """`pair_splits` with each pair's negative kind: (train, val) lists of (pair, kind), and the info."""
   by_split, dropped = [], 0
   for tasks_split in split(val_fraction):
     rejected, kinds = stdlib_negatives.draw(tasks_split)
@@ -202,4 +208,4 @@ def pair_splits(val_fraction: float, max_documents: int | None) -> tuple[list, l
   train, val = _cap(*by_split, max_documents)
   info = {"tasks_code": code_digest(), "heldout_modules": len(heldout_modules(val_fraction)),
           "tasks_without_negative": dropped, **stdlib_negatives.shares([k for _, k in train + val])}
-  return [p for p, _ in train], [p for p, _ in val], info
+  return train, val, info

@@ -108,6 +108,14 @@ def test_records_are_the_same_in_every_process():
   assert sources.load_source("s", _source("stdlib_pairs")) == sources.load_source("s", _source("stdlib_pairs"))
 
 
+def test_kinded_pairs_are_the_pairs_with_the_kind_that_drew_their_negative():
+  train, val, info = stdlib_tasks.kinded_pair_splits(0.1, 300)
+  assert ([p for p, _ in train], [p for p, _ in val], info) == stdlib_tasks.pair_splits(0.1, 300)
+  tasks_val = stdlib_tasks.split(0.1)[1]
+  kind_of = dict(zip((t.summary for t in tasks_val), stdlib_negatives.draw(tasks_val)[1]))
+  assert [k for _, k in val] == [kind_of[p["chosen"]] for p, _ in val] and len({k for _, k in val}) == 5
+
+
 def test_negatives_are_never_the_answer_and_follow_the_design():
   train, _ = stdlib_tasks.split(0.05)
   rejected, kinds = stdlib_negatives.draw(train)
