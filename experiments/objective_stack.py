@@ -63,7 +63,8 @@ def main() -> None:
   table, kinds = stack.rows(workdirs), stack.kind_rows(workdirs)
   md, csv_path = stack.save(table, workdir, kinds)
   png = stack.save_curves(workdirs, workdir)
-  print(stack.markdown(table) + ("\nheld-out preference accuracy by kind of negative:\n" + stack.kind_markdown(kinds)
+  print(stack.markdown(table) + stack.comparison_markdown(stack.comparisons(table))
+        + ("\nheld-out preference accuracy by kind of negative:\n" + stack.kind_markdown(kinds)
                                  if kinds else ""), end="")
   print(f"wrote {md}, {csv_path}, {png} ({time.time() - t0:.0f} s in all)")
 

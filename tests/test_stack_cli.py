@@ -160,3 +160,20 @@ def test_the_stack_table_agrees_with_each_stages_own_eval_lines(stack, tmp_path)
   by_kind = [{"stage": s, "kind": k, "num_pairs": n, "pref_accuracy": a, "pref_accuracy_norm": b, "logp_margin": 0.0}
              for s, k, n, a, b in (("sft", "hard", 3, 1 / 3, 2 / 3), ("dpo", "hard", 3, 1.0, 2 / 3))]
   assert stack_table.kind_markdown(by_kind).splitlines()[2] == "| hard | 3 | 0.333 / 0.667 | 1.000 / 0.667 |"
+  # the paired comparison counts the same pairs the accuracies count
+  for c in stack_table.comparisons(list(rows.values())):
+    assert c["num_pairs"] == 24
+    assert abs(c["difference"] - (rows[c["stage"]]["pref_accuracy"] - rows[c["against"]]["pref_accuracy"])) < 1e-9
+
+
+@pytest.mark.parametrize("gained,lost,same", [(0, 0, 5), (7, 2, 11), (30, 12, 300), (1, 0, 0), (40, 40, 3)])
+def test_mcnemar_p_value_equals_scipys_exact_binomial_test(gained, lost, same):
+  from scipy import stats
+  from lmobjective.analysis import stack as stack_table
+  before = np.array([False] * gained + [True] * lost + [True] * same)
+  after = np.array([True] * gained + [False] * lost + [True] * same)
+  c = stack_table.mcnemar(before, after)
+  assert (c["gained"], c["lost"], c["num_pairs"]) == (gained, lost, gained + lost + same)
+  expected = stats.binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
+  assert abs(c["p_value"] - expected) < 1e-12
+  assert abs(c["difference"] - (gained - lost) / (gained + lost + same)) < 1e-12

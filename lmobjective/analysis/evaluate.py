@@ -55,6 +55,12 @@ def evaluate_source(run: inspection.Run, name: str, num_batches: int | None = No
 
 def evaluate_pair_source(run: inspection.Run, name: str, batch_size: int | None = None) -> dict[str, float]:
   """`pair_metrics` of `run` on every held-out pair of a configured pair source, each scored once."""
+  return pair_metrics(pair_source_logps(run, name, batch_size))
+
+
+def pair_source_logps(run: inspection.Run, name: str, batch_size: int | None = None) -> preference.PairLogps:
+  """`run`'s `PairLogps` of every held-out pair of a configured pair source, in the source's order, each
+  once (NumPy [P]; the last batch's padding pairs are invalid: `preference.pair_valid`)."""
   cfg = run.config
   batch_size = batch_size or int(cfg.eval.batch_size)
   pipe = data.build_pipeline(cfg.data, run.tokenizer, seed=cfg.seed, batch_size=batch_size,
@@ -66,7 +72,7 @@ def evaluate_pair_source(run: inspection.Run, name: str, batch_size: int | None 
     batches = pipe.eval_batches(name, -(-num_pairs // batch_size), batch_size)
   for batch in batches:
     parts.append(jax.device_get(run.pair_program(run.params, {k: batch[k] for k in step.MODEL_FIELDS})))
-  return pair_metrics(preference.PairLogps(*(np.concatenate([np.asarray(p[i]) for p in parts]) for i in range(4))))
+  return preference.PairLogps(*(np.concatenate([np.asarray(p[i]) for p in parts]) for i in range(4)))
 
 
 def pair_metrics(logps: preference.PairLogps) -> dict[str, float]:

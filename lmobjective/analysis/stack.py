@@ -9,7 +9,9 @@ Every stage's model is scored on the same three held-out sets, whatever it was t
     `logp_margin` (mean log π(chosen|x) − log π(rejected|x), nats) and `num_pairs`;
 and the DPO row adds TRL's `rewards/accuracies` and `rewards/margins` from its last val line (they
 need the reference, so only the DPO stage has them). When the pairs are `stdlib_pairs`, `kind_rows`
-breaks the preference accuracy down by the kind of negative (`data/stdlib_negatives.py`).
+breaks the preference accuracy down by the kind of negative (`data/stdlib_negatives.py`), and
+`comparisons` says whether a stage's raw preference accuracy differs from the stage before it by more
+than chance: on the same pairs, an exact McNemar test of the pairs only one of the two ranks right.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import csv
 import dataclasses
 import json
 import os
+import math
 import tempfile
 
-from lmobjective import files
+import numpy as np
+
+from lmobjective import files, preference
 from lmobjective.analysis import evaluate, inspection
 
 COLUMNS = ("stage", "step", "pretrain_val_loss", "sft_val_loss", "pref_accuracy", "pref_accuracy_norm",
@@ -42,17 +47,43 @@ def rows(workdirs: dict[str, str]) -> list[dict]:
   out = []
   for stage, run in runs.items():
     on = lambda other: dataclasses.replace(other, params=run.params)  # this stage's model, other's data
-    acc = evaluate.evaluate_pair_source(on(dpo), pairs)
+    logps = evaluate.pair_source_logps(on(dpo), pairs)
+    acc, valid_P = evaluate.pair_metrics(logps), np.asarray(preference.pair_valid(logps))
     sft_loss = evaluate.evaluate_source(on(sft), chat)["loss"]
     row = {"stage": stage, "step": run.step, "pretrain_val_loss": _token_weighted(on(pre)), "sft_val_loss": sft_loss,
            "pref_accuracy": acc["preference_accuracy"], "pref_accuracy_norm": acc["preference_accuracy_normalized"],
            "logp_margin": acc["logps/margin"], "num_pairs": acc["num_pairs"],
-           "rewards/accuracies": None, "rewards/margins": None}
+           "rewards/accuracies": None, "rewards/margins": None,
+           "pair_correct": (np.asarray(logps.chosen) > np.asarray(logps.rejected))[valid_P]}
     if stage == "dpo":
       last = [r for r in run.metrics if "val_rewards/accuracies" in r][-1]
       row.update({"rewards/accuracies": last["val_rewards/accuracies"], "rewards/margins": last["val_rewards/margins"]})
     out.append(row)
   return out
+
+
+def mcnemar(before_P: np.ndarray, after_P: np.ndarray) -> dict:
+  """The exact McNemar test of two rankings of the same pairs (bool [P], True = ranked right): under
+  "neither is better", each of the n discordant pairs is equally likely to favour either, so the
+  two-sided p-value is P(Binomial(n, 1/2) as far from n/2 as the count `gained`) (1 when n = 0)."""
+  before_P, after_P = np.asarray(before_P, bool), np.asarray(after_P, bool)
+  gained, lost = int((after_P & ~before_P).sum()), int((before_P & ~after_P).sum())
+  n, k = gained + lost, min(gained, lost)
+  p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n) if n else 1.0
+  return {"num_pairs": len(after_P), "gained": gained, "lost": lost,
+          "difference": (gained - lost) / max(len(after_P), 1), "p_value": p}
+
+
+def comparisons(table: list[dict]) -> list[dict]:
+  """`mcnemar` of each stage's held-out pair rankings against the stage before it."""
+  return [{"stage": b["stage"], "against": a["stage"], **mcnemar(a["pair_correct"], b["pair_correct"])}
+          for a, b in zip(table, table[1:])]
+
+
+def comparison_markdown(pairs: list[dict]) -> str:
+  return "".join(
+      f"- {c['stage']} vs {c['against']}: {c['difference']:+.4f} raw preference accuracy on {c['num_pairs']} held-out "
+      f"pairs ({c['gained']} pairs gained, {c['lost']} lost; exact McNemar p = {c['p_value']:.2g})\n" for c in pairs)
 
 
 def kind_rows(workdirs: dict[str, str]) -> list[dict] | None:
@@ -108,7 +139,8 @@ def save(table: list[dict], workdir: str, kinds: list[dict] | None = None) -> tu
   md, path_csv = os.path.join(workdir, "stack.md"), os.path.join(workdir, "stack.csv")
   with files.atomic_path(md) as tmp:
     with open(tmp, "w") as f:
-      f.write(markdown(table) + ("\n" + kind_markdown(kinds) if kinds else ""))
+      f.write(markdown(table) + "\n" + comparison_markdown(comparisons(table))
+              + ("\n" + kind_markdown(kinds) if kinds else ""))
   with files.atomic_path(path_csv) as tmp:
     with open(tmp, "w", newline="") as f:
       w = csv.DictWriter(f, fieldnames=COLUMNS)

@@ -1,9 +1,5 @@
 """Rejected responses for `stdlib_pairs`: five kinds of bad answer, mixed with seeded shares per pair.
 
-Two kinds are another function's summary, so they can be told apart only by reading the prompt:
-* `hard`: the summary of another function of the same module or with the same name elsewhere
-  (`json.dumps` vs `pickle.dumps`): on topic, wrong function.
-* `random`: the summary of a random other function.
 Three are the right summary damaged the ways language models damage text, so the fault is in the
 response itself (what a small model can learn to see, and what preference data is collected for):
 * `corrupted`: one content word (4+ letters, not a stop word) replaced by a content word of
@@ -11,11 +7,22 @@ response itself (what a small model can learn to see, and what preference data i
 * `swapped`: two of its content words exchanged: the same words, the wrong relation.
 * `repeated`: a run of n = 2–4 of its words said again in place of the n words that follow: the
   degenerate repetition of greedy decoding (which a language model finds likely).
-All five keep the response's length in words but `hard` and `random`, so a pair's log-probs differ
-by what was said, not by how much.
+These keep the response's length in words, so a pair's log-probs differ by what was said, not by how much.
+Two are another function's summary, so they can be told apart only by reading the prompt:
+* `hard`: the summary of another function of the same module or with the same name elsewhere
+  (`json.dumps` vs `pickle.dumps`): on topic, wrong function.
+* `random`: the summary of a random other function.
+
+`DESIGN` gives the damaged kinds a third each and the prompt-only kinds none (they remain as
+fallbacks and for experiments: edit `DESIGN`). Measured on the stack (configs/stack.py, quick):
+with 0.2 of each kind, the default model never told `hard` or `random` pairs apart (0.50 held out,
+also on its training pairs), and those pairs made DPO fail: its training loss rose above ln 2 and
+held-out preference accuracy went 0.602 -> 0.625 (an SFT model's right summary is another pair's
+rejected one, so the two kinds of update cancel). With the damaged kinds only, the same DPO stage
+lowers its loss to ~0.5 and moves held-out accuracy clearly (README, "The objective stack").
 
 Each pair draws its kind from `DESIGN` with an RNG seeded by the function's name; a kind that has
-no candidate (a module's only function, a summary without a content word) falls back to the next
+no candidate (a summary without a content word, or too short to repeat) falls back to the next
 of `DESIGN`'s order, so the realised shares (reported) differ slightly from the design. Negatives
 come from the same split as the pair (`draw` gets one split), so no held-out summary reaches training.
 A rejected response never equals the chosen one.
@@ -29,7 +36,7 @@ import re
 
 import numpy as np
 
-DESIGN = {"hard": 0.2, "random": 0.2, "corrupted": 0.2, "swapped": 0.2, "repeated": 0.2}
+DESIGN = {"corrupted": 1 / 3, "swapped": 1 / 3, "repeated": 1 / 3, "hard": 0.0, "random": 0.0}
 _TRIES = 64
 _WORD = re.compile(r"(?<!\w)[A-Za-z]{4,}(?!\w)")  # whole words: not `soon` of `call_soon`
 _STOP = frozenset("""about above after again against also been before being below between both could does doing
