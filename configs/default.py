@@ -84,13 +84,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.num_heads = 4
   c.model.num_kv_heads = placeholder(int)  # None = num_heads; fewer = grouped-query attention
   c.model.embed_dim = 256
-  c.model.mlp_dim = placeholder(int)  # None = 4*embed_dim (gelu) or 8/3*embed_dim rounded to 64 (swiglu)
+  c.model.mlp_dim = placeholder(int)  # None = 4*embed_dim (gelu, relu2) or 8/3*embed_dim rounded to 64 (swiglu)
   c.model.max_len = placeholder(int)  # longest context the model supports; None = data.context_length
   c.model.vocab_size = placeholder(int)  # None = the tokenizer's vocabulary size
   c.model.position = "rope"  # rope | learned
   c.model.rope_theta = 10_000.0
   c.model.norm = "rmsnorm"  # rmsnorm | layernorm
-  c.model.mlp = "swiglu"  # swiglu | gelu
+  c.model.mlp = "swiglu"  # swiglu | gelu | relu2 (relu(x)^2, modded-nanogpt); gelu and relu2 are ungated
+  c.model.qk_norm = False  # RMSNorm of q and k per head (learned scale over head_dim) before rope (OLMo 2, Gemma 3)
   c.model.use_bias = False
   c.model.tie_embeddings = True
   c.model.dropout = 0.0

@@ -62,11 +62,11 @@ def decay_steps(cfg: ml_collections.ConfigDict) -> int:
 
 
 def mlp_dim(model) -> int:
-  """The MLP width of `config.model`: model.mlp_dim, or when unset 4*embed_dim (gelu) or
+  """The MLP width of `config.model`: model.mlp_dim, or when unset 4*embed_dim (gelu, relu2) or
   8/3*embed_dim rounded up to a multiple of 64 (swiglu)."""
   if model.mlp_dim is not None:
     return model.mlp_dim
-  return 4 * model.embed_dim if model.mlp == "gelu" else 64 * -(-(8 * model.embed_dim // 3) // 64)
+  return 4 * model.embed_dim if model.mlp != "swiglu" else 64 * -(-(8 * model.embed_dim // 3) // 64)
 
 
 def get(cfg: ml_collections.ConfigDict, key: str) -> Any:
@@ -170,6 +170,7 @@ class ModelSection:
   rope_theta: float
   norm: str
   mlp: str
+  qk_norm: bool
   use_bias: bool
   tie_embeddings: bool
   dropout: float

@@ -123,6 +123,9 @@ def check_mesh_divides(mesh_sizes, dims: dict[str, int | None]) -> None:
                           f"over mesh.{axis})")
 
 
+MLPS = ("swiglu", "gelu", "relu2")
+
+
 def _validate_model(cfg) -> None:
   m = cfg.model
   require_int(cfg, "model.num_layers", 1)
@@ -142,7 +145,8 @@ def _validate_model(cfg) -> None:
   require_choice(cfg, "model.position", ("rope", "learned"))
   require_float(cfg, "model.rope_theta", 0.0, lo_open=True)
   require_choice(cfg, "model.norm", ("rmsnorm", "layernorm"))
-  require_choice(cfg, "model.mlp", ("swiglu", "gelu"))
+  require_choice(cfg, "model.mlp", MLPS)
+  _require_bool(cfg, "model.qk_norm")
   require_float(cfg, "model.dropout", 0.0, 1.0)
   if m.dropout == 1.0:
     raise ConfigError("model.dropout", m.dropout, "must be in [0, 1)")
