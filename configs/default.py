@@ -119,9 +119,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 4e-3  # peak
   c.optimizer.end_learning_rate = 3e-4
-  c.optimizer.schedule = "cosine"  # cosine | linear | constant (after linear warmup)
+  # cosine | linear | constant | wsd (warmup-stable-decay: the peak, then a linear decay to
+  # end_learning_rate over the last decay_fraction of decay_steps), each after linear warmup
+  c.optimizer.schedule = "cosine"
   c.optimizer.warmup_steps = 40
   c.optimizer.decay_steps = placeholder(int)  # warmup+decay length (includes warmup); None = train.steps
+  c.optimizer.decay_fraction = 0.2  # wsd: share of decay_steps spent in the final decay (rounded to whole steps)
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.95
   c.optimizer.eps = 1e-8

@@ -61,6 +61,11 @@ def decay_steps(cfg: ml_collections.ConfigDict) -> int:
   return cfg.optimizer.decay_steps if cfg.optimizer.decay_steps is not None else cfg.train.steps
 
 
+def wsd_decay_steps(decay_fraction: float, decay_steps: int) -> int:
+  """The wsd schedule's final decay: `decay_fraction` of the warmup+decay steps, rounded to a whole step."""
+  return int(round(decay_fraction * decay_steps))
+
+
 def mlp_dim(model) -> int:
   """The MLP width of `config.model`: model.mlp_dim, or when unset 4*embed_dim (gelu, relu2) or
   8/3*embed_dim rounded up to a multiple of 64 (swiglu)."""
@@ -200,6 +205,7 @@ class OptimizerConfig:
   schedule: str
   warmup_steps: int
   decay_steps: int | None
+  decay_fraction: float
   b1: float
   b2: float
   eps: float

@@ -5,18 +5,23 @@ from __future__ import annotations
 import jax
 import optax
 
-from lmobjective.config import OptimizerConfig
+from lmobjective.config import OptimizerConfig, wsd_decay_steps
 
 
-def learning_rate_schedule(opt: OptimizerConfig, total_steps: int | None = None) -> optax.Schedule:
+def learning_rate_schedule(opt: OptimizerConfig, total_steps: int | None = None,
+                           peak: float | None = None) -> optax.Schedule:
   """Linear warmup to `learning_rate`, then cosine/linear decay to `end_learning_rate`.
 
   Warmup is `peak * (step + 1) / warmup_steps`, so the very first update is not a no-op.
 
   `decay_steps` counts from step 0 and includes warmup (optax convention); after it the rate stays
-  at `end_learning_rate`. `constant` holds the peak after warmup.
+  at `end_learning_rate`. `constant` holds the peak after warmup; `wsd` holds it until the last
+  `decay_fraction` of decay_steps, then decays linearly to `end_learning_rate`.
+  `peak` given: the same schedule scaled by peak / learning_rate (Muon's group).
   """
-  peak, end, warm = opt.learning_rate, opt.end_learning_rate, opt.warmup_steps
+  warm = opt.warmup_steps
+  peak, end = (opt.learning_rate, opt.end_learning_rate) if peak is None else (
+      peak, opt.end_learning_rate * peak / opt.learning_rate if opt.learning_rate else 0.0)
   decay_steps = opt.decay_steps if opt.decay_steps is not None else total_steps
   if decay_steps is None:
     raise ValueError("optimizer.decay_steps is None: pass total_steps (train.steps)")
@@ -26,11 +31,21 @@ def learning_rate_schedule(opt: OptimizerConfig, total_steps: int | None = None)
     main = optax.cosine_decay_schedule(peak, decay, alpha=end / peak if peak else 0.0)
   elif opt.schedule == "linear":
     main = optax.linear_schedule(peak, end, decay)
+  elif opt.schedule == "wsd":
+    main = _stable_then_decay(peak, end, decay_steps - warm, wsd_decay_steps(opt.decay_fraction, decay_steps))
   else:
     main = optax.constant_schedule(peak)
   if warm == 0:
     return main
   return optax.join_schedules([warmup, main], [warm])
+
+
+def _stable_then_decay(peak: float, end: float, steps: int, cooldown: int) -> optax.Schedule:
+  """`peak` for `steps - cooldown` steps, then linear to `end` over `cooldown` steps (then `end`)."""
+  if cooldown <= 0:
+    return optax.constant_schedule(peak)
+  return optax.join_schedules([optax.constant_schedule(peak), optax.linear_schedule(peak, end, cooldown)],
+                              [steps - cooldown])
 
 
 def weight_decay_mask(params, decay_embeddings: bool = False, decay_norms_and_biases: bool = False):

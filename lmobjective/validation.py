@@ -11,7 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from lmobjective.config import (ConfigError, decay_steps, get, max_len, mlp_dim, require_choice, require_float,
-                                require_int)
+                                require_int, wsd_decay_steps)
 from lmobjective import preference
 from lmobjective.data import mixture, sources, stdlib_corpus
 
@@ -124,6 +124,7 @@ def check_mesh_divides(mesh_sizes, dims: dict[str, int | None]) -> None:
 
 
 MLPS = ("swiglu", "gelu", "relu2")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
 
 def _validate_model(cfg) -> None:
@@ -158,15 +159,21 @@ def _validate_model(cfg) -> None:
 
 
 def _validate_optimizer(cfg) -> None:
+  o = cfg.optimizer
   require_float(cfg, "optimizer.learning_rate", 0.0)
   require_float(cfg, "optimizer.end_learning_rate", 0.0)
-  require_choice(cfg, "optimizer.schedule", ("cosine", "linear", "constant"))
+  require_choice(cfg, "optimizer.schedule", SCHEDULES)
   require_int(cfg, "optimizer.warmup_steps", 0)
   require_int(cfg, "optimizer.decay_steps", 0, allow_none=True)
-  if decay_steps(cfg) < cfg.optimizer.warmup_steps:
-    raise ConfigError("optimizer.decay_steps" if cfg.optimizer.decay_steps is not None else "train.steps",
-                      decay_steps(cfg),
-                      f"must be >= optimizer.warmup_steps={cfg.optimizer.warmup_steps} (it includes warmup)")
+  if decay_steps(cfg) < o.warmup_steps:
+    raise ConfigError("optimizer.decay_steps" if o.decay_steps is not None else "train.steps",
+                      decay_steps(cfg), f"must be >= optimizer.warmup_steps={o.warmup_steps} (it includes warmup)")
+  require_float(cfg, "optimizer.decay_fraction", 0.0, 1.0)
+  cooldown = wsd_decay_steps(o.decay_fraction, decay_steps(cfg))
+  if o.schedule == "wsd" and o.warmup_steps + cooldown > decay_steps(cfg):
+    raise ConfigError("optimizer.decay_fraction", o.decay_fraction,
+                      f"its {cooldown} decay steps and optimizer.warmup_steps={o.warmup_steps} exceed the "
+                      f"{decay_steps(cfg)} steps of warmup+decay")
   require_float(cfg, "optimizer.b1", 0.0, 1.0)
   require_float(cfg, "optimizer.b2", 0.0, 1.0)
   require_float(cfg, "optimizer.eps", 0.0)

@@ -1,25 +1,28 @@
 """Learning-rate schedules against closed forms; weight-decay mask on a real parameter tree."""
 
 import math
+import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from lmobjective import model as M
 from lmobjective import optimizer
-from _tiny import model_config
+from lmobjective.config import load_config_file
+from _tiny import ROOT, model_config
 
 
 def _opt(**kw):
-  base = dict(learning_rate=1e-3, end_learning_rate=1e-4, schedule="cosine", warmup_steps=10,
-              decay_steps=110, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, decay_embeddings=False,
-              decay_norms_and_biases=False, grad_clip=1.0)
+  """configs/default.py's optimizer section with these values, and `kw` on top."""
+  base = load_config_file(os.path.join(ROOT, "configs", "default.py")).optimizer
+  base.update(dict(learning_rate=1e-3, end_learning_rate=1e-4, schedule="cosine", warmup_steps=10,
+                   decay_steps=110, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, decay_embeddings=False,
+                   decay_norms_and_biases=False, grad_clip=1.0))
   base.update(kw)
-  return ml_collections.ConfigDict(base)
+  return base
 
 
 def test_warmup_then_cosine_closed_form():
@@ -80,3 +83,16 @@ def test_grad_clip_bounds_the_global_norm():
   np.testing.assert_allclose(clipped["w"], [0.6, 0.8, 0.0], rtol=1e-6)
   upd, _ = tx.update(g, tx.init(params), params)
   np.testing.assert_allclose(upd["w"], [-1.0, -1.0, 0.0], atol=1e-6)
+
+
+def test_wsd_holds_the_peak_then_decays_linearly_over_the_last_fraction():
+  # decay_steps 100, warmup 10, decay_fraction 0.2: warmup 0-9, the peak 10-79, linear 80-100.
+  sched = optimizer.learning_rate_schedule(_opt(schedule="wsd", decay_steps=100, decay_fraction=0.2))
+  table = {0: 1e-4, 4: 5e-4, 9: 1e-3, 10: 1e-3, 50: 1e-3, 79: 1e-3, 80: 1e-3, 85: 7.75e-4, 90: 5.5e-4,
+           95: 3.25e-4, 99: 1.45e-4, 100: 1e-4, 300: 1e-4}
+  for s, want in table.items():
+    assert float(sched(s)) == pytest.approx(want, rel=1e-6, abs=1e-12), s
+  muon = optimizer.learning_rate_schedule(_opt(schedule="wsd", decay_steps=100), peak=0.02)
+  for s, want in table.items():  # the Muon group: the same shape, scaled by 0.02 / 1e-3
+    assert float(muon(s)) == pytest.approx(want * 20, rel=1e-6), s
+
