@@ -117,7 +117,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---- optimizer ----------------------------------------------------------
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.learning_rate = 4e-3  # peak
+  # adamw: every parameter. muon: the hidden matrices (attention and MLP kernels, each layer its own
+  # matrix) get optax.contrib.muon; embeddings, the LM head, norms and biases keep this AdamW.
+  c.optimizer.kind = "adamw"  # adamw | muon
+  c.optimizer.learning_rate = 4e-3  # peak (with kind=muon: of the AdamW group)
   c.optimizer.end_learning_rate = 3e-4
   # cosine | linear | constant | wsd (warmup-stable-decay: the peak, then a linear decay to
   # end_learning_rate over the last decay_fraction of decay_steps), each after linear warmup
@@ -132,6 +135,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.decay_embeddings = False  # apply weight decay to embedding tables too
   c.optimizer.decay_norms_and_biases = False
   c.optimizer.grad_clip = 1.0  # global-norm clip; 0 disables
+  # kind=muon, the Muon group: its schedule is the one above scaled by muon_learning_rate / learning_rate.
+  # Its weight decay is multiplied by the learning rate, like AdamW's; Nesterov momentum.
+  c.optimizer.muon_learning_rate = 0.02  # peak
+  c.optimizer.muon_weight_decay = 0.0
+  c.optimizer.muon_momentum = 0.95
 
   # ---- training -----------------------------------------------------------
   c.train = ml_collections.ConfigDict()

@@ -200,6 +200,7 @@ class ObjectiveConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
+  kind: str
   learning_rate: float
   end_learning_rate: float
   schedule: str
@@ -213,6 +214,9 @@ class OptimizerConfig:
   decay_embeddings: bool
   decay_norms_and_biases: bool
   grad_clip: float
+  muon_learning_rate: float
+  muon_weight_decay: float
+  muon_momentum: float
 
 
 @dataclasses.dataclass(frozen=True)

@@ -124,6 +124,7 @@ def check_mesh_divides(mesh_sizes, dims: dict[str, int | None]) -> None:
 
 
 MLPS = ("swiglu", "gelu", "relu2")
+OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
 
@@ -160,6 +161,7 @@ def _validate_model(cfg) -> None:
 
 def _validate_optimizer(cfg) -> None:
   o = cfg.optimizer
+  require_choice(cfg, "optimizer.kind", OPTIMIZERS)
   require_float(cfg, "optimizer.learning_rate", 0.0)
   require_float(cfg, "optimizer.end_learning_rate", 0.0)
   require_choice(cfg, "optimizer.schedule", SCHEDULES)
@@ -179,6 +181,11 @@ def _validate_optimizer(cfg) -> None:
   require_float(cfg, "optimizer.eps", 0.0)
   require_float(cfg, "optimizer.weight_decay", 0.0)
   require_float(cfg, "optimizer.grad_clip", 0.0)
+  require_float(cfg, "optimizer.muon_learning_rate", 0.0)
+  require_float(cfg, "optimizer.muon_weight_decay", 0.0)
+  require_float(cfg, "optimizer.muon_momentum", 0.0, 1.0)
+  if o.muon_momentum == 1.0:
+    raise ConfigError("optimizer.muon_momentum", o.muon_momentum, "must be in [0, 1)")
 
 
 TOKENIZER_KINDS = ("sentencepiece", "char", "byte")
