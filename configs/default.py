@@ -84,13 +84,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.num_heads = 4
   c.model.num_kv_heads = placeholder(int)  # None = num_heads; fewer = grouped-query attention
   c.model.embed_dim = 256
-  c.model.mlp_dim = placeholder(int)  # None = 4*embed_dim (gelu) or 8/3*embed_dim rounded to 64 (swiglu)
+  c.model.mlp_dim = placeholder(int)  # None = 4*embed_dim (gelu, relu2) or 8/3*embed_dim rounded to 64 (swiglu)
   c.model.max_len = placeholder(int)  # longest context the model supports; None = data.context_length
   c.model.vocab_size = placeholder(int)  # None = the tokenizer's vocabulary size
   c.model.position = "rope"  # rope | learned
   c.model.rope_theta = 10_000.0
   c.model.norm = "rmsnorm"  # rmsnorm | layernorm
-  c.model.mlp = "swiglu"  # swiglu | gelu
+  c.model.mlp = "swiglu"  # swiglu | gelu | relu2 (relu(x)^2, modded-nanogpt); gelu and relu2 are ungated
+  c.model.qk_norm = False  # RMSNorm of q and k per head (learned scale over head_dim) before rope (OLMo 2, Gemma 3)
   c.model.use_bias = False
   c.model.tie_embeddings = True
   c.model.dropout = 0.0
@@ -116,11 +117,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---- optimizer ----------------------------------------------------------
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.learning_rate = 4e-3  # peak
+  # adamw: every parameter. muon: the hidden matrices (attention and MLP kernels, each layer its own
+  # matrix) get optax.contrib.muon; embeddings, the LM head, norms and biases keep this AdamW.
+  c.optimizer.kind = "adamw"  # adamw | muon
+  c.optimizer.learning_rate = 4e-3  # peak (with kind=muon: of the AdamW group)
   c.optimizer.end_learning_rate = 3e-4
-  c.optimizer.schedule = "cosine"  # cosine | linear | constant (after linear warmup)
+  # cosine | linear | constant | wsd (warmup-stable-decay: the peak, then a linear decay to
+  # end_learning_rate over the last decay_fraction of decay_steps), each after linear warmup
+  c.optimizer.schedule = "cosine"
   c.optimizer.warmup_steps = 40
   c.optimizer.decay_steps = placeholder(int)  # warmup+decay length (includes warmup); None = train.steps
+  c.optimizer.decay_fraction = 0.2  # wsd: share of decay_steps spent in the final decay (rounded to whole steps)
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.95
   c.optimizer.eps = 1e-8
@@ -128,6 +135,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.decay_embeddings = False  # apply weight decay to embedding tables too
   c.optimizer.decay_norms_and_biases = False
   c.optimizer.grad_clip = 1.0  # global-norm clip; 0 disables
+  # kind=muon, the Muon group: its schedule is the one above scaled by muon_learning_rate / learning_rate.
+  # Its weight decay is multiplied by the learning rate, like AdamW's; Nesterov momentum.
+  c.optimizer.muon_learning_rate = 0.02  # peak
+  c.optimizer.muon_weight_decay = 0.0
+  c.optimizer.muon_momentum = 0.95
 
   # ---- training -----------------------------------------------------------
   c.train = ml_collections.ConfigDict()

@@ -33,15 +33,15 @@ class StepBench:
     self.config = config
     vocab = config.model.vocab_size or vocab_size
     self.model_cfg = ModelConfig.from_config(config.model, vocab, config.data.context_length)
-    model, tx = Transformer(self.model_cfg), make_optimizer(config.optimizer, config.train.steps)
+    model = Transformer(self.model_cfg)
+    tx = make_optimizer(config.optimizer, config.train.steps, sharding.logical_axes(model))
     self.mesh = mesh = sharding.make_mesh(config.mesh, devices)
     B, T, k = config.train.batch_size, config.data.context_length, config.train.grad_accum_steps
     self.tokens_per_step = B * T
     with sharding.activate(mesh):  # mirrors experiment.build
       params_sharding = sharding.param_shardings(model, mesh, (B // k, T))
       init = functools.partial(step.init_state, model, tx, batch_shape=(B // k, T))
-      state_sharding = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)),
-                                                params_sharding, tx, mesh)
+      state_sharding = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)), params_sharding, mesh)
     self.init_fn = sharding.Program(init, mesh, out_shardings=state_sharding)
     self.train_fn = sharding.Program(
         functools.partial(step.train_step, model=model, tx=tx, grad_accum_steps=k,

@@ -61,12 +61,17 @@ def decay_steps(cfg: ml_collections.ConfigDict) -> int:
   return cfg.optimizer.decay_steps if cfg.optimizer.decay_steps is not None else cfg.train.steps
 
 
+def wsd_decay_steps(decay_fraction: float, decay_steps: int) -> int:
+  """The wsd schedule's final decay: `decay_fraction` of the warmup+decay steps, rounded to a whole step."""
+  return int(round(decay_fraction * decay_steps))
+
+
 def mlp_dim(model) -> int:
-  """The MLP width of `config.model`: model.mlp_dim, or when unset 4*embed_dim (gelu) or
+  """The MLP width of `config.model`: model.mlp_dim, or when unset 4*embed_dim (gelu, relu2) or
   8/3*embed_dim rounded up to a multiple of 64 (swiglu)."""
   if model.mlp_dim is not None:
     return model.mlp_dim
-  return 4 * model.embed_dim if model.mlp == "gelu" else 64 * -(-(8 * model.embed_dim // 3) // 64)
+  return 4 * model.embed_dim if model.mlp != "swiglu" else 64 * -(-(8 * model.embed_dim // 3) // 64)
 
 
 def get(cfg: ml_collections.ConfigDict, key: str) -> Any:
@@ -170,6 +175,7 @@ class ModelSection:
   rope_theta: float
   norm: str
   mlp: str
+  qk_norm: bool
   use_bias: bool
   tie_embeddings: bool
   dropout: float
@@ -194,11 +200,13 @@ class ObjectiveConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
+  kind: str
   learning_rate: float
   end_learning_rate: float
   schedule: str
   warmup_steps: int
   decay_steps: int | None
+  decay_fraction: float
   b1: float
   b2: float
   eps: float
@@ -206,6 +214,9 @@ class OptimizerConfig:
   decay_embeddings: bool
   decay_norms_and_biases: bool
   grad_clip: float
+  muon_learning_rate: float
+  muon_weight_decay: float
+  muon_momentum: float
 
 
 @dataclasses.dataclass(frozen=True)

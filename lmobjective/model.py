@@ -4,7 +4,8 @@ Shape legend: B batch, T tokens (context), D embed, N query heads, K key/value h
 H head dim, F MLP hidden, V vocabulary, L layers.
 
 Two families from one module, chosen by config: GPT-2 style (learned positions, LayerNorm,
-GELU MLP, biases) and modern (RoPE, RMSNorm, SwiGLU, grouped-query attention). Parameters
+GELU MLP, biases) and modern (RoPE, RMSNorm, SwiGLU, grouped-query attention), plus two recipe
+switches (QK-norm, a relu(x)^2 MLP). Parameters
 carry logical axis names (`embed`, `heads`, `mlp`, `vocab`, ...) so a mesh can shard them;
 without axis rules the names are inert.
 """
@@ -42,6 +43,7 @@ class ModelConfig:
   rope_theta: float
   norm: str
   mlp: str
+  qk_norm: bool
   use_bias: bool
   tie_embeddings: bool
   dropout: float
@@ -63,8 +65,9 @@ class ModelConfig:
     return cls(
         vocab_size=m.vocab_size or vocab_size, num_layers=m.num_layers, num_heads=m.num_heads,
         num_kv_heads=m.num_kv_heads or m.num_heads, embed_dim=m.embed_dim, mlp_dim=config_lib.mlp_dim(m),
-        max_len=m.max_len if m.max_len is not None else context_length, position=m.position, rope_theta=m.rope_theta, norm=m.norm, mlp=m.mlp,
-        use_bias=m.use_bias, tie_embeddings=m.tie_embeddings, dropout=m.dropout, init_std=m.init_std,
+        max_len=m.max_len if m.max_len is not None else context_length, position=m.position,
+        rope_theta=m.rope_theta, norm=m.norm, mlp=m.mlp, qk_norm=m.qk_norm, use_bias=m.use_bias,
+        tie_embeddings=m.tie_embeddings, dropout=m.dropout, init_std=m.init_std,
         param_dtype=DTYPES[m.param_dtype], compute_dtype=DTYPES[m.compute_dtype],
         attention=m.attention, remat=m.remat, scan_layers=m.scan_layers)
 
@@ -133,6 +136,13 @@ def _norm(cfg: ModelConfig, name: str) -> nn.Module:
                       name=name)
 
 
+def _head_norm(cfg: ModelConfig, name: str) -> nn.Module:
+  """RMSNorm of each head's vector (over head_dim), one learned scale per head_dim channel: QK-norm."""
+  scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("head_dim",))
+  return nn.RMSNorm(epsilon=1e-6, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
+                    scale_init=scale_init, name=name)
+
+
 def apply_rope(x_BxTxNxH: Array, positions_BxT: Array, theta: float) -> Array:
   """Rotary position embedding (rotate-half form), computed in float32."""
   half = x_BxTxNxH.shape[-1] // 2
@@ -197,6 +207,9 @@ class Attention(nn.Module):
     q_BxTxNxH = _dense(cfg, (N, H), ("embed", "heads", "head_dim"), std, "query")(x_BxTxD)
     k_BxTxKxH = _dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), std, "key")(x_BxTxD)
     v_BxTxKxH = _dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), std, "value")(x_BxTxD)
+    if cfg.qk_norm:  # before rope, which rotates pairs of channels and so keeps each head's RMS
+      q_BxTxNxH = _head_norm(cfg, "query_norm")(q_BxTxNxH)
+      k_BxTxKxH = _head_norm(cfg, "key_norm")(k_BxTxKxH)
     if cfg.position == "rope":
       q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
       k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
@@ -220,6 +233,8 @@ class Mlp(nn.Module):
     up = functools.partial(_dense, cfg, cfg.mlp_dim, ("embed", "mlp"), cfg.init_std)
     if cfg.mlp == "swiglu":
       h_BxTxF = nn.silu(up("gate")(x_BxTxD)) * up("up")(x_BxTxD)
+    elif cfg.mlp == "relu2":  # modded-nanogpt
+      h_BxTxF = jnp.square(nn.relu(up("up")(x_BxTxD)))
     else:
       h_BxTxF = nn.gelu(up("up")(x_BxTxD), approximate=True)
     h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("batch", "seq", "mlp"))
@@ -357,7 +372,7 @@ def matmul_params(cfg: ModelConfig) -> int:
   mlp = (3 if cfg.mlp == "swiglu" else 2) * D * F
   bias = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + D + (2 if cfg.mlp == "swiglu" else 1) * F + D
   norm = D * (2 if cfg.norm == "layernorm" and cfg.use_bias else 1)
-  per_layer = attn + mlp + 2 * norm + (bias if cfg.use_bias else 0)
+  per_layer = attn + mlp + 2 * norm + (bias if cfg.use_bias else 0) + (2 * cfg.head_dim if cfg.qk_norm else 0)
   return L * per_layer + norm + V * D  # + the final norm and the head
 
 

@@ -164,20 +164,37 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def param_shardings(model: nn.Module, mesh: Mesh, batch_shape: tuple[int, int]):
-  """NamedShardings for the params tree, from the logical names the model declares."""
+def logical_axes(model: nn.Module, batch_shape: tuple[int, int] = (1, 1)):
+  """The params' logical axis names as declared by the model: a PartitionSpec per leaf, e.g.
+  P('embed', 'heads', 'head_dim') for a query kernel (P('layers', ...) under scan_layers)."""
   import jax.numpy as jnp
 
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(batch_shape, jnp.int32))
-  specs = nn.get_partition_spec(abstract)["params"]
-  return nn.logical_to_mesh_sharding(specs, mesh, RULES)
+  return nn.get_partition_spec(abstract)["params"]
 
 
-def state_shardings(state_shape, params_sharding, tx: optax.GradientTransformation, mesh: Mesh):
-  """Shardings for a whole TrainState: optimizer moments follow their params, the rest replicates."""
+def param_shardings(model: nn.Module, mesh: Mesh, batch_shape: tuple[int, int]):
+  """NamedShardings for the params tree, from the logical names the model declares."""
+  return nn.logical_to_mesh_sharding(logical_axes(model, batch_shape), mesh, RULES)
+
+
+def state_shardings(state_shape, params_sharding, mesh: Mesh):
+  """Shardings for a whole TrainState: optimizer moments follow their params, the rest replicates.
+
+  A moment is found by its structure: a subtree of the optimizer state shaped like the params
+  tree, where `optax.partition` / `optax.masked` may have put a `MaskedNode` for the params another
+  group owns (Muon's momentum covers the matrices, AdamW's moments the rest). Not
+  `optax.tree_map_params`: it calls `tx.init` on a placeholder, which a partition whose labels
+  are a tree of the params cannot take.
+  """
   rep = replicated(mesh)
-  opt = optax.tree_map_params(tx, lambda _, s: s, state_shape.opt_state, params_sharding,
-                              transform_non_params=lambda _: rep)
+  params_def = jax.tree.structure(params_sharding)
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  mirrors = lambda x: not is_masked(x) and jax.tree.structure(x, is_leaf=is_masked) == params_def
+  follow = lambda x, sh: x if is_masked(x) else sh
+  opt = jax.tree.map(
+      lambda x: jax.tree.map(follow, x, params_sharding, is_leaf=is_masked) if mirrors(x) else rep,
+      state_shape.opt_state, is_leaf=mirrors)
   return state_shape.replace(step=rep, params=params_sharding, opt_state=opt, rng=rep)
 
 

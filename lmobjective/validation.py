@@ -11,7 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from lmobjective.config import (ConfigError, decay_steps, get, max_len, mlp_dim, require_choice, require_float,
-                                require_int)
+                                require_int, wsd_decay_steps)
 from lmobjective import preference
 from lmobjective.data import mixture, sources, stdlib_corpus
 
@@ -123,6 +123,11 @@ def check_mesh_divides(mesh_sizes, dims: dict[str, int | None]) -> None:
                           f"over mesh.{axis})")
 
 
+MLPS = ("swiglu", "gelu", "relu2")
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+
+
 def _validate_model(cfg) -> None:
   m = cfg.model
   require_int(cfg, "model.num_layers", 1)
@@ -142,7 +147,8 @@ def _validate_model(cfg) -> None:
   require_choice(cfg, "model.position", ("rope", "learned"))
   require_float(cfg, "model.rope_theta", 0.0, lo_open=True)
   require_choice(cfg, "model.norm", ("rmsnorm", "layernorm"))
-  require_choice(cfg, "model.mlp", ("swiglu", "gelu"))
+  require_choice(cfg, "model.mlp", MLPS)
+  _require_bool(cfg, "model.qk_norm")
   require_float(cfg, "model.dropout", 0.0, 1.0)
   if m.dropout == 1.0:
     raise ConfigError("model.dropout", m.dropout, "must be in [0, 1)")
@@ -154,20 +160,32 @@ def _validate_model(cfg) -> None:
 
 
 def _validate_optimizer(cfg) -> None:
+  o = cfg.optimizer
+  require_choice(cfg, "optimizer.kind", OPTIMIZERS)
   require_float(cfg, "optimizer.learning_rate", 0.0)
   require_float(cfg, "optimizer.end_learning_rate", 0.0)
-  require_choice(cfg, "optimizer.schedule", ("cosine", "linear", "constant"))
+  require_choice(cfg, "optimizer.schedule", SCHEDULES)
   require_int(cfg, "optimizer.warmup_steps", 0)
   require_int(cfg, "optimizer.decay_steps", 0, allow_none=True)
-  if decay_steps(cfg) < cfg.optimizer.warmup_steps:
-    raise ConfigError("optimizer.decay_steps" if cfg.optimizer.decay_steps is not None else "train.steps",
-                      decay_steps(cfg),
-                      f"must be >= optimizer.warmup_steps={cfg.optimizer.warmup_steps} (it includes warmup)")
+  if decay_steps(cfg) < o.warmup_steps:
+    raise ConfigError("optimizer.decay_steps" if o.decay_steps is not None else "train.steps",
+                      decay_steps(cfg), f"must be >= optimizer.warmup_steps={o.warmup_steps} (it includes warmup)")
+  require_float(cfg, "optimizer.decay_fraction", 0.0, 1.0)
+  cooldown = wsd_decay_steps(o.decay_fraction, decay_steps(cfg))
+  if o.schedule == "wsd" and o.warmup_steps + cooldown > decay_steps(cfg):
+    raise ConfigError("optimizer.decay_fraction", o.decay_fraction,
+                      f"its {cooldown} decay steps and optimizer.warmup_steps={o.warmup_steps} exceed the "
+                      f"{decay_steps(cfg)} steps of warmup+decay")
   require_float(cfg, "optimizer.b1", 0.0, 1.0)
   require_float(cfg, "optimizer.b2", 0.0, 1.0)
   require_float(cfg, "optimizer.eps", 0.0)
   require_float(cfg, "optimizer.weight_decay", 0.0)
   require_float(cfg, "optimizer.grad_clip", 0.0)
+  require_float(cfg, "optimizer.muon_learning_rate", 0.0)
+  require_float(cfg, "optimizer.muon_weight_decay", 0.0)
+  require_float(cfg, "optimizer.muon_momentum", 0.0, 1.0)
+  if o.muon_momentum == 1.0:
+    raise ConfigError("optimizer.muon_momentum", o.muon_momentum, "must be in [0, 1)")
 
 
 TOKENIZER_KINDS = ("sentencepiece", "char", "byte")

@@ -98,8 +98,9 @@ def test_perturbing_one_document_leaves_the_next_unchanged(cfg):
 
 
 @pytest.mark.parametrize("cfg,extra", [(MODERN, 0), (GPT2, 64 * 64 + 512 * 64),
-                                       (dataclasses.replace(MODERN, tie_embeddings=False), 512 * 64)],
-                         ids=["modern-tied", "gpt2-untied", "modern-untied"])
+                                       (dataclasses.replace(MODERN, tie_embeddings=False), 512 * 64),
+                                       (dataclasses.replace(MODERN, qk_norm=True, mlp="relu2"), 0)],
+                         ids=["modern-tied", "gpt2-untied", "modern-untied", "qk_norm-relu2"])
 def test_flop_formula_params_match_the_real_count(cfg, extra):
   # matmul_params counts the head once and no embedding lookups; the real tree also has the
   # position table (learned) and the input embedding when untied.
@@ -177,3 +178,46 @@ def test_dropout_uses_the_explicit_key():
   assert np.abs(run(0) - run(1)).max() > 0
   det = np.asarray(model.apply({"params": params}, tokens))
   np.testing.assert_array_equal(det, np.asarray(model.apply({"params": params}, tokens)))
+
+
+def test_qk_norm_hands_attention_unit_rms_queries_and_keys_per_head(monkeypatch):
+  """With model.qk_norm (scales at their init, 1) each head's q and k reaching attention have RMS 1
+  over head_dim, after rope as before it (rope rotates channel pairs); without it they do not."""
+  seen = []
+  attend = jax.nn.dot_product_attention
+
+  def recording(q, k, v, **kw):
+    seen.append((np.asarray(q, np.float64), np.asarray(k, np.float64)))
+    return attend(q, k, v, **kw)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+  tokens = jax.random.randint(jax.random.key(7), (2, 16), 0, 512)
+  rms = lambda x: np.sqrt(np.mean(x ** 2, axis=-1))  # [B, T, heads]
+  for qk_norm in (True, False):
+    model, params = _init(dataclasses.replace(MODERN, qk_norm=qk_norm))
+    seen.clear()  # init ran attention too
+    model.apply({"params": params}, tokens)
+    assert len(seen) == MODERN.num_layers
+    for q, k in seen:
+      assert q.shape[2:] == (4, 16) and k.shape[2:] == (2, 16)  # N=4 query heads, K=2 kv heads, H=16
+      if qk_norm:  # eps 1e-6 against a mean square of ~1e-2 (init std 0.02 over D=64): 1 - 5e-5
+        np.testing.assert_allclose(rms(q), 1.0, atol=1e-4)
+        np.testing.assert_allclose(rms(k), 1.0, atol=1e-4)
+      else:
+        assert np.abs(rms(q) - 1.0).min() > 0.5 and np.abs(rms(k) - 1.0).min() > 0.5
+  assert set(params["block_0"]["attn"]) == {"query", "key", "value", "out"}  # the last run: no norm params
+  _, normed = _init(dataclasses.replace(MODERN, qk_norm=True))
+  assert normed["block_0"]["attn"]["query_norm"]["scale"].shape == (16,)  # one scale per head_dim channel
+
+
+def test_relu2_mlp_is_relu_squared_of_its_kernels():
+  cfg = dataclasses.replace(MODERN, mlp="relu2")
+  x = np.random.default_rng(0).normal(size=(2, 5, cfg.embed_dim))
+  mlp = M.Mlp(cfg)
+  params = nn.unbox(mlp.init(jax.random.key(0), jnp.asarray(x, jnp.float32), True)["params"])
+  assert set(params) == {"up", "down"}  # ungated
+  got = np.asarray(mlp.apply({"params": params}, jnp.asarray(x, jnp.float32), True))
+  up, down = (np.asarray(params[n]["kernel"], np.float64) for n in ("up", "down"))
+  want = np.maximum(x @ up, 0.0) ** 2 @ down
+  assert np.abs(want).max() > 1e-3  # not a comparison of zeros
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)

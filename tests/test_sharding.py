@@ -94,6 +94,38 @@ def worker(workdir: str, break_mesh: bool = False) -> dict:
   return out
 
 
+MUON_MESHES = [(1, 1, 1), (2, 2, 2), (1, 4, 2)]
+
+
+def muon_worker(workdir: str) -> dict:
+  """optimizer.kind=muon: every optimizer-state leaf that mirrors a parameter (Muon's momentum,
+  AdamW's moments) has that parameter's sharding, and the losses agree across meshes."""
+  import jax
+  import optax
+
+  from lmobjective.run import experiment
+
+  config = tiny_config(os.path.join(workdir, "cache"))
+  config.optimizer.kind = "muon"
+  it = experiment.build(config, workdir, devices=jax.devices()[:1]).pipeline.train_iterator()
+  batches = [next(it) for _ in range(STEPS)]
+  flat = lambda t: {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(t)[0]}
+  has_mu = lambda x: isinstance(x, (optax.contrib.MuonState, optax.ScaleByAdamState))
+  out = {"losses": {}, "mismatched": {}, "muon_leaves": {}, "mu_up": {}}
+  for mesh_shape in MUON_MESHES:
+    _, state, losses = _run_mesh(config, mesh_shape, workdir, batches)
+    key = "x".join(map(str, mesh_shape))
+    params = flat(state.params)
+    moments = [x for x in jax.tree.leaves(state.opt_state, is_leaf=has_mu) if has_mu(x)]
+    muon = [m for m in moments if isinstance(m, optax.contrib.MuonState)][0]
+    out["losses"][key] = losses
+    out["mismatched"][key] = [path for m in moments for path, x in flat(m.mu).items()
+                              if x.sharding != params[path].sharding]
+    out["muon_leaves"][key] = len(flat(muon.mu))
+    out["mu_up"][key] = _local_shape(muon.mu["block_0"]["mlp"]["up"]["kernel"])
+  return out
+
+
 def run_worker(tmp_path, *extra) -> dict:
   return run_on_8_devices(__file__, tmp_path, *extra, timeout=600)
 
@@ -133,5 +165,19 @@ def test_checkpoint_saved_under_fsdp_restores_on_one_device(result):
   np.testing.assert_allclose(result["eval_restored"], result["eval_saved"], rtol=1e-6)
 
 
+@pytest.mark.slow
+def test_muon_state_is_sharded_like_the_params(tmp_path):
+  r = run_worker(tmp_path, "--muon")
+  for key in r["losses"]:
+    assert r["mismatched"][key] == [], key
+    assert r["muon_leaves"][key] == 2 * 7  # 2 layers x (q, k, v, out, gate, up, down)
+    np.testing.assert_allclose(r["losses"][key], r["losses"]["1x1x1"], atol=1e-5, rtol=0, err_msg=key)
+  # mlp up [D=64, F=192] -> (embed: fsdp, mlp: tensor)
+  assert r["mu_up"] == {"1x1x1": [64, 192], "2x2x2": [32, 96], "1x4x2": [16, 96]}
+
+
 if __name__ == "__main__":
-  print(json.dumps(worker(sys.argv[1], break_mesh="--break" in sys.argv[2:])))
+  if "--muon" in sys.argv[2:]:
+    print(json.dumps(muon_worker(sys.argv[1])))
+  else:
+    print(json.dumps(worker(sys.argv[1], break_mesh="--break" in sys.argv[2:])))

@@ -218,3 +218,12 @@ def test_sft_stage_step0_val_loss_is_the_origin_evaluated_on_the_same_rows(origi
   nudged = dataclasses.replace(run, params={**run.params, "block_0": {**run.params["block_0"], "mlp": {
       **run.params["block_0"]["mlp"], "up": {"kernel": kernel.at[0, 0].add(0.5)}}}})
   assert abs(logged - evaluate_cli.evaluate_source(nudged, "chat")["loss"]) > 1e-6  # the check can fail
+
+
+def test_an_origin_from_before_a_model_key_compares_as_its_default(tmp_path):
+  cfg = lambda **kw: ckpt_lib.config_json(tiny_config(tmp_path, **kw))
+  older = cfg()
+  del older["model"]["qk_norm"]  # an origin checkpointed before model.qk_norm existed ran without it
+  stage.check_model(older, cfg(), 512, "old")
+  with pytest.raises(ConfigError, match=r"config.model.qk_norm=True: the origin \(old\) has False"):
+    stage.check_model(older, cfg(**{"model.qk_norm": True}), 512, "old")

@@ -35,11 +35,15 @@ def _batch(rng, B=8, T=16, V=64, uneven=True):
 
 
 def _adamw_config(**kw):
-  import ml_collections
-  return ml_collections.ConfigDict(dict(
-      learning_rate=1e-2, end_learning_rate=1e-3, schedule="cosine", warmup_steps=5, decay_steps=150,
-      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, decay_embeddings=False,
-      decay_norms_and_biases=False, grad_clip=1.0) | kw)
+  """configs/default.py's optimizer section (kind adamw) with these values, and `kw` on top."""
+  import os
+  from lmobjective.config import load_config_file
+  from _tiny import ROOT
+  c = load_config_file(os.path.join(ROOT, "configs", "default.py")).optimizer
+  c.update(dict(learning_rate=1e-2, end_learning_rate=1e-3, schedule="cosine", warmup_steps=5, decay_steps=150,
+                b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, decay_embeddings=False,
+                decay_norms_and_biases=False, grad_clip=1.0) | kw)
+  return c
 
 
 def _one_step(tx, k, batch, z_loss=0.0):
@@ -146,13 +150,16 @@ def test_bf16_params_keep_every_state_dtype_across_steps():
   assert fn._cache_size() == 1
 
 
-def test_a_skipped_step_keeps_params_and_moments_but_not_the_schedule_behind():
+@pytest.mark.parametrize("kind", ["adamw", "muon"])
+def test_a_skipped_step_keeps_params_and_moments_but_not_the_schedule_behind(kind):
   # nan_policy='skip': the NaN step (index 4) changes nothing but the step; every later step s must
   # use lr(s), as in a clean run, not lr(s - 1).
+  from lmobjective import sharding
   from lmobjective.run import experiment
   from lmobjective.optimizer import learning_rate_schedule, make_optimizer
-  opt = _adamw_config(warmup_steps=3, decay_steps=10)
-  model, tx = M.Transformer(CFG), make_optimizer(opt)
+  opt = _adamw_config(warmup_steps=3, decay_steps=10, kind=kind)
+  model = M.Transformer(CFG)
+  tx = make_optimizer(opt, param_axes=sharding.logical_axes(model))
 
   def run(bad_step):
     def poisoned(state, batch):
@@ -180,6 +187,15 @@ def test_a_skipped_step_keeps_params_and_moments_but_not_the_schedule_behind():
   jax.tree.map(np.testing.assert_array_equal, adam(after), adam(before))  # moments and bias-correction count
   assert int(adam(skip_states[-1]).count) == 7 and int(adam(clean_states[-1]).count) == 8
   assert int(skip_states[-1].step) == 8
+  if kind == "muon":  # Muon's momentum and count too; its schedule moves on like AdamW's
+    is_muon = lambda x: isinstance(x, optax.contrib.MuonState)
+    muon = lambda s: [x for x in jax.tree.leaves(s.opt_state, is_leaf=is_muon) if is_muon(x)][0]
+    jax.tree.map(np.testing.assert_array_equal, muon(after), muon(before))
+    assert int(muon(skip_states[-1]).count) == 7 and int(muon(clean_states[-1]).count) == 8
+    muon_lr = lambda s: [x.hyperparams["learning_rate"] for x in jax.tree.leaves(
+        s.opt_state, is_leaf=lambda y: hasattr(y, "hyperparams")) if hasattr(x, "hyperparams")][1]
+    assert float(muon_lr(skip_states[-1])) == float(muon_lr(clean_states[-1])) == pytest.approx(
+        float(learning_rate_schedule(opt, peak=opt.muon_learning_rate)(7)), rel=1e-6)
 
 
 def test_all_masked_batch_is_a_zero_update_not_nan():

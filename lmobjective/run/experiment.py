@@ -124,14 +124,14 @@ def build(raw_config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
       process_index=jax.process_index(), process_count=n_proc, cache_dir=config.data.cache_dir)
   model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size, config.data.context_length)
   model = Transformer(model_cfg)
-  tx = make_optimizer(config.optimizer, config.train.steps)
+  tx = make_optimizer(config.optimizer, config.train.steps, sharding.logical_axes(model))
   T = config.data.context_length
   micro_shape = (config.train.batch_size // config.train.grad_accum_steps, T)
   with sharding.activate(mesh):
     params_sharding = sharding.param_shardings(model, mesh, micro_shape)
     init = functools.partial(step.init_state, model, tx, batch_shape=micro_shape)
     state_shape = jax.eval_shape(init, jax.random.key(0))
-    state_sharding = sharding.state_shardings(state_shape, params_sharding, tx, mesh)
+    state_sharding = sharding.state_shardings(state_shape, params_sharding, mesh)
   init_fn = sharding.Program(init, mesh, out_shardings=state_sharding)
   origin, reference = None, None
   if origin_req:  # step 0 starts from the origin's params (a copy), with a fresh optimizer state

@@ -151,8 +151,9 @@ def resolved_model(config: dict, vocab_size: int) -> dict:
 
 
 def check_model(saved: dict, current: dict, vocab_size: int, where: str) -> None:
-  """Refuses, naming the first differing `model.X`, a model other than the origin's (`where`)."""
-  a, b = resolved_model(saved, vocab_size), resolved_model(current, vocab_size)
+  """Refuses, naming the first differing `model.X`, a model other than the origin's (`where`).
+  An origin from before a model key existed had its default (`checkpoint.ADDED_KEYS`)."""
+  a, b = resolved_model(ckpt_lib.with_added_keys(saved), vocab_size), resolved_model(current, vocab_size)
   for k in sorted(set(a) | set(b)):
     if k not in FREE_MODEL_KEYS and a.get(k, "<absent>") != b.get(k, "<absent>"):
       raise ConfigError(f"model.{k}", b.get(k, "<absent>"),

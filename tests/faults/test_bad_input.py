@@ -192,6 +192,26 @@ def test_tokenizer_vocabulary_the_tensor_axis_cannot_split():
   experiment._check_vocab_fits(types.SimpleNamespace(vocab_size=370), mesh, tok)
 
 
+# ---- 4b. optimizer and recipe switches -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides,says", [
+    ({"optimizer.kind": "sgd"}, "error: config.optimizer.kind='sgd': must be one of adamw, muon"),
+    ({"optimizer.schedule": "step"}, "error: config.optimizer.schedule='step': must be one of cosine, linear, "
+                                     "constant, wsd"),
+    ({"model.mlp": "relu"}, "error: config.model.mlp='relu': must be one of swiglu, gelu, relu2"),
+    ({"optimizer.decay_fraction": 1.5}, "error: config.optimizer.decay_fraction=1.5: must be <= 1.0"),
+    ({"optimizer.schedule": "wsd", "optimizer.decay_fraction": 0.95},  # tiny: 20 steps, 2 of warmup
+     "error: config.optimizer.decay_fraction=0.95: its 19 decay steps and optimizer.warmup_steps=2 exceed the "
+     "20 steps of warmup+decay"),
+    ({"optimizer.muon_momentum": 1.0}, "error: config.optimizer.muon_momentum=1.0: must be in [0, 1)"),
+])
+def test_unknown_optimizer_schedule_or_mlp(tmp_path, capsys, overrides, says):
+  line, change = _train(_tiny(tmp_path, **overrides), tmp_path / "run", capsys)
+  assert line == says
+  _assert_nothing_written(change)
+
+
 # ---- 5. evaluate --text_file --------------------------------------------------------------------
 
 
