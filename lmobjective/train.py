@@ -32,12 +32,12 @@ from lmobjective.run.train import Diverged, run
 EXIT_DIVERGED = 3
 
 
-def main(argv, config_flag, workdir_flag, cpu_devices_flag) -> None:
+def main(argv, config_flag, workdir_flag, cpu_devices_flag=None) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if workdir_flag.value is None:
     sys.exit("error: --workdir is required (the directory for this run's outputs)")
-  if cpu_devices_flag.value is not None:
+  if cpu_devices_flag is not None and cpu_devices_flag.value is not None:
     import jax
     jax.config.update("jax_num_cpu_devices", cpu_devices_flag.value)
   if not flags.FLAGS["verbosity"].present:
