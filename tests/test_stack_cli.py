@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "faults"))
 from _faults import ROOT, cli, write_text  # noqa: E402
-from test_checkpoint import tensorboard_scalars  # noqa: E402
+from _tensorboard import tensorboard_scalars  # noqa: E402
 
 STEPS = 8
 CONFIG = '''

@@ -21,6 +21,7 @@ from lmobjective import faults, files
 
 METRICS_FILE = "metrics.jsonl"
 UNREADABLE_FILE = "metrics.unreadable.jsonl"
+FLUSH_SECS = 10  # TensorBoard events reach the disk at least this often (and at every checkpoint)
 
 
 class MetricsWarning(UserWarning):
@@ -35,6 +36,38 @@ def _jsonable(v: Any) -> Any:
   return v
 
 
+class _EventFile:
+  """TensorBoard scalars written synchronously: one events file, and `flush` puts every event added
+  so far on disk. (tensorboardX's SummaryWriter queues events for a worker thread, and its flush
+  does not drain that queue, so a kill -9 right after it could lose the last steps' events.)"""
+
+  def __init__(self, logdir: str, purge_step: int | None):
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    os.makedirs(logdir, exist_ok=True)
+    self._Event = Event
+    self._flushed = time.time()
+    self._events = EventsWriter(os.path.join(logdir, "events"), f".{os.getpid()}")  # a quick restart: its own file
+    if purge_step is not None:  # as tensorboardX writes it: TensorBoard drops earlier files' events >= it
+      self._events.write_event(Event(step=purge_step, wall_time=time.time(),
+                                     session_log=SessionLog(status=SessionLog.START)))
+
+  def add_scalar(self, tag: str, value: float, step: int) -> None:
+    from tensorboardX.summary import scalar
+    now = time.time()
+    self._events.write_event(self._Event(summary=scalar(tag, value), step=step, wall_time=now))
+    if now - self._flushed > FLUSH_SECS:  # a live TensorBoard sees the run's curves
+      self.flush()
+
+
+  def flush(self) -> None:
+    self._events.flush()
+    self._flushed = time.time()
+
+  def close(self) -> None:
+    self._events.close()
+
+
 class MetricsWriter:
   def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True,
                purge_step: int | None = None):
@@ -47,9 +80,7 @@ class MetricsWriter:
       os.makedirs(workdir, exist_ok=True)
       self._file = open(self.path, "a", encoding="utf-8")
       if tensorboard:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10, purge_step=purge_step,
-                                 filename_suffix=f".{os.getpid()}")  # a quick restart gets its own file
+        self._tb = _EventFile(os.path.join(workdir, "tensorboard"), purge_step)
 
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:
@@ -65,7 +96,7 @@ class MetricsWriter:
           self._tb.add_scalar(k, v, step)
 
   def flush(self) -> None:
-    """Everything written so far on disk, TensorBoard included (it buffers for `flush_secs`)."""
+    """Everything written so far on disk, TensorBoard events included."""
     if self.enabled and self._tb is not None:
       self._tb.flush()
 

@@ -157,3 +157,26 @@ def test_read_metrics_is_quiet_about_a_torn_last_line(tmp_path):
     warnings.simplefilter("error")
     assert read_metrics(path) == [json.loads(l) for l in GOOD[:3]]
 
+
+
+def test_flush_puts_every_tensorboard_event_on_disk_before_a_kill_9(tmp_path):
+  """The train loop flushes before each checkpoint save: a kill -9 right after it must find every
+  step up to the checkpoint in TensorBoard (tensorboardX's queued writer lost the last steps' events
+  here, and the kill -9 resume test saw a step missing from TensorBoard)."""
+  import signal
+  import subprocess
+  import sys
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/_tensorboard.py
+  from _tensorboard import tensorboard_scalars
+  script = ("import os, signal, sys\n"
+            "from lmobjective.run.metrics_log import MetricsWriter\n"
+            "w = MetricsWriter(sys.argv[1], purge_step=0)\n"
+            "for s in range(1, 201):\n"
+            "  w.write({'step': s, 'train_loss': 1.0 / s})\n"
+            "w.flush()\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+  proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr
+  shown = tensorboard_scalars(tmp_path, "train_loss")
+  assert [s for s, _ in shown] == list(range(1, 201))
+  assert [v for _, v in shown] == pytest.approx([1.0 / s for s in range(1, 201)], rel=1e-6)
