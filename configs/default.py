@@ -108,6 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.objective.kind = "next_token"  # next_token | dpo | ipo | simpo (preference objectives read preference_jsonl / stdlib_pairs pairs)
   c.objective.beta = 0.1  # preference objectives: β (DPO/IPO: of the log-ratio to the reference; SimPO: of the mean log-prob)
   c.objective.label_smoothing = 0.0  # DPO/SimPO: conservative DPO's ε (share of flipped labels); 0 = the paper
+  c.objective.rpo_alpha = 0.0  # preference objectives: + α·(chosen response's NLL per token), RPO (TRL's rpo_alpha); 0 = off
   c.objective.simpo_gamma = 0.0  # SimPO's target margin γ (TRL's simpo_gamma; SimPO's code takes γ/β); 0 for every other kind
   # DPO/IPO: the frozen reference's log-probs. cached: computed once per pair before training, stored beside
   # the tokenized data (lmobjective/run/reference_cache.py), read from the batch (no reference forward in the

@@ -193,6 +193,7 @@ class ObjectiveConfig:
   beta: float
   label_smoothing: float
   simpo_gamma: float
+  rpo_alpha: float
   z_loss: float
   reference: str
   loss_chunk_size: int

@@ -82,6 +82,7 @@ class PreferenceSums(NamedTuple):
   accuracy_sum: jax.Array  # -> rewards/accuracies: pairs with chosen reward > rejected reward
   chosen_logp_sum: jax.Array  # -> logps/chosen
   rejected_logp_sum: jax.Array  # -> logps/rejected
+  nll_sum: jax.Array  # -> nll_loss: −log π(y_w|x)/|y_w| of the policy, summed (RPO's term, logged for every loss)
 
 
 def _masked(pairs: PairLogps, pair_valid_B: jax.Array) -> tuple[jax.Array, PairLogps]:
@@ -105,7 +106,7 @@ def _sigmoid_loss(z_B: jax.Array, label_smoothing: float) -> jax.Array:
   return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z_B) - label_smoothing * jax.nn.log_sigmoid(-z_B)
 
 
-def _sums(valid_B, loss_B, chosen_reward_B, rejected_reward_B, logps: PairLogps) -> PreferenceSums:
+def _sums(valid_B, loss_B, chosen_reward_B, rejected_reward_B, logps: PairLogps, nll_B) -> PreferenceSums:
   total = lambda x: jnp.where(valid_B, x, jnp.zeros_like(x)).sum()
   metric = lambda x: jax.lax.stop_gradient(total(x))
   return PreferenceSums(
@@ -113,7 +114,32 @@ def _sums(valid_B, loss_B, chosen_reward_B, rejected_reward_B, logps: PairLogps)
       chosen_reward_sum=metric(chosen_reward_B), rejected_reward_sum=metric(rejected_reward_B),
       margin_sum=metric(chosen_reward_B - rejected_reward_B),
       accuracy_sum=metric((chosen_reward_B > rejected_reward_B).astype(loss_B.dtype)),
-      chosen_logp_sum=metric(logps.chosen), rejected_logp_sum=metric(logps.rejected))
+      chosen_logp_sum=metric(logps.chosen), rejected_logp_sum=metric(logps.rejected),
+      nll_sum=metric(nll_B))
+
+
+def _chosen_nll(policy: PairLogps) -> jax.Array:
+  """−log π(y_w|x)/|y_w| per pair: the chosen response's mean negative log-likelihood per token."""
+  return -policy.chosen / jnp.maximum(policy.chosen_tokens, 1).astype(policy.chosen.dtype)
+
+
+def with_nll(sums: PreferenceSums, policy: PairLogps, pair_valid_B: jax.Array, alpha: float) -> PreferenceSums:
+  """RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"): the preference loss plus
+  α times the chosen response's NLL, per pair and length-normalised as in the paper,
+
+    loss = preference loss − α·log π(y_w|x)/|y_w|,
+
+  so the likelihood of the chosen answers cannot fall while their margin grows. TRL's `rpo_alpha`
+  adds the same α·NLL but averaged over all chosen tokens of the batch; the two agree when the
+  chosen responses have equal lengths, and this one stays a sum over pairs (exact under accumulation).
+  `nll_sum` is logged whatever α is. α = 0 returns `sums` unchanged."""
+  if alpha < 0:
+    raise ValueError(f"rpo_alpha must be >= 0, got {alpha}")
+  if not alpha:
+    return sums
+  valid_B, policy = _masked(policy, pair_valid_B)
+  nll_B = jnp.where(valid_B, _chosen_nll(policy), jnp.zeros_like(policy.chosen))
+  return sums._replace(loss_sum=sums.loss_sum + alpha * nll_B.sum())
 
 
 def dpo(policy: PairLogps, reference: PairLogps, pair_valid_B: jax.Array, *, beta: float,
@@ -130,7 +156,7 @@ def dpo(policy: PairLogps, reference: PairLogps, pair_valid_B: jax.Array, *, bet
   chosen_ratio_B = policy.chosen - reference.chosen
   rejected_ratio_B = policy.rejected - reference.rejected
   loss_B = _sigmoid_loss(beta * (chosen_ratio_B - rejected_ratio_B), label_smoothing)
-  return _sums(valid_B, loss_B, beta * chosen_ratio_B, beta * rejected_ratio_B, policy)
+  return _sums(valid_B, loss_B, beta * chosen_ratio_B, beta * rejected_ratio_B, policy, _chosen_nll(policy))
 
 
 def ipo(policy: PairLogps, reference: PairLogps, pair_valid_B: jax.Array, *, beta: float) -> PreferenceSums:
@@ -144,11 +170,12 @@ def ipo(policy: PairLogps, reference: PairLogps, pair_valid_B: jax.Array, *, bet
   """
   valid_B, policy = _masked(policy, pair_valid_B)
   _, reference = _masked(reference, pair_valid_B)
+  nll_B = _chosen_nll(policy)
   policy, reference = _length_averaged(policy), _length_averaged(reference)
   chosen_ratio_B = policy.chosen - reference.chosen
   rejected_ratio_B = policy.rejected - reference.rejected
   loss_B = jnp.square(chosen_ratio_B - rejected_ratio_B - 1.0 / (2.0 * beta))
-  return _sums(valid_B, loss_B, beta * chosen_ratio_B, beta * rejected_ratio_B, policy)
+  return _sums(valid_B, loss_B, beta * chosen_ratio_B, beta * rejected_ratio_B, policy, nll_B)
 
 
 def simpo(policy: PairLogps, pair_valid_B: jax.Array, *, beta: float, gamma: float,
@@ -164,16 +191,25 @@ def simpo(policy: PairLogps, pair_valid_B: jax.Array, *, beta: float, gamma: flo
   are β·log π(y)/|y| and logps the averages log π(y)/|y|, as TRL logs them.
   """
   valid_B, policy = _masked(policy, pair_valid_B)
+  nll_B = _chosen_nll(policy)
   policy = _length_averaged(policy)
   chosen_reward_B, rejected_reward_B = beta * policy.chosen, beta * policy.rejected
   loss_B = _sigmoid_loss(chosen_reward_B - rejected_reward_B - gamma, label_smoothing)
-  return _sums(valid_B, loss_B, chosen_reward_B, rejected_reward_B, policy)
+  return _sums(valid_B, loss_B, chosen_reward_B, rejected_reward_B, policy, nll_B)
 
 
 def preference_loss(name: str, policy: PairLogps, reference: PairLogps | None, pair_valid_B: jax.Array,
-                    *, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0) -> PreferenceSums:
-  """The loss called `name` (one of LOSS_NAMES). A setting the loss does not use must stay at its
-  default (IPO has no ε, only SimPO has γ, SimPO has no reference): a silently ignored knob is a bug."""
+                    *, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0,
+                    rpo_alpha: float = 0.0) -> PreferenceSums:
+  """The loss called `name` (one of LOSS_NAMES), plus `rpo_alpha` times the chosen NLL (`with_nll`).
+  A setting the loss does not use must stay at its default (IPO has no ε, only SimPO has γ, SimPO
+  has no reference): a silently ignored knob is a bug."""
+  return with_nll(_named_loss(name, policy, reference, pair_valid_B, beta=beta, label_smoothing=label_smoothing,
+                              gamma=gamma), policy, pair_valid_B, rpo_alpha)
+
+
+def _named_loss(name: str, policy: PairLogps, reference: PairLogps | None, pair_valid_B: jax.Array,
+                *, beta: float, label_smoothing: float, gamma: float) -> PreferenceSums:
   if name not in LOSS_NAMES:
     raise ValueError(f"unknown preference loss {name!r}; expected one of {LOSS_NAMES}")
   if beta <= 0:
@@ -219,4 +255,4 @@ def summarize(sums: PreferenceSums) -> dict[str, float]:
   return {"loss": mean(sums.loss_sum), "rewards/chosen": mean(sums.chosen_reward_sum),
           "rewards/rejected": mean(sums.rejected_reward_sum), "rewards/margins": mean(sums.margin_sum),
           "rewards/accuracies": mean(sums.accuracy_sum), "logps/chosen": mean(sums.chosen_logp_sum),
-          "logps/rejected": mean(sums.rejected_logp_sum), "num_pairs": n}
+          "logps/rejected": mean(sums.rejected_logp_sum), "nll_loss": mean(sums.nll_sum), "num_pairs": n}

@@ -139,6 +139,7 @@ class PreferenceLoss:
   beta: float
   label_smoothing: float = 0.0
   gamma: float = 0.0
+  rpo_alpha: float = 0.0
 
   @property
   def needs_reference(self) -> bool:
@@ -146,7 +147,7 @@ class PreferenceLoss:
 
   def __call__(self, policy, reference, pair_valid_P) -> preference.PreferenceSums:
     return preference.preference_loss(self.kind, policy, reference, pair_valid_P, beta=self.beta,
-                                      label_smoothing=self.label_smoothing, gamma=self.gamma)
+                                      label_smoothing=self.label_smoothing, gamma=self.gamma, rpo_alpha=self.rpo_alpha)
 
 
 def _pair_logps(model, params, micro, loss_chunk_size, deterministic=True, rngs=None):

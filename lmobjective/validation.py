@@ -79,6 +79,9 @@ def _validate_objective(cfg) -> None:
   require_float(cfg, "objective.beta", 0.0, lo_open=True)
   require_float(cfg, "objective.label_smoothing", 0.0, 0.5)
   require_float(cfg, "objective.simpo_gamma", 0.0)
+  require_float(cfg, "objective.rpo_alpha", 0.0)
+  if cfg.objective.rpo_alpha and kind == "next_token":
+    raise ConfigError("objective.rpo_alpha", cfg.objective.rpo_alpha, "is a preference setting (RPO's NLL weight); objective.kind='next_token' has none")
   if cfg.objective.simpo_gamma and kind != "simpo":  # a silently ignored knob is a bug
     raise ConfigError("objective.simpo_gamma", cfg.objective.simpo_gamma, f"is a SimPO setting; objective.kind={kind!r} has no margin")
   if cfg.objective.label_smoothing and kind not in ("dpo", "simpo"):

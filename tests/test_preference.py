@@ -53,14 +53,16 @@ def np_simpo(pc, pr, nc, nr, beta, gamma, eps):
   return loss, (dz * beta / nc, -dz * beta / nr), (beta * pc / nc, beta * pr / nr), (pc / nc, pr / nr)
 
 
-def np_sums(per_pair, valid):
-  """The reference's PreferenceSums (as a dict) and gradients (zero on padding)."""
+def np_sums(per_pair, valid, pc, nc, alpha=0.0):
+  """The reference's PreferenceSums (as a dict) and gradients (zero on padding). RPO: α times the
+  chosen NLL per token, −pc/nc, joins each pair's loss (and −α/nc its gradient in pc)."""
   loss, (gc, gr), (wc, wr), (lc, lr) = per_pair
+  nll = -pc / nc
   s = lambda x: np.where(valid, x, 0.0).sum()
-  sums = dict(loss_sum=s(loss), num_pairs=int(valid.sum()), chosen_reward_sum=s(wc),
+  sums = dict(loss_sum=s(loss + alpha * nll), num_pairs=int(valid.sum()), chosen_reward_sum=s(wc),
               rejected_reward_sum=s(wr), margin_sum=s(wc - wr), accuracy_sum=s(wc > wr),
-              chosen_logp_sum=s(lc), rejected_logp_sum=s(lr))
-  return sums, (np.where(valid, gc, 0.0), np.where(valid, gr, 0.0))
+              chosen_logp_sum=s(lc), rejected_logp_sum=s(lr), nll_sum=s(nll))
+  return sums, (np.where(valid, gc - alpha / nc, 0.0), np.where(valid, gr, 0.0))
 
 
 def _random_pairs(seed, B=24, num_pads=5):
@@ -83,7 +85,7 @@ def _pairs(pc, pr, nc, nr, dtype):
                               jnp.asarray(nr, jnp.int32))
 
 
-def _jax_loss(name, logps, valid, beta, eps, gamma, dtype):
+def _jax_loss(name, logps, valid, beta, eps, gamma, dtype, alpha=0.0):
   """PreferenceSums and d loss_sum / d(policy chosen, policy rejected) from the JAX side."""
   pc, pr, nc, nr, rc, rr = logps
   reference = None if name == "simpo" else _pairs(rc, rr, nc, nr, dtype)
@@ -91,20 +93,20 @@ def _jax_loss(name, logps, valid, beta, eps, gamma, dtype):
   def loss(pc_, pr_):
     policy = preference.PairLogps(pc_, pr_, jnp.asarray(nc, jnp.int32), jnp.asarray(nr, jnp.int32))
     sums = preference.preference_loss(name, policy, reference, jnp.asarray(valid), beta=beta,
-                                      label_smoothing=eps, gamma=gamma)
+                                      label_smoothing=eps, gamma=gamma, rpo_alpha=alpha)
     return sums.loss_sum, sums
 
   grads, sums = jax.grad(loss, argnums=(0, 1), has_aux=True)(jnp.asarray(pc, dtype), jnp.asarray(pr, dtype))
   return sums, grads
 
 
-def _np_loss(name, logps, valid, beta, eps, gamma):
+def _np_loss(name, logps, valid, beta, eps, gamma, alpha=0.0):
   pc, pr, nc, nr, rc, rr = logps
   nc, nr = np.maximum(nc, 1), np.maximum(nr, 1)  # the pads' lengths; their values are masked anyway
   with np.errstate(invalid="ignore"):  # the pads' NaNs
     if name == "simpo":
-      return np_sums(np_simpo(pc, pr, nc, nr, beta, gamma, eps), valid)
-    return np_sums({"dpo": np_dpo, "ipo": np_ipo}[name](pc, pr, nc, nr, rc, rr, beta, eps), valid)
+      return np_sums(np_simpo(pc, pr, nc, nr, beta, gamma, eps), valid, pc, nc, alpha)
+    return np_sums({"dpo": np_dpo, "ipo": np_ipo}[name](pc, pr, nc, nr, rc, rr, beta, eps), valid, pc, nc, alpha)
 
 
 CASES = [("dpo", 0.0, 0.0), ("dpo", 0.1, 0.0), ("dpo", 0.3, 0.0), ("ipo", 0.0, 0.0),
@@ -127,6 +129,27 @@ def test_loss_and_gradient_match_float64_numpy(name, eps, gamma, seed):
     assert np.abs(want).max() > 1e-3  # not trivially zero
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-13)
   assert 0 < ref_sums["accuracy_sum"] < valid.sum()  # both outcomes occur: the comparison is tested
+
+
+@pytest.mark.parametrize("name,eps,gamma,alpha", [("dpo", 0.0, 0.0, 1.0), ("dpo", 0.1, 0.0, 0.3),
+                                                  ("ipo", 0.0, 0.0, 0.5), ("simpo", 0.1, 1.5, 2.0)])
+def test_rpo_adds_alpha_times_the_chosen_nll_per_token(name, eps, gamma, alpha):
+  """RPO (objective.rpo_alpha): each pair's loss + α·(−log π(y_w)/|y_w|), against float64 NumPy,
+  loss and gradient; α = 0 is the plain loss bit for bit, and nll_sum is logged either way."""
+  logps, valid, beta = _random_pairs(3)
+  ref_sums, ref_grads = _np_loss(name, logps, valid, beta, eps, gamma, alpha)
+  with jax.enable_x64(True):
+    sums, grads = _jax_loss(name, logps, valid, beta, eps, gamma, jnp.float64, alpha)
+    plain, _ = _jax_loss(name, logps, valid, beta, eps, gamma, jnp.float64, 0.0)
+  ref_sums.pop("num_pairs")
+  for field, want in ref_sums.items():
+    np.testing.assert_allclose(float(getattr(sums, field)), want, rtol=1e-10, atol=1e-12, err_msg=field)
+  for got, want in zip(grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-13)
+  assert float(sums.loss_sum) - float(plain.loss_sum) == pytest.approx(alpha * ref_sums["nll_sum"], rel=1e-10)
+  assert float(sums.nll_sum) == float(plain.nll_sum) > 0
+  with pytest.raises(ValueError, match="rpo_alpha must be >= 0"):
+    _jax_loss(name, logps, valid, beta, eps, gamma, jnp.float64, -0.1)
 
 
 @pytest.mark.parametrize("name,eps,gamma", CASES)

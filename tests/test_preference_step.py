@@ -37,6 +37,7 @@ def _state(tx, seed=0):
 
 
 DPO = step.PreferenceLoss("dpo", beta=0.5, label_smoothing=0.1)
+RPO = step.PreferenceLoss("dpo", beta=0.5, rpo_alpha=1.0)  # DPO + the chosen NLL per token
 
 
 def _train(loss, k, batch, reference, tx=optax.sgd(1.0), seed=0):
@@ -45,11 +46,11 @@ def _train(loss, k, batch, reference, tx=optax.sgd(1.0), seed=0):
   return fn(_state(tx, seed), batch, reference)
 
 
-@pytest.mark.parametrize("k", [2, 4])
-def test_accumulation_keeps_pairs_whole_and_equals_the_full_batch(k):
+@pytest.mark.parametrize("k,loss", [(2, DPO), (4, DPO), (4, RPO)], ids=["dpo-2", "dpo-4", "rpo-4"])
+def test_accumulation_keeps_pairs_whole_and_equals_the_full_batch(k, loss):
   batch, reference = _pairs(np.random.default_rng(k)), _state(optax.sgd(1.0), seed=1).params
-  full, m_full = _train(DPO, 1, batch, reference)
-  acc, m_acc = _train(DPO, k, batch, reference)
+  full, m_full = _train(loss, 1, batch, reference)
+  acc, m_acc = _train(loss, k, batch, reference)
   assert int(m_acc["num_pairs"]) == int(m_full["num_pairs"]) == 8
   for key in preference.PreferenceSums._fields:
     np.testing.assert_allclose(float(m_acc[key]), float(m_full[key]), rtol=2e-6, atol=1e-5, err_msg=key)

@@ -172,7 +172,7 @@ def preference_loss(config: config_lib.Config) -> step.PreferenceLoss | None:
   o = config.objective
   if o.kind == "next_token":
     return None
-  return step.PreferenceLoss(o.kind, o.beta, o.label_smoothing, o.simpo_gamma)
+  return step.PreferenceLoss(o.kind, o.beta, o.label_smoothing, o.simpo_gamma, o.rpo_alpha)
 
 
 def _step_programs(config, model, tx, mesh, state_sharding, params_sharding, token_bytes, reference_params):
