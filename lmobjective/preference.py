@@ -137,9 +137,8 @@ def with_nll(sums: PreferenceSums, policy: PairLogps, pair_valid_B: jax.Array, a
     raise ValueError(f"rpo_alpha must be >= 0, got {alpha}")
   if not alpha:
     return sums
-  valid_B, policy = _masked(policy, pair_valid_B)
-  nll_B = jnp.where(valid_B, _chosen_nll(policy), jnp.zeros_like(policy.chosen))
-  return sums._replace(loss_sum=sums.loss_sum + alpha * nll_B.sum())
+  _, policy = _masked(policy, pair_valid_B)  # a padding pair: log-prob 0 over 1 token, NLL 0
+  return sums._replace(loss_sum=sums.loss_sum + alpha * _chosen_nll(policy).sum())
 
 
 def dpo(policy: PairLogps, reference: PairLogps, pair_valid_B: jax.Array, *, beta: float,

@@ -52,7 +52,8 @@ SAFE_CHANGES = ("train.steps", "optimizer.decay_steps", "train.log_every_steps",
 # Keys added after runs were checkpointed without them, with the value those runs behaved as.
 ADDED_KEYS = {"train.max_skipped_fraction": 0.1, "train.dead_grad_steps": 3, "train.max_param_growth": 100.0,
               "train.init_from": None, "objective.kind": "next_token", "objective.beta": 0.1,
-              "objective.label_smoothing": 0.0, "objective.simpo_gamma": 0.0, "objective.reference": "live", "objective.rpo_alpha": 0.0,
+              "objective.label_smoothing": 0.0, "objective.simpo_gamma": 0.0, "objective.reference": "live",
+              "objective.rpo_alpha": 0.0,
               "model.qk_norm": False, "optimizer.kind": "adamw", "optimizer.decay_fraction": 0.2,
               "optimizer.muon_learning_rate": 0.02, "optimizer.muon_weight_decay": 0.0, "optimizer.muon_momentum": 0.95}
 ADDED_SOURCE_KEYS = {"max_prompt_length": None, "max_response_length": None, "exclude_modules": ""}  # in every data.sources.<name>

@@ -44,8 +44,9 @@ class _EventFile:
   def __init__(self, logdir: str, purge_step: int | None):
     from tensorboardX.event_file_writer import EventsWriter
     from tensorboardX.proto.event_pb2 import Event, SessionLog
+    from tensorboardX.summary import scalar
     os.makedirs(logdir, exist_ok=True)
-    self._Event = Event
+    self._Event, self._scalar = Event, scalar
     self._flushed = time.time()
     self._events = EventsWriter(os.path.join(logdir, "events"), f".{os.getpid()}")  # a quick restart: its own file
     if purge_step is not None:  # as tensorboardX writes it: TensorBoard drops earlier files' events >= it
@@ -53,12 +54,10 @@ class _EventFile:
                                      session_log=SessionLog(status=SessionLog.START)))
 
   def add_scalar(self, tag: str, value: float, step: int) -> None:
-    from tensorboardX.summary import scalar
     now = time.time()
-    self._events.write_event(self._Event(summary=scalar(tag, value), step=step, wall_time=now))
+    self._events.write_event(self._Event(summary=self._scalar(tag, value), step=step, wall_time=now))
     if now - self._flushed > FLUSH_SECS:  # a live TensorBoard sees the run's curves
       self.flush()
-
 
   def flush(self) -> None:
     self._events.flush()
