@@ -70,7 +70,10 @@ class SaveWatch(logging.Filter):
       # errors are kept here, too), then drop the partial save.
       for t in threading.enumerate():
         if type(t).__module__.startswith("orbax") and t is not threading.current_thread():
-          t.join(timeout=60)
+          try:
+            t.join(timeout=60)
+          except Exception:  # noqa: BLE001 -- orbax's threads re-raise their own error from join(); one is reported
+            pass
       for tmp in glob.glob(os.path.join(self.workdir, checkpoint.CKPT_DIR, f"{self.failed}.orbax-checkpoint-tmp*")):
         shutil.rmtree(tmp, ignore_errors=True)
     logging.getLogger("absl").removeFilter(self)
@@ -101,20 +104,22 @@ class SaveWatch(logging.Filter):
 
   def _fail(self, step: int | None, error: BaseException | None):
     self.failed, self.errors, self.pending = step, [], None
-    raise SaveFailed(f"checkpoint save at step {step} failed ({_reason(error)}); "
+    where = os.path.join(self.workdir, checkpoint.CKPT_DIR, str(step))
+    raise SaveFailed(f"checkpoint save at step {step} failed ({_reason(error, where)}); "
                      f"{last_good(self.workdir, exclude=step)}") from None
 
 
-def _reason(error: BaseException | None) -> str:
-  """The failure in a few words: OSError's strerror and file; tensorstore's status and file."""
+def _reason(error: BaseException | None, where: str) -> str:
+  """The failure in a few words: OSError's strerror and file; tensorstore's status and file (the
+  save's directory `where` when the error names none)."""
   if error is None:
     return "it was not finalized"
   if isinstance(error, OSError) and error.strerror:
-    return error.strerror + (f": {error.filename}" if error.filename else "")
+    return f"{error.strerror}: {error.filename or where}"
   text = str(error).strip()
   status = re.match(r"([A-Z_]{4,}): ", text)
-  where = re.search(r'local file "([^"]+)"', text)
-  if status and where:  # tensorstore: RESOURCE_EXHAUSTED is a full disk
+  file = re.search(r'local file "([^"]+)"', text)
+  if status and file:  # tensorstore: RESOURCE_EXHAUSTED is a full disk
     what = "No space left on device" if status.group(1) == "RESOURCE_EXHAUSTED" else status.group(1)
-    return f"{what}: {where.group(1)}"
+    return f"{what}: {file.group(1)}"
   return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"
