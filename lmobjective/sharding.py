@@ -8,6 +8,7 @@ Explicit, turns with_sharding_constraint into an assert).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 
@@ -82,6 +83,11 @@ class Program:
 
   A compiled executable checks its inputs' shardings: passing an array laid out other than
   declared is an error, not a silent reshard.
+
+  `compile_ahead` starts that compilation on a background thread from abstract arguments
+  (ShapeDtypeStructs with shardings), so XLA compiles the train step while the host initialises
+  the state and compiles the rest on the other core; the first call with that signature waits for
+  it and runs the very executable it made (`executables` shows a mismatched signature as a second one).
   """
 
   def __init__(self, fn, mesh: Mesh, *, in_shardings=None, out_shardings=None, donate_argnums=(),
@@ -102,7 +108,17 @@ class Program:
     key = _signature(args, static)
     if key not in self._compiled:
       self._compiled[key] = self.lower(*args, **static).compile()
+    elif isinstance(self._compiled[key], concurrent.futures.Future):
+      self._compiled[key] = self._compiled[key].result()  # an error of the background compile raises here
     return self._compiled[key]
+
+  def compile_ahead(self, *args, **static) -> None:
+    """Starts compiling for these (abstract) arguments in the background; `compile`/`__call__` with
+    the same signature wait for it. One background thread for all programs, so at most one XLA
+    compilation runs beside the caller's."""
+    key = _signature(args, static)
+    if key not in self._compiled:
+      self._compiled[key] = _background().submit(lambda: self.lower(*args, **static).compile())
 
   def __call__(self, *args, **static):
     return self.compile(*args, **static)(*args)
@@ -115,7 +131,12 @@ class Program:
   @property
   def executables(self) -> list:
     """Every executable this program compiled so far, in order (what actually ran)."""
-    return list(self._compiled.values())
+    return [v.result() if isinstance(v, concurrent.futures.Future) else v for v in self._compiled.values()]
+
+
+@functools.cache
+def _background() -> concurrent.futures.ThreadPoolExecutor:
+  return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmobjective-compile")
 
 
 class Bound:
@@ -134,6 +155,9 @@ class Bound:
 
   def compile(self, *args, **static):
     return self.program.compile(*args, *self.trailing, **static)
+
+  def compile_ahead(self, *args, **static) -> None:
+    self.program.compile_ahead(*args, *self.trailing, **static)
 
   def eval_shape(self, *args, **static):
     return self.program.eval_shape(*args, *self.trailing, **static)
@@ -204,6 +228,13 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   n = jax.process_count()
   return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * n,) + v.shape[1:])
           for k, v in local_batch.items()}
+
+
+def abstract_batch(fields, rows: int, T: int, mesh: Mesh) -> dict:
+  """ShapeDtypeStructs of the global [rows, T] batch `global_batch` assembles (`batch.py`'s dtypes:
+  `loss_mask` bool, the rest int32), for compiling a step before the first batch exists."""
+  sh = batch_sharding(mesh)
+  return {f: jax.ShapeDtypeStruct((rows, T), np.bool_ if f == "loss_mask" else np.int32, sharding=sh) for f in fields}
 
 
 def abstract_state(state_shape, state_sharding):

@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import functools
 import os
-
-import matplotlib
-
-matplotlib.use("Agg")  # headless-safe; notebooks still display returned figures
-import matplotlib.pyplot as plt  # noqa: E402
+from typing import TYPE_CHECKING
 
 from lmobjective import files
-from lmobjective.run.metrics_log import split_series  # noqa: E402
+from lmobjective.run.metrics_log import split_series
+
+if TYPE_CHECKING:
+  import matplotlib.pyplot as plt
 
 LOSS_PNG = "loss_curves.png"
 
 
+@functools.cache
+def _pyplot():
+  """matplotlib.pyplot on the Agg backend (headless-safe; notebooks still display returned figures),
+  imported at the first figure: a training run does not wait 0.5 s for it before its first step."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
 def loss_curves(records: list[dict], title: str = "") -> plt.Figure:
   """Left: train and val loss (nats) against step, with per-source val loss dashed. Right: val perplexity."""
-  fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4))
+  fig, (ax_loss, ax_ppl) = _pyplot().subplots(1, 2, figsize=(11, 4))
   s, v = split_series(records, "train_loss")
   ax_loss.plot(s, v, label="train loss", lw=1, alpha=0.8)
   s, v = split_series(records, "val_loss")
@@ -41,7 +51,7 @@ def preference_curves(records: list[dict], title: str = "") -> plt.Figure:
   """A preference stage under TRL's names. Left: loss per pair. Middle: rewards (chosen, rejected,
   margins; train solid, val dots). Right: rewards/accuracies and the reference-free preference
   accuracy on held-out pairs (raw and length-normalised)."""
-  fig, (ax_loss, ax_rew, ax_acc) = plt.subplots(1, 3, figsize=(15, 4))
+  fig, (ax_loss, ax_rew, ax_acc) = _pyplot().subplots(1, 3, figsize=(15, 4))
   for key, style, label in (("train_loss", "-", "train loss"), ("val_loss", "o-", "val loss")):
     ax_loss.plot(*split_series(records, key), style, label=label, lw=1.5)
   ax_loss.set(xlabel="step", ylabel="loss (per pair)", title=title or "preference loss")
@@ -68,5 +78,5 @@ def save_loss_curves(records: list[dict], workdir: str, title: str = "") -> str:
   fig = (preference_curves if pairs else loss_curves)(records, title)
   with files.atomic_path(path) as tmp:
     fig.savefig(tmp, dpi=110)
-  plt.close(fig)
+  _pyplot().close(fig)
   return path

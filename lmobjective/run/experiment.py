@@ -161,6 +161,17 @@ def build(raw_config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
       batch_fields=step.MODEL_FIELDS + ((step.REFERENCE_LOGPS,) if cached else ()))
 
 
+def compile_train_step_ahead(exp: Experiment, abstract_state) -> None:
+  """Starts compiling the train step on a background thread (`sharding.Program.compile_ahead`) from
+  the abstract state and batch, so that XLA compiles it while the state is initialised or restored;
+  the first step waits for it. (A cached reference's batches carry one more field: not ahead.)"""
+  if step.REFERENCE_LOGPS in exp.batch_fields:
+    return
+  rows = exp.config.train.batch_size * exp.pipeline.rows_per_example
+  exp.train_fn.compile_ahead(abstract_state, sharding.abstract_batch(
+      exp.batch_fields, rows, exp.config.data.context_length, exp.mesh))
+
+
 def cached_reference(config: config_lib.Config) -> bool:
   """DPO/IPO with objective.reference="cached": the reference's log-probs come with the batches."""
   o = config.objective

@@ -42,9 +42,7 @@ class _EventFile:
   does not drain that queue, so a kill -9 right after it could lose the last steps' events.)"""
 
   def __init__(self, logdir: str, purge_step: int | None):
-    from tensorboardX.event_file_writer import EventsWriter
-    from tensorboardX.proto.event_pb2 import Event, SessionLog
-    from tensorboardX.summary import scalar
+    EventsWriter, Event, SessionLog, scalar = _tensorboardx()
     os.makedirs(logdir, exist_ok=True)
     self._Event, self._scalar = Event, scalar
     self._flushed = time.time()
@@ -65,6 +63,24 @@ class _EventFile:
 
   def close(self) -> None:
     self._events.close()
+
+
+def _tensorboardx():
+  """The four pieces of tensorboardX used here. Importing any of its modules runs its package
+  `__init__`, whose `SummaryWriter` imports torch when it is installed (1.5 s of a run's start-up on
+  a 2-core CPU, for an optional type check); unless torch is imported already, it is hidden for
+  that import (tensorboardX catches the ImportError) and visible again right after."""
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+  try:
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    from tensorboardX.summary import scalar
+  finally:
+    if hide:
+      del sys.modules["torch"]
+  return EventsWriter, Event, SessionLog, scalar
 
 
 class MetricsWriter:

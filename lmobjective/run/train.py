@@ -45,7 +45,7 @@ from lmobjective.data import fingerprint
 from lmobjective.model import count_params
 from lmobjective.run import checkpoint as ckpt_lib
 from lmobjective.run import distributed, lock, metrics_log, save_watch
-from lmobjective.run.experiment import Experiment, build, device_batch, evaluate
+from lmobjective.run.experiment import Experiment, build, compile_train_step_ahead, device_batch, evaluate
 from lmobjective.run.preemption import EXIT_CODES, Preempted, preemption_signals
 from lmobjective.validation import validate
 
@@ -234,6 +234,7 @@ def restore_or_init(exp: Experiment, mngr, batches) -> tuple[Any, LoopState | No
   accounting = TokenAccounting(exp.pipeline.source_names)
   state_shape = exp.init_fn.eval_shape(jax.random.key(exp.config.seed))
   abstract = sharding.abstract_state(state_shape, exp.state_sharding)
+  compile_train_step_ahead(exp, abstract)  # XLA compiles the step meanwhile (1-2 s of start-up on 2 cores)
   restored = ckpt_lib.restore_latest(mngr, exp.workdir, abstract, start_over=exp.config.checkpoint.start_over)
   if restored is None:
     return exp.init_fn(jax.random.key(exp.config.seed)), None, accounting, None
