@@ -1,7 +1,7 @@
 """Character-level training on one text file, tuned for the wall-clock time to a target val loss on 2 CPU cores.
 
     python -m lmobjective.train --config=configs/char_fast.py --workdir=runs/char \\
-      --config.data.sources.text.path=FILE [--cpu_devices=2]
+      --config.data.sources.text.path=FILE
 
 `char_fast.py:nanogpt` is nanoGPT's README CPU run (`train_shakespeare_char` with `--block_size=64
 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000
@@ -34,11 +34,15 @@ def _nanogpt(c):
 
 
 def _fast(c):
-  """The recipe that reached nanoGPT's loss soonest on 2 CPU cores (experiments/bench_time_to_loss.py,
-  docs/benchmarks.md): nanoGPT's model, Muon for the hidden matrices, 64 rows a step (nanoGPT: 12) for 300 steps (nanoGPT: 2000)."""
+  """The recipe that reached nanoGPT's loss soonest on 2 CPU cores (experiments/bench_time_to_loss.py;
+  each change's effect in docs/benchmarks.md): a 2-layer model of nanoGPT's width (nanoGPT: 4) with
+  RoPE, RMSNorm and QK-norm (nanoGPT: learned positions, LayerNorm), Muon for the hidden matrices,
+  32 rows a step (nanoGPT: 12) for 250 steps (nanoGPT: 2000), one XLA device (the benchmark's default)."""
   c = _nanogpt(c)
-  c.train.steps, c.train.batch_size = 300, 64
-  c.optimizer.kind, c.optimizer.muon_learning_rate = "muon", 0.03
+  c.model.num_layers = 2
+  c.model.position, c.model.norm, c.model.qk_norm = "rope", "rmsnorm", True
+  c.train.steps, c.train.batch_size = 250, 32
+  c.optimizer.kind, c.optimizer.muon_learning_rate = "muon", 0.05
   c.optimizer.learning_rate, c.optimizer.end_learning_rate = 4e-3, 4e-4  # the AdamW group: embeddings, norms
   c.optimizer.warmup_steps, c.optimizer.b2 = 40, 0.95
   c.eval.every_steps, c.eval.num_batches = 25, 8

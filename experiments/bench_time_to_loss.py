@@ -9,7 +9,7 @@ Rows (each run --seeds times, in its own fresh process and workdir):
                FILE prepared as its prepare.py does (character vocabulary, 90/10 split), with
                always_save_checkpoint so that every evaluation (every 250 iterations) leaves a checkpoint.
   like         lmobjective with nanoGPT's exact hyper-parameters (`configs/char_fast.py:nanogpt`).
-  char_fast    lmobjective's `configs/char_fast.py` preset (`--cpu_devices=2` unless --cpu_devices says).
+  char_fast    lmobjective's `configs/char_fast.py` preset, on one XLA device unless --cpu_devices says.
 
 One evaluator for all: the non-overlapping windows of 65 characters (64 inputs, 64 targets) that tile
 the part of FILE both sides hold out (nanoGPT's last 10 %, which starts at or after lmobjective's
@@ -52,7 +52,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/bench_time_to_loss", "Where the 
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Runs per row (median reported).")
 _ROWS = flags.DEFINE_list("rows", ["nanogpt", "like", "char_fast"], "Rows to run: nanogpt, like, char_fast.")
 _TARGET = flags.DEFINE_float("target_loss", None, "L* to use instead of nanoGPT's (then the nanogpt row may be left out).")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 2, "lmobjective's char_fast row: --cpu_devices (0: JAX's default).")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "lmobjective's char_fast row: the launcher's --cpu_devices (0: JAX's default, one device; 2 was slower for this preset: docs/benchmarks.md).")
 _OVERRIDES = flags.DEFINE_multi_string("lmo", [], "Extra KEY=VALUE (--config.KEY=VALUE) for the lmobjective rows, e.g. train.steps=300.")
 _NANO_ARGS = flags.DEFINE_multi_string("nano", [], "Extra --KEY=VALUE for nanoGPT's train.py (e.g. max_iters=100).")
 _NANO_DEVICE = flags.DEFINE_string("nanogpt_device", "cpu", "nanoGPT's --device (cuda on a GPU machine: then it also compiles).")
