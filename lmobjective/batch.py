@@ -11,4 +11,9 @@ float32 [B]: the frozen reference's summed response log-prob of each row (0 on p
 
 MODEL_FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 IGNORE_INDEX = -100
+
+
+def field_dtype(field: str) -> str:
+  """The dtype of a [B, T] batch field: `loss_mask` bool, the rest int32."""
+  return "bool" if field == "loss_mask" else "int32"
 REFERENCE_LOGPS = "reference_logps"

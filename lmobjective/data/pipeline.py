@@ -22,7 +22,7 @@ import numpy as np
 
 from lmobjective import config as config_lib
 from lmobjective import files
-from lmobjective.batch import MODEL_FIELDS, REFERENCE_LOGPS
+from lmobjective.batch import MODEL_FIELDS, REFERENCE_LOGPS, field_dtype
 from lmobjective.config import ConfigError
 from lmobjective.data import cache, fingerprint, mixture, sources, streams, tokenized
 from lmobjective.data.errors import DataWarning
@@ -120,7 +120,7 @@ class Pipeline:
   def _assemble(self, src_B, ctr_B, row_sources, split: str) -> dict[str, np.ndarray]:
     """B examples -> B * rows_per_example rows (a pair's rows stay adjacent, in the order `fields` gives)."""
     k, T = self.rows_per_example, self.T
-    out = {f: np.zeros((len(src_B) * k, T), bool if f == "loss_mask" else np.int32) for f in FIELDS}
+    out = {f: np.zeros((len(src_B) * k, T), field_dtype(f)) for f in FIELDS}
     out["source_ids"] = np.full((len(src_B) * k, T), -1, np.int32)
     if self.reference_logps is not None:
       out[REFERENCE_LOGPS] = np.zeros(len(src_B) * k, np.float32)

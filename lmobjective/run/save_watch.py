@@ -8,6 +8,7 @@ other files.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -70,10 +71,8 @@ class SaveWatch(logging.Filter):
       # errors are kept here, too), then drop the partial save.
       for t in threading.enumerate():
         if type(t).__module__.startswith("orbax") and t is not threading.current_thread():
-          try:
+          with contextlib.suppress(Exception):  # orbax's threads re-raise their own error from join(); one is reported
             t.join(timeout=60)
-          except Exception:  # noqa: BLE001 -- orbax's threads re-raise their own error from join(); one is reported
-            pass
       for tmp in glob.glob(os.path.join(self.workdir, checkpoint.CKPT_DIR, f"{self.failed}.orbax-checkpoint-tmp*")):
         shutil.rmtree(tmp, ignore_errors=True)
     logging.getLogger("absl").removeFilter(self)
