@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from lmobjective import objective
+from lmobjective.objectives import next_token
 
 _VOCAB = flags.DEFINE_integer("vocab", 262_144, "Vocabulary for the memory table.")
 _TOKENS = flags.DEFINE_integer("tokens", 16_384, "Tokens per step for the memory table (batch x context).")
@@ -36,7 +36,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls (median).")
 
 def loss_and_grad(chunk: int):
   def f(h, w, t):
-    return objective.loss_sums(objective.head_token_losses(lambda x: x @ w, h, t, None, chunk)).loss_sum
+    return next_token.loss_sums(next_token.head_token_losses(lambda x: x @ w, h, t, None, chunk)).loss_sum
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
 
 

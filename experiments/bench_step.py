@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from lmobjective import sharding, step
+from lmobjective import objectives, sharding, step
 from lmobjective.model import ModelConfig, Transformer, count_params, flops_per_token
 from lmobjective.optimizer import make_optimizer
 from lmobjective.run import hardware, launch
@@ -45,8 +45,7 @@ class StepBench:
     self.init_fn = sharding.Program(init, mesh, out_shardings=state_sharding)
     self.train_fn = sharding.Program(
         functools.partial(step.train_step, model=model, tx=tx, grad_accum_steps=k,
-                          z_loss=config.objective.z_loss,
-                          loss_chunk_size=config.objective.loss_chunk_size), mesh,
+                          objective=objectives.from_config(config.objective)), mesh,
         in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
         out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
     rng = np.random.default_rng(seed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import importlib.util
+import json
 import math
 import os
 import types
@@ -293,7 +294,35 @@ def section(cls, node, prefix: str):
   return _build(cls, node, prefix)
 
 
+# ---- the schema's history: what changed in configs/default.py since runs were checkpointed -----
+# A checkpoint's config is read through `with_added_keys`; resume compares through it too
+# (`run/checkpoint.py`), and the objective's keys it does not read are neutral (`objectives.neutralised`).
+
 REMOVED_KEYS = ("data.shuffle_buffer",)  # declared once, read nowhere: ignored in older runs' configs
+# Keys added after runs were checkpointed without them, with the value those runs behaved as.
+ADDED_KEYS = {"train.max_skipped_fraction": 0.1, "train.dead_grad_steps": 3, "train.max_param_growth": 100.0,
+              "train.init_from": None, "objective.kind": "next_token", "objective.beta": 0.1,
+              "objective.label_smoothing": 0.0, "objective.simpo_gamma": 0.0, "objective.reference": "live",
+              "objective.rpo_alpha": 0.0,
+              "model.qk_norm": False, "optimizer.kind": "adamw", "optimizer.decay_fraction": 0.2,
+              "optimizer.muon_learning_rate": 0.02, "optimizer.muon_weight_decay": 0.0, "optimizer.muon_momentum": 0.95}
+ADDED_SOURCE_KEYS = {"max_prompt_length": None, "max_response_length": None, "exclude_modules": ""}  # in every data.sources.<name>
+
+
+def with_added_keys(saved: dict) -> dict:
+  """A copy of a checkpoint's config (a config.json dict) with the keys added since it was written, at
+  the values it ran with (`ADDED_KEYS`, `ADDED_SOURCE_KEYS`)."""
+  out = json.loads(json.dumps(saved))
+  for key, default in ADDED_KEYS.items():
+    *parents, leaf = key.split(".")
+    node = out
+    for part in parents:
+      node = node.setdefault(part, {})
+    node.setdefault(leaf, default)
+  for source in out.get("data", {}).get("sources", {}).values():
+    for key, default in ADDED_SOURCE_KEYS.items():
+      source.setdefault(key, default)
+  return out
 
 
 def _build(cls, node, prefix: str):

@@ -1,9 +1,11 @@
-"""Pure train and eval steps.
+"""Pure train and eval steps, one of each for every objective (`objectives.Objective`).
 
-`train_step(state, batch) -> (state, metrics)` after binding the static pieces with
-`functools.partial`. Gradient accumulation is exact: each microbatch contributes the gradient of
-its loss *sum*, and the total is divided once by the number of valid tokens in the whole batch,
-so k microbatches with uneven masks give the same update as one large batch. The sum is kept in
+`train_step(state, batch) -> (state, metrics)` after binding the static pieces (the model, the
+optimizer, the objective) with `functools.partial`. Gradient accumulation is exact: each
+microbatch contributes the gradient of its loss *sum*, and the total is divided once by the
+objective's count (valid tokens, valid pairs) in the whole batch, so k microbatches with uneven
+masks give the same update as one large batch; the objective's groups (a pair's two rows) are
+never split across microbatches or devices. The sum is kept in
 float32 whatever `param_dtype` is (k bfloat16 additions would round small microbatch gradients
 away), and the optimizer gets float32 gradients; params keep their dtype.
 
@@ -13,7 +15,6 @@ pair batches of a cached reference also reference_logps (float32 [B], `batch.REF
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax
@@ -22,9 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lmobjective import objective, preference
-
 from lmobjective.batch import MODEL_FIELDS, REFERENCE_LOGPS  # noqa: F401 (re-exported: step.MODEL_FIELDS)
+from lmobjective.objectives import Objective
 
 
 @flax.struct.dataclass
@@ -44,30 +44,19 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Arra
                     rng=dropout_rng)
 
 
-def _forward_sums(params, model, micro, dropout_rng, z_loss, deterministic, loss_chunk_size=0):
-  losses = objective.score(model, params, micro, chunk_size=loss_chunk_size, deterministic=deterministic,
-                           rngs=None if deterministic else {"dropout": dropout_rng})
-  sums = objective.loss_sums(losses)
-  return objective.objective_sum(sums, z_loss), sums
+def _split_groups(batch, k: int, group_size: int = 1):
+  """[B, ...] -> [k, B/k, ...]: microbatch j = groups j, j+k, j+2k, ... of `group_size` consecutive rows.
 
-
-def _split_microbatches(batch, k: int):
-  """[B, ...] -> [k, B/k, ...], microbatch j = rows j, j+k, j+2k, ...
-
-  Strided (not contiguous) so the leading, data-sharded axis stays the B/k one: every device
-  holds a slice of every microbatch and the scan never gathers rows across devices.
+  A group (a pair's two rows, k samples of one prompt) is never split: its rows go to the same
+  microbatch and, the data axis being the leading one in blocks of whole groups, to the same device.
+  Strided (not contiguous) so the leading, data-sharded axis stays the B/k one: every device holds a
+  slice of every microbatch and the scan never gathers rows across devices.
   """
-  return jax.tree.map(lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1), batch)
-
-
-def _split_pairs(batch, k: int):
-  """[2P, ...] (rows 2i, 2i+1 = pair i) -> [k, 2P/k, ...], microbatch j = pairs j, j+k, ...
-
-  A pair is never split: both rows go to the same microbatch, and (the data axis being the
-  leading one, in blocks of whole pairs) to the same device.
-  """
-  as_pairs = jax.tree.map(lambda x: x.reshape((x.shape[0] // 2, 2) + x.shape[1:]), batch)
-  return jax.tree.map(lambda x: x.reshape((k, -1) + x.shape[3:]), _split_microbatches(as_pairs, k))
+  strided = lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
+  if group_size == 1:
+    return jax.tree.map(strided, batch)
+  as_groups = jax.tree.map(lambda x: x.reshape((x.shape[0] // group_size, group_size) + x.shape[1:]), batch)
+  return jax.tree.map(lambda x: strided(x).reshape((k, -1) + x.shape[2:]), as_groups)
 
 
 def _zeros_like_output(fn, *args):
@@ -112,105 +101,27 @@ def _apply(state: TrainState, tx, grad_sums, count) -> tuple[TrainState, dict]:
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def train_step(state: TrainState, batch: dict, *, model: nn.Module,
-               tx: optax.GradientTransformation, grad_accum_steps: int = 1,
-               z_loss: float = 0.0, loss_chunk_size: int = 0) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: dict, reference_params=None, *, model: nn.Module,
+               tx: optax.GradientTransformation, objective: Objective,
+               grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
+  """One update of any objective: the gradient of its loss *sum* over each microbatch (groups kept
+  whole), added in float32 and divided once by `objective.denominator` of the whole batch's sums.
+  `reference_params`: a live frozen reference (else the batch carries its values, or there is none)."""
   deterministic = model.cfg.dropout == 0.0
-  loss_fn = lambda params, micro, rng: _forward_sums(params, model, micro, rng, z_loss, deterministic,
-                                                     loss_chunk_size)
-  micro_BxT = _split_microbatches({k: batch[k] for k in MODEL_FIELDS}, grad_accum_steps)
-  grad_sums, sums = _accumulate(loss_fn, state.params, micro_BxT, jax.random.fold_in(state.rng, state.step),
+  loss_fn = lambda params, micro, rng: objective.loss(model, params, micro, rng, reference_params, deterministic)
+  micro = _split_groups({k: batch[k] for k in objective.fields}, grad_accum_steps, objective.group_size)
+  grad_sums, sums = _accumulate(loss_fn, state.params, micro, jax.random.fold_in(state.rng, state.step),
                                 grad_accum_steps)
-  new_state, norms = _apply(state, tx, grad_sums, sums.num_tokens)
-  # Sums beside num_tokens (the step's scored targets), so the host can weight a window of steps
-  # by tokens; `loss` is this step's mean, which the NaN guard checks.
-  metrics = {"loss": sums.loss_sum / jnp.maximum(sums.num_tokens, 1).astype(jnp.float32),
-             "z_sum": sums.z_sum, "correct_sum": sums.correct_sum, "num_tokens": sums.num_tokens, **norms}
-  return new_state, metrics
+  new_state, norms = _apply(state, tx, grad_sums, objective.denominator(sums))
+  return new_state, {**objective.step_metrics(sums), **norms}
 
 
-# ---- preference objectives (pairs: rows 2i, 2i+1 = chosen, rejected of pair i) -------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class PreferenceLoss:
-  """Which preference loss and its settings (`config.objective`); `needs_reference` is False for SimPO."""
-  kind: str
-  beta: float
-  label_smoothing: float = 0.0
-  gamma: float = 0.0
-  rpo_alpha: float = 0.0
-
-  @property
-  def needs_reference(self) -> bool:
-    return self.kind != "simpo"
-
-  def __call__(self, policy, reference, pair_valid_P) -> preference.PreferenceSums:
-    return preference.preference_loss(self.kind, policy, reference, pair_valid_P, beta=self.beta,
-                                      label_smoothing=self.label_smoothing, gamma=self.gamma, rpo_alpha=self.rpo_alpha)
-
-
-def _pair_logps(model, params, micro, loss_chunk_size, deterministic=True, rngs=None):
-  """The model's `PairLogps` on a pair batch, through `objective.score` (the one path to the logits)."""
-  losses = objective.score(model, params, micro, chunk_size=loss_chunk_size, deterministic=deterministic,
-                           rngs=rngs)
-  return preference.pair_logps(losses, micro["loss_mask"]), losses
-
-
-def _pair_fields(batch: dict) -> tuple[str, ...]:
-  """The fields a preference step reads: the model's, and the cached reference's log-probs when present."""
-  return MODEL_FIELDS + ((REFERENCE_LOGPS,) if REFERENCE_LOGPS in batch else ())
-
-
-def _reference(model, reference_params, micro, policy: preference.PairLogps, loss_chunk_size: int):
-  """The frozen reference's `PairLogps`: the batch's cached values when it has them (made before training by
-  this same `_pair_logps` on the same rows: run/reference_cache.py), else a forward of `reference_params`."""
-  if REFERENCE_LOGPS in micro:
-    return preference.pair_logps_of_rows(micro[REFERENCE_LOGPS], policy)
-  if reference_params is None:
-    raise ValueError("a reference loss needs reference_params or the batch's reference_logps")
-  return _pair_logps(model, jax.lax.stop_gradient(reference_params), micro, loss_chunk_size)[0]
-
-
-def _preference_sums(params, reference_params, micro, rng, *, model, loss: PreferenceLoss,
-                     loss_chunk_size: int, deterministic: bool):
-  """(loss sum over pairs, (PreferenceSums, scored response tokens)) of one microbatch of pairs."""
-  policy, losses = _pair_logps(model, params, micro, loss_chunk_size, deterministic,
-                               None if deterministic else {"dropout": rng})
-  reference = None
-  if loss.needs_reference:  # frozen: no gradient flows into it
-    reference = _reference(model, reference_params, micro, policy, loss_chunk_size)
-  sums = loss(policy, reference, preference.pair_valid(policy))
-  return sums.loss_sum, (sums, losses.valid.sum(dtype=jnp.int32))
-
-
-def preference_train_step(state: TrainState, batch: dict, reference_params=None, *, model: nn.Module,
-                          tx: optax.GradientTransformation, loss: PreferenceLoss, grad_accum_steps: int = 1,
-                          loss_chunk_size: int = 0) -> tuple[TrainState, dict]:
-  """One update on a batch of 2P rows (P pairs); the gradient of the loss summed over pairs,
-  divided once by the batch's valid pairs (exact under accumulation, like tokens for next-token).
-  The reference: the batch's reference_logps when it has them, else `reference_params` (live)."""
-  deterministic = model.cfg.dropout == 0.0
-  loss_fn = lambda params, micro, rng: _preference_sums(
-      params, reference_params, micro, rng, model=model, loss=loss, loss_chunk_size=loss_chunk_size,
-      deterministic=deterministic)
-  micro = _split_pairs({k: batch[k] for k in _pair_fields(batch)}, grad_accum_steps)
-  grad_sums, (sums, num_tokens) = _accumulate(loss_fn, state.params, micro,
-                                              jax.random.fold_in(state.rng, state.step), grad_accum_steps)
-  new_state, norms = _apply(state, tx, grad_sums, sums.num_pairs)
-  metrics = {"loss": sums.loss_sum / jnp.maximum(sums.num_pairs, 1).astype(jnp.float32),
-             **sums._asdict(), "num_tokens": num_tokens, **norms}
-  return new_state, metrics
-
-
-def preference_eval_step(params, batch: dict, reference_params=None, *, model: nn.Module, loss: PreferenceLoss,
-                         loss_chunk_size: int = 0) -> tuple[preference.PreferenceSums, preference.AccuracySums]:
-  """The loss's sums and the reference-free preference accuracy on one batch of pairs (the reference as
-  in `preference_train_step`)."""
-  policy, _ = _pair_logps(model, params, batch, loss_chunk_size)
-  reference = _reference(model, reference_params, batch, policy, loss_chunk_size) if loss.needs_reference else None
-  valid_P = preference.pair_valid(policy)
-  return loss(policy, reference, valid_P), preference.preference_accuracy(policy, valid_P)
+def eval_step(params, batch: dict, reference_params=None, *, model: nn.Module, objective: Objective,
+              token_bytes_V: jax.Array | None = None):
+  """The objective's sums on one eval batch (deterministic forward); add them up across batches and
+  hosts, then `objective.eval_record`. `token_bytes_V` (bytes per token id) gives bits per byte."""
+  return objective.eval_sums(model, params, {k: batch[k] for k in objective.fields}, reference_params,
+                             token_bytes_V)
 
 
 def learning_rate(opt_state) -> jax.Array | None:
@@ -220,14 +131,3 @@ def learning_rate(opt_state) -> jax.Array | None:
     if has_hparams(node) and "learning_rate" in node.hyperparams:
       return node.hyperparams["learning_rate"]
   return None
-
-
-def eval_step(params, batch: dict, *, model: nn.Module, token_bytes_V: jax.Array | None = None,
-              loss_chunk_size: int = 0) -> objective.LossSums:
-  """Loss sums on one batch (deterministic forward); add them up across batches and hosts.
-
-  `loss_chunk_size` > 0 fuses the LM head with the loss in chunks of that many positions
-  (`objective.score`): same sums, without materialising [B,T,V] logits.
-  """
-  return objective.loss_sums(objective.score(model, params, batch, chunk_size=loss_chunk_size),
-                             token_bytes_V)

@@ -12,7 +12,7 @@ import ml_collections
 
 from lmobjective.config import (ConfigError, decay_steps, get, max_len, mlp_dim, require_choice, require_float,
                                 require_int, wsd_decay_steps)
-from lmobjective import preference
+from lmobjective import objectives
 from lmobjective.data import mixture, sources, stdlib_corpus
 
 
@@ -56,8 +56,6 @@ def _validate_core(cfg) -> None:
                       f"must divide train.batch_size={cfg.train.batch_size}")
   require_int(cfg, "train.log_every_steps", 1)
   _validate_model(cfg)
-  require_float(cfg, "objective.z_loss", 0.0)
-  require_int(cfg, "objective.loss_chunk_size", 0)
   _validate_objective(cfg)
   _validate_optimizer(cfg)
   require_int(cfg, "eval.every_steps", 1)
@@ -70,37 +68,16 @@ def _validate_core(cfg) -> None:
   check_mesh_divides(cfg.mesh, sharded_dims(cfg.model))
 
 
-OBJECTIVE_KINDS = ("next_token",) + preference.LOSS_NAMES
-
-
 def _validate_objective(cfg) -> None:
-  require_choice(cfg, "objective.kind", OBJECTIVE_KINDS)
-  kind = cfg.objective.kind
-  require_float(cfg, "objective.beta", 0.0, lo_open=True)
-  require_float(cfg, "objective.label_smoothing", 0.0, 0.5)
-  require_float(cfg, "objective.simpo_gamma", 0.0)
-  require_float(cfg, "objective.rpo_alpha", 0.0)
-  if cfg.objective.rpo_alpha and kind == "next_token":
-    raise ConfigError("objective.rpo_alpha", cfg.objective.rpo_alpha, "is a preference setting (RPO's NLL weight); objective.kind='next_token' has none")
-  if cfg.objective.simpo_gamma and kind != "simpo":  # a silently ignored knob is a bug
-    raise ConfigError("objective.simpo_gamma", cfg.objective.simpo_gamma, f"is a SimPO setting; objective.kind={kind!r} has no margin")
-  if cfg.objective.label_smoothing and kind not in ("dpo", "simpo"):
-    raise ConfigError("objective.label_smoothing", cfg.objective.label_smoothing,
-                      f"applies to objective.kind dpo or simpo, not {kind!r}")
-  require_choice(cfg, "objective.reference", preference.REFERENCE_MODES)
-  if cfg.objective.reference != "cached" and kind not in preference.REFERENCE_LOSSES:  # the default is accepted
-    raise ConfigError("objective.reference", cfg.objective.reference,
-                      f"applies to objective.kind dpo or ipo (a frozen reference), not {kind!r}")
-  if kind != "next_token" and cfg.objective.z_loss:
-    raise ConfigError("objective.z_loss", cfg.objective.z_loss, f"applies to objective.kind='next_token', not {kind!r}")
-  if kind in ("dpo", "ipo") and not cfg.train.init_from:
-    raise ConfigError("train.init_from", cfg.train.init_from,
-                      f"objective.kind={kind!r} needs a reference: the run to start from (WORKDIR or WORKDIR:STEP)")
-  pairs = kind != "next_token"
+  """The objective checks the keys it reads (`objectives.validate`); here, that its sources hold its examples."""
+  objective, kind = objectives.validate(cfg), cfg.objective.kind
+  pairs = objective.examples == "pairs"
   for name, s in cfg.data.sources.items():
     if (s.kind in sources.PAIR_KINDS) != pairs:
+      readers = [k for k, o in objectives.OBJECTIVES.items() if o.examples == "pairs"]
       allowed = (f"preference objectives train on kind {' or '.join(sources.PAIR_KINDS)} sources only" if pairs else
-                 f"a {s.kind} source needs a preference objective (objective.kind dpo, ipo or simpo)")
+                 f"a {s.kind} source needs a preference objective (objective.kind {', '.join(readers[:-1])} "
+                 f"or {readers[-1]})")
       raise ConfigError(f"data.sources.{name}.kind", s.kind, f"with objective.kind={kind!r}: {allowed}")
   if cfg.train.init_from is not None and (not isinstance(cfg.train.init_from, str) or not cfg.train.init_from):
     raise ConfigError("train.init_from", cfg.train.init_from, "must be WORKDIR or WORKDIR:STEP")

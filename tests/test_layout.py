@@ -58,3 +58,88 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch):
     assert "lmobjective.model imports lmobjective.run" in str(e)
   else:
     raise AssertionError("the upward import was not caught")
+
+
+# ---- the objective is decided in one place ---------------------------------------------------------
+# Outside lmobjective/objectives/, no code asks which objective runs (a kind compared or looked up)
+# or guesses it from the metrics an objective logs: it asks the objective (`exp.objective`).
+KIND_TESTS = (
+    r"objective\.kind\s*(==|!=|\bin\b|\bnot in\b)",  # config.objective.kind == "dpo", ... in (...)
+    r"\bkind\s*(==|!=)\s*[\"'](next_token|dpo|ipo|simpo)[\"']",
+    r"[\"'](num_pairs|correct_sum|rewards/margins|val_rewards/margins|rewards/accuracies)[\"']\s+(not\s+)?in\b",
+    r"REFERENCE_LOSSES|PreferenceLoss|preference_train_step",
+)
+
+
+def _kind_tests(root: str) -> list[str]:
+  import re
+  found = []
+  for dirpath, _, names in os.walk(root):
+    if os.path.relpath(dirpath, root).split(os.sep)[0] == "objectives":
+      continue
+    for name in names:
+      if name.endswith(".py"):
+        path = os.path.join(dirpath, name)
+        for i, line in enumerate(open(path), 1):
+          if any(re.search(p, line) for p in KIND_TESTS):
+            found.append(f"{os.path.relpath(path, root)}:{i}: {line.strip()}")
+  return found
+
+
+def test_only_objectives_test_the_objective_kind():
+  assert _kind_tests(ROOT) == []
+
+
+def test_the_kind_check_catches_a_branch_on_the_kind(tmp_path):
+  """Made to fail on purpose: the tests this codebase had before the objective interface are reported."""
+  (tmp_path / "objectives").mkdir()
+  (tmp_path / "objectives" / "preference.py").write_text('if o.kind == "dpo":\n  pass\n')  # allowed there
+  (tmp_path / "train.py").write_text('if "num_pairs" in last:\n  pass\n')
+  (tmp_path / "post_run.py").write_text('  if exp.config.objective.kind != "next_token":\n')
+  assert sorted(f.split(":")[0] for f in _kind_tests(str(tmp_path))) == ["post_run.py", "train.py"]
+
+
+def _import_graph(root: str) -> dict[str, set[str]]:
+  graph = {}
+  for dirpath, _, names in os.walk(root):
+    for name in names:
+      if name.endswith(".py"):
+        path = os.path.join(dirpath, name)
+        rel = os.path.relpath(path, os.path.dirname(root))[:-3].replace(os.sep, ".").removesuffix(".__init__")
+        graph[rel] = {m for m in _imports(path)}
+  return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+  """Import circles between modules (a package's own submodules importing it do not count)."""
+  found, state = [], {}
+
+  def visit(node, path):
+    state[node] = "open"
+    for nxt in sorted(graph.get(node, ())):
+      if nxt not in graph or node.startswith(nxt + "."):
+        continue
+      if state.get(nxt) == "open":
+        found.append(path[path.index(nxt):] + [nxt])
+      elif nxt not in state:
+        visit(nxt, path + [nxt])
+    state[node] = "done"
+
+  for node in sorted(graph):
+    if node not in state:
+      visit(node, [node])
+  return found
+
+
+def test_no_import_circle():
+  assert _cycles(_import_graph(ROOT)) == []
+
+
+def test_the_circle_check_catches_a_circle(tmp_path):
+  """Made to fail on purpose: evaluate <-> inspection, as it was before `analysis/pairs.py`."""
+  pkg = tmp_path / "lmobjective" / "analysis"
+  pkg.mkdir(parents=True)
+  (pkg / "evaluate.py").write_text("from lmobjective.analysis import inspection\n")
+  (pkg / "inspection.py").write_text("def f():\n  from lmobjective.analysis import evaluate\n")
+  assert _cycles(_import_graph(str(tmp_path / "lmobjective"))) == [
+      ["lmobjective.analysis.evaluate", "lmobjective.analysis.inspection", "lmobjective.analysis.evaluate"]]

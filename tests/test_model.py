@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lmobjective import model as M
-from lmobjective import objective
+from lmobjective.objectives import next_token
 from _tiny import model_config
 
 MODERN = model_config(vocab_size=512, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
@@ -31,7 +31,7 @@ def test_initial_loss_is_ln_v(cfg):
   model, params = _init(cfg, T=64)
   tokens = jax.random.randint(jax.random.key(1), (8, 65), 0, cfg.vocab_size)
   logits = model.apply({"params": params}, tokens[:, :-1])
-  loss_sum, n = objective.cross_entropy(logits, tokens[:, 1:])
+  loss_sum, n = next_token.cross_entropy(logits, tokens[:, 1:])
   assert abs(float(loss_sum) / int(n) - math.log(cfg.vocab_size)) < 0.1
 
 
@@ -53,7 +53,7 @@ def _per_position_loss_grads(cfg, segment_ids=None, T=12):
   def nll_per_position(x):
     h = model.apply({"params": params}, x, positions, segment_ids, method=M.Transformer.backbone)
     logits = model.apply({"params": params}, h, method=M.Transformer.head)
-    return objective.token_losses(logits, targets).nll.sum(0)  # [T]
+    return next_token.token_losses(logits, targets).nll.sum(0)  # [T]
 
   return np.asarray(jax.jacrev(nll_per_position)(x))
 
@@ -138,7 +138,7 @@ def test_remat_gives_the_same_loss_and_gradients(remat):
   tokens = jax.random.randint(jax.random.key(4), (2, 17), 0, 512)
 
   def loss(p, m):
-    return objective.cross_entropy(m.apply({"params": p}, tokens[:, :-1]), tokens[:, 1:])[0]
+    return next_token.cross_entropy(m.apply({"params": p}, tokens[:, :-1]), tokens[:, 1:])[0]
 
   l0, g0 = jax.value_and_grad(loss)(params, model)
   l1, g1 = jax.value_and_grad(loss)(params, model_r)
@@ -164,7 +164,7 @@ def test_bf16_compute_keeps_float32_params_and_finite_loss():
   tokens = jax.random.randint(jax.random.key(6), (2, 17), 0, 512)
   logits = model.apply({"params": params}, tokens[:, :-1])
   assert logits.dtype == jnp.bfloat16
-  loss_sum, n = objective.cross_entropy(logits, tokens[:, 1:])
+  loss_sum, n = next_token.cross_entropy(logits, tokens[:, 1:])
   assert abs(float(loss_sum) / int(n) - math.log(512)) < 0.2
 
 

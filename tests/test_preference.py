@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from lmobjective import objective, preference
+from lmobjective.objectives import next_token, preference
 from lmobjective.model import Transformer
 from _tiny import model_config
 
@@ -134,7 +134,7 @@ def test_loss_and_gradient_match_float64_numpy(name, eps, gamma, seed):
 @pytest.mark.parametrize("name,eps,gamma,alpha", [("dpo", 0.0, 0.0, 1.0), ("dpo", 0.1, 0.0, 0.3),
                                                   ("ipo", 0.0, 0.0, 0.5), ("simpo", 0.1, 1.5, 2.0)])
 def test_rpo_adds_alpha_times_the_chosen_nll_per_token(name, eps, gamma, alpha):
-  """RPO (objective.rpo_alpha): each pair's loss + α·(−log π(y_w)/|y_w|), against float64 NumPy,
+  """RPO (next_token.rpo_alpha): each pair's loss + α·(−log π(y_w)/|y_w|), against float64 NumPy,
   loss and gradient; α = 0 is the plain loss bit for bit, and nll_sum is logged either way."""
   logps, valid, beta = _random_pairs(3)
   ref_sums, ref_grads = _np_loss(name, logps, valid, beta, eps, gamma, alpha)
@@ -258,7 +258,7 @@ def _prompt_response_batch(V=61, T=14, seed=0):
     tokens[b, :p + r] = rng.integers(0, V, p + r)
     response[b, p - 1:p + r - 1] = True
     segments[b, :p + r] = 1
-  targets = np.where(segments > 0, tokens[:, 1:], objective.IGNORE_INDEX)  # prompt targets stay real ids
+  targets = np.where(segments > 0, tokens[:, 1:], next_token.IGNORE_INDEX)  # prompt targets stay real ids
   batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(targets),
            "positions": jnp.asarray(np.broadcast_to(np.arange(T), (len(lengths), T))),
            "segment_ids": jnp.asarray(segments)}
@@ -286,7 +286,7 @@ def test_response_logps_on_a_tiny_model(chunk_size):
   @jax.jit
   @functools.partial(jax.value_and_grad, has_aux=True)
   def logps(params, batch):  # (sum over rows, (logp_B, n_B)) and its gradient w.r.t. params
-    logp_B, n_B = preference.response_logps(objective.score(model, params, batch, chunk_size=chunk_size),
+    logp_B, n_B = preference.response_logps(next_token.score(model, params, batch, chunk_size=chunk_size),
                                             response_j)
     return logp_B.sum(), (logp_B, n_B)
 

@@ -1,6 +1,7 @@
 """The preference train and eval steps: pairs kept whole under accumulation, exact sums, the frozen
 reference, and the loss of a real model checked against float64 NumPy on its own logits."""
 
+import dataclasses
 import functools
 import math
 
@@ -10,7 +11,8 @@ import optax
 import pytest
 
 from lmobjective import model as M
-from lmobjective import preference, step
+from lmobjective import step
+from lmobjective.objectives import preference
 from _tiny import model_config
 
 CFG = model_config(vocab_size=64, num_layers=2, num_heads=2, num_kv_heads=2, embed_dim=32, mlp_dim=64, max_len=32)
@@ -36,14 +38,24 @@ def _state(tx, seed=0):
   return step.init_state(M.Transformer(CFG), tx, jax.random.key(seed), (2, T))
 
 
-DPO = step.PreferenceLoss("dpo", beta=0.5, label_smoothing=0.1)
-RPO = step.PreferenceLoss("dpo", beta=0.5, rpo_alpha=1.0)  # DPO + the chosen NLL per token
+DPO = preference.DPO(beta=0.5, label_smoothing=0.1, reference="live")
+RPO = preference.DPO(beta=0.5, rpo_alpha=1.0, reference="live")  # DPO + the chosen NLL per token
+
+
+def _for(loss, batch):
+  """`loss` reading its reference from the batch when the batch carries one (objective.reference=cached)."""
+  return dataclasses.replace(loss, reference="cached") if "reference_logps" in batch else loss
 
 
 def _train(loss, k, batch, reference, tx=optax.sgd(1.0), seed=0):
-  fn = jax.jit(functools.partial(step.preference_train_step, model=M.Transformer(CFG), tx=tx, loss=loss,
+  fn = jax.jit(functools.partial(step.train_step, model=M.Transformer(CFG), tx=tx, objective=_for(loss, batch),
                                  grad_accum_steps=k))
   return fn(_state(tx, seed), batch, reference)
+
+
+def _eval(loss, params, batch, *reference):
+  return jax.jit(functools.partial(step.eval_step, model=M.Transformer(CFG), objective=_for(loss, batch)))(
+      params, batch, *reference)
 
 
 @pytest.mark.parametrize("k,loss", [(2, DPO), (4, DPO), (4, RPO)], ids=["dpo-2", "dpo-4", "rpo-4"])
@@ -55,7 +67,7 @@ def test_accumulation_keeps_pairs_whole_and_equals_the_full_batch(k, loss):
   for key in preference.PreferenceSums._fields:
     np.testing.assert_allclose(float(m_acc[key]), float(m_full[key]), rtol=2e-6, atol=1e-5, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), full.params, acc.params)
-  halves = jax.tree.map(lambda x: x[0], step._split_pairs(batch, k))
+  halves = jax.tree.map(lambda x: x[0], step._split_groups(batch, k, 2))
   np.testing.assert_array_equal(halves["inputs"][:2], batch["inputs"][:2])  # pair 0 whole, in order
   np.testing.assert_array_equal(halves["inputs"][2:4], batch["inputs"][2 * k:2 * k + 2])  # then pair k
 
@@ -63,7 +75,7 @@ def test_accumulation_keeps_pairs_whole_and_equals_the_full_batch(k, loss):
 def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
   tx = optax.sgd(1.0)
   batch = _pairs(np.random.default_rng(0))
-  _, m = _train(step.PreferenceLoss("dpo", beta=0.1), 1, batch, _state(tx).params)
+  _, m = _train(preference.DPO(beta=0.1, reference="live"), 1, batch, _state(tx).params)
   assert abs(float(m["loss"]) - math.log(2)) < 1e-6
   for key in ("chosen_reward_sum", "rejected_reward_sum", "margin_sum", "accuracy_sum"):
     assert abs(float(m[key])) < 1e-6, key
@@ -126,8 +138,8 @@ def test_eval_step_accuracy_is_reference_free_and_counts_pairs():
   policy = _state(tx).params
   pol, n = _logps_float64(policy, batch)
   model = M.Transformer(CFG)
-  simpo = step.PreferenceLoss("simpo", beta=2.0, gamma=0.5)
-  pref, acc = jax.jit(functools.partial(step.preference_eval_step, model=model, loss=simpo))(policy, batch)
+  simpo = preference.SimPO(beta=2.0, simpo_gamma=0.5)
+  pref, acc = jax.jit(functools.partial(step.eval_step, model=model, objective=simpo))(policy, batch)
   assert int(acc.num_pairs) == 8
   assert int(acc.correct_sum) == int((pol[0::2] > pol[1::2]).sum())
   mean = pol / n
@@ -139,14 +151,15 @@ def test_eval_step_accuracy_is_reference_free_and_counts_pairs():
 def test_chunked_loss_gives_the_dense_step():
   batch, reference = _pairs(np.random.default_rng(8)), _state(optax.sgd(1.0), seed=1).params
   tx = optax.sgd(1.0)
-  run = lambda chunk: jax.jit(functools.partial(step.preference_train_step, model=M.Transformer(CFG), tx=tx, loss=DPO,
-                                                loss_chunk_size=chunk))(_state(tx), batch, reference)
+  run = lambda chunk: jax.jit(functools.partial(step.train_step, model=M.Transformer(CFG), tx=tx,
+                                                objective=dataclasses.replace(DPO, loss_chunk_size=chunk)))(
+      _state(tx), batch, reference)
   (dense, m_dense), (chunked, m_chunked) = run(0), run(4)
   assert abs(float(m_dense["loss"]) - float(m_chunked["loss"])) < 1e-6
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), dense.params, chunked.params)
 
 
-@pytest.mark.parametrize("loss", [DPO, step.PreferenceLoss("ipo", beta=0.5)])
+@pytest.mark.parametrize("loss", [DPO, preference.IPO(beta=0.5, reference="live")])
 def test_a_batchs_reference_logps_stand_in_for_the_reference_forward(loss):
   """A cached reference (the batch's values, as `run/reference_cache.py` makes them) gives the live step;
   IPO also reads the reference's lengths, which come from the policy's rows."""
@@ -158,7 +171,6 @@ def test_a_batchs_reference_logps_stand_in_for_the_reference_forward(loss):
   for key in preference.PreferenceSums._fields:
     np.testing.assert_allclose(float(m_batch[key]), float(m_live[key]), rtol=1e-5, atol=1e-5, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), live.params, from_batch.params)
-  eval_fn = jax.jit(functools.partial(step.preference_eval_step, model=M.Transformer(CFG), loss=loss))
-  pref, _ = eval_fn(_state(tx).params, cached)
-  np.testing.assert_allclose(float(pref.loss_sum), float(eval_fn(_state(tx).params, batch, reference)[0].loss_sum),
+  pref, _ = _eval(loss, _state(tx).params, cached)
+  np.testing.assert_allclose(float(pref.loss_sum), float(_eval(loss, _state(tx).params, batch, reference)[0].loss_sum),
                              rtol=1e-5)

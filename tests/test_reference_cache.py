@@ -1,7 +1,7 @@
 """Cached reference log-probs (`objective.reference="cached"`, lmobjective/run/reference_cache.py).
 
 One tiny origin (checkpoints at steps 1 and 2: two references) and one pairs file are shared by the
-module. The cached table equals the live reference's `_pair_logps` on the same rows (measured: equal
+module. The cached table equals the live reference's `Preference.pair_logps` on the same rows (measured: equal
 bit for bit on CPU; fails at 1e-5 with the table x1.000001), batches carry it by pair after the epoch
 permutation (fails when looked up by counter instead: off by 20.7), a DPO run's lines are the live
 run's (measured: within 1.2e-7; fails with the table x1.00001: off by 3.7e-5), the programs take no
@@ -86,7 +86,7 @@ def cached(world):
 
 
 def _live_logps(exp, batch):
-  fn = jax.jit(lambda p, b: step._pair_logps(exp.model, p, b, exp.config.objective.loss_chunk_size)[0])
+  fn = jax.jit(lambda p, b: exp.objective.pair_logps(exp.model, p, b))
   logps = fn(exp.reference_params, {k: batch[k] for k in step.MODEL_FIELDS})
   return np.stack([np.asarray(logps.chosen), np.asarray(logps.rejected)], -1)
 
@@ -245,8 +245,8 @@ def test_objective_reference_is_checked_where_it_means_something(world):
     validation.validate(c)
   for kind in ("simpo", "next_token"):
     c = dpo_config(world, **{"objective.kind": kind, "objective.reference": "live"})
-    with pytest.raises(ConfigError, match=rf"^config.objective.reference='live': applies to objective.kind dpo or "
-                       rf"ipo \(a frozen reference\), not '{kind}'$"):
+    with pytest.raises(ConfigError, match=rf"^config.objective.reference='live': objective.kind='{kind}' does not "
+                       rf"read it \(leave it at 'cached'\); it applies to objective.kind dpo or ipo$"):
       validation.validate(c)
   # a checkpoint from before the key ran live: a DPO resume compares it, a next-token one does not
   for kind, changed in (("dpo", ["objective.reference"]), ("next_token", []), ("simpo", [])):

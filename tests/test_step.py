@@ -14,7 +14,10 @@ import optax
 import pytest
 
 from lmobjective import model as M
-from lmobjective import objective, step
+from lmobjective import step
+from lmobjective.objectives import next_token
+
+NEXT = next_token.NextToken()
 from _tiny import model_config
 
 CFG = model_config(vocab_size=64, num_layers=2, num_heads=2, num_kv_heads=2, embed_dim=32, mlp_dim=64, max_len=32)
@@ -28,7 +31,7 @@ def _batch(rng, B=8, T=16, V=64, uneven=True):
       mask[b, rng.integers(0, T + 1):] = False
     mask[1] = False
   targets = tokens[:, 1:].copy()
-  targets[:, -2] = objective.IGNORE_INDEX  # the -100 convention on top of the mask
+  targets[:, -2] = next_token.IGNORE_INDEX  # the -100 convention on top of the mask
   seg = np.ones((B, T), np.int32)
   pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()
   return dict(inputs=tokens[:, :-1], targets=targets, loss_mask=mask, segment_ids=seg, positions=pos)
@@ -49,7 +52,8 @@ def _adamw_config(**kw):
 def _one_step(tx, k, batch, z_loss=0.0):
   model = M.Transformer(CFG)
   state = step.init_state(model, tx, jax.random.key(0), (2, 16))
-  fn = jax.jit(functools.partial(step.train_step, model=model, tx=tx, grad_accum_steps=k, z_loss=z_loss))
+  fn = jax.jit(functools.partial(step.train_step, model=model, tx=tx, grad_accum_steps=k,
+                                 objective=next_token.NextToken(z_loss=z_loss)))
   return fn(state, batch)
 
 
@@ -68,7 +72,7 @@ def test_grad_accumulation_equals_full_batch(k):
 
   def mean_loss(p):
     logits = model.apply({"params": p}, batch["inputs"])
-    s, n = objective.cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    s, n = next_token.cross_entropy(logits, batch["targets"], batch["loss_mask"])
     return s / n
 
   g = jax.grad(mean_loss)(init.params)
@@ -116,14 +120,14 @@ def test_bf16_params_accumulate_gradients_in_float32():
   model = _BiasModel(types.SimpleNamespace(dropout=0.0))
   state = step.init_state(model, _recording_tx(), jax.random.key(0), (B // k, T))
   assert state.params["bias"].dtype == jnp.bfloat16
-  fn = functools.partial(step.train_step, model=model, tx=_recording_tx(), grad_accum_steps=k)
+  fn = functools.partial(step.train_step, model=model, tx=_recording_tx(), grad_accum_steps=k, objective=NEXT)
   new, m = jax.jit(fn)(state, batch)
   n = int(m["num_tokens"])
   assert n == 2 * T + (B - 2)
 
   # reference: the per-microbatch gradients (each exact in bf16), summed in float64
-  micros = [jax.tree.map(lambda x: x[j], step._split_microbatches(batch, k)) for j in range(k)]
-  per_micro = [jax.grad(step._forward_sums, has_aux=True)(state.params, model, mb, None, 0.0, True)[0]
+  micros = [jax.tree.map(lambda x: x[j], step._split_groups(batch, k)) for j in range(k)]
+  per_micro = [jax.grad(lambda p, mb: NEXT.loss(model, p, mb, None, None, True), has_aux=True)(state.params, mb)[0]
                for mb in micros]
   ref = np.sum([np.float64(g["bias"]) for g in per_micro], axis=0) / n
   np.testing.assert_array_equal(ref, [-0.5, 0.5])
@@ -142,7 +146,7 @@ def test_bf16_params_keep_every_state_dtype_across_steps():
   tx = make_optimizer(_adamw_config())
   state = step.init_state(model, tx, jax.random.key(0), (4, 16))
   dtypes = lambda s: [x.dtype for x in jax.tree.leaves(s)]
-  fn = jax.jit(functools.partial(step.train_step, model=model, tx=tx, grad_accum_steps=2))
+  fn = jax.jit(functools.partial(step.train_step, model=model, tx=tx, grad_accum_steps=2, objective=NEXT))
   first = fn(state, _batch(np.random.default_rng(0)))[0]
   second = fn(first, _batch(np.random.default_rng(1)))[0]
   assert dtypes(first.opt_state) == dtypes(second.opt_state) == dtypes(state.opt_state)
@@ -163,7 +167,7 @@ def test_a_skipped_step_keeps_params_and_moments_but_not_the_schedule_behind(kin
 
   def run(bad_step):
     def poisoned(state, batch):
-      new, m = step.train_step(state, batch, model=model, tx=tx, grad_accum_steps=2)
+      new, m = step.train_step(state, batch, model=model, tx=tx, grad_accum_steps=2, objective=NEXT)
       return new, {**m, "loss": jnp.where(state.step == bad_step, jnp.nan, m["loss"])}
     fn = jax.jit(functools.partial(experiment._guarded_step, poisoned))
     states, lrs = [step.init_state(model, tx, jax.random.key(0), (4, 16))], []
@@ -213,7 +217,7 @@ def test_adamw_step_learns_a_deterministic_sequence():
   tx = make_optimizer(_adamw_config())
   model = M.Transformer(CFG)
   state = step.init_state(model, tx, jax.random.key(0), (8, 16))
-  fn = jax.jit(functools.partial(step.train_step, model=model, tx=tx))
+  fn = jax.jit(functools.partial(step.train_step, model=model, tx=tx, objective=NEXT))
   cycle = np.arange(17) * 7 % 64
   tokens = np.stack([np.roll(cycle, r) for r in range(8)]).astype(np.int32)
   batch = _batch(np.random.default_rng(0), uneven=False)

@@ -154,7 +154,8 @@ def _window(*steps):
 def test_train_line_weights_the_window_by_tokens_and_names_its_counts():
   import types
   cfg = tiny_config("/unused", **{"objective.z_loss": 1e-4})
-  exp = types.SimpleNamespace(config=cfg, peak_flops=1e12, flops_per_token=1e6,
+  from lmobjective import objectives
+  exp = types.SimpleNamespace(config=cfg, peak_flops=1e12, flops_per_token=1e6, objective=objectives.from_config(cfg.objective),
                               pipeline=types.SimpleNamespace(rows_per_example=1))
   # 10, 30 and 60 scored tokens: last-step values and means of per-step means would each differ
   window = _window((10, 2.0, 5, 20), (30, 1.0, 6, 90), (60, 0.5, 30, 60))
@@ -174,9 +175,11 @@ def test_pending_metrics_from_an_older_checkpoint_get_sums():
   import numpy as np
   old = {"num_tokens": np.int32(40), "loss": np.float32(2.0), "accuracy": np.float32(0.25),
          "z_loss": np.float32(3.5)}  # the step's means, as steps reported them before the sums
-  new = train._with_sums(dict(old))
+  from lmobjective.objectives import next_token
+  upgrade = next_token.NextToken().restored_metrics
+  new = upgrade(dict(old))
   assert new["correct_sum"] == 10 and new["z_sum"] == 140 and "accuracy" not in new
-  assert train._with_sums(dict(new)) == new
+  assert upgrade(dict(new)) == new
 
 
 def test_the_library_entry_point_runs_no_analysis_unless_asked(tmp_path):

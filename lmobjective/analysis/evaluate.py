@@ -14,7 +14,6 @@ the pairs of a preference_jsonl file (reference-free: any stage can be scored).
 from __future__ import annotations
 
 import sys
-import warnings
 
 import numpy as np
 from absl import app, flags
@@ -22,11 +21,10 @@ from absl import logging as absl_logging
 
 import jax
 
-from lmobjective import config as config_lib
-from lmobjective import data, objective, preference, step
-from lmobjective.analysis import inspection
-from lmobjective.data import sources, streams, tokenized
-from lmobjective.data.errors import DataWarning
+from lmobjective import data, step
+from lmobjective.analysis import inspection, pairs
+from lmobjective.data import sources
+from lmobjective.objectives import next_token
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory (with checkpoints/ and tokenizer/).")
 _TEXT_FILE = flags.DEFINE_string("text_file", None, "A UTF-8 text file to score as one document.")
@@ -48,75 +46,9 @@ def evaluate_source(run: inspection.Run, name: str, num_batches: int | None = No
   for batch in pipe.eval_batches(name, num_batches or int(cfg.eval.num_batches), batch_size):
     s = fn(run.params, {k: batch[k] for k in step.MODEL_FIELDS})
     sums += np.array([float(s.loss_sum), float(s.num_tokens), float(s.bytes_sum)])
-  out = objective.summarize(sums[0], sums[1], sums[2])
+  out = next_token.summarize(sums[0], sums[1], sums[2])
   out["num_bytes"] = int(sums[2])
   return out
-
-
-def evaluate_pair_source(run: inspection.Run, name: str, batch_size: int | None = None) -> dict[str, float]:
-  """`pair_metrics` of `run` on every held-out pair of a configured pair source, each scored once."""
-  return pair_metrics(pair_source_logps(run, name, batch_size))
-
-
-def pair_source_logps(run: inspection.Run, name: str, batch_size: int | None = None) -> preference.PairLogps:
-  """`run`'s `PairLogps` of every held-out pair of a configured pair source, in the source's order, each
-  once (NumPy [P]; the last batch's padding pairs are invalid: `preference.pair_valid`)."""
-  cfg = run.config
-  batch_size = batch_size or int(cfg.eval.batch_size)
-  pipe = data.build_pipeline(cfg.data, run.tokenizer, seed=cfg.seed, batch_size=batch_size,
-                             cache_dir=cfg.data.cache_dir)
-  num_pairs = pipe.stats(step=0)["sources"][name]["val_rows"]
-  parts = []
-  with warnings.catch_warnings():  # the last batch's spare slots are padding pairs, as intended
-    warnings.simplefilter("ignore", DataWarning)
-    batches = pipe.eval_batches(name, -(-num_pairs // batch_size), batch_size)
-  for batch in batches:
-    parts.append(jax.device_get(run.pair_program(run.params, {k: batch[k] for k in step.MODEL_FIELDS})))
-  return preference.PairLogps(*(np.concatenate([np.asarray(p[i]) for p in parts]) for i in range(4)))
-
-
-def pair_metrics(logps: preference.PairLogps) -> dict[str, float]:
-  """Over the valid pairs: the reference-free preference accuracy (raw; `_normalized` by length), the
-  mean summed log-probs and their mean margin."""
-  valid_P = np.asarray(preference.pair_valid(logps))
-  acc = preference.preference_accuracy(logps, valid_P)
-  n = max(int(acc.num_pairs), 1)
-  chosen, rejected = float(logps.chosen[valid_P].sum()) / n, float(logps.rejected[valid_P].sum()) / n
-  return {"num_pairs": int(acc.num_pairs), "preference_accuracy": int(acc.correct_sum) / n,
-          "preference_accuracy_normalized": int(acc.normalized_correct_sum) / n, "logps/chosen": chosen,
-          "logps/rejected": rejected, "logps/margin": chosen - rejected}
-
-
-def pairs_source(path: str, max_prompt_length: int | None = None, max_response_length: int | None = None):
-  """The `preference_jsonl` source of a file, every pair in it (no validation split)."""
-  scfg = config_lib.load_config_file(config_lib.DEFAULT_CONFIG).data.sources.code
-  scfg.update(kind="preference_jsonl", path=path, val_fraction=0.0, max_prompt_length=max_prompt_length,
-              max_response_length=max_response_length)
-  return config_lib.section(config_lib.SourceConfig, scfg, "pairs.")
-
-
-def pair_logps(run: inspection.Run, path: str, max_prompt_length: int | None = None,
-               max_response_length: int | None = None, batch_size: int = 32) -> preference.PairLogps:
-  """`run`'s summed response log-probs and response lengths for every pair of a preference_jsonl
-  file, in file order (NumPy [P]), read and truncated as a preference run reads it."""
-  split = tokenized.tokenize("pairs", pairs_source(path, max_prompt_length, max_response_length), run.tokenizer).train
-  rows = streams.PairRows(split, run.context_length, run.tokenizer.pad_id, run.config.data.document_masking,
-                          seed=0, key=0, shuffle=False, max_prompt_length=max_prompt_length,
-                          max_response_length=max_response_length)
-  parts = []
-  for first in range(0, rows.num_rows, batch_size):
-    batch = rows.fields(np.arange(first, first + batch_size))  # the last one wraps: cut below
-    parts.append(jax.device_get(run.pair_program(run.params, {k: batch[k] for k in step.MODEL_FIELDS})))
-  return preference.PairLogps(*(np.concatenate([np.asarray(p[i]) for p in parts])[:rows.num_rows] for i in range(4)))
-
-
-def evaluate_pairs(run: inspection.Run, path: str, **kw) -> dict[str, float]:
-  """The reference-free preference accuracy of `run` on every pair of a preference_jsonl file
-  (`pair_logps`; `kw` its truncation and batch size): the share of pairs with log π(chosen|x) >
-  log π(rejected|x) (`preference_accuracy`) and with the length-averaged log-probs (`_normalized`),
-  the mean summed log-probs and their mean margin (`logps/chosen`, `logps/rejected`, `logps/margin`).
-  Any stage's model can be scored: it needs no reference."""
-  return pair_metrics(pair_logps(run, path, **kw))
 
 
 def read_text_file(path: str) -> str:
@@ -158,7 +90,7 @@ def main(argv) -> None:
     sys.exit(f"error: {e}")
   if _PAIRS_FILE.value is not None:
     try:
-      m = evaluate_pairs(run, _PAIRS_FILE.value)
+      m = pairs.evaluate_pairs(run, _PAIRS_FILE.value)
     except (FileNotFoundError, ValueError) as e:
       sys.exit(f"error: {e}")
     return _print_pairs(m, run.step)
@@ -168,7 +100,7 @@ def main(argv) -> None:
     if _SOURCE.value not in run.config.data.sources:
       sys.exit(f"error: unknown source {_SOURCE.value!r}; the run has {', '.join(run.config.data.sources)}")
     if run.config.data.sources[_SOURCE.value].kind in sources.PAIR_KINDS:
-      return _print_pairs(evaluate_pair_source(run, _SOURCE.value), run.step)
+      return _print_pairs(pairs.evaluate_pair_source(run, _SOURCE.value), run.step)
     m = evaluate_source(run, _SOURCE.value, _NUM_BATCHES.value)
   print(format_metrics(m, run.step))
 

@@ -21,8 +21,9 @@ import ml_collections
 import numpy as np
 
 from lmobjective import config as config_lib
-from lmobjective import objective, preference, sharding, step, validation
-from lmobjective.analysis import generate as gen
+from lmobjective import objectives, sampling, sharding, step, validation
+from lmobjective.analysis import pairs
+from lmobjective.objectives import next_token, preference
 from lmobjective.data import tokenizers
 from lmobjective.model import ModelConfig, Transformer
 from lmobjective.run import checkpoint as ckpt_lib
@@ -70,6 +71,11 @@ class Run:
   # ---- scoring ------------------------------------------------------------------------------
 
   @functools.cached_property
+  def objective(self) -> objectives.Objective:
+    """The objective the run trained (its `config.objective`)."""
+    return objectives.from_config(self.config.objective)
+
+  @functools.cached_property
   def mesh(self):
     """The mesh the params live on (one device after `restore`; the training mesh for live,
     sharded params): every program here is compiled with its rules bound."""
@@ -85,28 +91,29 @@ class Run:
     def fn(params, inputs_BxT, positions_BxT, targets_BxT, mask_BxT):
       batch = {"inputs": inputs_BxT, "positions": positions_BxT, "targets": targets_BxT,
                "loss_mask": mask_BxT, "segment_ids": mask_BxT.astype(jnp.int32)}
-      return objective.score(self.model, params, batch, chunk_size=chunk)
+      return next_token.score(self.model, params, batch, chunk_size=chunk)
     return sharding.Program(fn, self.mesh)
 
   @functools.cached_property
   def eval_program(self):
-    """`step.eval_step` as a Program on this run's mesh, chunked as the run was (`evaluate --source`)."""
+    """`step.eval_step` of next-token prediction as a Program on this run's mesh, chunked as the run was
+    (`evaluate --source` of a token source, whatever objective the run trained)."""
     token_bytes = jnp.asarray(self.tokenizer.token_byte_lengths(), jnp.int32)
-    chunk = int(self.config.objective.loss_chunk_size)
+    scorer = next_token.NextToken(loss_chunk_size=int(self.config.objective.loss_chunk_size))
     return sharding.Program(lambda params, batch: step.eval_step(
-        params, batch, model=self.model, token_bytes_V=token_bytes, loss_chunk_size=chunk), self.mesh)
+        params, batch, model=self.model, objective=scorer, token_bytes_V=token_bytes), self.mesh)
 
   @functools.cached_property
   def pair_program(self):
-    """(params, pair batch) -> `PairLogps`, through the one loss entry point (`analysis.evaluate.pair_logps`)."""
+    """(params, pair batch) -> `PairLogps`, through the one function for sequence log-probs
+    (`next_token.sequence_logps`), chunked as the run was."""
     chunk = int(self.config.objective.loss_chunk_size)
-    return sharding.Program(lambda params, batch: preference.pair_logps(
-        objective.score(self.model, params, batch, chunk_size=chunk), batch["loss_mask"]), self.mesh)
+    return sharding.Program(lambda params, batch: preference.pairs_of(
+        next_token.sequence_logps(self.model, params, batch, chunk_size=chunk)), self.mesh)
 
   def preference_accuracy(self, path: str, **kw) -> dict[str, float]:
-    """`analysis.evaluate.evaluate_pairs` of this run on a preference_jsonl file."""
-    from lmobjective.analysis import evaluate
-    return evaluate.evaluate_pairs(self, path, **kw)
+    """`analysis.pairs.evaluate_pairs` of this run on a preference_jsonl file."""
+    return pairs.evaluate_pairs(self, path, **kw)
 
   @functools.cached_property
   def _last_logits(self):
@@ -118,9 +125,9 @@ class Run:
   @functools.cached_property
   def _generate(self):
     static = ("max_new_tokens", "temperature", "top_k", "vocab_limit")
-    return {True: sharding.Program(functools.partial(gen.generate_cached, self.model), self.mesh,
+    return {True: sharding.Program(functools.partial(sampling.generate_cached, self.model), self.mesh,
                                    static_argnames=static),
-            False: sharding.Program(functools.partial(gen.generate_uncached, self.model), self.mesh,
+            False: sharding.Program(functools.partial(sampling.generate_uncached, self.model), self.mesh,
                                     static_argnames=static)}
 
   def _chunks(self, ids: list[int]):
@@ -205,8 +212,9 @@ class Run:
   # ---- plots --------------------------------------------------------------------------------
 
   def plot_loss_curves(self):
+    """The run's curves as its objective draws them (`plotting.curves`: TRL's rewards for pairs)."""
     from lmobjective.analysis import plotting
-    return plotting.loss_curves(self.metrics, title=os.path.basename(os.path.abspath(self.workdir)))
+    return plotting.curves(self.objective, self.metrics, title=os.path.basename(os.path.abspath(self.workdir)))
 
   def plot_loss_per_position(self, text: str | PositionLosses, max_tokens: int = 60):
     """Bars of -log p(target) per token, with p(target) on the right axis."""

@@ -1,4 +1,8 @@
-"""Matplotlib figures of a run. Functions return figures; `save_loss_curves` writes the run's PNG."""
+"""Matplotlib figures of a run. Functions return figures; `save_loss_curves` writes the run's PNG.
+
+`curves(objective, records)` is the figure of a run's metrics for its objective: `loss_curves` by
+default, and an objective family registers its own (`preference_curves` for pairs, TRL's names).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import os
 from typing import TYPE_CHECKING
 
 from lmobjective import files
+from lmobjective.objectives import Objective, preference
 from lmobjective.run.metrics_log import split_series
 
 if TYPE_CHECKING:
@@ -71,11 +76,21 @@ def preference_curves(records: list[dict], title: str = "") -> plt.Figure:
   return fig
 
 
-def save_loss_curves(records: list[dict], workdir: str, title: str = "") -> str:
-  """loss_curves.png: `loss_curves`, or `preference_curves` for a run whose lines carry TRL's names."""
+@functools.singledispatch
+def curves(objective: Objective, records: list[dict], title: str = "") -> plt.Figure:
+  """The figure of a run of `objective`: `loss_curves` unless its family registered another."""
+  return loss_curves(records, title)
+
+
+@curves.register(preference.Preference)
+def _(objective: preference.Preference, records: list[dict], title: str = "") -> plt.Figure:
+  return preference_curves(records, title)
+
+
+def save_loss_curves(records: list[dict], workdir: str, objective: Objective, title: str = "") -> str:
+  """loss_curves.png: `curves(objective, records)`."""
   path = os.path.join(workdir, LOSS_PNG)
-  pairs = any("rewards/margins" in r or "val_rewards/margins" in r for r in records)
-  fig = (preference_curves if pairs else loss_curves)(records, title)
+  fig = curves(objective, records, title)
   with files.atomic_path(path) as tmp:
     fig.savefig(tmp, dpi=110)
   _pyplot().close(fig)

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmobjective import files
-from lmobjective import objective, sharding, step
+from lmobjective import sharding, step
+from lmobjective.objectives import next_token
 
 POSITION_FILE = "val_loss_by_position.json"
 
@@ -26,7 +27,7 @@ def _sums_fn(exp):
   chunk = exp.config.objective.loss_chunk_size
 
   def sums(params, batch):
-    losses = objective.score(exp.model, params, batch, chunk_size=chunk)
+    losses = next_token.score(exp.model, params, batch, chunk_size=chunk)
     pos_BxT = batch["positions"] if masking else jnp.broadcast_to(jnp.arange(T), losses.nll.shape)
     pos = jnp.clip(pos_BxT, 0, T - 1).ravel()
     valid = losses.valid.ravel()

@@ -7,15 +7,18 @@ entry point runs none by default, so training depends on none of this analysis c
 
 from __future__ import annotations
 
+import functools
 import os
 
 from lmobjective.analysis import diagnose, plotting, position_loss
+from lmobjective.objectives import Objective, preference
 from lmobjective.run import metrics_log
 
 
 def loss_by_position(exp, params, workdir: str, lead: bool) -> None:
-  """val_loss_by_position.json (computed on every process, written by the lead one); next-token runs only."""
-  if exp.config.objective.kind != "next_token":
+  """val_loss_by_position.json (computed on every process, written by the lead one); objectives whose
+  loss is per token only."""
+  if not exp.objective.per_token:
     return
   position_loss.save(exp, params, workdir, write=lead)
 
@@ -24,8 +27,8 @@ def loss_curves_and_table(exp, params, workdir: str, lead: bool) -> None:
   """loss_curves.png and the printed step / train / val table."""
   if lead:
     records = metrics_log.read_metrics(workdir)
-    plotting.save_loss_curves(records, workdir, title=os.path.basename(os.path.abspath(workdir)))
-    print_loss_table(records)
+    plotting.save_loss_curves(records, workdir, exp.objective, title=os.path.basename(os.path.abspath(workdir)))
+    print_loss_table(exp.objective, records)
 
 
 def diagnostics(exp, params, workdir: str, lead: bool) -> None:
@@ -37,10 +40,10 @@ def diagnostics(exp, params, workdir: str, lead: bool) -> None:
 STEPS = (loss_by_position, loss_curves_and_table, diagnostics)
 
 
-def print_loss_table(records: list[dict]) -> None:
+@functools.singledispatch
+def print_loss_table(objective: Objective, records: list[dict]) -> None:
+  """Step / train loss / val loss, perplexity and bits per byte (an objective family may register its own)."""
   evals = [r for r in records if "val_loss" in r]
-  if evals and "val_rewards/margins" in evals[0]:
-    return print_preference_table(records)
   train = {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
   print(f"{'step':>6} {'train_loss':>10} {'val_loss':>9} {'val_ppl':>9} {'val_bpb':>8}")
   for r in evals:
@@ -51,7 +54,8 @@ def print_loss_table(records: list[dict]) -> None:
     print(f"final val loss / step-0 val loss = {evals[-1]['val_loss'] / evals[0]['val_loss']:.3f}")
 
 
-def print_preference_table(records: list[dict]) -> None:
+@print_loss_table.register(preference.Preference)
+def print_preference_table(objective: preference.Preference, records: list[dict]) -> None:
   """Step / train loss / val loss per pair, TRL's val rewards, and the reference-free accuracies."""
   evals = [r for r in records if "val_loss" in r]
   train = {r["step"]: r["train_loss"] for r in records if "train_loss" in r}

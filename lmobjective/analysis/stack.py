@@ -25,8 +25,9 @@ import tempfile
 
 import numpy as np
 
-from lmobjective import files, preference
-from lmobjective.analysis import evaluate, inspection
+from lmobjective import files
+from lmobjective.analysis import evaluate, inspection, pairs
+from lmobjective.objectives import preference
 
 COLUMNS = ("stage", "step", "pretrain_val_loss", "sft_val_loss", "pref_accuracy", "pref_accuracy_norm",
            "logp_margin", "num_pairs", "rewards/accuracies", "rewards/margins")
@@ -47,8 +48,8 @@ def rows(workdirs: dict[str, str]) -> list[dict]:
   out = []
   for stage, run in runs.items():
     on = lambda other: dataclasses.replace(other, params=run.params)  # this stage's model, other's data
-    logps = evaluate.pair_source_logps(on(dpo), pairs)
-    acc, valid_P = evaluate.pair_metrics(logps), np.asarray(preference.pair_valid(logps))
+    logps = pairs.pair_source_logps(on(dpo), pairs)
+    acc, valid_P = pairs.pair_metrics(logps), np.asarray(preference.pair_valid(logps))
     sft_loss = evaluate.evaluate_source(on(sft), chat)["loss"]
     row = {"stage": stage, "step": run.step, "pretrain_val_loss": _token_weighted(on(pre)), "sft_val_loss": sft_loss,
            "pref_accuracy": acc["preference_accuracy"], "pref_accuracy_norm": acc["preference_accuracy_normalized"],
@@ -56,8 +57,8 @@ def rows(workdirs: dict[str, str]) -> list[dict]:
            "rewards/accuracies": None, "rewards/margins": None,
            "pair_correct": (np.asarray(logps.chosen) > np.asarray(logps.rejected))[valid_P]}
     if stage == "dpo":
-      last = [r for r in run.metrics if "val_rewards/accuracies" in r][-1]
-      row.update({"rewards/accuracies": last["val_rewards/accuracies"], "rewards/margins": last["val_rewards/margins"]})
+      last = [r for r in run.metrics if "val_loss" in r][-1]  # its last eval line: TRL's val rewards
+      row.update({"rewards/accuracies": last.get("val_rewards/accuracies"), "rewards/margins": last.get("val_rewards/margins")})
     out.append(row)
   return out
 
@@ -105,7 +106,7 @@ def kind_rows(workdirs: dict[str, str]) -> list[dict] | None:
     for stage, w in workdirs.items():
       run = dpo if stage == "dpo" else inspection.restore(w)
       for kind in kinds:
-        m = evaluate.evaluate_pairs(run, os.path.join(tmp, f"{kind}.jsonl"), **truncation)
+        m = pairs.evaluate_pairs(run, os.path.join(tmp, f"{kind}.jsonl"), **truncation)
         out.append({"stage": stage, "kind": kind, "num_pairs": m["num_pairs"], "pref_accuracy": m["preference_accuracy"],
                     "pref_accuracy_norm": m["preference_accuracy_normalized"], "logp_margin": m["logps/margin"]})
   return out

@@ -35,9 +35,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from lmobjective import config as config_lib
 from lmobjective import faults
 from lmobjective.run import async_errors
-from lmobjective.config import REMOVED_KEYS, ConfigError
+from lmobjective import objectives
+from lmobjective.config import ADDED_KEYS, ADDED_SOURCE_KEYS, REMOVED_KEYS, ConfigError  # noqa: F401 (the schema's history)
 
 CKPT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints_damaged"
@@ -49,14 +51,6 @@ SAFE_CHANGES = ("train.steps", "optimizer.decay_steps", "train.log_every_steps",
                 "train.max_skipped_fraction", "train.dead_grad_steps", "train.max_param_growth",
                 "data.cache_dir", "mesh.", "train.xla_gpu_flags", "model.remat", "model.attention",
                 "objective.loss_chunk_size")
-# Keys added after runs were checkpointed without them, with the value those runs behaved as.
-ADDED_KEYS = {"train.max_skipped_fraction": 0.1, "train.dead_grad_steps": 3, "train.max_param_growth": 100.0,
-              "train.init_from": None, "objective.kind": "next_token", "objective.beta": 0.1,
-              "objective.label_smoothing": 0.0, "objective.simpo_gamma": 0.0, "objective.reference": "live",
-              "objective.rpo_alpha": 0.0,
-              "model.qk_norm": False, "optimizer.kind": "adamw", "optimizer.decay_fraction": 0.2,
-              "optimizer.muon_learning_rate": 0.02, "optimizer.muon_weight_decay": 0.0, "optimizer.muon_momentum": 0.95}
-ADDED_SOURCE_KEYS = {"max_prompt_length": None, "max_response_length": None, "exclude_modules": ""}  # in every data.sources.<name>
 # Never compared: the flag itself, and where the cluster's coordinator happens to be this time.
 IGNORED = ("checkpoint.allow_config_change", "checkpoint.allow_data_change", "checkpoint.start_over",
            "distributed.") + REMOVED_KEYS  # removed keys older runs carry
@@ -167,39 +161,19 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def with_added_keys(saved: dict) -> dict:
-  """A checkpoint's config with the keys added since it was written, at the values it ran with
-  (`ADDED_KEYS`, `ADDED_SOURCE_KEYS`), so `restore` validates and types it like a new one."""
-  out = json.loads(json.dumps(saved))
-  for key, default in ADDED_KEYS.items():
-    *parents, leaf = key.split(".")
-    node = out
-    for part in parents:
-      node = node.setdefault(part, {})
-    node.setdefault(leaf, default)
-  if "reference" not in saved.get("objective", {}) and out["objective"]["kind"] not in ("dpo", "ipo"):
-    out["objective"]["reference"] = "cached"  # the default, which is accepted where there is no reference
-  for source in out.get("data", {}).get("sources", {}).values():
-    for key, default in ADDED_SOURCE_KEYS.items():
-      source.setdefault(key, default)
-  return out
+  """A checkpoint's config as today's schema reads it (`config.with_added_keys`: the keys added since,
+  at the values it ran with), the `objective.*` keys its objective does not read at their neutral
+  values (`objectives.neutralised`), so `restore` validates and types it like a new one."""
+  return objectives.neutralised(config_lib.with_added_keys(saved))
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
-  a, b = _flatten(saved), _flatten(current)
-  for k, default in ADDED_KEYS.items():  # a checkpoint from before a key existed ran with its default
-    a.setdefault(k, default)
-  for name in saved.get("data", {}).get("sources", {}):
-    for k, default in ADDED_SOURCE_KEYS.items():
-      a.setdefault(f"data.sources.{name}.{k}", default)
+  """The keys whose values differ (a key older runs lack counts at the value they ran with); an
+  `objective.*` key that today's objective does not read is not compared: it changes no number."""
+  a, b = _flatten(config_lib.with_added_keys(saved)), _flatten(current)
+  unread = {f"objective.{k}" for k in objectives.unread_keys(b.get("objective.kind"))}
   return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>")
-                and not k.startswith(IGNORED) and not _unused(k, b))
-
-
-def _unused(key: str, current: dict) -> bool:
-  """`objective.reference` means nothing without a reference (next_token, SimPO): older runs of those
-  compare as "live" and today's default is "cached", and neither changes a number, so it is not compared."""
-  from lmobjective import preference
-  return key == "objective.reference" and current.get("objective.kind") not in preference.REFERENCE_LOSSES
+                and not k.startswith(IGNORED) and k not in unread)
 
 
 def _mixture_changes_from(saved: dict, current: dict) -> int | None:

@@ -23,7 +23,8 @@ import optax
 from jax.sharding import Mesh
 
 from lmobjective import config as config_lib
-from lmobjective import data, objective, preference, sharding, step, validation
+from lmobjective import data, objectives, sharding, step, validation
+from lmobjective.objectives import interface as objective_interface
 from lmobjective.model import ModelConfig, Transformer, flops_per_token
 from lmobjective.optimizer import make_optimizer, skipped_update_state
 from lmobjective.run import hardware, reference_cache, stage
@@ -39,11 +40,12 @@ class Experiment:
   model: Transformer
   model_cfg: ModelConfig
   tx: optax.GradientTransformation
+  objective: objectives.Objective  # what the steps optimise and evaluate (`config.objective`)
   tokenizer: data.Tokenizer
   pipeline: data.Pipeline
   state_sharding: step.TrainState  # of NamedShardings
   train_fn: sharding.Program  # (state, batch) -> (state, metrics)
-  eval_fn: sharding.Program  # (params, batch) -> objective.LossSums
+  eval_fn: sharding.Program  # (params, batch) -> the objective's eval sums
   init_fn: sharding.Program | stage.SeededInit  # (key) -> state
   eval_sets: dict[str, list[dict]]
   flops_per_token: float
@@ -52,7 +54,7 @@ class Experiment:
   # The origin's params, sharded like the policy's and never donated (init_fn copies them): the
   # frozen reference of a preference objective. None without train.init_from.
   reference_params: Any = None
-  # What `device_batch` sends: the model's fields, and reference_logps with a cached reference.
+  # What `device_batch` sends: the objective's fields (the model's, and reference_logps with a cached reference).
   batch_fields: tuple[str, ...] = step.MODEL_FIELDS
 
 
@@ -139,26 +141,26 @@ def build(raw_config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     origin, reference = stage.load(origin_req, raw_config, abstract, tokenizer)
     init_fn = stage.SeededInit(sharding.Program(functools.partial(stage.start_state, tx), mesh,
                                                 out_shardings=state_sharding), reference)
-  cached = cached_reference(config)
+  objective = objectives.from_config(config.objective)
+  cached = objective.cached_reference
   if cached:  # before the eval batches are cut: they carry the values too
     pipeline.attach_reference(reference_cache.prepare(
         config, pipeline, model, model_cfg, mesh, params_sharding, reference, origin.params_fingerprint,
         data.pipeline.resolve_cache_dir(config.data, config.data.cache_dir)))
   token_bytes = jnp.asarray(tokenizer.token_byte_lengths(), jnp.int32)
-  train_fn, eval_fn = _step_programs(config, model, tx, mesh, state_sharding, params_sharding, token_bytes,
-                                     reference_params=None if cached else reference)
+  train_fn, eval_fn = _step_programs(config, objective, model, tx, mesh, state_sharding, params_sharding,
+                                     token_bytes, reference_params=None if cached else reference)
   per_proc_eval = config.eval.batch_size // n_proc
   eval_sets = {name: pipeline.eval_batches(name, config.eval.num_batches, per_proc_eval)
                for name in pipeline.source_names} if config.eval.num_batches else {}
   save_tokenizer()
   return Experiment(
       config=config, raw_config=raw_config, workdir=workdir, mesh=mesh, model=model, model_cfg=model_cfg, tx=tx,
-      tokenizer=tokenizer, pipeline=pipeline, state_sharding=state_sharding, train_fn=train_fn,
+      objective=objective, tokenizer=tokenizer, pipeline=pipeline, state_sharding=state_sharding, train_fn=train_fn,
       eval_fn=eval_fn, init_fn=init_fn, eval_sets=eval_sets,
       flops_per_token=flops_per_token(model_cfg, T),
       peak_flops=hardware.peak_flops_per_device(config.model.compute_dtype), origin=origin,
-      reference_params=reference,
-      batch_fields=step.MODEL_FIELDS + ((step.REFERENCE_LOGPS,) if cached else ()))
+      reference_params=reference, batch_fields=objective.fields)
 
 
 def compile_train_step_ahead(exp: Experiment, abstract_state) -> None:
@@ -172,40 +174,18 @@ def compile_train_step_ahead(exp: Experiment, abstract_state) -> None:
       exp.batch_fields, rows, exp.config.data.context_length, exp.mesh))
 
 
-def cached_reference(config: config_lib.Config) -> bool:
-  """DPO/IPO with objective.reference="cached": the reference's log-probs come with the batches."""
-  o = config.objective
-  return o.kind in preference.REFERENCE_LOSSES and o.reference == "cached"
-
-
-def preference_loss(config: config_lib.Config) -> step.PreferenceLoss | None:
-  """The preference loss `config.objective` declares (None for next-token prediction)."""
-  o = config.objective
-  if o.kind == "next_token":
-    return None
-  return step.PreferenceLoss(o.kind, o.beta, o.label_smoothing, o.simpo_gamma, o.rpo_alpha)
-
-
-def _step_programs(config, model, tx, mesh, state_sharding, params_sharding, token_bytes, reference_params):
+def _step_programs(config, objective, model, tx, mesh, state_sharding, params_sharding, token_bytes,
+                   reference_params):
   """The jitted train step `(state, batch) -> (state, metrics)` and eval step `(params, batch) -> sums`
-  of the configured objective. A live reference (`reference_params` given) is an argument of both
-  programs, sharded like the policy's params and bound here (`sharding.Bound`), never donated; a
-  cached one (None) comes in the batch, and the programs take no reference params at all."""
+  of `objective`. A live reference (`reference_params` given to an objective that needs one) is an
+  argument of both programs, sharded like the policy's params and bound here (`sharding.Bound`),
+  never donated; a cached one (None) comes in the batch, and the programs take no reference params."""
   batch_shard, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  chunk, accum = config.objective.loss_chunk_size, config.train.grad_accum_steps
-  loss = preference_loss(config)
-  if loss is None:
-    train = functools.partial(step.train_step, model=model, tx=tx, grad_accum_steps=accum,
-                              z_loss=config.objective.z_loss, loss_chunk_size=chunk)
-    evaluate_ = lambda params, batch: step.eval_step(params, batch, model=model, token_bytes_V=token_bytes,
-                                                     loss_chunk_size=chunk)
-    frozen, frozen_shardings = (), ()
-  else:
-    train = functools.partial(step.preference_train_step, model=model, tx=tx, loss=loss, grad_accum_steps=accum,
-                              loss_chunk_size=chunk)
-    evaluate_ = functools.partial(step.preference_eval_step, model=model, loss=loss, loss_chunk_size=chunk)
-    live = loss.needs_reference and reference_params is not None
-    frozen, frozen_shardings = ((reference_params,), (params_sharding,)) if live else ((), ())
+  train = functools.partial(step.train_step, model=model, tx=tx, objective=objective,
+                            grad_accum_steps=config.train.grad_accum_steps)
+  evaluate_ = functools.partial(step.eval_step, model=model, objective=objective, token_bytes_V=token_bytes)
+  live = objective.needs_reference and reference_params is not None
+  frozen, frozen_shardings = ((reference_params,), (params_sharding,)) if live else ((), ())
   train_fn = sharding.Program(functools.partial(_guarded_step, train), mesh,
                               in_shardings=(state_sharding, batch_shard, *frozen_shardings),
                               out_shardings=(state_sharding, rep), donate_argnums=0)
@@ -221,56 +201,11 @@ def device_batch(exp: Experiment, host_batch: dict) -> dict:
 
 
 def evaluate(exp: Experiment, params) -> dict[str, float]:
-  """val_loss, val_perplexity, val_bits_per_byte overall (token-weighted) and per source; for a
-  preference objective `evaluate_pairs`."""
-  if exp.config.objective.kind != "next_token":
-    return evaluate_pairs(exp, params)
-  out, totals = {}, np.zeros(3)
+  """The objective's val_* metrics (`Objective.eval_record`) from each source's eval batches, their sums
+  added in float64 on the host."""
+  per_source = {}
   for name, batches in exp.eval_sets.items():
-    sums = np.zeros(3)  # loss_sum, num_tokens, bytes_sum
     for host_batch in batches:
-      s = exp.eval_fn(params, device_batch(exp, host_batch))
-      sums += np.array([float(s.loss_sum), float(s.num_tokens), float(s.bytes_sum)])
-    m = objective.summarize(sums[0], sums[1], sums[2])
-    out[f"val_loss/{name}"] = m["loss"]
-    if "bits_per_byte" in m:
-      out[f"val_bits_per_byte/{name}"] = m["bits_per_byte"]
-    totals += sums
-  if totals[1] > 0:
-    m = objective.summarize(*totals)
-    out.update(val_loss=m["loss"], val_perplexity=m["perplexity"],
-               val_bits_per_token=m["bits_per_token"], val_bits_per_byte=m.get("bits_per_byte"))
-  return {k: v for k, v in out.items() if v is not None}
-
-
-def _host_sums(sums):
-  return jax.tree.map(np.float64, jax.device_get(sums))
-
-
-def evaluate_pairs(exp: Experiment, params) -> dict[str, float]:
-  """On the held-out pairs: val_loss (the preference loss, per pair), TRL's metrics as val_rewards/*
-  and val_logps/*, and the reference-free val_preference_accuracy (raw and _normalized by length),
-  overall and val_loss/<source>, val_preference_accuracy/<source> per source."""
-  out, total = {}, None
-  for name, batches in exp.eval_sets.items():
-    source = None
-    for host_batch in batches:
-      sums = _host_sums(exp.eval_fn(params, device_batch(exp, host_batch)))
-      source = sums if source is None else jax.tree.map(np.add, source, sums)
-    m = pair_metrics(*source)
-    out[f"val_loss/{name}"] = m["loss"]
-    out[f"val_preference_accuracy/{name}"] = m.get("preference_accuracy", float("nan"))
-    total = source if total is None else jax.tree.map(np.add, total, source)
-  if total is not None:
-    out.update({f"val_{k}": v for k, v in pair_metrics(*total).items()})
-  return out
-
-
-def pair_metrics(pref, acc) -> dict[str, float]:
-  """`preference.summarize` of the loss sums, and the preference accuracy of `AccuracySums`."""
-  m = preference.summarize(pref)
-  n = int(acc.num_pairs)
-  if n:
-    m.update(preference_accuracy=float(acc.correct_sum) / n,
-             preference_accuracy_normalized=float(acc.normalized_correct_sum) / n)
-  return m
+      per_source[name] = objective_interface.add(
+          per_source.get(name), objective_interface.host_sums(exp.eval_fn(params, device_batch(exp, host_batch))))
+  return exp.objective.eval_record(per_source)

@@ -1,8 +1,8 @@
 """Cached reference log-probs (`objective.reference="cached"`, the default of DPO and IPO).
 
 Before the first step the frozen reference scores every pair of each pair source's train and val
-splits once: the summed response log-probs of its chosen and rejected rows, through the step's own
-`step._pair_logps` on the rows training reads (same truncation, `loss_chunk_size` as configured),
+splits once: the summed response log-probs of its chosen and rejected rows, through the one function
+the steps use (`next_token.sequence_logps`) on the rows training reads (same truncation, `loss_chunk_size` as configured),
 in batches of eval.batch_size pairs sharded like eval, gathered so every process holds the table.
 A table is float32 [pairs, 2] (column 0 chosen, 1 rejected), row i pair i of the split in order;
 batches then carry each row's value (`Pipeline.attach_reference`) and the step has no reference
@@ -29,10 +29,10 @@ import time
 import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from lmobjective import files, sharding, step
+from lmobjective import files, sharding
+from lmobjective.objectives import next_token
 from lmobjective.batch import MODEL_FIELDS
 from lmobjective.data import cache, tokenized
 from lmobjective.data.errors import DataWarning
@@ -98,8 +98,8 @@ def _stale(path: str, why: str) -> None:
 def scorer(model, mesh, params_sharding, loss_chunk_size: int) -> sharding.Program:
   """(params, batch of 2G rows, pair ids [G]) -> (log-probs [G, 2], the ids), replicated on every device."""
   def score(params, batch, pair_G):
-    logps, _ = step._pair_logps(model, params, batch, loss_chunk_size)
-    return jnp.stack([logps.chosen, logps.rejected], axis=-1), pair_G
+    rows = next_token.sequence_logps(model, params, batch, chunk_size=loss_chunk_size)
+    return rows.logp.reshape(-1, 2), pair_G  # row 2i chosen, 2i+1 rejected
   shard = sharding.batch_sharding(mesh)
   return sharding.Program(score, mesh, in_shardings=(params_sharding, shard, shard),
                           out_shardings=sharding.replicated(mesh))

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 
 from lmobjective import config as config_lib
-from lmobjective import faults, files, preference, sharding
+from lmobjective import faults, files, sharding
 from lmobjective.data import fingerprint
 from lmobjective.model import count_params
 from lmobjective.run import checkpoint as ckpt_lib
@@ -63,8 +63,10 @@ class NonFiniteLoss(Diverged):
   """A NaN/Inf loss or gradient with train.nan_policy='stop'. That state is never saved."""
 
 
-_RETRY_HINT = ("that state was not saved; the same config diverges again from the last checkpoint: "
-               "change it (e.g. a lower optimizer.learning_rate) in a new workdir")
+def _retry_hint(objective) -> str:
+  """What a diverged run says to do; it names the objective's own settings, which can be the cause."""
+  return ("that state was not saved; the same config diverges again from the last checkpoint: change it "
+          f"(e.g. a lower optimizer.learning_rate, or the objective's settings: {objective.settings()}) in a new workdir")
 
 
 class TokenAccounting:
@@ -104,36 +106,36 @@ def _fetch_pending(exp: Experiment, loop: LoopState, done: int) -> list[dict]:
   """Host copies of the pending metrics, finite ones only; raises `Diverged` on a diverged step."""
   loop.pending = jax.device_get(loop.pending)
   first = done - len(loop.pending) + 1
-  cfg = exp.config.train
+  cfg, hint = exp.config.train, _retry_hint(exp.objective)
   for i in range(loop.checked, len(loop.pending)):
     m, s = loop.pending[i], first + i
     loop.checked = i + 1
     if not bool(m["finite"]):
       if cfg.nan_policy == "stop":
-        raise NonFiniteLoss(f"non-finite loss or gradient at step {s} (train.nan_policy='stop'); {_RETRY_HINT}", s)
+        raise NonFiniteLoss(f"non-finite loss or gradient at step {s} (train.nan_policy='stop'); {hint}", s)
       ckpt_lib.warn(f"non-finite loss or gradient at step {s}: update skipped (train.nan_policy='skip')")
       loop.skipped += 1
       continue
-    _check_alive(cfg, loop, s, m)
+    _check_alive(cfg, loop, s, m, hint)
   if loop.skipped > cfg.max_skipped_fraction * cfg.steps:
     raise Diverged(f"skipped {loop.skipped} steps by step {done}, more than train.max_skipped_fraction="
-                   f"{cfg.max_skipped_fraction} of train.steps={cfg.steps} (non-finite loss or gradient); {_RETRY_HINT}", done)
+                   f"{cfg.max_skipped_fraction} of train.steps={cfg.steps} (non-finite loss or gradient); {hint}", done)
   return [m for m in loop.pending if bool(m["finite"])]
 
 
-def _check_alive(cfg, loop: LoopState, s: int, m: dict) -> None:
+def _check_alive(cfg, loop: LoopState, s: int, m: dict, hint: str) -> None:
   """A finite step can still be dead (zero gradient while tokens are scored) or exploded."""
   if int(m["num_tokens"]) > 0:  # an all-masked batch legitimately has no gradient
     loop.dead_streak = loop.dead_streak + 1 if float(m["grad_norm"]) == 0.0 else 0
   if loop.dead_streak >= cfg.dead_grad_steps:
     raise Diverged(f"dead model: the gradient norm was exactly 0 at steps {s - loop.dead_streak + 1}..{s} while "
-                   f"tokens were scored (train.dead_grad_steps={cfg.dead_grad_steps}); {_RETRY_HINT}", s)
+                   f"tokens were scored (train.dead_grad_steps={cfg.dead_grad_steps}); {hint}", s)
   norm = float(m["param_norm"])
   if loop.init_param_norm is None:  # a checkpoint from before the reference was recorded
     loop.init_param_norm = norm
   if norm > cfg.max_param_growth * loop.init_param_norm:
     raise Diverged(f"exploded: the parameter norm {norm:.4g} at step {s} is {norm / loop.init_param_norm:.4g}x its "
-                   f"initial {loop.init_param_norm:.4g} (train.max_param_growth={cfg.max_param_growth}); {_RETRY_HINT}", s)
+                   f"initial {loop.init_param_norm:.4g} (train.max_param_growth={cfg.max_param_growth}); {hint}", s)
 
 
 def _log_train(exp, done, loop: LoopState, writer, accounting, progress, t_last: float) -> None:
@@ -156,7 +158,7 @@ def _save(exp, watch: save_watch.SaveWatch, state, batches, accounting, loop: Lo
   _fetch_pending(exp, loop, int(state.step))  # never saves a state reached through a diverged step
   if loop.dead_streak:  # one zero-gradient step is not yet a dead model, but is never saved
     raise Diverged(f"dead model: the gradient norm was exactly 0 at step {int(state.step)} while tokens were "
-                   f"scored, at a checkpoint; {_RETRY_HINT}", int(state.step))
+                   f"scored, at a checkpoint; {_retry_hint(exp.objective)}", int(state.step))
   meta = {"data_iter": batches.get_state(), "accounting": accounting.counts.tolist(),
           "tokens_seen": loop.tokens_seen, "skipped": loop.skipped, "init_param_norm": loop.init_param_norm,
           "pending": ckpt_lib.encode_metrics(loop.pending),
@@ -248,7 +250,7 @@ def restore_or_init(exp: Experiment, mngr, batches) -> tuple[Any, LoopState | No
   check_data(exp, meta.get("data"), step_)
   batches.set_state(meta["data_iter"])
   accounting.counts = np.asarray(meta["accounting"], np.int64)
-  pending = [_with_sums(m) for m in ckpt_lib.decode_metrics(meta["pending"])]
+  pending = [exp.objective.restored_metrics(m) for m in ckpt_lib.decode_metrics(meta["pending"])]
   loop = LoopState(pending=pending, tokens_seen=meta["tokens_seen"], skipped=meta["skipped"], checked=len(pending),
                    init_param_norm=meta.get("init_param_norm"))
   return state, loop, accounting, step_
@@ -277,47 +279,21 @@ def check_data(exp: Experiment, saved: dict | None, step_: int) -> None:
         "and score another validation split: use a new workdir, or --config.checkpoint.allow_data_change=True")
 
 
-def _with_sums(metrics: dict) -> dict:
-  """Step metrics a checkpoint saved before steps reported `correct_sum` and `z_sum` (it has the
-  step's means `accuracy` and `z_loss`): the sums, so a resumed run can weight its window."""
-  if "correct_sum" in metrics or "num_pairs" in metrics:  # pairs' metrics are sums already
-    return metrics
-  out = dict(metrics)
-  n = np.float32(out["num_tokens"])
-  out["correct_sum"], out["z_sum"] = out.pop("accuracy") * n, out.pop("z_loss") * n
-  return out
-
-
 def _train_record(exp, done, metrics_list, seconds, tokens_before) -> dict[str, Any]:
-  """The train line for the steps since the last one: losses and accuracy per scored token of the
-  whole window (per pair, and TRL's metrics, for a preference objective); lr and the norms are the
-  last step's."""
+  """The train line for the steps since the last one: the objective's part over the whole window
+  (`Objective.train_record`: per scored token, or per pair with TRL's metrics); lr and the norms are
+  the last step's."""
   n = np.array([m["num_tokens"] for m in metrics_list], np.float64)
-  per_token = lambda key: float(np.sum([np.float64(m[key]) for m in metrics_list]) / max(n.sum(), 1))
   last = metrics_list[-1]
   rows = len(metrics_list) * exp.config.train.batch_size * exp.pipeline.rows_per_example
   rec = {"step": done, "lr": float(last["lr"]), "grad_norm": float(last["grad_norm"]),
          "update_norm": float(last["update_norm"]), "param_norm": float(last["param_norm"]),
          "tokens_seen": tokens_before + int(n.sum()),
          "positions_per_sec": rows * exp.config.data.context_length / max(seconds, 1e-9)}
-  if "num_pairs" in last:
-    rec.update(_pairs_record(metrics_list))
-  else:
-    rec.update(train_loss=float((np.array([m["loss"] for m in metrics_list]) * n).sum() / max(n.sum(), 1)),
-               train_accuracy=per_token("correct_sum"))
-  if exp.config.objective.z_loss > 0:
-    rec["z_loss"] = per_token("z_sum")
+  rec.update(exp.objective.train_record(metrics_list))
   if exp.peak_flops:
     rec["mfu"] = rec["positions_per_sec"] * exp.flops_per_token / (exp.peak_flops * jax.device_count())
   return rec
-
-
-def _pairs_record(metrics_list) -> dict[str, Any]:
-  """train_loss per pair and TRL's rewards/* and logps/* over the window's pairs."""
-  sums = preference.PreferenceSums(*(np.sum([np.float64(m[k]) for m in metrics_list])
-                                     for k in preference.PreferenceSums._fields))
-  m = preference.summarize(sums)
-  return {"train_loss": m.pop("loss"), **m}
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str, origin=None) -> None:

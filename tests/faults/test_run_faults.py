@@ -263,7 +263,8 @@ def test_too_many_skipped_steps_is_a_divergence(fault_setup, tmp_path, monkeypat
 def test_divergence_exits_3_with_one_line(fault_setup, tmp_path):
   p = cli(fault_setup[0], tmp_path / "run", "optimizer.learning_rate=1e3")
   assert p.returncode == 3
-  _one_error(p, "error: diverged: exploded: the parameter norm", "change it (e.g. a lower optimizer.learning_rate)")
+  _one_error(p, "error: diverged: exploded: the parameter norm", "change it (e.g. a lower optimizer.learning_rate, or "
+             "the objective's settings: objective.kind='next_token', objective.z_loss=0.0)")
   assert not (tmp_path / "run" / "checkpoints").exists() or ckpt_lib.finalized_steps(str(tmp_path / "run")) == []
 
 

@@ -1,8 +1,11 @@
-"""The objective: masked next-token cross-entropy, and the numbers researchers read off it.
+"""Next-token prediction (pretraining, and SFT through its loss mask): masked cross-entropy, and
+the one way from a model to its per-token losses, which every objective scores through.
 
 `score(model, params, batch)` is the one entry point from a model to its losses: per-token
 `TokenLosses` (dense, or chunked so [B,T,V] logits never exist), which `loss_sums`,
-`sequence_sums` and the position bins reduce. Teacher forcing happens once, in the batch (`inputs = tokens[:, :-1]`, `targets = tokens[:, 1:]`);
+`sequence_logps` (a sequence's summed response log-prob: preference pairs, the reference cache,
+evaluation, rollouts) and the position bins reduce. `NextToken` is the objective behind the
+generic step (`objectives/interface.py`). Teacher forcing happens once, in the batch (`inputs = tokens[:, :-1]`, `targets = tokens[:, 1:]`);
 nothing here shifts. A target counts when `mask` is true AND the target id is >= 0 (so the
 `-100` ignore convention works with or without a mask). Losses are returned as a *sum* and a
 *count* so that means are token-weighted across sequences, microbatches, devices and hosts:
@@ -13,15 +16,17 @@ Shape legend: B batch, T positions, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmobjective import chunked_loss
-from lmobjective.batch import IGNORE_INDEX  # noqa: F401 (re-exported: objective.IGNORE_INDEX)
+from lmobjective.batch import IGNORE_INDEX  # noqa: F401 (re-exported: next_token.IGNORE_INDEX)
+from lmobjective.config import require_float
+from lmobjective.objectives import chunked, interface
 
 LN2 = math.log(2.0)
 
@@ -67,7 +72,7 @@ def score(model, params, batch: dict, *, chunk_size: int = 0, deterministic: boo
   Every caller (train and eval steps, loss by position, `evaluate`, the notebook, the coming
   preference objectives) goes through here. The model gives final hidden states
   (`Transformer.hidden_states`); its `head` turns them into logits. With `chunk_size` > 0 the
-  head and the loss run `chunk_size` positions at a time (`chunked_loss.map_chunks`), so no
+  head and the loss run `chunk_size` positions at a time (`chunked.map_chunks`), so no
   program holds more than [B, chunk_size, V] logits, and the result (and its gradient) is the
   dense one up to float rounding.
 
@@ -89,7 +94,7 @@ def head_token_losses(head_fn: Callable[[jax.Array], jax.Array], h_BxTxD: jax.Ar
     return token_losses(head_fn(h_BxTxD), targets_BxT, mask_BxT)
   valid_BxT = valid_targets(targets_BxT, mask_BxT)
   chunk = lambda h_BxCxD, t_BxC, v_BxC: token_losses(head_fn(h_BxCxD), t_BxC, v_BxC)
-  return chunked_loss.map_chunks(chunk, h_BxTxD, (targets_BxT, valid_BxT), chunk_size)
+  return chunked.map_chunks(chunk, h_BxTxD, (targets_BxT, valid_BxT), chunk_size)
 
 
 def accurate_sum(values: jax.Array, valid: jax.Array) -> jax.Array:
@@ -142,6 +147,23 @@ def sequence_sums(losses: TokenLosses, mask_BxT: jax.Array | None = None) -> tup
   return logp_B, keep_BxT.sum(axis=-1, dtype=jnp.int32)
 
 
+class SequenceLogps(NamedTuple):
+  """Per row: the summed log-probability of its scored targets and how many there are (float32/int32 [B])."""
+  logp: jax.Array  # log π(response | prompt): the sum of log p(target) over the row's scored targets
+  num_tokens: jax.Array  # scored targets (the response's length; 0 on a padding row)
+
+
+def sequence_logps(model, params, batch: dict, *, chunk_size: int = 0, deterministic: bool = True,
+                   rngs=None) -> SequenceLogps:
+  """The one function for a model's per-sequence log-probs of response tokens: `score`, summed per row
+  over the targets `batch["loss_mask"]` marks (the response; prompt targets are never scored, so
+  they change neither the value nor its gradient). Preference steps, the reference cache,
+  evaluation and the notebook all call it."""
+  losses = score(model, params, batch, chunk_size=chunk_size, deterministic=deterministic, rngs=rngs)
+  logp_B, n_B = sequence_sums(losses, batch["loss_mask"])
+  return SequenceLogps(logp_B, n_B)
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array,
                   mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Masked next-token cross-entropy of `logits` as `(loss_sum, num_tokens)`.
@@ -175,3 +197,76 @@ def summarize(loss_sum, num_tokens, bytes_sum=None, correct_sum=None) -> dict[st
   if correct_sum is not None:
     out["accuracy"] = float(correct_sum) / num_tokens
   return out
+
+
+# ---- the objective -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class NextToken(interface.Objective):
+  """Masked next-token cross-entropy, summed over scored tokens and divided once by their number;
+  plus `z_loss` times the sum of logsumexp² (PaLM's z-loss). SFT is this objective on chat sources
+  whose loss mask keeps the assistant's tokens."""
+  kind: str = "next_token"
+  z_loss: float = 0.0
+
+  keys: ClassVar[tuple[str, ...]] = ("z_loss",)
+
+  @classmethod
+  def validate(cls, cfg) -> None:
+    require_float(cfg, "objective.z_loss", 0.0)
+
+  def loss(self, model, params, micro, rng, reference_params, deterministic):
+    losses = score(model, params, micro, chunk_size=self.loss_chunk_size, deterministic=deterministic,
+                   rngs=None if deterministic else {"dropout": rng})
+    sums = loss_sums(losses)
+    return objective_sum(sums, self.z_loss), sums
+
+  def denominator(self, sums: LossSums):
+    return sums.num_tokens
+
+  def step_metrics(self, sums: LossSums):
+    # Sums beside num_tokens (the step's scored targets), so the host can weight a window of steps
+    # by tokens; `loss` is this step's mean, which the NaN guard checks.
+    return {"loss": sums.loss_sum / jnp.maximum(sums.num_tokens, 1).astype(jnp.float32),
+            "z_sum": sums.z_sum, "correct_sum": sums.correct_sum, "num_tokens": sums.num_tokens}
+
+  def eval_sums(self, model, params, batch, reference_params, token_bytes_V):
+    return loss_sums(score(model, params, batch, chunk_size=self.loss_chunk_size), token_bytes_V)
+
+  def eval_record(self, per_source):
+    """val_loss, val_perplexity, val_bits_per_token, val_bits_per_byte overall (token-weighted) and
+    val_loss/<source>, val_bits_per_byte/<source> per source."""
+    out, totals = {}, np.zeros(3)
+    for name, s in per_source.items():
+      sums = np.array([s.loss_sum, s.num_tokens, s.bytes_sum])
+      m = summarize(*sums)
+      out[f"val_loss/{name}"] = m["loss"]
+      if "bits_per_byte" in m:
+        out[f"val_bits_per_byte/{name}"] = m["bits_per_byte"]
+      totals += sums
+    if totals[1] > 0:
+      m = summarize(*totals)
+      out.update(val_loss=m["loss"], val_perplexity=m["perplexity"], val_bits_per_token=m["bits_per_token"],
+                 val_bits_per_byte=m.get("bits_per_byte"))
+    return {k: v for k, v in out.items() if v is not None}
+
+  def train_record(self, metrics):
+    """train_loss and train_accuracy per scored token of the window (z_loss too when it is on)."""
+    n = np.array([m["num_tokens"] for m in metrics], np.float64)
+    per_token = lambda key: interface.window_sum(metrics, key) / max(n.sum(), 1)
+    rec = {"train_loss": float((np.array([m["loss"] for m in metrics]) * n).sum() / max(n.sum(), 1)),
+           "train_accuracy": per_token("correct_sum")}
+    if self.z_loss > 0:
+      rec["z_loss"] = per_token("z_sum")
+    return rec
+
+  def restored_metrics(self, metrics):
+    """A checkpoint saved before steps reported `correct_sum` and `z_sum` has the step's means
+    `accuracy` and `z_loss`: the sums, so a resumed run can weight its window."""
+    if "correct_sum" in metrics:
+      return metrics
+    out = dict(metrics)
+    n = np.float32(out["num_tokens"])
+    out["correct_sum"], out["z_sum"] = out.pop("accuracy") * n, out.pop("z_loss") * n
+    return out

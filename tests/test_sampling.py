@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lmobjective import model as M
-from lmobjective.analysis import generate as gen
+from lmobjective import sampling as gen
 from _tiny import model_config
 
 # Large init_std so the logits are far from uniform and greedy decoding does not repeat one token.

@@ -1,7 +1,8 @@
-"""Preference objectives (DPO, IPO, SimPO) on pairs of responses, as sums over pairs.
+"""Preference objectives (DPO, IPO, SimPO, and RPO's NLL term on any of them) on pairs of responses,
+as sums over pairs.
 
 A pair is one prompt x with a chosen response y_w and a rejected one y_l. Every number starts
-from `objective.score`: `response_logps` turns its per-token log-probs into each row's
+from `next_token.score`: `next_token.sequence_logps` turns its per-token log-probs into each row's
 log π(y|x) (summed over the response targets only; prompt tokens are never scored) and the
 row's response length. The losses read those per-pair sums and lengths, of the policy and (DPO,
 IPO) of the frozen reference, and return `PreferenceSums`: sums over the valid pairs, so
@@ -17,26 +18,32 @@ Shape legend: B pairs (or rows), T positions.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from lmobjective import objective
+from lmobjective.batch import MODEL_FIELDS, REFERENCE_LOGPS
+from lmobjective.config import ConfigError, require_choice, require_float
+from lmobjective.objectives import interface
+from lmobjective.objectives import next_token
 
 LOSS_NAMES = ("dpo", "ipo", "simpo")
-REFERENCE_LOSSES = ("dpo", "ipo")  # the losses with a frozen reference (`objective.reference` applies)
 REFERENCE_MODES = ("cached", "live")  # its log-probs: precomputed per pair, or a forward in every step
+# β's range: beyond it float32 under- or overflows (IPO's target 1/(2β), DPO's σ(β·h) saturating to
+# an exact 0 or 1), and the run would die as "non-finite loss" or "dead model" instead.
+BETA_RANGE = (1e-4, 1e4)
 
 
-def response_logps(losses: objective.TokenLosses, response_mask_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+def response_logps(losses: next_token.TokenLosses, response_mask_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Per row: (log π(response | prompt), number of response targets).
 
-  `losses` come from `objective.score`; `response_mask_BxT` is true where the *target* is a
+  `losses` come from `next_token.score`; `response_mask_BxT` is true where the *target* is a
   response token. Prompt targets are never scored, whatever their ids: their log-probs are
   dropped by a select, so they change neither the value nor its gradient.
   """
-  return objective.sequence_sums(losses, response_mask_BxT)
+  return next_token.sequence_sums(losses, response_mask_BxT)
 
 
 class PairLogps(NamedTuple):
@@ -47,7 +54,7 @@ class PairLogps(NamedTuple):
   rejected_tokens: jax.Array  # |y_l|
 
 
-def pair_logps(losses: objective.TokenLosses, response_mask_BxT: jax.Array) -> PairLogps:
+def pair_logps(losses: next_token.TokenLosses, response_mask_BxT: jax.Array) -> PairLogps:
   """`PairLogps` of a pair batch: 2P rows, row 2i the chosen and row 2i+1 the rejected response
   of pair i (the layout of `preference_jsonl` batches)."""
   logp_B, n_B = response_logps(losses, response_mask_BxT)
@@ -63,9 +70,33 @@ def pair_logps_of_rows(logp_B: jax.Array, like: PairLogps) -> PairLogps:
   return like._replace(chosen=logp_Px2[:, 0], rejected=logp_Px2[:, 1])
 
 
-def pair_valid(pairs: PairLogps) -> jax.Array:
-  """A pair counts when both responses have a scored token (padding pairs have none)."""
-  return (pairs.chosen_tokens > 0) & (pairs.rejected_tokens > 0)
+def pairs_of(rows: next_token.SequenceLogps) -> PairLogps:
+  """`PairLogps` of the 2P rows of a pair batch (row 2i chosen, 2i+1 rejected)."""
+  logp_Px2, n_Px2 = rows.logp.reshape(-1, 2), rows.num_tokens.reshape(-1, 2)
+  return PairLogps(chosen=logp_Px2[:, 0], rejected=logp_Px2[:, 1], chosen_tokens=n_Px2[:, 0],
+                   rejected_tokens=n_Px2[:, 1])
+
+
+def distinct_rows(batch: dict) -> jax.Array:
+  """bool [P]: the pair's chosen and rejected rows differ in some input, target or loss-mask position.
+
+  A tied pair (identical rows: written identical, or differing only past the truncation) has h = 0
+  whatever the model: its loss is constant (ln 2 for DPO) and its gradient rounding noise, which
+  Adam would scale into real steps. It is left out of every sum (`pair_valid`).
+  """
+  differ_P = None
+  for k in ("inputs", "targets", "loss_mask"):
+    x_Px2xT = batch[k].reshape((-1, 2) + batch[k].shape[1:])
+    d_P = (x_Px2xT[:, 0] != x_Px2xT[:, 1]).reshape(x_Px2xT.shape[0], -1).any(axis=-1)
+    differ_P = d_P if differ_P is None else differ_P | d_P
+  return differ_P
+
+
+def pair_valid(pairs: PairLogps, batch: dict | None = None) -> jax.Array:
+  """A pair counts when both responses have a scored token (padding pairs have none) and, given the
+  pair batch, its two rows differ (`distinct_rows`)."""
+  valid_P = (pairs.chosen_tokens > 0) & (pairs.rejected_tokens > 0)
+  return valid_P if batch is None else valid_P & distinct_rows(batch)
 
 
 class PreferenceSums(NamedTuple):
@@ -229,20 +260,30 @@ def _named_loss(name: str, policy: PairLogps, reference: PairLogps | None, pair_
 
 
 class AccuracySums(NamedTuple):
-  """Reference-free ranking accuracy: valid pairs where the policy prefers the chosen response."""
+  """Reference-free ranking accuracy: valid pairs where the policy prefers the chosen response (a tie half)."""
   num_pairs: jax.Array  # int32
-  correct_sum: jax.Array  # log π(y_w) > log π(y_l)
-  normalized_correct_sum: jax.Array  # log π(y_w)/|y_w| > log π(y_l)/|y_l|
+  correct_sum: jax.Array  # log π(y_w) > log π(y_l), + 0.5 per tie (float32)
+  normalized_correct_sum: jax.Array  # log π(y_w)/|y_w| > log π(y_l)/|y_l|, + 0.5 per tie
 
 
 def preference_accuracy(policy: PairLogps, pair_valid_B: jax.Array) -> AccuracySums:
-  """How often the policy alone ranks the pair right, by summed and by length-averaged log-prob
-  (ties count as wrong). Needs no reference, so it reads the same before and after any training."""
+  """How often the policy alone ranks the pair right, by summed and by length-averaged log-prob; a
+  tie counts as half (a coin flip: a model that cannot tell the two apart scores 0.5, not 0). Needs
+  no reference, so it reads the same before and after any training."""
   valid_B, policy = _masked(policy, pair_valid_B)
   averaged = _length_averaged(policy)
-  count = lambda better_B: jnp.where(valid_B, better_B, False).sum(dtype=jnp.int32)
-  return AccuracySums(num_pairs=valid_B.sum(dtype=jnp.int32), correct_sum=count(policy.chosen > policy.rejected),
-                      normalized_correct_sum=count(averaged.chosen > averaged.rejected))
+  score = lambda c_B, r_B: jnp.where(valid_B, (c_B > r_B).astype(jnp.float32) + 0.5 * (c_B == r_B), 0.0).sum()
+  return AccuracySums(num_pairs=valid_B.sum(dtype=jnp.int32), correct_sum=score(policy.chosen, policy.rejected),
+                      normalized_correct_sum=score(averaged.chosen, averaged.rejected))
+
+
+def accuracy_metrics(acc: AccuracySums) -> dict[str, float]:
+  """preference_accuracy and preference_accuracy_normalized (nothing without pairs)."""
+  n = int(acc.num_pairs)
+  if not n:
+    return {}
+  return {"preference_accuracy": float(acc.correct_sum) / n,
+          "preference_accuracy_normalized": float(acc.normalized_correct_sum) / n}
 
 
 def summarize(sums: PreferenceSums) -> dict[str, float]:
@@ -255,3 +296,139 @@ def summarize(sums: PreferenceSums) -> dict[str, float]:
           "rewards/rejected": mean(sums.rejected_reward_sum), "rewards/margins": mean(sums.margin_sum),
           "rewards/accuracies": mean(sums.accuracy_sum), "logps/chosen": mean(sums.chosen_logp_sum),
           "logps/rejected": mean(sums.rejected_logp_sum), "nll_loss": mean(sums.nll_sum), "num_pairs": n}
+
+
+# ---- the objectives ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Preference(interface.Objective):
+  """A loss over pairs (`preference_loss`): a group is one pair's two rows, the gradient's
+  denominator the batch's valid pairs, the metrics TRL's. Each kind declares the keys it reads; the
+  others keep their neutral values."""
+  beta: float = 0.1
+  label_smoothing: float = 0.0
+  simpo_gamma: float = 0.0
+  rpo_alpha: float = 0.0
+  reference: str = "cached"
+
+  group_size: ClassVar[int] = 2
+  examples: ClassVar[str] = "pairs"
+  per_token: ClassVar[bool] = False
+
+  @property
+  def needs_reference(self) -> bool:
+    return "reference" in self.keys
+
+  @property
+  def cached_reference(self) -> bool:
+    """The reference's log-probs come with the batches (`run/reference_cache.py`), not from a forward."""
+    return self.needs_reference and self.reference == "cached"
+
+  @property
+  def fields(self) -> tuple[str, ...]:
+    return MODEL_FIELDS + ((REFERENCE_LOGPS,) if self.cached_reference else ())
+
+  @classmethod
+  def validate(cls, cfg) -> None:
+    lo, hi = BETA_RANGE
+    require_float(cfg, "objective.beta", 0.0, lo_open=True)
+    if not lo <= cfg.objective.beta <= hi:
+      raise ConfigError("objective.beta", cfg.objective.beta, f"must be in [{lo:g}, {hi:g}]: beyond it float32 "
+                        "under- or overflows (IPO's target 1/(2β), DPO's σ(β·h) saturates) and the run dies")
+    require_float(cfg, "objective.rpo_alpha", 0.0)
+    if "label_smoothing" in cls.keys:
+      require_float(cfg, "objective.label_smoothing", 0.0, 0.5)
+      if cfg.objective.label_smoothing == 0.5:
+        raise ConfigError("objective.label_smoothing", 0.5, "must be < 0.5: at 0.5 the loss is symmetric in chosen "
+                          "and rejected, and its gradient at the reference is exactly zero")
+    if "simpo_gamma" in cls.keys:
+      require_float(cfg, "objective.simpo_gamma", 0.0)
+    if "reference" in cls.keys:
+      require_choice(cfg, "objective.reference", REFERENCE_MODES)
+      if not cfg.train.init_from:
+        raise ConfigError("train.init_from", cfg.train.init_from, f"objective.kind={cfg.objective.kind!r} needs a "
+                          "reference: the run to start from (WORKDIR or WORKDIR:STEP)")
+
+  def pair_logps(self, model, params, batch, deterministic=True, rngs=None) -> PairLogps:
+    return pairs_of(next_token.sequence_logps(model, params, batch, chunk_size=self.loss_chunk_size,
+                                             deterministic=deterministic, rngs=rngs))
+
+  def reference_logps(self, model, reference_params, batch, policy: PairLogps) -> PairLogps:
+    """The frozen reference's `PairLogps`: the batch's cached values when it has them (made before
+    training by this same `sequence_logps` on the same rows), else a forward of `reference_params`."""
+    if REFERENCE_LOGPS in batch:
+      return pair_logps_of_rows(batch[REFERENCE_LOGPS], policy)
+    if reference_params is None:
+      raise ValueError(f"objective.kind={self.kind!r} needs reference_params or the batch's reference_logps")
+    return self.pair_logps(model, jax.lax.stop_gradient(reference_params), batch)
+
+  def pair_loss(self, policy: PairLogps, reference: PairLogps | None, pair_valid_P) -> PreferenceSums:
+    return preference_loss(self.kind, policy, reference, pair_valid_P, beta=self.beta,
+                           label_smoothing=self.label_smoothing, gamma=self.simpo_gamma, rpo_alpha=self.rpo_alpha)
+
+  def _scored(self, model, params, batch, reference_params, deterministic=True, rngs=None):
+    policy = self.pair_logps(model, params, batch, deterministic, rngs)
+    reference = self.reference_logps(model, reference_params, batch, policy) if self.needs_reference else None
+    return policy, reference, pair_valid(policy, batch)
+
+  def loss(self, model, params, micro, rng, reference_params, deterministic):
+    """(loss sum over the microbatch's pairs, (PreferenceSums, scored response tokens))."""
+    policy, reference, valid_P = self._scored(model, params, micro, reference_params, deterministic,
+                                              None if deterministic else {"dropout": rng})
+    sums = self.pair_loss(policy, reference, valid_P)
+    return sums.loss_sum, (sums, policy.chosen_tokens.sum() + policy.rejected_tokens.sum())
+
+  def denominator(self, sums):
+    return sums[0].num_pairs
+
+  def step_metrics(self, sums):
+    pref, num_tokens = sums
+    return {"loss": pref.loss_sum / jnp.maximum(pref.num_pairs, 1).astype(jnp.float32), **pref._asdict(),
+            "num_tokens": num_tokens}
+
+  def eval_sums(self, model, params, batch, reference_params, token_bytes_V):
+    """The loss's sums and the reference-free preference accuracy of one batch of pairs."""
+    policy, reference, valid_P = self._scored(model, params, batch, reference_params)
+    return self.pair_loss(policy, reference, valid_P), preference_accuracy(policy, valid_P)
+
+  def eval_record(self, per_source):
+    """On the held-out pairs: val_loss (the loss per pair), TRL's metrics as val_rewards/* and val_logps/*,
+    the reference-free val_preference_accuracy (raw and _normalized by length), overall; val_loss/<source>
+    and val_preference_accuracy/<source> per source."""
+    out, total = {}, None
+    for name, sums in per_source.items():
+      m = self._metrics(*sums)
+      out[f"val_loss/{name}"] = m["loss"]
+      out[f"val_preference_accuracy/{name}"] = m.get("preference_accuracy", float("nan"))
+      total = interface.add(total, sums)
+    if total is not None:
+      out.update({f"val_{k}": v for k, v in self._metrics(*total).items()})
+    return out
+
+  @staticmethod
+  def _metrics(pref: PreferenceSums, acc: AccuracySums) -> dict[str, float]:
+    return {**summarize(pref), **accuracy_metrics(acc)}
+
+  def train_record(self, metrics):
+    """train_loss per pair and TRL's rewards/* and logps/* over the window's pairs."""
+    m = summarize(PreferenceSums(*(interface.window_sum(metrics, k) for k in PreferenceSums._fields)))
+    return {"train_loss": m.pop("loss"), **m}
+
+
+@dataclasses.dataclass(frozen=True)
+class DPO(Preference):
+  kind: str = "dpo"
+  keys: ClassVar[tuple[str, ...]] = ("beta", "label_smoothing", "rpo_alpha", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class IPO(Preference):
+  kind: str = "ipo"
+  keys: ClassVar[tuple[str, ...]] = ("beta", "rpo_alpha", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class SimPO(Preference):
+  kind: str = "simpo"
+  keys: ClassVar[tuple[str, ...]] = ("beta", "label_smoothing", "simpo_gamma", "rpo_alpha")

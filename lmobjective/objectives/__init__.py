@@ -1,0 +1,62 @@
+"""The objectives, one module per family, behind one interface (`interface.Objective`).
+
+    objective = objectives.from_config(config.objective)   # e.g. preference.DPO(beta=0.1, ...)
+
+`OBJECTIVES` maps `objective.kind` to its class; this is the one place a kind is looked up.
+next_token.py  masked next-token cross-entropy (pretraining; SFT through the loss mask), and the
+               one way from a model to its per-token losses and per-sequence log-probs
+preference.py  DPO, IPO, SimPO (+ RPO's NLL term) on pairs, against a frozen reference or none
+"""
+
+from __future__ import annotations
+
+from lmobjective.config import require_choice, require_int
+from lmobjective.objectives import interface, next_token, preference
+from lmobjective.objectives.interface import Objective
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    "next_token": next_token.NextToken,
+    "dpo": preference.DPO,
+    "ipo": preference.IPO,
+    "simpo": preference.SimPO,
+}
+KINDS = tuple(OBJECTIVES)
+for _kind, _cls in OBJECTIVES.items():
+  for _key in _cls.keys:
+    interface.READERS.setdefault(_key, []).append(_kind)
+
+
+def from_config(o) -> Objective:
+  """The objective `config.objective` declares (typed section or ConfigDict; validated)."""
+  return OBJECTIVES[o.kind].from_config(o)
+
+
+def unread_keys(kind: str | None) -> tuple[str, ...]:
+  """The `objective.*` keys (of `interface.NEUTRAL`) that objective `kind` does not read (all, if unknown)."""
+  reads = OBJECTIVES[kind].keys if kind in OBJECTIVES else ()
+  return tuple(k for k in interface.NEUTRAL if k not in reads)
+
+
+def neutralised(config: dict) -> dict:
+  """A config.json dict with the `objective.*` keys its objective does not read at their neutral values
+  (an older run may carry another value where it changed nothing, e.g. `reference` "live" before the
+  key existed); the keys it reads are left as they are."""
+  o = config.get("objective", {})
+  for key in unread_keys(o.get("kind")):
+    if key in o:
+      o[key] = interface.NEUTRAL[key]
+  return config
+
+
+def validate(cfg) -> type[Objective]:
+  """`config.objective`: a known kind, the keys that kind reads, and every other key at its neutral value.
+  Returns the objective's class (what it declares: `examples`, `group_size`, ...)."""
+  require_choice(cfg, "objective.kind", KINDS)
+  require_int(cfg, "objective.loss_chunk_size", 0)
+  cls = OBJECTIVES[cfg.objective.kind]
+  cls.validate(cfg)
+  interface.refuse_unread(cls, cfg)
+  return cls
+
+
+__all__ = ["KINDS", "OBJECTIVES", "Objective", "from_config", "neutralised", "unread_keys", "validate"]
