@@ -2,7 +2,7 @@
 
   python -m lmobjective.sweep --sweep=experiments/mixture_ablation.py --workdir=runs/mixture
   python -m lmobjective.sweep --sweep=experiments/mixture_ablation.py:quick --workdir=runs/mixture_quick
-  python -m lmobjective.sweep.mixture_regression --workdir=runs/mixture_quick [--verify]
+  python -m lmobjective.mixture_regression --workdir=runs/mixture_quick [--verify]
 
 The design spreads points over the simplex with every weight >= 0.1 (so each source's loss is
 measured, not extrapolated from zero): the default 0.6/0.3/0.1, the centre, three corners-ish

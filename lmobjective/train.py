@@ -23,6 +23,7 @@ import sys
 
 from absl import app, flags
 
+from lmobjective import commands
 from lmobjective import config as config_lib
 from lmobjective.analysis import post_run as post_run_lib
 from lmobjective.run import launch
@@ -59,7 +60,7 @@ def cli() -> None:
                                           "set before JAX starts). None: JAX's default (one).", lower_bound=1)
   app.run(functools.partial(main, config_flag=config_flag, workdir_flag=workdir_flag,
                             cpu_devices_flag=cpu_devices_flag),
-          flags_parser=launch.parse_flags)
+          flags_parser=functools.partial(commands.parse_flags, parse=launch.parse_flags))
 
 
 if __name__ == "__main__":

@@ -115,14 +115,14 @@ def test_notebook_api(run8):
 def test_evaluate_cli(run8, tmp_path):
   workdir, _, _ = run8
   final = [r for r in metrics_log.read_metrics(str(workdir)) if "val_loss" in r][-1]
-  r = subprocess.run([sys.executable, "-m", "lmobjective.analysis.evaluate", f"--workdir={workdir}", "--source=code"],
+  r = subprocess.run([sys.executable, "-m", "lmobjective.evaluate", f"--workdir={workdir}", "--source=code"],
                      cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr
   out = dict(l.split(None, 1) for l in r.stdout.strip().splitlines())
   assert float(out["loss"].split()[0]) == pytest.approx(final["val_loss/code"], rel=1e-5)  # the training eval
   assert float(out["bits_per_byte"]) == pytest.approx(final["val_bits_per_byte/code"], rel=1e-5)
   (tmp_path / "t.txt").write_text(TEXT)
-  r = subprocess.run([sys.executable, "-m", "lmobjective.analysis.evaluate", f"--workdir={workdir}",
+  r = subprocess.run([sys.executable, "-m", "lmobjective.evaluate", f"--workdir={workdir}",
                       f"--text_file={tmp_path / 't.txt'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr
   out = dict(l.split(None, 1) for l in r.stdout.strip().splitlines())

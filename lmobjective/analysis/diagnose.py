@@ -1,6 +1,6 @@
 """Loss-curve diagnostics: read a run's metrics.jsonl, name what went wrong and when.
 
-  python -m lmobjective.analysis.diagnose --workdir=RUN      # prints findings, writes RUN/diagnostics.json
+  python -m lmobjective.diagnose --workdir=RUN      # prints findings, writes RUN/diagnostics.json
 
 Each finding is {"kind", "start_step", "end_step", "detail"}; `detail` states the evidence and the
 likely causes. Kinds and rules (all thresholds are stated here and in `Thresholds`):
@@ -381,6 +381,8 @@ def load(run_dir: str) -> list[dict] | None:
 
 def cli() -> None:
   from absl import app, flags
+
+  from lmobjective.commands import parse_flags
   workdir = flags.DEFINE_string("workdir", None, "Run directory holding metrics.jsonl.")
 
   def main(argv):
@@ -390,7 +392,7 @@ def cli() -> None:
       sys.exit(f"error: --workdir={workdir.value!r} has no metrics.jsonl")
     diagnose_run(workdir.value)
 
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Score a trained run on text: loss, perplexity, bits per token and bits per byte.
 
-    python -m lmobjective.analysis.evaluate --workdir=runs/default --text_file=notes.txt
-    python -m lmobjective.analysis.evaluate --workdir=runs/default --source=code [--num_batches=16] [--step=200]
-    python -m lmobjective.analysis.evaluate --workdir=runs/sft --pairs_file=pairs.jsonl
+    python -m lmobjective.evaluate --workdir=runs/default --text_file=notes.txt
+    python -m lmobjective.evaluate --workdir=runs/default --source=code [--num_batches=16] [--step=200]
+    python -m lmobjective.evaluate --workdir=runs/sft --pairs_file=pairs.jsonl
 
 --text_file scores the file as one document (first token predicted from EOS, context-length rows).
 --source scores the validation rows of a configured source exactly as the training eval does
@@ -110,7 +110,8 @@ def _print_pairs(m: dict, step_: int) -> None:
 
 
 def cli() -> None:
-  app.run(main)
+  from lmobjective.commands import parse_flags
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

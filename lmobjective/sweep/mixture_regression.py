@@ -1,6 +1,6 @@
 """Mixture regression: fit each source's val loss as a function of the mixture weights, suggest a mixture.
 
-  python -m lmobjective.sweep.mixture_regression --workdir=DIR [--law=exp|linear] [--target=mean|<source>] [--verify]
+  python -m lmobjective.mixture_regression --workdir=DIR [--law=exp|linear] [--target=mean|<source>] [--verify]
 
 DIR is a finished mixture sweep (lmobjective.sweep). Weights are each run's normalised source
 weights (config.json), losses its final val_loss/<source>. Laws, for source i and weights w on the
@@ -242,7 +242,8 @@ def cli() -> None:
   flags.DEFINE_float("min_weight", None, "Smallest weight a suggested source may get; default: the smallest "
                      "weight any run of the sweep used (so the suggestion interpolates, not extrapolates).")
   flags.DEFINE_bool("verify", False, "Train the suggested mixture and report predicted vs measured.")
-  app.run(main)
+  from lmobjective.commands import parse_flags
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

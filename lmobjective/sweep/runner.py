@@ -267,10 +267,8 @@ def cli() -> None:
   extra = [a for a in sys.argv[1:] if a.startswith(FLAG)]
 
   def parse(argv):
-    try:
-      return flags.FLAGS([a for a in argv if not a.startswith(FLAG)])
-    except flags.Error as e:
-      sys.exit(f"error: {e}")
+    from lmobjective.commands import parse_flags
+    return parse_flags([a for a in argv if not a.startswith(FLAG)])
 
   def run_main(argv):
     signal.signal(signal.SIGTERM, _sigterm)
