@@ -30,6 +30,7 @@ from lmobjective import step
 from lmobjective.config import ConfigError
 from lmobjective.data import tokenizers
 from lmobjective.run import checkpoint as ckpt_lib
+from lmobjective.run import lock
 
 KEY = "train.init_from"
 # Keys of config.model that change how the parameters are computed or regularised, not what they
@@ -84,12 +85,23 @@ def request(spec: str, workdir: str) -> Request:
   origin_dir, at = parse(spec)
   if origin_dir == os.path.abspath(workdir):
     raise ConfigError(KEY, spec, "is this run's own workdir; a stage starts from another run's checkpoint")
+  _refuse_live(spec, origin_dir)
   steps = ckpt_lib.finalized_steps(origin_dir)
   if not steps:
     raise ConfigError(KEY, spec, f"{os.path.join(origin_dir, ckpt_lib.CKPT_DIR)} holds no checkpoint")
   if at is not None and at not in steps:
     raise ConfigError(KEY, spec, f"{origin_dir} has no checkpoint at step {at} (it has steps {steps})")
   return Request(spec, origin_dir, at)
+
+
+def _refuse_live(spec: str, origin_dir: str) -> None:
+  """A run still training in the origin (it holds its workdir lock) may delete the step this stage
+  records (checkpoint rotation), and the stage could never resume: refused, naming the holder."""
+  held = lock.WorkdirLock(origin_dir).holder() if os.path.isdir(origin_dir) else None
+  if held is not None:
+    raise ConfigError(KEY, spec, f"{origin_dir} is still being trained by {lock.describe(held)} "
+                      f"({os.path.join(origin_dir, lock.LOCK_FILE)}): its checkpoint rotation may delete the step "
+                      "this stage starts from; wait for that run to finish")
 
 
 def recorded_origin(workdir: str) -> dict | None:
