@@ -173,12 +173,12 @@ def check_model(saved: dict, current: dict, vocab_size: int, where: str) -> None
 
 
 def load(req: Request, raw_config, abstract_params, tokenizer) -> tuple[Origin, dict]:
-  """(Origin, params on `abstract_params`' shardings) of the requested checkpoint, after the model check."""
+  """(Origin, params on `abstract_params`' shardings) of the requested checkpoint, after the tokenizer and model checks."""
   steps = [req.step] if req.step is not None else sorted(ckpt_lib.finalized_steps(req.workdir), reverse=True)
   for s in steps:
     try:
-      got, params, meta = _restore(req, s, raw_config, abstract_params, tokenizer)
-      return _checked(req, got, params, meta, tokenizer)
+      got, params = _restore(req, s, raw_config, abstract_params, tokenizer)
+      return _checked(req, got, params)
     except ConfigError:
       raise
     except Exception as e:  # orbax/tensorstore raise many types for unreadable files
@@ -192,18 +192,26 @@ def load(req: Request, raw_config, abstract_params, tokenizer) -> tuple[Origin, 
 def _restore(req: Request, s: int, raw_config, abstract_params, tokenizer):
   mngr = ckpt_lib.make_manager(req.workdir, read_only=True)
   try:
-    saved = mngr.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    saved = mngr.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
   finally:
     mngr.close()
-  check_model(saved, ckpt_lib.config_json(raw_config), tokenizer.vocab_size, f"{req.workdir} step {s}")
-  got, params, meta, _ = ckpt_lib.restore_params(req.workdir, s, abstract_params)
-  return got, params, meta
+  _check_tokenizer(req, s, saved["meta"], tokenizer)  # first: another vocabulary's embedding would not even restore
+  check_model(saved["config"], ckpt_lib.config_json(raw_config), tokenizer.vocab_size, f"{req.workdir} step {s}")
+  got, params, _, _ = ckpt_lib.restore_params(req.workdir, s, abstract_params)
+  return got, params
 
 
-def _checked(req: Request, s: int, params, meta: dict, tokenizer) -> tuple[Origin, dict]:
-  if meta["tokenizer"]["fingerprint"] != tokenizer.fingerprint():
-    raise ConfigError(KEY, req.spec, f"{req.workdir}/tokenizer is not the tokenizer its checkpoint at step {s} "
-                      "was trained with")
+def _check_tokenizer(req: Request, s: int, meta: dict, tokenizer) -> None:
+  """The origin's tokenizer/ directory holds the tokenizer its checkpoints recorded (it may have been replaced)."""
+  trained_with = meta["tokenizer"]["fingerprint"]
+  if trained_with != tokenizer.fingerprint():
+    where = os.path.join(req.workdir, "tokenizer")
+    raise ConfigError(KEY, req.spec, f"{where} is not the tokenizer its checkpoints were trained with (fingerprint "
+                      f"{tokenizer.fingerprint()}; the checkpoint at step {s} records {trained_with}): put that "
+                      f"tokenizer back in {where}")
+
+
+def _checked(req: Request, s: int, params) -> tuple[Origin, dict]:
   origin = Origin(req.workdir, s, params_fingerprint(params))
   if req.fingerprint is not None and origin.params_fingerprint != req.fingerprint:
     raise ConfigError(KEY, req.spec, f"this run started from {req.workdir} step {s} with params sha256 "

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _faults.py
 from _faults import ROOT, entries, train_main, write_text  # noqa: E402
 from _stages import stage_config  # noqa: E402
 from lmobjective import files  # noqa: E402
+from lmobjective.data import tokenizers  # noqa: E402
 from lmobjective.run import lock, train  # noqa: E402
 
 COMMON = {"data.tokenizer.kind": "char", "data.context_length": 24, "model.num_layers": 1, "model.embed_dim": 32,
@@ -75,3 +76,24 @@ def test_a_live_origin_is_refused_naming_its_holder(world, tmp_path, capsys):
                   "its checkpoint rotation may delete the step this stage starts from; wait for that run to finish")
   assert change == (False, False)  # the stage's workdir was never left behind
   assert entries(origin) == before
+
+
+# ---- 2. an origin whose tokenizer was replaced ---------------------------------------------------
+
+
+def copy_of_origin(world, tmp_path, name="origin"):
+  _, origin, _ = world
+  return shutil.copytree(origin, tmp_path / name)
+
+
+def test_an_origin_whose_tokenizer_was_replaced_names_the_tokenizer(world, tmp_path, capsys):
+  origin = copy_of_origin(world, tmp_path)
+  trained_with = tokenizers.load(str(origin / "tokenizer"))[0].fingerprint()
+  shutil.rmtree(origin / "tokenizer")
+  other = tokenizers.CharTokenizer("abcdef\n")  # another vocabulary: the embedding's shape differs
+  tokenizers.save(other, str(origin / "tokenizer"), {"kind": "char"})
+  line, change = train_main(sft_stage(world, origin), tmp_path / "stage", capsys)
+  assert line == (f"error: config.train.init_from='{origin}': {origin / 'tokenizer'} is not the tokenizer its "
+                  f"checkpoints were trained with (fingerprint {other.fingerprint()}; the checkpoint at step 2 "
+                  f"records {trained_with}): put that tokenizer back in {origin / 'tokenizer'}")
+  assert change == (False, False)
