@@ -9,7 +9,8 @@ Every check here is one `ConfigError` line raised while the experiment is built,
 writes anything. The origin is recorded (`Origin.record()`) in config.json and in every
 checkpoint's meta; a resumed stage reloads the recorded step, never "the newest" (which may have
 moved on), and refuses if those parameters changed or are gone: its reference stays the one it
-started from.
+started from. An origin that moved is found at its new path when `train.init_from` names it and
+`checkpoint.allow_config_change` is set (the recorded step and params are checked there).
 """
 
 from __future__ import annotations
@@ -77,11 +78,7 @@ def request(spec: str, workdir: str) -> Request:
   """The origin this run's own checkpoints recorded (a resume), else the one `spec` names; checks it exists."""
   recorded = recorded_origin(workdir)
   if recorded is not None:
-    req = Request(spec, recorded["workdir"], recorded["step"], recorded["params_fingerprint"])
-    if req.step not in ckpt_lib.finalized_steps(req.workdir):
-      raise ConfigError(KEY, spec, f"this run started from {req.workdir} step {req.step}, which is gone: its "
-                        "reference would change; restore that checkpoint, or use a new workdir")
-    return req
+    return _resumed(spec, recorded)
   origin_dir, at = parse(spec)
   if origin_dir == os.path.abspath(workdir):
     raise ConfigError(KEY, spec, "is this run's own workdir; a stage starts from another run's checkpoint")
@@ -92,6 +89,30 @@ def request(spec: str, workdir: str) -> Request:
   if at is not None and at not in steps:
     raise ConfigError(KEY, spec, f"{origin_dir} has no checkpoint at step {at} (it has steps {steps})")
   return Request(spec, origin_dir, at)
+
+
+def _resumed(spec: str, recorded: dict) -> Request:
+  """The recorded step, at the recorded path; if the origin moved, at `spec`'s path (`checkpoint.check_config`
+  let a new path through only with allow_config_change), where `load` checks that its params are the same."""
+  old, s = recorded["workdir"], recorded["step"]
+  new, at = parse(spec)
+  if at is not None and at != s:
+    raise ConfigError(KEY, spec, f"this run started from step {s} of its origin; a resumed stage keeps its "
+                      f"reference: name step {s}, or use a new workdir")
+  where = new if s not in ckpt_lib.finalized_steps(old) and new != old else old
+  if s in ckpt_lib.finalized_steps(where):
+    return Request(spec, where, s, recorded["params_fingerprint"])
+  started = f"this run started from {old} step {s}"
+  if where != old:
+    raise ConfigError(KEY, spec, f"{started}, and {new} has no checkpoint at step {s} (it has steps "
+                      f"{ckpt_lib.finalized_steps(new)}): point train.init_from at the origin's new path, or use a "
+                      "new workdir")
+  if not os.path.isdir(old):
+    raise ConfigError(KEY, spec, f"{started}, and {old} is gone: if it moved, move it back there, or rerun with "
+                      "--config.train.init_from=<its new path> --config.checkpoint.allow_config_change=True (its "
+                      f"step {s} and params are checked there); else use a new workdir")
+  raise ConfigError(KEY, spec, f"{started}, which is gone: its reference would change; restore that checkpoint, "
+                    "or use a new workdir")
 
 
 def _refuse_live(spec: str, origin_dir: str) -> None:

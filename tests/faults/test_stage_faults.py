@@ -7,6 +7,7 @@ flag parsing), so a refusal costs no interpreter start.
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import socket
@@ -21,6 +22,7 @@ from _faults import ROOT, entries, train_main, write_text  # noqa: E402
 from _stages import stage_config  # noqa: E402
 from lmobjective import files  # noqa: E402
 from lmobjective.data import tokenizers  # noqa: E402
+from lmobjective.run import checkpoint as ckpt_lib  # noqa: E402
 from lmobjective.run import lock, train  # noqa: E402
 
 COMMON = {"data.tokenizer.kind": "char", "data.context_length": 24, "model.num_layers": 1, "model.embed_dim": 32,
@@ -97,3 +99,39 @@ def test_an_origin_whose_tokenizer_was_replaced_names_the_tokenizer(world, tmp_p
                   f"checkpoints were trained with (fingerprint {other.fingerprint()}; the checkpoint at step 2 "
                   f"records {trained_with}): put that tokenizer back in {origin / 'tokenizer'}")
   assert change == (False, False)
+
+
+# ---- 3. an origin moved after the stage started ---------------------------------------------------
+
+
+def test_a_moved_origin_says_the_way_out_and_resumes_from_its_new_path(world, tmp_path, capsys):
+  old, w = copy_of_origin(world, tmp_path), tmp_path / "stage"
+  with contextlib.redirect_stdout(io.StringIO()):
+    train.run(sft_stage(world, old), str(w))
+  started = json.load(open(w / "config.json"))["origin"]
+  assert started["workdir"] == str(old) and started["step"] == 2
+  new = old.rename(tmp_path / "moved")
+  before = entries(w)
+  line, change = train_main(sft_stage(world, old), w, capsys)  # the same command
+  assert line == (f"error: config.train.init_from='{old}': this run started from {old} step 2, and {old} is gone: "
+                  "if it moved, move it back there, or rerun with --config.train.init_from=<its new path> "
+                  "--config.checkpoint.allow_config_change=True (its step 2 and params are checked there); else use "
+                  "a new workdir")
+  assert change == (before, before)
+  line, change = train_main(sft_stage(world, new), w, capsys)  # the new path alone
+  assert line == (f"error: config.checkpoint='step 2': the config differs from the checkpoint's: train.init_from: "
+                  f"'{old}' -> '{new}'; if the origin moved, move it back, or rerun with "
+                  "--config.checkpoint.allow_config_change=True (the stage's recorded step and params are then checked "
+                  "at the new path); else use a new workdir")
+  assert change == (before, before)
+  more = {"train.steps": 4, "checkpoint.allow_config_change": True}
+  line, change = train_main(sft_stage(world, f"{new}:1", **more), w, capsys)  # another step is another reference
+  assert line == (f"error: config.train.init_from='{new}:1': this run started from step 2 of its origin; a resumed "
+                  "stage keeps its reference: name step 2, or use a new workdir")
+  assert change == (before, before)
+  with contextlib.redirect_stdout(io.StringIO()) as out:
+    train.run(sft_stage(world, new, **more), str(w))  # the way out: found there, same params
+  assert "resuming from the checkpoint at step 2" in out.getvalue()
+  assert f"init_from: {new} step 2 (params sha256 {started['params_fingerprint']})" in out.getvalue()
+  assert json.load(open(w / "config.json"))["origin"] == {**started, "workdir": str(new)}
+  assert ckpt_lib.finalized_steps(str(w)) == [2, 4]
