@@ -9,18 +9,20 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _faults.py
 
-from _faults import ROOT, entries, train_main, write_text  # noqa: E402
+from _faults import ROOT, entries, temporaries, train_main, write_text  # noqa: E402
 from _stages import stage_config  # noqa: E402
-from lmobjective import files  # noqa: E402
+from lmobjective import faults, files  # noqa: E402
 from lmobjective.data import tokenizers  # noqa: E402
 from lmobjective.run import checkpoint as ckpt_lib  # noqa: E402
 from lmobjective.run import lock, train  # noqa: E402
@@ -135,3 +137,43 @@ def test_a_moved_origin_says_the_way_out_and_resumes_from_its_new_path(world, tm
   assert f"init_from: {new} step 2 (params sha256 {started['params_fingerprint']})" in out.getvalue()
   assert json.load(open(w / "config.json"))["origin"] == {**started, "workdir": str(new)}
   assert ckpt_lib.finalized_steps(str(w)) == [2, 4]
+
+
+# ---- 4. a full disk as the reference cache is written ---------------------------------------------
+
+
+def write_pairs(path, n=24, tie=None):
+  """`n` pairs 'reverse w' -> w reversed (chosen) or w (rejected); `tie(i)`: the i-th pair's rejected is
+  its chosen ('same') or its chosen with another last word ('last word'), None: not tied."""
+  rng = np.random.default_rng(0)
+  with open(path, "w") as f:
+    for i in range(n):
+      w = "".join(rng.choice(list("abcdefgh"), rng.integers(3, 9)))
+      chosen, rejected = f"{w[::-1]} is the answer", w
+      how = tie(i) if tie else None
+      if how == "same":
+        rejected = chosen
+      elif how == "last word":
+        chosen, rejected = f"{w[::-1]} {'x' * 20} yes", f"{w[::-1]} {'x' * 20} no"
+      f.write(json.dumps({"prompt": f"reverse {w}", "chosen": chosen, "rejected": rejected}) + "\n")
+  return path
+
+
+def dpo_stage(world, pairs, **overrides):
+  d, origin, _ = world
+  return stage_config(d / "cache", "preference_jsonl", pairs, {"val_fraction": 0.1}, **COMMON, **{
+      "objective.kind": "dpo", "train.init_from": str(origin), "train.steps": 2, "train.batch_size": 4,
+      "eval.batch_size": 4, "checkpoint.every_steps": 2, **overrides})
+
+
+def test_a_full_disk_as_the_reference_cache_is_written_is_one_line(world, tmp_path, capsys, monkeypatch):
+  cache = tmp_path / "cache"  # the tokenized pairs land; the reference's table does not
+  monkeypatch.setenv(faults.ENV, "reference.save=enospc")
+  line, change = train_main(dpo_stage(world, write_pairs(tmp_path / "pairs.jsonl"), **{"data.cache_dir": str(cache)}),
+                            tmp_path / "stage", capsys)
+  (tokens,) = os.listdir(cache)
+  assert tokens.startswith("preference-") and "-reference-" not in tokens and not temporaries(cache)
+  assert re.fullmatch(rf"error: cannot write {re.escape(str(cache))}/preference-reference-\w+\.npz \(No space left "
+                      r"on device\): the reference log-probs' cache \(data\.cache_dir\); nothing else was written: "
+                      r"free space and rerun the same command", line), line
+  assert change == (False, False)
