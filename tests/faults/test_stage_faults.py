@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _faults.py
 from _faults import ROOT, entries, temporaries, train_main, write_text  # noqa: E402
 from _stages import stage_config  # noqa: E402
 from lmobjective import faults, files  # noqa: E402
+from lmobjective import data  # noqa: E402
 from lmobjective.data import tokenizers  # noqa: E402
 from lmobjective.run import checkpoint as ckpt_lib  # noqa: E402
 from lmobjective.run import lock, train  # noqa: E402
@@ -177,3 +178,34 @@ def test_a_full_disk_as_the_reference_cache_is_written_is_one_line(world, tmp_pa
                       r"on device\): the reference log-probs' cache \(data\.cache_dir\); nothing else was written: "
                       r"free space and rerun the same command", line), line
   assert change == (False, False)
+
+
+# ---- 5. a chat source whose answers are all empty ---------------------------------------------------
+
+
+def write_chats(path, empty, n=40):
+  """`n` conversations of a question and an answer, the i-th answer empty where `empty(i)`."""
+  with open(path, "w") as f:
+    for i in range(n):
+      f.write(json.dumps({"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
+                                       {"role": "assistant", "content": "" if empty(i) else f"{2 * i}"}]}) + "\n")
+  return path
+
+
+def chat_run(tmp_path, chats):
+  return stage_config(tmp_path / "cache", "chat_jsonl", chats, {"val_fraction": 0.1}, **{"data.tokenizer.kind": "byte"})
+
+
+def test_a_chat_source_whose_answers_are_all_empty_is_refused(tmp_path, capsys):
+  chats = write_chats(tmp_path / "chats.jsonl", empty=lambda i: True)
+  line, change = train_main(chat_run(tmp_path, chats), tmp_path / "run", capsys)
+  assert line == (f"error: config.data.sources.chat.path='{chats}': every assistant turn is empty (36 in the train "
+                  "split of source 'chat'): it would train the model to answer with <|end|> at once")
+  assert change == (False, False) and not (tmp_path / "cache").exists()  # not even its tokens were cached
+
+
+def test_a_chat_source_with_some_empty_answers_still_trains(tmp_path):
+  chats = write_chats(tmp_path / "chats.jsonl", empty=lambda i: i % 2 == 0)
+  cfg = chat_run(tmp_path, chats)
+  pipe = data.build_pipeline(cfg.data, tokenizers.ByteTokenizer(), seed=0, batch_size=2, cache_dir=str(tmp_path / "c"))
+  assert pipe.train_rows[0].scored_targets() > 0
