@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from _faults import ROOT, entries, temporaries, train_main, write_text  # noqa: 
 from _stages import stage_config  # noqa: E402
 from lmobjective import faults, files  # noqa: E402
 from lmobjective import data  # noqa: E402
-from lmobjective.data import tokenizers  # noqa: E402
+from lmobjective.data import DataWarning, tokenizers  # noqa: E402
 from lmobjective.run import checkpoint as ckpt_lib  # noqa: E402
 from lmobjective.run import lock, train  # noqa: E402
 
@@ -47,8 +48,8 @@ def world(tmp_path_factory):
 def sft_stage(world, origin=None, **overrides):
   """A next-token stage on the origin's text, from `origin` (default: the shared one)."""
   d, shared, text = world
-  return stage_config(d / "cache", "text", text, **COMMON, **{
-      "train.init_from": str(origin or shared), "train.steps": 2, "checkpoint.every_steps": 2, **overrides})
+  return stage_config(d / "cache", "text", text, **{
+      **COMMON, "train.init_from": str(origin or shared), "train.steps": 2, "checkpoint.every_steps": 2, **overrides})
 
 
 # ---- 1. an origin still being trained ------------------------------------------------------------
@@ -162,8 +163,8 @@ def write_pairs(path, n=24, tie=None):
 
 def dpo_stage(world, pairs, **overrides):
   d, origin, _ = world
-  return stage_config(d / "cache", "preference_jsonl", pairs, {"val_fraction": 0.1}, **COMMON, **{
-      "objective.kind": "dpo", "train.init_from": str(origin), "train.steps": 2, "train.batch_size": 4,
+  return stage_config(d / "cache", "preference_jsonl", pairs, {"val_fraction": 0.1}, **{
+      **COMMON, "objective.kind": "dpo", "train.init_from": str(origin), "train.steps": 2, "train.batch_size": 4,
       "eval.batch_size": 4, "checkpoint.every_steps": 2, **overrides})
 
 
@@ -209,3 +210,39 @@ def test_a_chat_source_with_some_empty_answers_still_trains(tmp_path):
   cfg = chat_run(tmp_path, chats)
   pipe = data.build_pipeline(cfg.data, tokenizers.ByteTokenizer(), seed=0, batch_size=2, cache_dir=str(tmp_path / "c"))
   assert pipe.train_rows[0].scored_targets() > 0
+
+
+# ---- 6. preference pairs whose two rows are identical after truncation -------------------------------
+
+
+def test_pairs_all_tied_after_truncation_are_refused_before_anything_is_written(world, tmp_path, capsys):
+  same = write_pairs(tmp_path / "same.jsonl", tie=lambda i: "same")
+  line, change = train_main(dpo_stage(world, same), tmp_path / "stage", capsys)
+  assert line == (f"error: config.data.sources.preference.path='{same}': all 22 pairs of the train split have "
+                  "identical chosen and rejected rows after truncation to data.context_length=24 (responses written "
+                  "identical, or differing only past the cut): there is no preference to learn")
+  assert change == (False, False)
+  cut = write_pairs(tmp_path / "cut.jsonl", tie=lambda i: "last word")  # 'yes' / 'no' past the 24 tokens
+  line, _ = train_main(dpo_stage(world, cut, **{"data.sources.preference.max_prompt_length": 8}), tmp_path / "s2", capsys)
+  assert line == (f"error: config.data.sources.preference.path='{cut}': all 22 pairs of the train split have "
+                  "identical chosen and rejected rows after truncation to data.context_length=24, "
+                  "data.sources.preference.max_prompt_length=8 (responses written identical, or differing only past "
+                  "the cut): there is no preference to learn")
+  assert tie_warnings(world, cut, **{"data.context_length": 64}) == []  # a context that reaches the last word
+
+
+def tie_warnings(world, pairs, **overrides) -> list[str]:
+  """The tie warnings of a pipeline built on `pairs` (every pair in the train split)."""
+  tok = tokenizers.load(str(world[1] / "tokenizer"))[0]
+  cfg = dpo_stage(world, pairs, **{"data.sources.preference.val_fraction": 0.0, **overrides})
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", DataWarning)
+    data.build_pipeline(cfg.data, tok, seed=0, batch_size=2)
+  return [str(w.message) for w in caught if issubclass(w.category, DataWarning) and "identical" in str(w.message)]
+
+
+def test_some_tied_pairs_are_counted_in_one_warning(world, tmp_path):
+  some = write_pairs(tmp_path / "some.jsonl", tie=lambda i: ("same", "last word", None)[i % 3])
+  assert tie_warnings(world, some) == [
+      "data.sources.preference: 16 of 24 train pairs have identical chosen and rejected rows after truncation to "
+      "data.context_length=24 (responses written identical, or differing only past the cut): they carry no preference"]
