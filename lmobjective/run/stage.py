@@ -194,7 +194,8 @@ def check_model(saved: dict, current: dict, vocab_size: int, where: str) -> None
 
 
 def load(req: Request, raw_config, abstract_params, tokenizer) -> tuple[Origin, dict]:
-  """(Origin, params on `abstract_params`' shardings) of the requested checkpoint, after the tokenizer and model checks."""
+  """(Origin, params on `abstract_params`' shardings) of the requested checkpoint, after the tokenizer and
+  model checks."""
   steps = [req.step] if req.step is not None else sorted(ckpt_lib.finalized_steps(req.workdir), reverse=True)
   for s in steps:
     try:

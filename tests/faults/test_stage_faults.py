@@ -1,5 +1,9 @@
 """Faults of a stage (`train.init_from`) and of its data: one `error:` line each, before anything is written.
 
+1. an origin still being trained (its lock held), 2. an origin whose tokenizer/ was replaced, 3. an
+origin moved after the stage started (and the way out), 4. a full disk as the reference cache is
+written, 5. a chat source whose answers are all empty, 6. preference pairs tied after truncation.
+
 One tiny origin (a char tokenizer, one layer, checkpoints at steps 1 and 2) is shared by the module;
 a test that changes it works on a copy. Stages run in-process (`train_main`: the command line past
 flag parsing), so a refusal costs no interpreter start.
@@ -23,8 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _faults.py
 
 from _faults import ROOT, entries, temporaries, train_main, write_text  # noqa: E402
 from _stages import stage_config  # noqa: E402
-from lmobjective import faults, files  # noqa: E402
-from lmobjective import data  # noqa: E402
+from lmobjective import data, faults, files  # noqa: E402
 from lmobjective.data import DataWarning, tokenizers  # noqa: E402
 from lmobjective.run import checkpoint as ckpt_lib  # noqa: E402
 from lmobjective.run import lock, train  # noqa: E402
@@ -45,7 +48,7 @@ def world(tmp_path_factory):
   return d, d / "origin", text
 
 
-def sft_stage(world, origin=None, **overrides):
+def text_stage(world, origin=None, **overrides):
   """A next-token stage on the origin's text, from `origin` (default: the shared one)."""
   d, shared, text = world
   return stage_config(d / "cache", "text", text, **{
@@ -75,7 +78,7 @@ def test_a_live_origin_is_refused_naming_its_holder(world, tmp_path, capsys):
   before = entries(origin)
   with held_by_another_process(origin) as pid:
     record = files.read_json(str(origin / lock.LOCK_FILE))
-    line, change = train_main(sft_stage(world), tmp_path / "stage", capsys)
+    line, change = train_main(text_stage(world), tmp_path / "stage", capsys)
   assert record["pid"] == pid and record["host"] == socket.gethostname()
   assert line == (f"error: config.train.init_from='{origin}': {origin} is still being trained by pid {pid} on "
                   f"{record['host']} since {lock.describe(record).split(' since ')[1]} ({origin / lock.LOCK_FILE}): "
@@ -98,7 +101,7 @@ def test_an_origin_whose_tokenizer_was_replaced_names_the_tokenizer(world, tmp_p
   shutil.rmtree(origin / "tokenizer")
   other = tokenizers.CharTokenizer("abcdef\n")  # another vocabulary: the embedding's shape differs
   tokenizers.save(other, str(origin / "tokenizer"), {"kind": "char"})
-  line, change = train_main(sft_stage(world, origin), tmp_path / "stage", capsys)
+  line, change = train_main(text_stage(world, origin), tmp_path / "stage", capsys)
   assert line == (f"error: config.train.init_from='{origin}': {origin / 'tokenizer'} is not the tokenizer its "
                   f"checkpoints were trained with (fingerprint {other.fingerprint()}; the checkpoint at step 2 "
                   f"records {trained_with}): put that tokenizer back in {origin / 'tokenizer'}")
@@ -111,30 +114,30 @@ def test_an_origin_whose_tokenizer_was_replaced_names_the_tokenizer(world, tmp_p
 def test_a_moved_origin_says_the_way_out_and_resumes_from_its_new_path(world, tmp_path, capsys):
   old, w = copy_of_origin(world, tmp_path), tmp_path / "stage"
   with contextlib.redirect_stdout(io.StringIO()):
-    train.run(sft_stage(world, old), str(w))
+    train.run(text_stage(world, old), str(w))
   started = json.load(open(w / "config.json"))["origin"]
   assert started["workdir"] == str(old) and started["step"] == 2
   new = old.rename(tmp_path / "moved")
   before = entries(w)
-  line, change = train_main(sft_stage(world, old), w, capsys)  # the same command
+  line, change = train_main(text_stage(world, old), w, capsys)  # the same command
   assert line == (f"error: config.train.init_from='{old}': this run started from {old} step 2, and {old} is gone: "
                   "if it moved, move it back there, or rerun with --config.train.init_from=<its new path> "
                   "--config.checkpoint.allow_config_change=True (its step 2 and params are checked there); else use "
                   "a new workdir")
   assert change == (before, before)
-  line, change = train_main(sft_stage(world, new), w, capsys)  # the new path alone
+  line, change = train_main(text_stage(world, new), w, capsys)  # the new path alone
   assert line == (f"error: config.checkpoint='step 2': the config differs from the checkpoint's: train.init_from: "
                   f"'{old}' -> '{new}'; if the origin moved, move it back, or rerun with "
                   "--config.checkpoint.allow_config_change=True (the stage's recorded step and params are then checked "
                   "at the new path); else use a new workdir")
   assert change == (before, before)
   more = {"train.steps": 4, "checkpoint.allow_config_change": True}
-  line, change = train_main(sft_stage(world, f"{new}:1", **more), w, capsys)  # another step is another reference
+  line, change = train_main(text_stage(world, f"{new}:1", **more), w, capsys)  # another step is another reference
   assert line == (f"error: config.train.init_from='{new}:1': this run started from step 2 of its origin; a resumed "
                   "stage keeps its reference: name step 2, or use a new workdir")
   assert change == (before, before)
   with contextlib.redirect_stdout(io.StringIO()) as out:
-    train.run(sft_stage(world, new, **more), str(w))  # the way out: found there, same params
+    train.run(text_stage(world, new, **more), str(w))  # the way out: found there, same params
   assert "resuming from the checkpoint at step 2" in out.getvalue()
   assert f"init_from: {new} step 2 (params sha256 {started['params_fingerprint']})" in out.getvalue()
   assert json.load(open(w / "config.json"))["origin"] == {**started, "workdir": str(new)}
@@ -223,7 +226,8 @@ def test_pairs_all_tied_after_truncation_are_refused_before_anything_is_written(
                   "identical, or differing only past the cut): there is no preference to learn")
   assert change == (False, False)
   cut = write_pairs(tmp_path / "cut.jsonl", tie=lambda i: "last word")  # 'yes' / 'no' past the 24 tokens
-  line, _ = train_main(dpo_stage(world, cut, **{"data.sources.preference.max_prompt_length": 8}), tmp_path / "s2", capsys)
+  shorter = {"data.sources.preference.max_prompt_length": 8}
+  line, _ = train_main(dpo_stage(world, cut, **shorter), tmp_path / "s2", capsys)
   assert line == (f"error: config.data.sources.preference.path='{cut}': all 22 pairs of the train split have "
                   "identical chosen and rejected rows after truncation to data.context_length=24, "
                   "data.sources.preference.max_prompt_length=8 (responses written identical, or differing only past "
