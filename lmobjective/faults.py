@@ -15,6 +15,7 @@ Points (where they are passed):
                  state's arrays were handed to the writer): a kill here is kill -9 mid-save
   atomic.rename  `files.atomic_path`: the temporary file is complete, not yet renamed into place
   metrics.write  a line is about to be appended to metrics.jsonl
+  reference.save the reference log-probs' cache is being written (`run/reference_cache.save`)
 
 Unarmed (the variable unset), `point` is one dictionary lookup: it costs nothing in a real run.
 """

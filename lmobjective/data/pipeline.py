@@ -7,7 +7,9 @@ index into `source_names`, -1 where the target is padding).
 Global batch k holds global rows [k*n*B, (k+1)*n*B); process p builds rows [p*B, (p+1)*B) of it.
 Everything is a pure function of (seed, k), so grain's iterator state is just the next k.
 Preference sources (`sources.PAIR_KINDS`) deal pairs instead of rows: B counts pairs (TRL's convention)
-and a batch has `rows_per_example` = 2 rows per pair, interleaved (2i chosen, 2i+1 rejected).
+and a batch has `rows_per_example` = 2 rows per pair, interleaved (2i chosen, 2i+1 rejected). Pairs whose
+two rows are identical after truncation (tied: no preference) are counted: a source of only those is
+refused, some of them are warned about once.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class Pipeline:
     for i, rows in enumerate(self.train_rows):
       if max([self.weights[i]] + [w[i] for _, w in self.stages]) > 0:
         self._check_trainable(i, rows, "train")
+        if isinstance(rows, streams.PairRows):
+          self._check_ties(i, rows)
     self.mixture = mixture.build(self.weights, self.stages, batch_size * process_count, seed)
     self._last_step = -1
     self._fingerprints = None
@@ -92,6 +96,24 @@ class Pipeline:
              "one cut off by context_length)")
       raise ConfigError(f"data.sources.{name}.path", self.paths[i], f"the {split} split of source '{name}' has "
                         f"{why}: it would {'train on' if split == 'train' else 'score'} nothing")
+
+  def _check_ties(self, i: int, rows: streams.PairRows) -> None:
+    """Pairs whose two rows are identical after truncation carry no preference: a source of only those
+    is refused, some of them are counted in one warning."""
+    name, tied = self.source_names[i], rows.tied_pairs()
+    if not tied:
+      return
+    scfg = self._source_cfgs[name]
+    cut = f"data.context_length={self.T}" + "".join(
+        f", data.sources.{name}.{k}={getattr(scfg, k)}" for k in ("max_prompt_length", "max_response_length")
+        if getattr(scfg, k) is not None)
+    what = (f"identical chosen and rejected rows after truncation to {cut} (responses written identical, or "
+            "differing only past the cut)")
+    if tied == rows.num_rows:
+      raise ConfigError(f"data.sources.{name}.path", self.paths[i], f"all {tied} pairs of the train split have "
+                        f"{what}: there is no preference to learn")
+    warnings.warn(f"data.sources.{name}: {tied} of {rows.num_rows} train pairs have {what}: they carry no "
+                  "preference", DataWarning, stacklevel=2)
 
   def _rows(self, i: int, split, shuffle: bool):
     key = streams.source_key(self.source_names[i])

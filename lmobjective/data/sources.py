@@ -162,16 +162,30 @@ def load_source(name: str, scfg) -> SourceDocs:
   return _finish(name, scfg, train, val, info, reader)
 
 
+def _where(name, scfg) -> tuple[str, Any]:
+  """The key and value naming a source's data: its path (file kinds) or its kind (built-in)."""
+  return (key(name, "path"), scfg.path) if scfg.kind in FILE_KINDS else (key(name, "kind"), scfg.kind)
+
+
 def _finish(name, scfg, train, val, info, reader) -> SourceDocs:
   if not train:
-    raise ConfigError(key(name, "path") if scfg.kind in FILE_KINDS else key(name, "kind"),
-                      scfg.path if scfg.kind in FILE_KINDS else scfg.kind,
-                      f"source '{name}' has no training documents after the validation split")
+    raise ConfigError(*_where(name, scfg), f"source '{name}' has no training documents after the validation split")
+  if scfg.kind in CHAT_KINDS:
+    _check_answers(name, scfg, train)
   if scfg.val_fraction > 0 and not val:
     raise ConfigError(key(name, "val_fraction"), scfg.val_fraction,
                       f"source '{name}' has no validation documents after the split")
   info["non_utf8_replacements"] = reader.replacements
   return SourceDocs(name, train, val, info)
+
+
+def _check_answers(name, scfg, train: list[list[dict]]) -> None:
+  """Conversations whose assistant turns are all empty would teach the model to answer with <|end|> at
+  once (a pair's empty response is refused the same way); some empty turns among others are kept."""
+  answers = [m["content"] for conv in train for m in conv if m["role"] == "assistant"]
+  if answers and not any(answers):
+    raise ConfigError(*_where(name, scfg), f"every assistant turn is empty ({len(answers)} in the train split of "
+                      f"source '{name}'): it would train the model to answer with <|end|> at once")
 
 
 def _tail_split(text: str, val_fraction: float) -> tuple[str, str]:

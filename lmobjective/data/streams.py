@@ -127,7 +127,20 @@ class PairRows:
     return int((cum[rs + r] - cum[rs] - first_is_input).sum())
 
   def fields(self, ctr_P: np.ndarray) -> dict[str, np.ndarray]:
-    pairs = self._order.rows(ctr_P) if self._order else ctr_P % self.num_rows
-    docs_R = (2 * pairs[:, None] + np.arange(2)[None, :]).ravel()
+    return self._pair_fields(self._order.rows(ctr_P) if self._order else ctr_P % self.num_rows)
+
+  def _pair_fields(self, pairs_P: np.ndarray) -> dict[str, np.ndarray]:
+    docs_R = (2 * pairs_P[:, None] + np.arange(2)[None, :]).ravel()
     tokens, seg, flags = packing.pair_rows(self.ids, self.flags, self.spans[docs_R], self.T + 1, self.pad_id)
     return {**packing.padded_fields(tokens, seg, flags, self.masking), "pair_index": docs_R // 2}
+
+  def tied_pairs(self, chunk: int = 4096) -> int:
+    """Pairs whose chosen and rejected rows are identical as training reads them (inputs, targets and
+    loss_mask after truncation): written identical, or differing only past the cut. No preference."""
+    tied = 0
+    for first in range(0, self.num_rows, chunk):
+      f = self._pair_fields(np.arange(first, min(first + chunk, self.num_rows)))
+      same_P = np.logical_and.reduce([(f[k][0::2] == f[k][1::2]).all(axis=1)
+                                      for k in ("inputs", "targets", "loss_mask")])
+      tied += int(same_P.sum())
+    return tied

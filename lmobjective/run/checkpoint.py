@@ -46,7 +46,8 @@ DAMAGED_DIR = "checkpoints_damaged"
 FORMAT = 1
 # Keys that may differ on resume with checkpoint.allow_config_change=True: they change how long the
 # run goes, what it evaluates and logs, where caches live and the device layout, never the math
-# of the steps already taken. (More steps also stretches a schedule tied to train.steps.)
+# of the steps already taken. (More steps also stretches a schedule tied to train.steps.) A stage's
+# train.init_from may name a new path too (`_origin_moved`): the origin's recorded params are checked there.
 SAFE_CHANGES = ("train.steps", "optimizer.decay_steps", "train.log_every_steps", "eval.", "checkpoint.",
                 "train.max_skipped_fraction", "train.dead_grad_steps", "train.max_param_growth",
                 "data.cache_dir", "mesh.", "train.xla_gpu_flags", "model.remat", "model.attention",
@@ -202,15 +203,30 @@ def check_config(saved: dict, current: dict, allow_change: bool, step: int) -> N
       changed.remove("data.mixture_stages")
   if not changed:
     return
-  unsafe = [k for k in changed if not k.startswith(SAFE_CHANGES)] if allow_change else changed
+  moved = _origin_moved(saved, current)
+  safe = lambda k: k.startswith(SAFE_CHANGES) or (k == "train.init_from" and moved is not None)
+  unsafe = [k for k in changed if not safe(k)] if allow_change else changed
   if unsafe:
     a, b = _flatten(saved), _flatten(current)
     diffs = ", ".join(f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in unsafe)
-    hint = ("these keys cannot change within a run; use a new workdir" if allow_change else
-            "use a new workdir, or --config.checkpoint.allow_config_change to accept changes to "
-            "train.steps, eval.*, checkpoint.*, logging, cache dir, mesh, remat, attention kernel and "
-            "mixture stages from the checkpoint's step on")
+    if allow_change:
+      hint = "these keys cannot change within a run; use a new workdir"
+    elif moved is not None and "train.init_from" in unsafe and all(map(safe, unsafe)):
+      hint = ("if the origin moved, move it back, or rerun with "
+              "--config.checkpoint.allow_config_change=True (the stage's recorded step and params are then "
+              "checked at the new path); else use a new workdir")
+    else:
+      hint = ("use a new workdir, or --config.checkpoint.allow_config_change to accept changes to "
+              "train.steps, eval.*, checkpoint.*, logging, cache dir, mesh, remat, attention kernel and "
+              "mixture stages from the checkpoint's step on")
     raise ConfigError("checkpoint", f"step {step}", f"the config differs from the checkpoint's: {diffs}; {hint}")
+
+
+def _origin_moved(saved: dict, current: dict) -> tuple[str, str] | None:
+  """(old, new) `train.init_from` of a stage now naming its origin by another path, else None. Safe with
+  allow_config_change: `stage.request` reloads the recorded step there and `stage.load` checks its params."""
+  old, new = (c.get("train", {}).get("init_from") for c in (saved, current))
+  return (old, new) if old and new and old != new else None
 
 
 # ---- save / restore ---------------------------------------------------------------------------

@@ -32,6 +32,12 @@ def _alive(pid: int) -> bool:
   return True
 
 
+def describe(held: dict) -> str:
+  """A holder's record (`WorkdirLock.holder()`) in words: 'pid P on HOST since YYYY-MM-DD HH:MM:SS'."""
+  since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(held.get("since", 0))))
+  return f"pid {held['pid']} on {held.get('host')} since {since}"
+
+
 class WorkdirLock:
   """`with WorkdirLock(workdir):` owns the workdir for the block (lead process only)."""
 
@@ -56,10 +62,8 @@ class WorkdirLock:
   def acquire(self) -> None:
     held = self.holder()
     if held is not None:
-      since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(held.get("since", 0))))
       raise ConfigError("workdir", os.path.dirname(self.path),
-                        f"in use by pid {held['pid']} on {held.get('host')} since {since} "
-                        f"({self.path}); wait for it, or use another workdir")
+                        f"in use by {describe(held)} ({self.path}); wait for it, or use another workdir")
     self._created = not os.path.exists(self.workdir)
     self._write()
     if files.read_json(self.path, {}).get("pid") != self.me["pid"]:  # another run took it at the same moment

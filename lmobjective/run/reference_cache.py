@@ -31,11 +31,12 @@ import warnings
 import jax
 import numpy as np
 
-from lmobjective import files, sharding
+from lmobjective import faults, files, sharding
 from lmobjective.objectives import next_token
 from lmobjective.batch import MODEL_FIELDS
 from lmobjective.data import cache, tokenized
 from lmobjective.data.errors import DataWarning
+from lmobjective.run.save_watch import WriteFailed
 
 FORMAT = 1
 SPLITS = ("train", "val")
@@ -67,9 +68,16 @@ def _checksum(tables: dict[str, np.ndarray]) -> str:
 
 
 def save(path: str, fields: dict, tables: dict[str, np.ndarray]) -> None:
+  """Whole or not at all; a failed write (a full disk) stops the run in one line (`WriteFailed`), not
+  numpy's and zipfile's chained tracebacks."""
   meta = json.dumps({"key": fields, "sha256": _checksum(tables)}, sort_keys=True, default=str)
-  with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
-    np.savez(f, meta=np.array(meta), **{s: tables[s].astype(np.float32) for s in SPLITS})
+  try:
+    with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
+      faults.point("reference.save", path)
+      np.savez(f, meta=np.array(meta), **{s: tables[s].astype(np.float32) for s in SPLITS})
+  except OSError as e:
+    raise WriteFailed(f"cannot write {path} ({e.strerror or e}): the reference log-probs' cache (data.cache_dir); "
+                      "nothing else was written: free space and rerun the same command") from None
 
 
 def load(path: str, fields: dict) -> dict[str, np.ndarray] | None:

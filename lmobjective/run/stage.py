@@ -9,7 +9,8 @@ Every check here is one `ConfigError` line raised while the experiment is built,
 writes anything. The origin is recorded (`Origin.record()`) in config.json and in every
 checkpoint's meta; a resumed stage reloads the recorded step, never "the newest" (which may have
 moved on), and refuses if those parameters changed or are gone: its reference stays the one it
-started from.
+started from. An origin that moved is found at its new path when `train.init_from` names it and
+`checkpoint.allow_config_change` is set (the recorded step and params are checked there).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from lmobjective import step
 from lmobjective.config import ConfigError
 from lmobjective.data import tokenizers
 from lmobjective.run import checkpoint as ckpt_lib
+from lmobjective.run import lock
 
 KEY = "train.init_from"
 # Keys of config.model that change how the parameters are computed or regularised, not what they
@@ -76,20 +78,51 @@ def request(spec: str, workdir: str) -> Request:
   """The origin this run's own checkpoints recorded (a resume), else the one `spec` names; checks it exists."""
   recorded = recorded_origin(workdir)
   if recorded is not None:
-    req = Request(spec, recorded["workdir"], recorded["step"], recorded["params_fingerprint"])
-    if req.step not in ckpt_lib.finalized_steps(req.workdir):
-      raise ConfigError(KEY, spec, f"this run started from {req.workdir} step {req.step}, which is gone: its "
-                        "reference would change; restore that checkpoint, or use a new workdir")
-    return req
+    return _resumed(spec, recorded)
   origin_dir, at = parse(spec)
   if origin_dir == os.path.abspath(workdir):
     raise ConfigError(KEY, spec, "is this run's own workdir; a stage starts from another run's checkpoint")
+  _refuse_live(spec, origin_dir)
   steps = ckpt_lib.finalized_steps(origin_dir)
   if not steps:
     raise ConfigError(KEY, spec, f"{os.path.join(origin_dir, ckpt_lib.CKPT_DIR)} holds no checkpoint")
   if at is not None and at not in steps:
     raise ConfigError(KEY, spec, f"{origin_dir} has no checkpoint at step {at} (it has steps {steps})")
   return Request(spec, origin_dir, at)
+
+
+def _resumed(spec: str, recorded: dict) -> Request:
+  """The recorded step, at the recorded path; if the origin moved, at `spec`'s path (`checkpoint.check_config`
+  let a new path through only with allow_config_change), where `load` checks that its params are the same."""
+  old, s = recorded["workdir"], recorded["step"]
+  new, at = parse(spec)
+  if at is not None and at != s:
+    raise ConfigError(KEY, spec, f"this run started from step {s} of its origin; a resumed stage keeps its "
+                      f"reference: name step {s}, or use a new workdir")
+  where = new if s not in ckpt_lib.finalized_steps(old) and new != old else old
+  if s in ckpt_lib.finalized_steps(where):
+    return Request(spec, where, s, recorded["params_fingerprint"])
+  started = f"this run started from {old} step {s}"
+  if where != old:
+    raise ConfigError(KEY, spec, f"{started}, and {new} has no checkpoint at step {s} (it has steps "
+                      f"{ckpt_lib.finalized_steps(new)}): point train.init_from at the origin's new path, or use a "
+                      "new workdir")
+  if not os.path.isdir(old):
+    raise ConfigError(KEY, spec, f"{started}, and {old} is gone: if it moved, move it back there, or rerun with "
+                      "--config.train.init_from=<its new path> --config.checkpoint.allow_config_change=True (its "
+                      f"step {s} and params are checked there); else use a new workdir")
+  raise ConfigError(KEY, spec, f"{started}, which is gone: its reference would change; restore that checkpoint, "
+                    "or use a new workdir")
+
+
+def _refuse_live(spec: str, origin_dir: str) -> None:
+  """A run still training in the origin (it holds its workdir lock) may delete the step this stage
+  records (checkpoint rotation), and the stage could never resume: refused, naming the holder."""
+  held = lock.WorkdirLock(origin_dir).holder() if os.path.isdir(origin_dir) else None
+  if held is not None:
+    raise ConfigError(KEY, spec, f"{origin_dir} is still being trained by {lock.describe(held)} "
+                      f"({os.path.join(origin_dir, lock.LOCK_FILE)}): its checkpoint rotation may delete the step "
+                      "this stage starts from; wait for that run to finish")
 
 
 def recorded_origin(workdir: str) -> dict | None:
@@ -161,12 +194,13 @@ def check_model(saved: dict, current: dict, vocab_size: int, where: str) -> None
 
 
 def load(req: Request, raw_config, abstract_params, tokenizer) -> tuple[Origin, dict]:
-  """(Origin, params on `abstract_params`' shardings) of the requested checkpoint, after the model check."""
+  """(Origin, params on `abstract_params`' shardings) of the requested checkpoint, after the tokenizer and
+  model checks."""
   steps = [req.step] if req.step is not None else sorted(ckpt_lib.finalized_steps(req.workdir), reverse=True)
   for s in steps:
     try:
-      got, params, meta = _restore(req, s, raw_config, abstract_params, tokenizer)
-      return _checked(req, got, params, meta, tokenizer)
+      got, params = _restore(req, s, raw_config, abstract_params, tokenizer)
+      return _checked(req, got, params)
     except ConfigError:
       raise
     except Exception as e:  # orbax/tensorstore raise many types for unreadable files
@@ -180,18 +214,26 @@ def load(req: Request, raw_config, abstract_params, tokenizer) -> tuple[Origin, 
 def _restore(req: Request, s: int, raw_config, abstract_params, tokenizer):
   mngr = ckpt_lib.make_manager(req.workdir, read_only=True)
   try:
-    saved = mngr.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    saved = mngr.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
   finally:
     mngr.close()
-  check_model(saved, ckpt_lib.config_json(raw_config), tokenizer.vocab_size, f"{req.workdir} step {s}")
-  got, params, meta, _ = ckpt_lib.restore_params(req.workdir, s, abstract_params)
-  return got, params, meta
+  _check_tokenizer(req, s, saved["meta"], tokenizer)  # first: another vocabulary's embedding would not even restore
+  check_model(saved["config"], ckpt_lib.config_json(raw_config), tokenizer.vocab_size, f"{req.workdir} step {s}")
+  got, params, _, _ = ckpt_lib.restore_params(req.workdir, s, abstract_params)
+  return got, params
 
 
-def _checked(req: Request, s: int, params, meta: dict, tokenizer) -> tuple[Origin, dict]:
-  if meta["tokenizer"]["fingerprint"] != tokenizer.fingerprint():
-    raise ConfigError(KEY, req.spec, f"{req.workdir}/tokenizer is not the tokenizer its checkpoint at step {s} "
-                      "was trained with")
+def _check_tokenizer(req: Request, s: int, meta: dict, tokenizer) -> None:
+  """The origin's tokenizer/ directory holds the tokenizer its checkpoints recorded (it may have been replaced)."""
+  trained_with = meta["tokenizer"]["fingerprint"]
+  if trained_with != tokenizer.fingerprint():
+    where = os.path.join(req.workdir, "tokenizer")
+    raise ConfigError(KEY, req.spec, f"{where} is not the tokenizer its checkpoints were trained with (fingerprint "
+                      f"{tokenizer.fingerprint()}; the checkpoint at step {s} records {trained_with}): put that "
+                      f"tokenizer back in {where}")
+
+
+def _checked(req: Request, s: int, params) -> tuple[Origin, dict]:
   origin = Origin(req.workdir, s, params_fingerprint(params))
   if req.fingerprint is not None and origin.params_fingerprint != req.fingerprint:
     raise ConfigError(KEY, req.spec, f"this run started from {req.workdir} step {s} with params sha256 "

@@ -93,3 +93,41 @@ def listing(path) -> dict[str, int]:
 def temporaries(path) -> list[str]:
   """Half-written things: atomic_path's temporaries and orbax's unfinished saves."""
   return sorted(p for p in listing(path) if ".tmp" in os.path.basename(p.rstrip("/")) or "orbax-checkpoint-tmp" in p)
+
+
+def entries(path) -> object:
+  """What is at `path`: False (nothing), True (a file), or every directory's sorted entries."""
+  path = str(path)
+  if not os.path.isdir(path):
+    return os.path.lexists(path)
+  return sorted((os.path.relpath(d, path), sorted(ds), sorted(fs)) for d, ds, fs in os.walk(path))
+
+
+def one_error_line(code, capsys) -> str:
+  """The one line a `sys.exit("error: ...")` shows: asserts it is the only line on stderr."""
+  assert isinstance(code, str), code  # sys.exit(str): exit status 1, the string on stderr
+  err = capsys.readouterr().err + code + "\n"
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert len(lines) == 1, err
+  assert lines[0].startswith("error: "), lines[0]
+  return lines[0]
+
+
+def train_main(config, workdir, capsys) -> tuple[str, tuple]:
+  """`python -m lmobjective.train` on `config` and `workdir`, in-process past flag parsing (no
+  interpreter start): its one error line (asserted, with no DataWarning either: each would be one
+  more line on the command line's stderr) and the workdir's `entries` (before, after)."""
+  import types
+  import warnings
+
+  import pytest
+
+  from lmobjective import train as train_cli
+  from lmobjective.data import DataWarning
+  before = entries(workdir)
+  holder = lambda v: types.SimpleNamespace(value=v)
+  with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit) as e:
+    warnings.simplefilter("always", DataWarning)
+    train_cli.main(["train"], config_flag=holder(config), workdir_flag=holder(str(workdir)))
+  assert not [w for w in caught if issubclass(w.category, DataWarning)], [str(w.message) for w in caught]
+  return one_error_line(e.value.code, capsys), (before, entries(workdir))

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import types
-import warnings
 
 import ml_collections
 import numpy as np
@@ -21,21 +20,13 @@ from absl.testing import flagsaver
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT = os.path.dirname(TESTS)
-sys.path[:0] = [TESTS, ROOT]
+sys.path[:0] = [TESTS, ROOT, os.path.dirname(os.path.abspath(__file__))]  # _faults.py
 
+from _faults import one_error_line, train_main  # noqa: E402
 from _tiny import tiny_config  # noqa: E402
 from configs import default  # noqa: E402
-from lmobjective import train as train_cli  # noqa: E402
 from lmobjective.analysis import evaluate  # noqa: E402
-from lmobjective.data import DataWarning  # noqa: E402
 from lmobjective.run import experiment, launch  # noqa: E402
-
-def _listing(path) -> object:
-  """What is at `path`: False (nothing), True (a file), or every directory's sorted entries."""
-  path = str(path)
-  if not os.path.isdir(path):
-    return os.path.lexists(path)
-  return sorted((os.path.relpath(d, path), sorted(ds), sorted(fs)) for d, ds, fs in os.walk(path))
 
 
 def _assert_nothing_written(change, while_building: bool = False) -> None:
@@ -43,27 +34,6 @@ def _assert_nothing_written(change, while_building: bool = False) -> None:
   nothing either (run() builds before it writes, and the lock removes a workdir it created)."""
   before, after = change
   assert after == before
-
-
-def _error_line(code, capsys) -> str:
-  assert isinstance(code, str), code  # sys.exit(str): exit status 1, the string on stderr
-  err = capsys.readouterr().err + code + "\n"
-  lines = [line for line in err.splitlines() if line.strip()]
-  assert len(lines) == 1, err
-  assert lines[0].startswith("error: "), lines[0]
-  return lines[0]
-
-
-def _train(config, workdir, capsys) -> tuple[str, tuple]:
-  """`python -m lmobjective.train` on `config` and `workdir`: its one error line (asserted) and the
-  workdir's (before, after) listings, for `_assert_nothing_written`."""
-  before = _listing(workdir)
-  holder = lambda v: types.SimpleNamespace(value=v)
-  with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit) as e:
-    warnings.simplefilter("always", DataWarning)  # would be more lines on the command line's stderr
-    train_cli.main(["train"], config_flag=holder(config), workdir_flag=holder(str(workdir)))
-  assert not [w for w in caught if issubclass(w.category, DataWarning)], [str(w.message) for w in caught]
-  return _error_line(e.value.code, capsys), (before, _listing(workdir))
 
 
 def _tiny(tmp_path, **overrides):
@@ -119,7 +89,7 @@ def test_config_file_whose_code_fails_names_it(tmp_path, capsys, body, says):
   path.mkdir() if body is None else path.write_text(body)
   with pytest.raises(SystemExit) as e:
     launch.check_config_file(["train", f"--config={path}:arg" if body else f"--config={path}"], "unused")
-  assert _error_line(e.value.code, capsys).startswith(f"error: --config={path}") and says in e.value.code
+  assert one_error_line(e.value.code, capsys).startswith(f"error: --config={path}") and says in e.value.code
 
 
 # ---- 2. --workdir -----------------------------------------------------------------------------
@@ -127,10 +97,10 @@ def test_config_file_whose_code_fails_names_it(tmp_path, capsys, body, says):
 
 def test_workdir_that_is_a_file_or_under_one(tmp_path, capsys):
   a_file = _write(tmp_path / "notes.txt", b"keep me")
-  line, change = _train(_tiny(tmp_path), a_file, capsys)
+  line, change = train_main(_tiny(tmp_path), a_file, capsys)
   assert line == f"error: config.workdir='{a_file}': exists and is not a directory"
   _assert_nothing_written(change)
-  line, change = _train(_tiny(tmp_path), a_file / "run", capsys)
+  line, change = train_main(_tiny(tmp_path), a_file / "run", capsys)
   assert line == f"error: config.workdir='{a_file / 'run'}': {a_file} is not a directory"
   _assert_nothing_written(change)
   assert a_file.read_bytes() == b"keep me"
@@ -139,7 +109,7 @@ def test_workdir_that_is_a_file_or_under_one(tmp_path, capsys):
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
 def test_workdir_where_nothing_can_be_created(tmp_path, capsys):
   # permission bits do not stop root; /proc refuses everyone
-  line, change = _train(_tiny(tmp_path), "/proc/lmobjective-run", capsys)
+  line, change = train_main(_tiny(tmp_path), "/proc/lmobjective-run", capsys)
   assert line.startswith("error: config.workdir='/proc/lmobjective-run': cannot create anything in /proc (")
   _assert_nothing_written(change)
 
@@ -149,7 +119,7 @@ def test_workdir_where_nothing_can_be_created(tmp_path, capsys):
 
 def test_parquet_source_that_is_not_parquet(tmp_path, capsys):
   fake = _write(tmp_path / "docs.parquet", b"just some text\nrenamed to .parquet\n")
-  line, change = _train(_one_source(tmp_path, "parquet", fake), tmp_path / "run", capsys)
+  line, change = train_main(_one_source(tmp_path, "parquet", fake), tmp_path / "run", capsys)
   assert line.startswith(f"error: config.data.sources.f.path='{fake}': is not a Parquet file (")
   _assert_nothing_written(change, while_building=True)
 
@@ -159,7 +129,7 @@ def test_parquet_text_column_of_numbers(tmp_path, capsys):
   import pyarrow.parquet as pq
   path = tmp_path / "docs.parquet"
   pq.write_table(pa.table({"text": pa.array(np.arange(50), pa.int64())}), path)
-  line, change = _train(_one_source(tmp_path, "parquet", path), tmp_path / "run", capsys)
+  line, change = train_main(_one_source(tmp_path, "parquet", path), tmp_path / "run", capsys)
   assert line == (f"error: config.data.sources.f.text_field='text': {path}: the column holds int64, "
                   "not text (string or binary)")
   _assert_nothing_written(change, while_building=True)
@@ -176,7 +146,7 @@ def test_parquet_text_column_of_numbers(tmp_path, capsys):
     ({"mesh.fsdp": 8, "model.embed_dim": 68}, "config.mesh.fsdp=8: must divide model.embed_dim=68"),
 ])
 def test_mesh_axis_that_does_not_divide_the_model(tmp_path, capsys, overrides, says):
-  line, change = _train(_tiny(tmp_path, **overrides), tmp_path / "run", capsys)
+  line, change = train_main(_tiny(tmp_path, **overrides), tmp_path / "run", capsys)
   assert says in line, line
   _assert_nothing_written(change)
 
@@ -210,7 +180,7 @@ def test_tokenizer_vocabulary_the_tensor_axis_cannot_split():
     ({"objective.rpo_alpha": -1.0}, "error: config.objective.rpo_alpha=-1.0: must be >= 0.0"),
 ])
 def test_unknown_optimizer_schedule_or_mlp(tmp_path, capsys, overrides, says):
-  line, change = _train(_tiny(tmp_path, **overrides), tmp_path / "run", capsys)
+  line, change = train_main(_tiny(tmp_path, **overrides), tmp_path / "run", capsys)
   assert line == says
   _assert_nothing_written(change)
 
@@ -232,7 +202,7 @@ def test_evaluate_text_file(tmp_path, capsys, name, data, says):
   with flagsaver.flagsaver(), pytest.raises(SystemExit) as e:
     flags.FLAGS(["evaluate", f"--workdir={workdir}", f"--text_file={path}"])
     evaluate.main(["evaluate"])
-  assert _error_line(e.value.code, capsys) == f"error: --text_file={path}: {says}"
+  assert one_error_line(e.value.code, capsys) == f"error: --text_file={path}: {says}"
   assert not workdir.exists()
 
 
@@ -248,7 +218,7 @@ def test_evaluate_text_file(tmp_path, capsys, name, data, says):
 def test_binary_file_as_a_text_source(tmp_path, capsys, kind, data, says):
   path = _write(tmp_path / "data.bin", data)
   config = _one_source(tmp_path, kind, path, tokenizer="sentencepiece")  # it failed on the vocabulary
-  line, change = _train(config, tmp_path / "run", capsys)
+  line, change = train_main(config, tmp_path / "run", capsys)
   assert line == f"error: config.data.sources.f.path='{path}': {says}"
   _assert_nothing_written(change, while_building=True)
 
@@ -257,7 +227,7 @@ def test_glob_that_matches_a_binary_names_that_file(tmp_path, capsys):
   (tmp_path / "docs").mkdir()
   _write(tmp_path / "docs" / "a.txt", b"plain text\n" * 50)
   binary = _write(tmp_path / "docs" / "b.dat", BINARY)
-  line, change = _train(_one_source(tmp_path, "text", tmp_path / "docs" / "*"), tmp_path / "run", capsys)
+  line, change = train_main(_one_source(tmp_path, "text", tmp_path / "docs" / "*"), tmp_path / "run", capsys)
   assert line == f"error: config.data.sources.f.path='{binary}': is not text (NUL bytes at offset 0)"
   _assert_nothing_written(change, while_building=True)
 
@@ -277,7 +247,7 @@ def test_failed_vocabulary_check_leaves_no_tokenizer(tmp_path, capsys):
   workdir = tmp_path / "run"
   config = _one_source(tmp_path, "text", text, tokenizer="sentencepiece")
   config.data.tokenizer.vocab_size, config.model.vocab_size = 1024, 600
-  line, change = _train(config, workdir, capsys)
+  line, change = train_main(config, workdir, capsys)
   assert line == "error: config.model.vocab_size=600: must be >= the tokenizer's vocabulary 1024"
   assert not (workdir / "tokenizer").exists()
   config.data.tokenizer.vocab_size = 512  # the correction: a smaller tokenizer, in the same workdir
@@ -290,7 +260,7 @@ def test_failed_tokenizer_training_leaves_no_tokenizer(tmp_path, capsys):
   text = _write(tmp_path / "words.txt", _words(200))
   config = _one_source(tmp_path, "text", text, tokenizer="sentencepiece")
   config.data.tokenizer.vocab_size = 1 << 20
-  line, change = _train(config, tmp_path / "run", capsys)
+  line, change = train_main(config, tmp_path / "run", capsys)
   assert line.startswith("error: config.data.tokenizer.vocab_size=1048576: sentencepiece training failed: ")
   assert not (tmp_path / "run" / "tokenizer").exists()
   _assert_nothing_written(change, while_building=True)
@@ -301,14 +271,14 @@ def test_failed_tokenizer_training_leaves_no_tokenizer(tmp_path, capsys):
 
 def test_jsonl_text_field_that_is_a_list(tmp_path, capsys):
   path = _write(tmp_path / "docs.jsonl", b'{"text": ["a", "b"]}\n{"text": "ok"}\n')
-  line, change = _train(_one_source(tmp_path, "jsonl", path), tmp_path / "run", capsys)
+  line, change = train_main(_one_source(tmp_path, "jsonl", path), tmp_path / "run", capsys)
   assert line == f"error: config.data.sources.f.text_field='text': {path}:1: the field holds a JSON list, not a string"
   _assert_nothing_written(change, while_building=True)
 
 
 def test_array_record_source_that_is_not_array_record(tmp_path, capsys):
   path = _write(tmp_path / "docs.array_record", b"plain text\n" * 50)
-  line, change = _train(_one_source(tmp_path, "array_record", path), tmp_path / "run", capsys)
+  line, change = train_main(_one_source(tmp_path, "array_record", path), tmp_path / "run", capsys)
   assert line.startswith(f"error: config.data.sources.f.path='{path}': is not an ArrayRecord file (")
   _assert_nothing_written(change, while_building=True)
 
@@ -316,7 +286,7 @@ def test_array_record_source_that_is_not_array_record(tmp_path, capsys):
 def test_tokenizer_path_that_is_not_a_tokenizer(tmp_path, capsys):
   path = _write(tmp_path / "spm.model", b"plain text\n")
   config = _tiny(tmp_path, **{"data.tokenizer.path": str(path)})
-  line, change = _train(config, tmp_path / "run", capsys)
+  line, change = train_main(config, tmp_path / "run", capsys)
   assert line == f"error: config.data.tokenizer.path='{path}': is not a SentencePiece model"
   _assert_nothing_written(change, while_building=True)
 
@@ -325,6 +295,6 @@ def test_cache_dir_that_is_a_file(tmp_path, capsys):
   a_file = _write(tmp_path / "cache", b"")
   config = _one_source(tmp_path, "text", _write(tmp_path / "a.txt", b"plain text\n" * 50))
   config.data.cache_dir = str(a_file)
-  line, change = _train(config, tmp_path / "run", capsys)
+  line, change = train_main(config, tmp_path / "run", capsys)
   assert line == f"error: config.data.cache_dir='{a_file}': exists and is not a directory"
   _assert_nothing_written(change, while_building=True)
