@@ -1,4 +1,8 @@
-"""lmobjective: next-token prediction under a causal mask, scored by masked cross-entropy."""
+"""lmobjective: what a language model is trained to do.
+
+Objectives (next-token prediction, SFT, DPO/IPO/SimPO/RPO) behind one interface and one train step
+(`lmobjective.objectives`, `lmobjective.step`); `lmobjective.restore(workdir)` opens a run.
+"""
 
 __all__ = ["restore"]
 

@@ -177,7 +177,8 @@ def test_tokenizer_vocabulary_the_tensor_axis_cannot_split():
     ({"optimizer.muon_momentum": 1.0}, "error: config.optimizer.muon_momentum=1.0: must be in [0, 1)"),
     ({"objective.rpo_alpha": 0.5}, "error: config.objective.rpo_alpha=0.5: objective.kind='next_token' does not read "
                                    "it (leave it at 0.0); it applies to objective.kind dpo, ipo or simpo"),
-    ({"objective.rpo_alpha": -1.0}, "error: config.objective.rpo_alpha=-1.0: must be >= 0.0"),
+    ({"objective.rpo_alpha": -1.0}, "error: config.objective.rpo_alpha=-1.0: objective.kind='next_token' does not "
+                                    "read it (leave it at 0.0); it applies to objective.kind dpo, ipo or simpo"),
 ])
 def test_unknown_optimizer_schedule_or_mlp(tmp_path, capsys, overrides, says):
   line, change = train_main(_tiny(tmp_path, **overrides), tmp_path / "run", capsys)
