@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from _stages import REWARDS, bradley_terry_fit, bradley_terry_pairs, candidates_text, stage_config
-from lmobjective.analysis import evaluate, inspection
+from lmobjective.analysis import inspection, pairs
 from lmobjective.run import train
 
 BETA = 0.5
@@ -45,8 +45,8 @@ def trained(tmp_path_factory):
     for p, r in REWARDS.items():
       for c in r:
         f.write(json.dumps({"prompt": p, "chosen": c, "rejected": list(r)[0]}) + "\n")
-  policy = evaluate.pair_logps(inspection.restore(str(d / "dpo")), str(d / "candidates.jsonl"))
-  reference = evaluate.pair_logps(inspection.restore(str(d / "origin")), str(d / "candidates.jsonl"))
+  policy = pairs.pair_logps(inspection.restore(str(d / "dpo")), str(d / "candidates.jsonl"))
+  reference = pairs.pair_logps(inspection.restore(str(d / "origin")), str(d / "candidates.jsonl"))
   out, k = {}, 0
   for p, r in REWARDS.items():
     K = len(r)
