@@ -55,7 +55,6 @@ def _equal_bits(a, b) -> list[str]:
 def worker(breaking: bool = False) -> dict:
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
   sys.path.insert(0, os.path.join(ROOT, "tests"))
   import _legacy_step as legacy

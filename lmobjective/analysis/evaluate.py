@@ -19,8 +19,6 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
-import jax
-
 from lmobjective import data, step
 from lmobjective.analysis import inspection, pairs
 from lmobjective.data import sources

@@ -161,7 +161,7 @@ class Run:
     parts = [self.loss_per_position(t) for t in texts]
     loss_sum = float(sum(p.nll.astype(np.float64).sum() for p in parts))
     n, nbytes = sum(len(p.nll) for p in parts), sum(p.num_bytes for p in parts)
-    out = objective.summarize(loss_sum, n, nbytes)
+    out = next_token.summarize(loss_sum, n, nbytes)
     out["num_bytes"] = nbytes
     return out
 
