@@ -44,11 +44,11 @@ def rows(workdirs: dict[str, str]) -> list[dict]:
   """One row per stage of `workdirs` ({'pretrained': w0, 'sft': w1, 'dpo': w2}, in stack order)."""
   runs = {stage: inspection.restore(w) for stage, w in workdirs.items()}
   pre, sft, dpo = runs["pretrained"], runs["sft"], runs["dpo"]
-  (chat,), (pairs,) = list(sft.config.data.sources), list(dpo.config.data.sources)
+  (chat,), (pair_source,) = list(sft.config.data.sources), list(dpo.config.data.sources)
   out = []
   for stage, run in runs.items():
     on = lambda other: dataclasses.replace(other, params=run.params)  # this stage's model, other's data
-    logps = pairs.pair_source_logps(on(dpo), pairs)
+    logps = pairs.pair_source_logps(on(dpo), pair_source)
     acc, valid_P = pairs.pair_metrics(logps), np.asarray(preference.pair_valid(logps))
     sft_loss = evaluate.evaluate_source(on(sft), chat)["loss"]
     row = {"stage": stage, "step": run.step, "pretrain_val_loss": _token_weighted(on(pre)), "sft_val_loss": sft_loss,
@@ -81,10 +81,10 @@ def comparisons(table: list[dict]) -> list[dict]:
           for a, b in zip(table, table[1:])]
 
 
-def comparison_markdown(pairs: list[dict]) -> str:
+def comparison_markdown(comparisons_: list[dict]) -> str:
   return "".join(
       f"- {c['stage']} vs {c['against']}: {c['difference']:+.4f} raw preference accuracy on {c['num_pairs']} held-out "
-      f"pairs ({c['gained']} pairs gained, {c['lost']} lost; exact McNemar p = {c['p_value']:.2g})\n" for c in pairs)
+      f"pairs ({c['gained']} pairs gained, {c['lost']} lost; exact McNemar p = {c['p_value']:.2g})\n" for c in comparisons_)
 
 
 def kind_rows(workdirs: dict[str, str]) -> list[dict] | None:
