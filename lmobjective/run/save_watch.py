@@ -117,7 +117,7 @@ def _reason(error: BaseException | None, where: str) -> str:
     return f"{error.strerror}: {error.filename or where}"
   text = str(error).strip()
   status = re.match(r"([A-Z_]{4,}): ", text)
-  file = re.search(r'local file "([^"]+)"', text)
+  file = re.search(r'(?:local file|Failed writing:) "([^"]+)"', text)
   if status and file:  # tensorstore: RESOURCE_EXHAUSTED is a full disk
     what = "No space left on device" if status.group(1) == "RESOURCE_EXHAUSTED" else status.group(1)
     return f"{what}: {file.group(1)}"

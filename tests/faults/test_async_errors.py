@@ -28,3 +28,4 @@ def test_only_orbax_unretrieved_futures_are_filtered(caplog):
     logger.error("Task was destroyed but it is pending!")
     assert len(caplog.records) == 2
 
+
