@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lmobjective.model import Transformer
+from lmobjective.objectives import next_token
 from tests._tiny import model_config
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -26,10 +27,14 @@ def _model(**fields):
 
 
 def _loss_and_grads(model, params, tokens_BxT1):
+  """The training loss (`next_token.score`, token-weighted mean) and its gradient."""
+  inputs_BxT = tokens_BxT1[:, :-1]
+  batch = {"inputs": inputs_BxT, "targets": tokens_BxT1[:, 1:], "positions": jnp.broadcast_to(jnp.arange(T), (B, T)),
+           "segment_ids": jnp.ones_like(inputs_BxT)}
+
   def loss_fn(p):
-    logits_BxTxV = model.apply({"params": p}, tokens_BxT1[:, :-1]).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits_BxTxV, axis=-1)
-    return -jnp.take_along_axis(logp, tokens_BxT1[:, 1:, None], axis=-1).mean()
+    sums = next_token.loss_sums(next_token.score(model, p, batch))
+    return sums.loss_sum / sums.num_tokens
   return jax.jit(jax.value_and_grad(loss_fn))(params)
 
 

@@ -180,6 +180,22 @@ def test_dropout_uses_the_explicit_key():
   np.testing.assert_array_equal(det, np.asarray(model.apply({"params": params}, tokens)))
 
 
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keeps_a_share_1_minus_p_scaled_by_1_over_1_minus_p(p):
+  """Inverted dropout on the embeddings: each unit is kept with probability 1 - p and scaled by
+  1/(1 - p), so the expectation is the deterministic output. 64 x 64 x 64 = 262,144 units: the kept
+  share's standard error is at most 0.001, and the test allows 5 of them."""
+  model, params = _init(dataclasses.replace(MODERN, dropout=p))
+  tokens = jax.random.randint(jax.random.key(3), (64, 64), 0, 512)
+  embed = lambda **kw: np.asarray(model.apply({"params": params}, tokens, method="embed", **kw), np.float64)
+  base = embed(deterministic=True)
+  dropped = embed(deterministic=False, rngs={"dropout": jax.random.key(4)})
+  kept = dropped != 0
+  assert np.all(base != 0)  # a zero could only come from dropout
+  assert abs(kept.mean() - (1 - p)) < 5 * np.sqrt(p * (1 - p) / kept.size)
+  np.testing.assert_allclose(dropped[kept], base[kept] / (1 - p), rtol=1e-6)
+
+
 def test_qk_norm_hands_attention_unit_rms_queries_and_keys_per_head(monkeypatch):
   """With model.qk_norm (scales at their init, 1) each head's q and k reaching attention have RMS 1
   over head_dim, after rope as before it (rope rotates channel pairs); without it they do not."""
