@@ -89,7 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.rope_theta = 10_000.0
   c.model.norm = "rmsnorm"  # rmsnorm | layernorm
   c.model.mlp = "swiglu"  # swiglu | gelu | relu2 (relu(x)^2, modded-nanogpt); gelu and relu2 are ungated
-  c.model.qk_norm = False  # RMSNorm of q and k per head (learned scale over head_dim) before rope (OLMo 2, Gemma 3)
+  c.model.qk_norm = False  # RMSNorm of q and k per head (learned scale over head_dim, 1 at init) before rope (OLMo 2, Gemma 3)
   c.model.use_bias = False
   c.model.tie_embeddings = True  # False = a separate LM head
   c.model.dropout = 0.0
@@ -116,8 +116,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---- optimizer ----------------------------------------------------------
   c.optimizer = ml_collections.ConfigDict()
-  # adamw: every parameter. muon: the hidden matrices (attention and MLP kernels, each layer its own
-  # matrix) get optax.contrib.muon; embeddings, the LM head, norms and biases keep this AdamW.
+  # adamw: every parameter. muon: the hidden matrices (attention and MLP kernels, seen as (fan-in, fan-out)
+  # from their logical axis names, each layer its own matrix) get optax.contrib.muon; embeddings, the LM
+  # head, norms and biases keep this AdamW.
   c.optimizer.kind = "adamw"  # adamw | muon
   c.optimizer.learning_rate = 4e-3  # peak (with kind=muon: of the AdamW group, whose rate is the logged lr)
   c.optimizer.end_learning_rate = 3e-4
@@ -125,7 +126,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # end_learning_rate over the last decay_fraction of decay_steps), each after linear warmup
   c.optimizer.schedule = "cosine"
   c.optimizer.warmup_steps = 40
-  c.optimizer.decay_steps = placeholder(int)  # warmup+decay length (includes warmup); None = train.steps
+  c.optimizer.decay_steps = placeholder(int)  # warmup+decay length (includes warmup; the end rate holds after it); None = train.steps
   c.optimizer.decay_fraction = 0.2  # wsd: share of decay_steps spent in the final decay (rounded to whole steps)
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.95
