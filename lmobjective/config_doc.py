@@ -143,7 +143,8 @@ def keys(path: str = config_lib.DEFAULT_CONFIG) -> list[Key]:
 
 
 def group_notes(path: str = config_lib.DEFAULT_CONFIG) -> dict[str, str]:
-  """Dotted group name -> what the file says about the group (its block comment, or its helper's docstring)."""
+  """Dotted path -> what the file says about it: a group's block comment (a section's header), or for a
+  group a helper builds, the helper's docstring (`_heading` reads the groups)."""
   said, docs = read_file(path)
   top = said["get_config"]
   notes = {g: c for g, c in top.comments.items() if g not in top.helpers}
