@@ -42,11 +42,9 @@ def source(kind: str, weight: float, **overrides) -> ml_collections.ConfigDict:
   # stdlib_chat / stdlib_pairs: docstring tasks split by held-out module (val_fraction), see data/README.md.
   s.only_train_on_assistant = True
   # preference_jsonl / stdlib_pairs: {"prompt", "chosen", "rejected"} per line, plain strings or chat messages. A
-  # pair is two padded rows (chosen, rejected) of context_length; a long prompt keeps its end
-  # (the turn nearest the response), a long response its start. None = context_length // 2 for the
-  # prompt, and the rest of the row for the response.
-  s.max_prompt_length = placeholder(int)
-  s.max_response_length = placeholder(int)
+  # pair is two padded rows (chosen, rejected) of context_length.
+  s.max_prompt_length = placeholder(int)  # a long prompt keeps its end (the turn nearest the response); None = context_length // 2
+  s.max_response_length = placeholder(int)  # a long response keeps its start; None = the rest of the row
   s.update(overrides)
   return s
 
@@ -91,9 +89,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.rope_theta = 10_000.0
   c.model.norm = "rmsnorm"  # rmsnorm | layernorm
   c.model.mlp = "swiglu"  # swiglu | gelu | relu2 (relu(x)^2, modded-nanogpt); gelu and relu2 are ungated
-  c.model.qk_norm = False  # RMSNorm of q and k per head (learned scale over head_dim) before rope (OLMo 2, Gemma 3)
+  c.model.qk_norm = False  # RMSNorm of q and k per head (learned scale over head_dim, 1 at init) before rope (OLMo 2, Gemma 3)
   c.model.use_bias = False
-  c.model.tie_embeddings = True
+  c.model.tie_embeddings = True  # False = a separate LM head
   c.model.dropout = 0.0
   c.model.init_std = 0.02
   c.model.param_dtype = "float32"
@@ -118,16 +116,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---- optimizer ----------------------------------------------------------
   c.optimizer = ml_collections.ConfigDict()
-  # adamw: every parameter. muon: the hidden matrices (attention and MLP kernels, each layer its own
-  # matrix) get optax.contrib.muon; embeddings, the LM head, norms and biases keep this AdamW.
+  # adamw: every parameter. muon: the hidden matrices (attention and MLP kernels, seen as (fan-in, fan-out)
+  # from their logical axis names, each layer its own matrix) get optax.contrib.muon; embeddings, the LM
+  # head, norms and biases keep this AdamW.
   c.optimizer.kind = "adamw"  # adamw | muon
-  c.optimizer.learning_rate = 4e-3  # peak (with kind=muon: of the AdamW group)
+  c.optimizer.learning_rate = 4e-3  # peak (with kind=muon: of the AdamW group, whose rate is the logged lr)
   c.optimizer.end_learning_rate = 3e-4
   # cosine | linear | constant | wsd (warmup-stable-decay: the peak, then a linear decay to
   # end_learning_rate over the last decay_fraction of decay_steps), each after linear warmup
   c.optimizer.schedule = "cosine"
   c.optimizer.warmup_steps = 40
-  c.optimizer.decay_steps = placeholder(int)  # warmup+decay length (includes warmup); None = train.steps
+  c.optimizer.decay_steps = placeholder(int)  # warmup+decay length (includes warmup; the end rate holds after it); None = train.steps
   c.optimizer.decay_fraction = 0.2  # wsd: share of decay_steps spent in the final decay (rounded to whole steps)
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.95
@@ -137,10 +136,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.decay_norms_and_biases = False
   c.optimizer.grad_clip = 1.0  # global-norm clip; 0 disables
   # kind=muon, the Muon group: its schedule is the one above scaled by muon_learning_rate / learning_rate.
-  # Its weight decay is multiplied by the learning rate, like AdamW's; Nesterov momentum.
   c.optimizer.muon_learning_rate = 0.02  # peak
-  c.optimizer.muon_weight_decay = 0.0
-  c.optimizer.muon_momentum = 0.95
+  c.optimizer.muon_weight_decay = 0.0  # multiplied by the learning rate, like AdamW's
+  c.optimizer.muon_momentum = 0.95  # Nesterov momentum
 
   # ---- training -----------------------------------------------------------
   c.train = ml_collections.ConfigDict()
@@ -153,12 +151,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.grad_accum_steps = 1  # microbatches per step; batch_size must divide evenly
   c.train.log_every_steps = 10
   c.train.nan_policy = "stop"  # non-finite loss/gradient: stop (one-line error, state not saved) | skip the update
-  # Divergence (exit 3, that state never saved; README "Exit codes"): more than this share of
-  # train.steps skipped; the gradient exactly 0 while tokens are scored for this many steps in a
-  # row (a dead model); the parameter norm above this multiple of its initial value (exploded).
-  c.train.max_skipped_fraction = 0.1
-  c.train.dead_grad_steps = 3
-  c.train.max_param_growth = 100.0
+  # A diverged run exits with status 3 and its state is never saved (docs/checkpoints.md, "Exit codes").
+  c.train.max_skipped_fraction = 0.1  # diverged when more than this share of train.steps was skipped (nan_policy=skip)
+  c.train.dead_grad_steps = 3  # diverged, a dead model: the gradient exactly 0 while tokens are scored, this many steps in a row
+  c.train.max_param_growth = 100.0  # diverged, exploded: the parameter norm above this multiple of its initial value
   c.train.xla_gpu_flags = False  # add the recommended XLA GPU flags (latency-hiding scheduler, ...) to XLA_FLAGS
 
   # ---- evaluation ---------------------------------------------------------

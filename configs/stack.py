@@ -38,7 +38,7 @@ def get_config(arg: str = "pretrain"):
     source.val_fraction = HELD_OUT
     if stage == "dpo":
       # Chosen on the held-out pairs from the quick stack's SFT model (2026-12-03, one run each, 407
-      # pairs; README): β = 0.1 with 150 steps moved preference accuracy +0.015 (p = 0.5), β = 0.5 with
+      # pairs; docs/objectives.md): β = 0.1 with 150 steps moved preference accuracy +0.015 (p = 0.5), β = 0.5 with
       # 300 steps +0.049 (p = 0.003) and, with RPO's NLL term (α = 0.5), +0.044 (p = 0.004) at a third
       # of the drift in the SFT loss; lr 5e-4 moved it more than dpo.py's 1e-4.
       c.optimizer.learning_rate = 5e-4

@@ -19,7 +19,7 @@ with 0.2 of each kind, the default model never told `hard` or `random` pairs apa
 also on its training pairs), and those pairs made DPO fail: its training loss rose above ln 2 and
 held-out preference accuracy went 0.602 -> 0.625 (an SFT model's right summary is another pair's
 rejected one, so the two kinds of update cancel). With the damaged kinds only, the same DPO stage
-lowers its loss to ~0.5 and moves held-out accuracy clearly (README, "The objective stack").
+lowers its loss to ~0.5 and moves held-out accuracy clearly (docs/objectives.md, "The stack on offline data").
 
 Each pair draws its kind from `DESIGN` with an RNG seeded by the function's name; a kind that has
 no candidate (a summary without a content word, or too short to repeat) falls back to the next
