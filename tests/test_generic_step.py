@@ -11,6 +11,7 @@ must have the same bits. The failing twin: the same compiled new step fed one mo
 """
 
 import functools
+import math
 import os
 import sys
 
@@ -20,7 +21,7 @@ from _tiny import run_on_8_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = [(8, 1, 1), (2, 2, 2)]
-ACCUMULATION = {(8, 1, 1): (1, 4), (2, 2, 2): (1, 2)}  # k = 2 and 4 run the same loop: one of them per mesh
+ACCUMULATION = {(8, 1, 1): (1, 4), (2, 2, 2): (1, 2), (1, 1, 1): (2,)}  # k = 2 and 4 run the same loop: one of them per mesh
 B, T, STEPS = 16, 12, 2
 
 
@@ -58,7 +59,8 @@ def _one_more_scored_token(batch):
   return {**batch, "loss_mask": batch["loss_mask"].at[1, -1].set(~batch["loss_mask"][1, -1])}
 
 
-def worker() -> dict:
+def worker(meshes=MESHES, only: str | None = None) -> dict:
+  """{mesh/case/k: the differing leaves of new vs old}; `only` keeps the cases of that name."""
   import jax
   import jax.numpy as jnp
 
@@ -72,20 +74,21 @@ def worker() -> dict:
   from lmobjective.objectives import next_token, preference
   from lmobjective.optimizer import make_optimizer
 
-  assert jax.device_count() == 8
+  assert jax.device_count() >= max(a * b * c for a, b, c in meshes)
   c = config_lib.typed(tiny_config("/unused", **{"model.num_heads": 4, "model.embed_dim": 32, "model.dropout": 0.1}))
   vocab = 64
   model = Transformer(ModelConfig.from_config(c.model, vocab, T))
   tx = make_optimizer(c.optimizer, c.train.steps, sharding.logical_axes(model))
   out = {}
-  for mesh_shape in MESHES:
+  for mesh_shape in meshes:
     cases = [("next_token", next_token.NextToken(z_loss=1e-3), "next_token", k) for k in ACCUMULATION[mesh_shape]]
     cases += [("dpo_live", preference.DPO(beta=0.5, label_smoothing=0.1, rpo_alpha=0.5, reference="live"), "dpo", k)
               for k in ACCUMULATION[mesh_shape]]
     if mesh_shape == MESHES[-1]:
       cases += [("dpo_cached", preference.DPO(beta=0.5, reference="cached"), "dpo", 2),
                 ("simpo", preference.SimPO(beta=2.0, simpo_gamma=0.5, label_smoothing=0.1), "simpo", 2)]
-    mesh = sharding.make_mesh(config_lib.MeshConfig(*mesh_shape))
+    cases = [case for case in cases if only in (None, case[0])]
+    mesh = sharding.make_mesh(config_lib.MeshConfig(*mesh_shape), jax.devices()[:math.prod(mesh_shape)])
     with sharding.activate(mesh):
       params_sharding = sharding.param_shardings(model, mesh, (B, T))
       init = functools.partial(step.init_state, model, tx, batch_shape=(B, T))
@@ -151,6 +154,13 @@ def test_the_generic_step_is_the_old_steps_bit_for_bit(result, mesh):
   for key, r in cases.items():
     assert r["state"] == [] and r["metrics"] == [] and r["eval"] == [], (key, r)
     assert r["changed"] > 0 and r["loss"] == r["loss"], key  # the steps did something, finitely
+
+
+def test_on_one_device_dpo_with_a_live_reference_and_accumulation_is_the_old_step_bit_for_bit():
+  """The fast tier's share: one case, in this process, on one device."""
+  (r,) = worker(meshes=[(1, 1, 1)], only="dpo_live").values()
+  assert r["state"] == [] and r["metrics"] == [] and r["eval"] == [], r
+  assert r["changed"] > 0 and r["loss"] == r["loss"]
 
 
 @pytest.mark.slow

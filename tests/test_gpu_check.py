@@ -24,3 +24,22 @@ def test_gpu_check_dry_run_passes_every_step_and_prints_the_time_to_loss_table(t
   table = text[text.index("| row | runs reaching L*"):].splitlines()
   assert table[2].startswith("| char_fast | 1/1 |")  # a tiny run reaches L* = 4 nats/char
   assert text.rstrip().endswith("all steps passed (log: " + str(log) + ")")
+
+
+def test_the_script_parses_and_every_flag_it_passes_is_defined():
+  """The fast tier's share: `bash -n`, and each `--flag=` given to an experiments/*.py script is one
+  that script defines (a renamed flag would otherwise fail only on the GPU machine, or in the slow
+  dry run)."""
+  import re
+
+  script = os.path.join(ROOT, "experiments", "gpu_check.sh")
+  assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+  text = open(script).read().replace("\\\n", " ")
+  calls = re.findall(r'"\$PY" (experiments/\w+\.py)([^\n]*)', text)
+  assert {c[0] for c in calls} == {"experiments/bench_loss.py", "experiments/bench_nanogpt.py",
+                                   "experiments/bench_time_to_loss.py"}
+  for path, args in calls:
+    source = open(os.path.join(ROOT, path)).read()
+    defined = set(re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', source))
+    passed = set(re.findall(r"--(\w+)=", args))
+    assert passed and passed <= defined, (path, sorted(passed - defined))

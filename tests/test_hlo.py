@@ -175,3 +175,19 @@ if __name__ == "__main__":
   if "--table" in sys.argv[2:]:
     print(table(result))
   print(json.dumps(result))
+
+
+def test_on_one_device_the_lowered_step_holds_every_constraint_and_a_bare_jit_none(tmp_path):
+  """The fast tier's share, in this process: lowering only (nothing compiled), on one device."""
+  import jax
+
+  from lmobjective import hlo, sharding
+  from lmobjective.run import experiment
+  from _tiny import tiny_config
+
+  exp = experiment.build(tiny_config(tmp_path / "cache"), str(tmp_path / "run"))
+  state = sharding.abstract_state(exp.init_fn.eval_shape(jax.random.key(0)), exp.state_sharding)
+  batch = experiment.device_batch(exp, next(exp.pipeline.train_iterator()))
+  expected = _expected_constraints(exp.model_cfg.num_layers)
+  assert hlo.sharding_constraints(exp.train_fn.lower(state, batch).as_text()) == expected
+  assert hlo.sharding_constraints(exp.train_fn._jit.lower(state, batch).as_text()) < expected

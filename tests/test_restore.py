@@ -128,3 +128,11 @@ def test_evaluate_cli(run8, tmp_path):
   out = dict(l.split(None, 1) for l in r.stdout.strip().splitlines())
   assert int(out["bytes"]) == len(TEXT.encode())
   assert float(out["perplexity"]) == pytest.approx(math.exp(float(out["loss"].split()[0])), rel=1e-4)
+
+
+def test_restore_of_a_run_without_checkpoints_names_the_folder_and_writes_nothing(tmp_path):
+  """The fast tier's share of this file: a reader never creates what it looks for."""
+  empty = tmp_path / "never_trained"
+  with pytest.raises(FileNotFoundError, match=f"no checkpoints in {empty}/checkpoints$"):
+    lmobjective.restore(str(empty))
+  assert list(tmp_path.iterdir()) == []

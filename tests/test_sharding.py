@@ -181,3 +181,30 @@ if __name__ == "__main__":
     print(json.dumps(muon_worker(sys.argv[1])))
   else:
     print(json.dumps(worker(sys.argv[1], break_mesh="--break" in sys.argv[2:])))
+
+
+# Each parameter's mesh axes, read by hand from sharding.RULES (embed -> fsdp; vocab, heads, kv_heads,
+# mlp -> tensor; head_dim, layers -> not split) and the logical names model.py gives each kernel.
+SPLIT = {
+    "attn/query/kernel": ("fsdp", "tensor", None), "attn/key/kernel": ("fsdp", "tensor", None),
+    "attn/value/kernel": ("fsdp", "tensor", None), "attn/out/kernel": ("tensor", None, "fsdp"),
+    "mlp/gate/kernel": ("fsdp", "tensor"), "mlp/up/kernel": ("fsdp", "tensor"), "mlp/down/kernel": ("tensor", "fsdp"),
+    "attn_norm/scale": ("fsdp",), "mlp_norm/scale": ("fsdp",), "final_norm/scale": ("fsdp",),
+    "token_embed/embedding": ("tensor", "fsdp"),
+}
+
+
+def test_each_parameter_is_split_over_the_mesh_axes_its_logical_names_map_to():
+  """The fast tier's share, in this process: the declared layout of the tiny model's every parameter."""
+  import jax
+
+  from lmobjective import config as config_lib
+  from lmobjective import sharding
+  from lmobjective.model import ModelConfig, Transformer
+  from _tiny import tiny_config as tiny
+
+  model = Transformer(ModelConfig.from_config(config_lib.typed(tiny("/unused")).model, 64, 8))
+  specs = sharding.param_shardings(model, sharding.single_device_mesh(), (1, 8))
+  got = {"/".join(k.key for k in path if not k.key.startswith("block_")): tuple(s.spec)
+         for path, s in jax.tree_util.tree_flatten_with_path(specs)[0]}
+  assert got == SPLIT

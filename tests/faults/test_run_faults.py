@@ -24,7 +24,6 @@ from lmobjective.config import ConfigError  # noqa: E402
 from lmobjective.run import checkpoint as ckpt_lib  # noqa: E402
 from lmobjective.run import metrics_log, train  # noqa: E402
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +59,7 @@ def reference(fault_setup, tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_kills_and_full_disks_at_named_points_lose_nothing(fault_setup, reference, tmp_path):
   """One workdir through five faults in a row, then a clean finish equal to the reference."""
   cfg, w = fault_setup[0], tmp_path / "run"
@@ -110,6 +110,7 @@ def _mount_tmpfs(path, size) -> bool:
                         capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spare", [200_000, 150_000])
 def test_a_real_full_disk_stops_at_the_failed_save_and_resumes_after_space_is_freed(fault_setup, reference, tmp_path,
                                                                                     spare):
@@ -135,6 +136,7 @@ def test_a_real_full_disk_stops_at_the_failed_save_and_resumes_after_space_is_fr
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_resume_on_changed_data_is_refused_naming_the_source(fault_setup, tmp_path):
   text = tmp_path / "corpus.txt"
   shutil.copy(fault_setup[1], text)
@@ -152,6 +154,7 @@ def test_resume_on_changed_data_is_refused_naming_the_source(fault_setup, tmp_pa
   assert ckpt_lib.finalized_steps(str(w))[-1] == 4
 
 
+@pytest.mark.slow
 def test_a_touched_but_unchanged_source_resumes_with_a_word(fault_setup, tmp_path, capfd):
   w = tmp_path / "run"
   text = tmp_path / "corpus.txt"
@@ -164,6 +167,7 @@ def test_a_touched_but_unchanged_source_resumes_with_a_word(fault_setup, tmp_pat
   assert "data.sources.text: modified time changed, sampled content identical since the checkpoint" in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_cache_replaced_by_other_tokens_is_refused(fault_setup, tmp_path):
   """The tokenized cache is keyed by the source; one overwritten with another source's valid
   arrays would feed other tokens: its sampled ids differ from the checkpoint's."""
@@ -181,6 +185,7 @@ def test_a_cache_replaced_by_other_tokens_is_refused(fault_setup, tmp_path):
     train.run(cfg(**{"train.steps": 4, "checkpoint.allow_config_change": True}), str(w))
 
 
+@pytest.mark.slow
 def test_every_checkpoint_damaged_refuses_then_starts_over_only_when_asked(fault_setup, tmp_path):
   w = tmp_path / "run"
   cfg = lambda **o: in_process_config(fault_setup, **{"train.steps": 4, **o})
@@ -203,6 +208,7 @@ def test_every_checkpoint_damaged_refuses_then_starts_over_only_when_asked(fault
   assert ckpt_lib.finalized_steps(str(w)) == [2, 4]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_a_huge_learning_rate_is_a_divergence_under_both_nan_policies(fault_setup, tmp_path, policy):
   w = tmp_path / "run"
@@ -231,6 +237,7 @@ def _zero_gradients_from(monkeypatch, first_step):
   monkeypatch.setattr(step, "train_step", dead)
 
 
+@pytest.mark.slow
 def test_a_dead_model_stops_after_dead_grad_steps_and_is_never_saved(fault_setup, tmp_path, monkeypatch):
   _zero_gradients_from(monkeypatch, 3)
   w = tmp_path / "run"
@@ -243,6 +250,7 @@ def test_a_dead_model_stops_after_dead_grad_steps_and_is_never_saved(fault_setup
   assert ckpt_lib.finalized_steps(str(w2)) == [2]
 
 
+@pytest.mark.slow
 def test_too_many_skipped_steps_is_a_divergence(fault_setup, tmp_path, monkeypatch):
   import jax.numpy as jnp
 
@@ -260,6 +268,7 @@ def test_too_many_skipped_steps_is_a_divergence(fault_setup, tmp_path, monkeypat
     train.run(cfg, str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_divergence_exits_3_with_one_line(fault_setup, tmp_path):
   p = cli(fault_setup[0], tmp_path / "run", "optimizer.learning_rate=1e3")
   assert p.returncode == 3
