@@ -45,6 +45,7 @@ def test_both_variants_validate_once_given_a_text_file(arg, tmp_path):
   validate(c)
 
 
+@pytest.mark.slow
 def test_cpu_devices_flag_runs_on_that_many_devices(tmp_path):
   text = tmp_path / "input.txt"
   text.write_text("the quick brown fox jumps over the lazy dog\n" * 400)

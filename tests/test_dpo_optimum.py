@@ -63,6 +63,7 @@ def _renormalised(logp_K):
   return p / p.sum()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", list(REWARDS))
 def test_implicit_rewards_equal_the_bradley_terry_fit(trained, prompt):
   t = trained[prompt]
@@ -77,6 +78,7 @@ def test_implicit_rewards_equal_the_bradley_terry_fit(trained, prompt):
   assert (np.abs(t["implicit"] - t["true"]) <= 4 * stderr + 2e-3).all(), (t["implicit"], t["true"], stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", list(REWARDS))
 def test_policy_over_the_candidates_is_reference_times_exp_reward_over_beta(trained, prompt):
   t = trained[prompt]
@@ -91,3 +93,16 @@ def test_policy_over_the_candidates_is_reference_times_exp_reward_over_beta(trai
   spread = np.quantile([np.abs(optimum(r) - optimum(fit)).max() for r in draws], 0.999)
   assert np.abs(policy_K - optimum(t["true"])).max() <= spread + 1e-3, (policy_K, optimum(t["true"]), spread)
   assert np.abs(policy_K - _renormalised(t["reference"])).max() > 0.05  # and it did move from the reference
+
+
+@pytest.mark.parametrize("prompt", list(REWARDS))
+def test_the_bradley_terry_fit_recovers_rewards_from_their_expected_wins(prompt):
+  """The fast tier's share: the reference the slow tests hold DPO to. Fed each pair's expected win
+  counts (n·σ(r_i − r_j), no sampling noise), the maximum-likelihood fit is the true rewards
+  (r_0 = 0), and its covariance shrinks as 1/n."""
+  r_K = np.array(list(REWARDS[prompt].values()))
+  expected = lambda n: n / (1 + np.exp(-(r_K[:, None] - r_K[None, :]))) * (1 - np.eye(len(r_K)))
+  fit, cov = bradley_terry_fit(expected(1000.0))
+  np.testing.assert_allclose(fit, r_K - r_K[0], atol=1e-10, rtol=0)
+  fit4, cov4 = bradley_terry_fit(expected(4000.0))
+  np.testing.assert_allclose(cov4[1:, 1:] * 4, cov[1:, 1:], rtol=1e-9)

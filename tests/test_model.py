@@ -131,7 +131,7 @@ def test_gqa_matches_mha_with_repeated_kv_heads():
                              np.asarray(model_m.apply({"params": p_m}, tokens)), atol=1e-5)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
+@pytest.mark.parametrize("remat", [pytest.param("full", marks=pytest.mark.slow), "dots_saveable"])
 def test_remat_gives_the_same_loss_and_gradients(remat):
   model, params = _init(MODERN)
   model_r = M.Transformer(dataclasses.replace(MODERN, remat=remat))

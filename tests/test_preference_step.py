@@ -58,7 +58,8 @@ def _eval(loss, params, batch, *reference):
       params, batch, *reference)
 
 
-@pytest.mark.parametrize("k,loss", [(2, DPO), (4, DPO), (4, RPO)], ids=["dpo-2", "dpo-4", "rpo-4"])
+@pytest.mark.parametrize("k,loss", [(2, DPO), pytest.param(4, DPO, marks=pytest.mark.slow), pytest.param(4, RPO, marks=pytest.mark.slow)],
+                         ids=["dpo-2", "dpo-4", "rpo-4"])
 def test_accumulation_keeps_pairs_whole_and_equals_the_full_batch(k, loss):
   batch, reference = _pairs(np.random.default_rng(k)), _state(optax.sgd(1.0), seed=1).params
   full, m_full = _train(loss, 1, batch, reference)
@@ -159,7 +160,7 @@ def test_chunked_loss_gives_the_dense_step():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), dense.params, chunked.params)
 
 
-@pytest.mark.parametrize("loss", [DPO, preference.IPO(beta=0.5, reference="live")])
+@pytest.mark.parametrize("loss", [DPO, pytest.param(preference.IPO(beta=0.5, reference="live"), marks=pytest.mark.slow)])
 def test_a_batchs_reference_logps_stand_in_for_the_reference_forward(loss):
   """A cached reference (the batch's values, as `run/reference_cache.py` makes them) gives the live step;
   IPO also reads the reference's lengths, which come from the policy's rows."""

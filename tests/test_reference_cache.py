@@ -132,6 +132,7 @@ def _lines(workdir):
   return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in open(workdir / "metrics.jsonl")]
 
 
+@pytest.mark.slow
 def test_a_cached_dpo_run_logs_the_live_runs_lines(world):
   d, _ = world
   for mode in ("cached", "live"):

@@ -20,7 +20,7 @@ SCAN = dataclasses.replace(MODERN, scan_layers=True, num_kv_heads=1)  # MQA, sta
 _STATIC = ("model", "max_new_tokens", "temperature", "top_k")
 generate_cached = jax.jit(gen.generate_cached, static_argnames=_STATIC)
 generate_uncached = jax.jit(gen.generate_uncached, static_argnames=_STATIC)
-CONFIGS = pytest.mark.parametrize("cfg", [MODERN, GPT2, SCAN], ids=["rope_gqa", "learned", "scan_mqa"])
+CONFIGS = pytest.mark.parametrize("cfg", [pytest.param(MODERN, marks=pytest.mark.slow), GPT2, SCAN], ids=["rope_gqa", "learned", "scan_mqa"])
 
 
 def _init(cfg):

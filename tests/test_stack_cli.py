@@ -73,6 +73,7 @@ def _lines(workdir):
   return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
+@pytest.mark.slow
 def test_each_stage_starts_from_the_one_before(stack):
   d, _ = stack
   for stage, origin in (("sft", "pretrain"), ("dpo", "sft")):
@@ -85,6 +86,7 @@ def test_each_stage_starts_from_the_one_before(stack):
   assert abs(first["val_rewards/margins"]) < 1e-6 and abs(first["val_rewards/chosen"]) < 1e-6
 
 
+@pytest.mark.slow
 def test_dpo_lines_carry_trls_names_in_the_log_and_tensorboard(stack):
   d, _ = stack
   lines = _lines(d / "dpo")
@@ -102,6 +104,7 @@ def test_dpo_lines_carry_trls_names_in_the_log_and_tensorboard(stack):
   assert os.path.exists(d / "dpo" / "loss_curves.png")
 
 
+@pytest.mark.slow
 def test_kill_9_mid_dpo_then_resume_equals_the_uninterrupted_run_bit_for_bit(stack):
   d, cfg = stack
   killed = d / "dpo_killed"
@@ -121,6 +124,7 @@ def test_kill_9_mid_dpo_then_resume_equals_the_uninterrupted_run_bit_for_bit(sta
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a.params, b.params)
 
 
+@pytest.mark.slow
 def test_a_chat_prompt_is_rendered_with_the_template_and_the_reply_ends_at_the_turn(stack):
   d, _ = stack
   from lmobjective.analysis import inspection
@@ -135,6 +139,7 @@ def test_a_chat_prompt_is_rendered_with_the_template_and_the_reply_ends_at_the_t
   assert "<|end|>" not in reply
 
 
+@pytest.mark.slow
 def test_the_stack_table_agrees_with_each_stages_own_eval_lines(stack, tmp_path):
   d, _ = stack
   from lmobjective.analysis import stack as stack_table

@@ -21,7 +21,7 @@ def _pending(program) -> int:
   return sum(isinstance(v, concurrent.futures.Future) for v in program._compiled.values())
 
 
-@pytest.mark.parametrize("overrides", [{}, {"train.grad_accum_steps": 2, "model.scan_layers": True}])
+@pytest.mark.parametrize("overrides", [{}, pytest.param({"train.grad_accum_steps": 2, "model.scan_layers": True}, marks=pytest.mark.slow)])
 def test_the_train_step_compiled_ahead_is_the_one_that_runs(tmp_path, overrides):
   exp = experiment.build(tiny_config(tmp_path / "cache", **overrides), str(tmp_path / "run"))
   assert _pending(exp.train_fn) == 0

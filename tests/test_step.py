@@ -57,7 +57,7 @@ def _one_step(tx, k, batch, z_loss=0.0):
   return fn(state, batch)
 
 
-@pytest.mark.parametrize("k", [2, 4, 8])
+@pytest.mark.parametrize("k", [2, pytest.param(4, marks=pytest.mark.slow), pytest.param(8, marks=pytest.mark.slow)])
 def test_grad_accumulation_equals_full_batch(k):
   batch = _batch(np.random.default_rng(k))
   tx = optax.sgd(1.0)  # params move by exactly -grad, so params compare gradients

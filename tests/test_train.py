@@ -61,6 +61,7 @@ def test_per_source_token_accounting(tiny_run):
   assert sum(last[f"share/{n}"] for n in counts) == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses_bit_for_bit(tmp_path, tiny_run):
   workdir, _ = tiny_run
   first = [r["train_loss"] for r in metrics_log.read_metrics(workdir) if "train_loss" in r]
@@ -114,6 +115,7 @@ def test_bad_config_stops_with_one_line_naming_the_key(tmp_path, override, key):
   assert not (tmp_path / "bad").exists()  # nothing half written
 
 
+@pytest.mark.slow
 def test_positions_per_sec_counts_device_time_not_dispatch(tmp_path):
   """Each step is made to take >= 20 ms on the device (a callback inside the jitted program, so the
   host's dispatch returns at once): positions_per_sec must count that time, which it does only when
@@ -182,6 +184,7 @@ def test_pending_metrics_from_an_older_checkpoint_get_sums():
   assert upgrade(dict(new)) == new
 
 
+@pytest.mark.slow
 def test_the_library_entry_point_runs_no_analysis_unless_asked(tmp_path):
   """train.run alone writes checkpoints and metrics but no plots, position losses or diagnostics;
   the CLI passes post_run.STEPS, and the module of the loop imports none of them."""
