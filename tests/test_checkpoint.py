@@ -144,6 +144,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, cache,
   assert_same_params(inspection.restore(str(workdir)).params, inspection.restore(str(reference)).params)
 
 
+@pytest.mark.slow
 def test_flipped_bytes_are_caught_by_the_checksum(tmp_path, reference, capfd):
   workdir = tmp_path / "run"
   shutil.copytree(reference, workdir)

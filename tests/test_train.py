@@ -29,6 +29,7 @@ def tiny_run(tmp_path_factory):
   return workdir, last_eval
 
 
+@pytest.mark.slow
 def test_run_writes_every_output(tiny_run):
   workdir, last_eval = tiny_run
   cfg = json.load(open(os.path.join(workdir, "config.json")))
@@ -52,6 +53,7 @@ def test_run_writes_every_output(tiny_run):
   assert os.path.getsize(os.path.join(workdir, "loss_curves.png")) > 10_000
 
 
+@pytest.mark.slow
 def test_per_source_token_accounting(tiny_run):
   workdir, _ = tiny_run
   last = [r for r in metrics_log.read_metrics(workdir) if "train_loss" in r][-1]
