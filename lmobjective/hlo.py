@@ -57,6 +57,43 @@ def collectives(compiled_text: str) -> list[Collective]:
   return out
 
 
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_CALLED = re.compile(r"(?:body|condition|to_apply|calls)=%?([\w.\-]+)|branch_computations=\{([^}]*)\}")
+
+
+def _computations(compiled_text: str) -> dict[str, list[str]]:
+  """{computation name: its instruction lines} of an HLO module's text."""
+  out, name = {}, None
+  for line in compiled_text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m:
+      name = m.group(1)
+      out[name] = []
+    elif line.startswith("}"):
+      name = None
+    elif name is not None:
+      out[name].append(line)
+  return out
+
+
+def loop_collectives(compiled_text: str) -> list[Collective]:
+  """The collectives that run inside a `while` loop's body (or a computation it calls): those
+  repeat every iteration, e.g. every decoded token of a sampler."""
+  comps = _computations(compiled_text)
+  todo = [m.group(1) for lines in comps.values() for line in lines if " while(" in line
+          for m in re.finditer(r"body=%?([\w.\-]+)", line)]
+  seen = set()
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in comps:
+      continue
+    seen.add(name)
+    for line in comps[name]:
+      for m in _CALLED.finditer(line):
+        todo += [m.group(1)] if m.group(1) else [n.strip().lstrip("%") for n in m.group(2).split(",")]
+  return [c for name in comps if name in seen for c in collectives("\n".join(comps[name]))]
+
+
 def collective_bytes(compiled_text: str) -> dict[str, int]:
   """{kind: total bytes per device} over the program (kinds absent from it are 0)."""
   totals = collections.Counter({k: 0 for k in COLLECTIVES})

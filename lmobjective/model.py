@@ -33,6 +33,7 @@ class ModelConfig:
   """The model's resolved shape and numerics. No defaults: build it with `from_config` (from
   `config.model` of configs/default.py), or `dataclasses.replace` an existing one."""
   vocab_size: int
+  vocab_limit: int | None  # the tokenizer's vocabulary when vocab_size pads beyond it; else None
   num_layers: int
   num_heads: int
   num_kv_heads: int
@@ -61,9 +62,14 @@ class ModelConfig:
   @classmethod
   def from_config(cls, m: ModelSection, vocab_size: int,
                   context_length: int | None = None) -> "ModelConfig":
-    """Resolves defaults (kv heads, MLP width, vocabulary, max_len = context_length) from `config.model`."""
+    """Resolves defaults (kv heads, MLP width, vocabulary, max_len = context_length) from `config.model`.
+
+    `vocab_size` is the tokenizer's. A larger `model.vocab_size` pads the embedding and the head
+    (for a mesh's tensor axis, or speed); the padded ids get `vocab_limit` (see `Transformer.head`).
+    """
+    padded = m.vocab_size or vocab_size
     return cls(
-        vocab_size=m.vocab_size or vocab_size, num_layers=m.num_layers, num_heads=m.num_heads,
+        vocab_size=padded, vocab_limit=vocab_size if padded > vocab_size else None, num_layers=m.num_layers, num_heads=m.num_heads,
         num_kv_heads=m.num_kv_heads or m.num_heads, embed_dim=m.embed_dim, mlp_dim=config_lib.mlp_dim(m),
         max_len=m.max_len if m.max_len is not None else context_length, position=m.position,
         rope_theta=m.rope_theta, norm=m.norm, mlp=m.mlp, qk_norm=m.qk_norm, use_bias=m.use_bias,
@@ -185,13 +191,21 @@ def init_cache(cfg: ModelConfig, batch_size: int, length: int) -> list | dict:
   return layer() if cfg.scan_layers else [layer() for _ in range(L)]
 
 
-def _update_cache(cache: dict, k_BxSxKxH: Array, v_BxSxKxH: Array):
-  """Writes S new keys/values at slot `index`; the mask lets query i see slots <= index + i."""
+def _update_cache(cache: dict, k_BxSxKxH: Array, v_BxSxKxH: Array, kv_valid_Bx1x1xM: Array | None = None):
+  """Writes S new keys/values at slot `index`; the mask lets query i see slots <= index + i.
+
+  `kv_valid_Bx1x1xM` (ragged batches): the slots that hold a row's tokens. A row's left padding is
+  never a key of its real tokens; a padding query sees only its own slot (its output is unused, and
+  no query row is ever empty).
+  """
   i, S = cache["index"], k_BxSxKxH.shape[1]
   k_BxMxKxH = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BxSxKxH.astype(cache["k"].dtype), i, axis=1)
   v_BxMxKxH = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BxSxKxH.astype(cache["v"].dtype), i, axis=1)
   q_slot_S, kv_slot_M = i + jnp.arange(S), jnp.arange(k_BxMxKxH.shape[1])
   mask_1x1xSxM = (kv_slot_M[None, :] <= q_slot_S[:, None])[None, None]
+  if kv_valid_Bx1x1xM is not None:
+    own_1x1xSxM = (kv_slot_M[None, :] == q_slot_S[:, None])[None, None]
+    mask_1x1xSxM = mask_1x1xSxM & (kv_valid_Bx1x1xM | own_1x1xSxM)
   return k_BxMxKxH, v_BxMxKxH, mask_1x1xSxM, {"k": k_BxMxKxH, "v": v_BxMxKxH, "index": i + S}
 
 
@@ -214,7 +228,8 @@ class Attention(nn.Module):
       q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
       k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
     if cache is not None:  # the same projections and rope as training; only the key set grows
-      k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT, cache = _update_cache(cache, k_BxTxKxH, v_BxTxKxH)
+      # (decoding passes the cache slots that hold tokens as `mask_Bx1xTxT`, [B,1,1,M], or None)
+      k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT, cache = _update_cache(cache, k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT)
     out_BxTxNxH = jax.nn.dot_product_attention(
         q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT, is_causal=cache is None,
         implementation=_attention_impl(cfg) if cache is None else "xla")
@@ -319,15 +334,18 @@ class Transformer(nn.Module):
         new_cache.append(c)
     return x_BxTxD, new_cache
 
-  def decode(self, inputs_BxS, positions_BxS, cache, last_only: bool = False):
+  def decode(self, inputs_BxS, positions_BxS, cache, last_only: bool = False, kv_valid_BxM=None):
     """Incremental forward for sampling: logits [B,S,V] of S new tokens and the updated cache.
 
     The same embed -> blocks -> head as `__call__`; attention reads the cached keys/values of
     earlier tokens (`init_cache`), so feeding a sequence in pieces gives the full-forward logits.
     `last_only`: logits of the last new token only ([B,1,V]; a prefill needs no more).
+    `kv_valid_BxM`: which of the cache's M slots hold each row's tokens (left-padded prompts of
+    different lengths; None: all), with `positions_BxS` counting from each row's first token.
     """
+    mask = None if kv_valid_BxM is None else kv_valid_BxM[:, None, None, :]
     x_BxSxD = self.embed(inputs_BxS, positions_BxS)
-    x_BxSxD, cache = self._blocks(x_BxSxD, positions_BxS, None, True, cache)
+    x_BxSxD, cache = self._blocks(x_BxSxD, positions_BxS, mask, True, cache)
     if last_only:
       x_BxSxD = x_BxSxD[:, -1:]
     return self.head(self.final_norm(x_BxSxD)), cache
@@ -339,11 +357,17 @@ class Transformer(nn.Module):
     return self.backbone(x_BxTxD, positions_BxT, segment_ids_BxT, deterministic)
 
   def head(self, h_BxTxD):
-    if self.cfg.tie_embeddings:  # as a 2-D matmul, for the reason given in `Projection`
+    """Logits [B,T,V]. Ids at or above `cfg.vocab_limit` (padding rows no tokenizer can produce or
+    decode) get -inf: every objective, every score and the sampler normalise over the same ids,
+    and none of them can put mass on an id that is not a token."""
+    cfg = self.cfg
+    if cfg.tie_embeddings:  # as a 2-D matmul, for the reason given in `Projection`
       h_NxD = h_BxTxD.reshape(-1, h_BxTxD.shape[-1])
-      logits_BxTxV = self.token_embed.attend(h_NxD).reshape(h_BxTxD.shape[:-1] + (self.cfg.vocab_size,))
+      logits_BxTxV = self.token_embed.attend(h_NxD).reshape(h_BxTxD.shape[:-1] + (cfg.vocab_size,))
     else:
       logits_BxTxV = self.lm_head(h_BxTxD)
+    if cfg.vocab_limit is not None and cfg.vocab_limit < cfg.vocab_size:
+      logits_BxTxV = jnp.where(jnp.arange(cfg.vocab_size) < cfg.vocab_limit, logits_BxTxV, -jnp.inf)
     return nn.with_logical_constraint(logits_BxTxV, ("batch", "seq", "vocab"))
 
   def __call__(self, inputs_BxT, positions_BxT=None, segment_ids_BxT=None, deterministic: bool = True):

@@ -20,6 +20,7 @@ def test_gpu_check_dry_run_passes_every_step_and_prints_the_time_to_loss_table(t
   for name in ("gpu_tests", "chunked_loss_memory", "time_to_loss"):
     assert f"=== {name}: exit 0" in text, name
   assert "=== bench_nanogpt: skipped" in text
+  assert "=== bench_sampling: exit 0" in text or "=== bench_sampling: skipped (no torch or transformers" in text
   assert "1 passed, 1 skipped" in text  # bf16 vs float32 ran; cuDNN needs a GPU
   table = text[text.index("| row | runs reaching L*"):].splitlines()
   assert table[2].startswith("| char_fast | 1/1 |")  # a tiny run reaches L* = 4 nats/char
@@ -37,7 +38,7 @@ def test_the_script_parses_and_every_flag_it_passes_is_defined():
   text = open(script).read().replace("\\\n", " ")
   calls = re.findall(r'"\$PY" (experiments/\w+\.py)([^\n]*)', text)
   assert {c[0] for c in calls} == {"experiments/bench_loss.py", "experiments/bench_nanogpt.py",
-                                   "experiments/bench_time_to_loss.py"}
+                                   "experiments/bench_time_to_loss.py", "experiments/bench_sampling.py"}
   for path, args in calls:
     source = open(os.path.join(ROOT, path)).read()
     defined = set(re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', source))

@@ -191,3 +191,41 @@ def test_on_one_device_the_lowered_step_holds_every_constraint_and_a_bare_jit_no
   expected = _expected_constraints(exp.model_cfg.num_layers)
   assert hlo.sharding_constraints(exp.train_fn.lower(state, batch).as_text()) == expected
   assert hlo.sharding_constraints(exp.train_fn._jit.lower(state, batch).as_text()) < expected
+
+
+LOOP_HLO = """HloModule m
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]) parameter(0)
+  %x = f32[4] get-tuple-element(%p), index=1
+  %r = f32[4] all-reduce(%x), replica_groups={}, to_apply=%add, metadata={op_name="jit(f)/while/body/psum"}
+  %c = f32[8] call(%x), to_apply=%inner
+  ROOT %t = (s32[], f32[4]) tuple(%i, %r)
+}
+
+%inner (q: f32[4]) -> f32[8] {
+  %q = f32[4] parameter(0)
+  ROOT %g = f32[8] all-gather(%q), dimensions={0}, metadata={op_name="jit(f)/while/body/inner/gather"}
+}
+
+%cond (p: (s32[], f32[4])) -> pred[] {
+  ROOT %lt = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4] parameter(0)
+  %before = f32[8] all-gather(%a), dimensions={0}, metadata={op_name="jit(f)/gather_once"}
+  %w = (s32[], f32[4]) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[4] get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_loop_collectives_are_those_of_the_while_body_and_what_it_calls():
+  """A hand-written module: the all-gather before the loop is not a loop collective; the body's
+  all-reduce and the all-gather of a computation the body calls are."""
+  from lmobjective import hlo
+  assert [c.kind for c in hlo.collectives(LOOP_HLO)] == ["all-reduce", "all-gather", "all-gather"]
+  loop = hlo.loop_collectives(LOOP_HLO)
+  assert [(c.kind, c.op_name) for c in loop] == [
+      ("all-reduce", "jit(f)/while/body/psum"), ("all-gather", "jit(f)/while/body/inner/gather")]

@@ -116,19 +116,9 @@ class Run:
     return pairs.evaluate_pairs(self, path, **kw)
 
   @functools.cached_property
-  def _last_logits(self):
-    def fn(params, inputs_BxT):
-      h_BxTxD = self.model.apply({"params": params}, inputs_BxT, method="hidden_states")
-      return self.model.apply({"params": params}, h_BxTxD[:, -1:], method="head")[:, 0]
-    return sharding.Program(fn, self.mesh)
-
-  @functools.cached_property
-  def _generate(self):
-    static = ("max_new_tokens", "temperature", "top_k", "vocab_limit")
-    return {True: sharding.Program(functools.partial(sampling.generate_cached, self.model), self.mesh,
-                                   static_argnames=static),
-            False: sharding.Program(functools.partial(sampling.generate_uncached, self.model), self.mesh,
-                                    static_argnames=static)}
+  def _samplers(self) -> dict[bool, sampling.Sampler]:
+    """The core sampler on this run's mesh: KV-cached (True) and the uncached reference (False)."""
+    return {cached: sampling.Sampler(self.model, self.mesh, cached=cached) for cached in (True, False)}
 
   def _chunks(self, ids: list[int]):
     """(inputs, positions, targets, mask) [C, T] for a document: EOS + ids, cut into T-token rows."""
@@ -165,49 +155,59 @@ class Run:
     out["num_bytes"] = nbytes
     return out
 
-  def next_token_distribution(self, prefix: str, top_k: int = 10) -> list[tuple[str, int, float]]:
-    """The model's top-k (token, id, probability) for the token after `prefix`, most likely first."""
-    ids = [self.tokenizer.eos_id] + self.tokenizer.encode(prefix)
-    ids = ids[-self.context_length:]
-    logits = self._last_logits(self.params, np.asarray([ids], np.int32))[0]
-    probs = np.asarray(jax.nn.softmax(logits.astype(jnp.float32)))  # over the model's whole vocabulary
-    top = np.argsort(-probs[:self.tokenizer.vocab_size], kind="stable")[:top_k]  # decodable ids only
-    return [(self.tokenizer.decode([int(i)]), int(i), float(probs[i])) for i in top]
+  def next_token_distribution(self, prefix: str | list[dict], top_k: int = 10, temperature: float = 1.0,
+                              top_p: float = 1.0) -> list[tuple[str, int, float]]:
+    """The top-k (token, id, probability) of the first token `generate(prefix, ...)` would draw, most
+    likely first: the sampler's own distribution (`sampling.logps`; temperature 1 and top_p 1 give
+    the model's). The prefix is rendered as `prompt_ids` renders it."""
+    cfg = sampling.SamplingConfig(max_new_tokens=1, temperature=temperature, top_p=top_p)
+    logp = np.asarray(self._samplers[True].next_logps(self.params, [self.prompt_ids(prefix)], cfg))[0]
+    top = np.argsort(-logp, kind="stable")[:top_k]
+    return [(self.tokenizer.decode([int(i)]), int(i), float(np.exp(logp[i]))) for i in top]
 
   # ---- sampling -----------------------------------------------------------------------------
 
   def prompt_ids(self, prompt: str | list[dict]) -> list[int]:
-    """What the model is conditioned on: EOS + the text (a document, as in pretraining), or chat
-    messages ([{'role', 'content'}, ...]) rendered with the SFT template up to the assistant header."""
+    """What the model is conditioned on, rendered as a preference pair's prompt is: EOS + the text
+    (a document, as in pretraining), or chat messages ([{'role', 'content'}, ...]) rendered with the
+    SFT template up to the assistant header."""
     if isinstance(prompt, str):
       return [self.tokenizer.eos_id] + self.tokenizer.encode(prompt)
     from lmobjective.data import sft
     return sft.render_prompt(list(prompt), self.tokenizer)
 
+  def stop_ids(self, prompt: str | list[dict]) -> tuple[int, ...]:
+    """Where a response ends: EOS after a plain prompt; the turn's <|end|> (or EOS) after a chat prompt."""
+    eos = self.tokenizer.eos_id
+    return (eos,) if isinstance(prompt, str) else (self.tokenizer.special_id("<|end|>"), eos)
+
+  def sample(self, prompts: list[str | list[dict]], max_new_tokens: int = 50, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True) -> sampling.Samples:
+    """`sampling.Samples` (NumPy) of a batch of prompts of any lengths, plain or chat, each row
+    stopping at its own terminator (`stop_ids`; a batch mixes kinds only if they share it)."""
+    stops = {self.stop_ids(p) for p in prompts}
+    if len(stops) > 1:
+      raise ValueError("prompts: plain and chat prompts end at different tokens; sample them in separate batches")
+    cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
+                                  top_p=float(top_p), stop_ids=stops.pop(), pad_id=self.tokenizer.pad_id)
+    out, _, _ = self._samplers[bool(use_cache)](self.params, [self.prompt_ids(p) for p in prompts], cfg, seed=seed)
+    return sampling.Samples(*jax.device_get(out))
+
   def generate_ids(self, prompt: str | list[dict], max_new_tokens: int = 50, temperature: float = 1.0,
-                   top_k: int | None = None, seed: int = 0, use_cache: bool = True) -> list[int]:
-    cfg = self.model.cfg
-    if cfg.position == "learned" and max_new_tokens + 1 > cfg.max_len:
-      raise ValueError(f"max_new_tokens={max_new_tokens} does not fit the learned positions (max_len={cfg.max_len})")
-    ids = self.prompt_ids(prompt)
-    if cfg.position == "learned":
-      ids = ids[-(cfg.max_len - max_new_tokens):]  # learned positions end at max_len
-    out = self._generate[bool(use_cache)](
-        self.params, np.asarray([ids], np.int32), jax.random.key(seed),
-        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
-        vocab_limit=self.tokenizer.vocab_size)
-    return [int(t) for t in np.asarray(out)[0]]
+                   top_k: int = 0, seed: int = 0, use_cache: bool = True, top_p: float = 1.0) -> list[int]:
+    """The sampled response's ids, through its terminator when it reached one (`sample` of one prompt)."""
+    s = self.sample([prompt], max_new_tokens, temperature, top_k or 0, top_p, seed, use_cache)
+    return [int(t) for t in s.tokens[0][s.response_mask[0]]]
 
   def generate(self, prompt: str | list[dict], max_new_tokens: int = 50, temperature: float = 1.0,
-               top_k: int | None = None, seed: int = 0, stop_at_eos: bool = True) -> str:
-    """Continuation of `prompt` (KV-cached decoding; temperature 0 = greedy). A chat prompt (a list
-    of messages) is rendered with the SFT template and the reply ends at the turn's <|end|>."""
-    new = self.generate_ids(prompt, max_new_tokens, temperature, top_k, seed)
-    stops = [self.tokenizer.eos_id] if stop_at_eos else []
-    if not isinstance(prompt, str):
-      stops.append(self.tokenizer.special_id("<|end|>"))
-    cut = min([new.index(t) for t in stops if t in new], default=len(new))
-    return self.tokenizer.decode(new[:cut])
+               top_k: int = 0, seed: int = 0, top_p: float = 1.0) -> str:
+    """Continuation of `prompt` as text, without its terminator (KV-cached; temperature 0 = greedy).
+    A chat prompt (a list of messages) is rendered with the SFT template and the reply ends at the
+    turn's <|end|>."""
+    new = self.generate_ids(prompt, max_new_tokens, temperature, top_k, seed, top_p=top_p)
+    if new and new[-1] in self.stop_ids(prompt):
+      new = new[:-1]
+    return self.tokenizer.decode(new)
 
   # ---- plots --------------------------------------------------------------------------------
 
