@@ -58,7 +58,7 @@ def collectives(compiled_text: str) -> list[Collective]:
 
 
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
-_CALLED = re.compile(r"(?:body|condition|to_apply|calls)=%?([\w.\-]+)|branch_computations=\{([^}]*)\}")
+_CALLED = re.compile(r"(?:body|condition|to_apply|calls)=%?([\w.\-]+)|(?:branch_computations|called_computations)=\{([^}]*)\}")
 
 
 def _computations(compiled_text: str) -> dict[str, list[str]]:
@@ -76,12 +76,12 @@ def _computations(compiled_text: str) -> dict[str, list[str]]:
   return out
 
 
-def loop_collectives(compiled_text: str) -> list[Collective]:
-  """The collectives that run inside a `while` loop's body (or a computation it calls): those
-  repeat every iteration, e.g. every decoded token of a sampler."""
+def loop_lines(compiled_text: str) -> list[str]:
+  """The instructions that run inside a `while` loop's body or condition (or a computation they
+  call, fusions included): those repeat every iteration, e.g. every decoded token of a sampler."""
   comps = _computations(compiled_text)
   todo = [m.group(1) for lines in comps.values() for line in lines if " while(" in line
-          for m in re.finditer(r"body=%?([\w.\-]+)", line)]
+          for m in re.finditer(r"(?:body|condition)=%?([\w.\-]+)", line)]
   seen = set()
   while todo:
     name = todo.pop()
@@ -91,7 +91,12 @@ def loop_collectives(compiled_text: str) -> list[Collective]:
     for line in comps[name]:
       for m in _CALLED.finditer(line):
         todo += [m.group(1)] if m.group(1) else [n.strip().lstrip("%") for n in m.group(2).split(",")]
-  return [c for name in comps if name in seen for c in collectives("\n".join(comps[name]))]
+  return [line for name in comps if name in seen for line in comps[name]]
+
+
+def loop_collectives(compiled_text: str) -> list[Collective]:
+  """The collectives among `loop_lines`: communication paid at every iteration."""
+  return collectives("\n".join(loop_lines(compiled_text)))
 
 
 def collective_bytes(compiled_text: str) -> dict[str, int]:

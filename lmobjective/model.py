@@ -178,35 +178,59 @@ def _attention_impl(cfg: ModelConfig) -> str:
   return "cudnn" if on_gpu and cudnn_ok else "xla"
 
 
-def init_cache(cfg: ModelConfig, batch_size: int, length: int) -> list | dict:
-  """An empty KV cache for `Transformer.decode`: per layer k, v [B, length, K, H] and the next slot.
+# The cache's layouts are the ones decoding's two matmuls read without a transpose (XLA:CPU otherwise
+# copies the whole cache of every layer at every new token): keys [B,K,H,M] for q.k (contracting H),
+# values [B,K,M,H] for p.v (contracting M). Logical names, for sharding the cache like the weights:
+CACHE_AXES = {"k": ("batch", "kv_heads", "head_dim", "seq"), "v": ("batch", "kv_heads", "seq", "head_dim")}
 
-  A list of per-layer dicts, or one dict with a leading layer axis when `cfg.scan_layers`.
-  """
-  K, H, L = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
+
+def init_cache(cfg: ModelConfig, batch_size: int, length: int) -> list | dict:
+  """An empty KV cache for `Transformer.decode`: per layer keys [B,K,H,M], values [B,K,M,H] (M =
+  `length` slots, `CACHE_AXES`) and the next slot. A list of per-layer dicts, or one dict with a
+  leading layer axis when `cfg.scan_layers`."""
+  K, H, L, M = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers, length
   lead = (L,) if cfg.scan_layers else ()
-  layer = lambda: {"k": jnp.zeros(lead + (batch_size, length, K, H), cfg.compute_dtype),
-                   "v": jnp.zeros(lead + (batch_size, length, K, H), cfg.compute_dtype),
+  layer = lambda: {"k": jnp.zeros(lead + (batch_size, K, H, M), cfg.compute_dtype),
+                   "v": jnp.zeros(lead + (batch_size, K, M, H), cfg.compute_dtype),
                    "index": jnp.zeros(lead, jnp.int32)}
   return layer() if cfg.scan_layers else [layer() for _ in range(L)]
 
 
 def _update_cache(cache: dict, k_BxSxKxH: Array, v_BxSxKxH: Array, kv_valid_Bx1x1xM: Array | None = None):
-  """Writes S new keys/values at slot `index`; the mask lets query i see slots <= index + i.
+  """Writes S new keys/values at slot `index`; the mask [B,1,S,M] lets query i see slots <= index + i.
 
   `kv_valid_Bx1x1xM` (ragged batches): the slots that hold a row's tokens. A row's left padding is
   never a key of its real tokens; a padding query sees only its own slot (its output is unused, and
   no query row is ever empty).
   """
   i, S = cache["index"], k_BxSxKxH.shape[1]
-  k_BxMxKxH = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BxSxKxH.astype(cache["k"].dtype), i, axis=1)
-  v_BxMxKxH = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BxSxKxH.astype(cache["v"].dtype), i, axis=1)
-  q_slot_S, kv_slot_M = i + jnp.arange(S), jnp.arange(k_BxMxKxH.shape[1])
+  k_new_BxKxHxS = jnp.transpose(k_BxSxKxH, (0, 2, 3, 1)).astype(cache["k"].dtype)
+  v_new_BxKxSxH = jnp.transpose(v_BxSxKxH, (0, 2, 1, 3)).astype(cache["v"].dtype)
+  k_BxKxHxM = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_new_BxKxHxS, i, axis=3)
+  v_BxKxMxH = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_new_BxKxSxH, i, axis=2)
+  q_slot_S, kv_slot_M = i + jnp.arange(S), jnp.arange(k_BxKxHxM.shape[3])
   mask_1x1xSxM = (kv_slot_M[None, :] <= q_slot_S[:, None])[None, None]
   if kv_valid_Bx1x1xM is not None:
     own_1x1xSxM = (kv_slot_M[None, :] == q_slot_S[:, None])[None, None]
     mask_1x1xSxM = mask_1x1xSxM & (kv_valid_Bx1x1xM | own_1x1xSxM)
-  return k_BxMxKxH, v_BxMxKxH, mask_1x1xSxM, {"k": k_BxMxKxH, "v": v_BxMxKxH, "index": i + S}
+  return k_BxKxHxM, v_BxKxMxH, mask_1x1xSxM, {"k": k_BxKxHxM, "v": v_BxKxMxH, "index": i + S}
+
+
+def _cached_attention(q_BxSxNxH: Array, k_BxKxHxM: Array, v_BxKxMxH: Array, mask_Bx1xSxM: Array) -> Array:
+  """`jax.nn.dot_product_attention`'s XLA path (float32 logits and softmax, the same scale and mask
+  value) on the cache's layouts, grouped-query heads n = k * G + g as it groups them."""
+  B, S, N, H = q_BxSxNxH.shape
+  K = k_BxKxHxM.shape[1]
+  q_BxKxSxGxH = jnp.transpose(q_BxSxNxH.reshape(B, S, K, N // K, H), (0, 2, 1, 3, 4))
+  bf16 = q_BxSxNxH.dtype == jnp.bfloat16
+  precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if bf16 else None
+  logits_BxKxSxGxM = jnp.einsum("bksgh,bkhm->bksgm", q_BxKxSxGxH, k_BxKxHxM, precision=precision,
+                                preferred_element_type=jnp.float32) * jnp.float32(H ** -0.5)
+  mask_Bx1xSx1xM = mask_Bx1xSxM[:, :, :, None, :]
+  logits_BxKxSxGxM = jnp.where(mask_Bx1xSx1xM, logits_BxKxSxGxM, -0.7 * float(jnp.finfo(jnp.float32).max))
+  probs_BxKxSxGxM = jax.nn.softmax(logits_BxKxSxGxM, axis=-1).astype(v_BxKxMxH.dtype)
+  out_BxKxSxGxH = jnp.einsum("bksgm,bkmh->bksgh", probs_BxKxSxGxM, v_BxKxMxH)
+  return jnp.transpose(out_BxKxSxGxH, (0, 2, 1, 3, 4)).reshape(B, S, N, H)
 
 
 class Attention(nn.Module):
@@ -227,12 +251,13 @@ class Attention(nn.Module):
     if cfg.position == "rope":
       q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
       k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
-    if cache is not None:  # the same projections and rope as training; only the key set grows
+    if cache is None:
+      out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT,
+                                                 is_causal=True, implementation=_attention_impl(cfg))
+    else:  # the same projections and rope as training; only the key set grows
       # (decoding passes the cache slots that hold tokens as `mask_Bx1xTxT`, [B,1,1,M], or None)
-      k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT, cache = _update_cache(cache, k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT)
-    out_BxTxNxH = jax.nn.dot_product_attention(
-        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT, is_causal=cache is None,
-        implementation=_attention_impl(cfg) if cache is None else "xla")
+      k_BxKxHxM, v_BxKxMxH, mask_Bx1xTxM, cache = _update_cache(cache, k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT)
+      out_BxTxNxH = _cached_attention(q_BxTxNxH, k_BxKxHxM, v_BxKxMxH, mask_Bx1xTxM)
     out_std = std / (2 * cfg.num_layers) ** 0.5  # GPT-2: residual projections scaled by 1/sqrt(2L)
     out_BxTxD = _dense(cfg, cfg.embed_dim, ("heads", "head_dim", "embed"), out_std, "out")(out_BxTxNxH)
     return nn.Dropout(cfg.dropout)(out_BxTxD, deterministic=deterministic), cache

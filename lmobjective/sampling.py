@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmobjective import sharding
-from lmobjective.model import Transformer, init_cache
+from lmobjective.model import CACHE_AXES, Transformer, init_cache
 from lmobjective.objectives import next_token
 
 
@@ -176,10 +176,10 @@ def _loop(first_logits_BxV: jax.Array, next_logits: Callable, state, keys_B: jax
 
 def _constrain_cache(cache):
   """The cache's batch axis over the mesh's batch axes, its kv heads over `tensor` (as the weights)."""
-  def one(x):
-    names = ("batch", "seq", "kv_heads", "head_dim")
-    return nn.with_logical_constraint(x, ("layers",) * (x.ndim - 4) + names) if x.ndim >= 4 else x
-  return jax.tree.map(one, cache)
+  def layer(c: dict) -> dict:
+    lead = ("layers",) * (c["k"].ndim - 4)
+    return {**c, **{n: nn.with_logical_constraint(c[n], lead + CACHE_AXES[n]) for n in CACHE_AXES}}
+  return layer(cache) if isinstance(cache, dict) else [layer(c) for c in cache]
 
 
 def gathered(model: Transformer, params):
