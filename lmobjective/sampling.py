@@ -327,10 +327,7 @@ class Sampler:
                        f"{shards} batch shards (data x fsdp); pad the batch to a multiple of {shards}")
     return sharding.global_batch(local, self.mesh)
 
-  def __call__(self, params, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, seed: int = 0,
-               iteration: int = 0, rows: Sequence[int] | None = None) -> tuple[Samples, np.ndarray, np.ndarray]:
-    """(`Samples` as global arrays, prompts [B,P], lengths [B]) of this process's `prompts`; row i
-    of them is seeded by `rows[i]` (default: its global index)."""
+  def _arguments(self, prompts, cfg, seed, iteration, rows):
     prompt_BxP, lengths_B = self.layout(prompts, cfg)
     B = len(lengths_B)
     if rows is None:
@@ -338,8 +335,19 @@ class Sampler:
     glob = self._place({"prompt": prompt_BxP, "lengths": lengths_B, "rows": np.asarray(rows, np.int32)})
     rep = sharding.replicated(self.mesh)
     scalars = [jax.device_put(np.int32(x), rep) for x in (seed, iteration)]
-    samples = self.program(params, glob["prompt"], glob["lengths"], glob["rows"], *scalars, cfg=cfg)
-    return samples, prompt_BxP, lengths_B
+    return (glob["prompt"], glob["lengths"], glob["rows"], *scalars), prompt_BxP, lengths_B
+
+  def __call__(self, params, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, seed: int = 0,
+               iteration: int = 0, rows: Sequence[int] | None = None) -> tuple[Samples, np.ndarray, np.ndarray]:
+    """(`Samples` as global arrays, prompts [B,P], lengths [B]) of this process's `prompts`; row i
+    of them is seeded by `rows[i]` (default: its global index)."""
+    args, prompt_BxP, lengths_B = self._arguments(prompts, cfg, seed, iteration, rows)
+    return self.program(params, *args, cfg=cfg), prompt_BxP, lengths_B
+
+  def compile(self, params, prompts: Sequence[Sequence[int]], cfg: SamplingConfig):
+    """The executable a call with these prompts' shapes runs (compiled now, once; reused by calls)."""
+    args, _, _ = self._arguments(prompts, cfg, 0, 0, None)
+    return self.program.compile(params, *args, cfg=cfg)
 
   def next_logps(self, params, prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -> jax.Array:
     """`logps` [B,V] of the first token this sampler would draw after each prompt."""
