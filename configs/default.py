@@ -84,7 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.embed_dim = 256
   c.model.mlp_dim = placeholder(int)  # None = 4*embed_dim (gelu, relu2) or 8/3*embed_dim rounded to 64 (swiglu)
   c.model.max_len = placeholder(int)  # longest context the model supports; None = data.context_length
-  c.model.vocab_size = placeholder(int)  # None = the tokenizer's vocabulary size
+  c.model.vocab_size = placeholder(int)  # None = the tokenizer's vocabulary size; larger pads the embedding and head, the padded ids' logits -inf everywhere
   c.model.position = "rope"  # rope | learned
   c.model.rope_theta = 10_000.0
   c.model.norm = "rmsnorm"  # rmsnorm | layernorm
