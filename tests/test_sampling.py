@@ -8,7 +8,6 @@ so every test also checks that sampler and scorer normalise over the same 262 id
 
 import dataclasses
 import json
-import sys
 import types
 
 import jax
