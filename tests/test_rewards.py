@@ -67,8 +67,9 @@ def test_weighted_nan_sum_matches_a_hand_table(rw):
   np.testing.assert_array_equal(scored.per_function, [[1.0, np.nan, 3.0, np.nan], [0.5, 2.0, np.nan, 1.0]])
   assert scored.rewards.dtype == scored.per_function.dtype == np.float64
   assert scored.names == ("f", "g") and r.entries == ("rw.py:f", "rw.py:g")
-  assert rewards.metrics(scored) == {"rewards/f/mean": 2.0, "rewards/f/std": 1.0,
-                                     "rewards/g/mean": pytest.approx(7 / 6), "rewards/g/std": pytest.approx(math.sqrt(7 / 18))}
+  assert rewards.metrics(scored) == {"rewards/f/mean": 2.0, "rewards/f/std": 1.0,  # f: 1, 3
+                                     "rewards/g/mean": pytest.approx(7 / 6),  # g: 0.5, 2, 1
+                                     "rewards/g/std": pytest.approx(math.sqrt(7 / 18))}
 
 
 def test_default_weights_are_one_and_a_function_that_never_applies_has_no_metrics(rw):
@@ -117,9 +118,10 @@ def test_load_errors_are_one_line_naming_the_key(rw):
   assert _load_error("rw.py:f,,rw.py:g") == f"config.rl.reward_fn='rw.py:f,,rw.py:g': entry 2 is empty ({forms})"
   assert _load_error("missing.py:f") == (f"config.rl.reward_fn='missing.py:f': missing.py: no such file "
                                          f"(relative paths start at {rw})")
-  assert _load_error("broken.py:f") == "config.rl.reward_fn='broken.py:f': broken.py failed to import (RuntimeError: boom)"
-  assert _load_error("no_such_module_xyz:f") == ("config.rl.reward_fn='no_such_module_xyz:f': no_such_module_xyz failed "
-                                                 "to import (ModuleNotFoundError: No module named 'no_such_module_xyz')")
+  assert _load_error("broken.py:f") == ("config.rl.reward_fn='broken.py:f': broken.py failed to import "
+                                        "(RuntimeError: boom)")
+  assert _load_error("no_such_mod:f") == ("config.rl.reward_fn='no_such_mod:f': no_such_mod failed to import "
+                                          "(ModuleNotFoundError: No module named 'no_such_mod')")
   assert _load_error("rw.py:nope") == "config.rl.reward_fn='rw.py:nope': rw.py has no attribute 'nope'"
   assert _load_error("rw.py:NOT_CALLABLE") == ("config.rl.reward_fn='rw.py:NOT_CALLABLE': rw.py:NOT_CALLABLE is not "
                                                "callable (type int)")
@@ -128,10 +130,12 @@ def test_load_errors_are_one_line_naming_the_key(rw):
 def test_weight_errors_are_one_line_naming_the_key(rw):
   assert _load_error("rw.py:f,rw.py:g", "1,x") == ("config.rl.reward_weights='1,x': must be comma-separated numbers "
                                                    "('x' is not a number)")
-  assert _load_error("rw.py:f,rw.py:g", "1, inf") == "config.rl.reward_weights='1, inf': must be finite numbers (got inf)"
+  assert _load_error("rw.py:f,rw.py:g", "1, inf") == ("config.rl.reward_weights='1, inf': must be finite numbers "
+                                                      "(got inf)")
   assert _load_error("rw.py:f", "nan") == "config.rl.reward_weights='nan': must be finite numbers (got nan)"
-  assert _load_error("rw.py:f,rw.py:g", "1,2,3") == ("config.rl.reward_weights='1,2,3': has 3 weights for 2 reward "
-                                                     "functions (rw.py:f, rw.py:g): one per function, or \"\" for all 1.0")
+  assert _load_error("rw.py:f,rw.py:g", "1,2,3") == ("config.rl.reward_weights='1,2,3': has 3 weights for 2 "
+                                                     "reward functions (rw.py:f, rw.py:g): one per function, or "
+                                                     "\"\" for all 1.0")
 
 
 def _call_error(spec, f_col=(1.0, 2.0), g_col=(1.0, 2.0)):
