@@ -97,3 +97,13 @@ def test_written_files_are_read_by_their_source_kinds(tmp_path):
   assert not seen & {f"{a}+{b}" for a, b in heldout}  # no held-out problem reaches pretraining
   with open(paths["prompts_train"]) as f:
     assert json.loads(f.readline()) == arithmetic.prompt_record(*train[0])
+
+
+def test_heldout_prompts_score_by_exact_answer(tmp_path):
+  from lmobjective import rewards
+  paths = arithmetic.write_task(str(tmp_path), num_digits=3, num_train=10, num_heldout=4, seed=0)
+  held = prompts.load_prompts("h", paths["prompts_heldout"])
+  batch_prompts, fields = held.take([0, 1, 2, 3])
+  completions = [f" {fields['answer'][0]}", fields["answer"][1], "0", fields["answer"][3] + "0"]
+  scored = rewards.load("lmobjective.rewards:exact_answer", "")(batch_prompts, completions, fields)
+  np.testing.assert_array_equal(scored.rewards, [1.0, 1.0, 0.0, 0.0])
