@@ -126,8 +126,8 @@ def _file_module(spec: str, target: str):
   path = os.path.abspath(os.path.expanduser(target))
   if not os.path.isfile(path):
     raise ConfigError(SPEC_KEY, spec, f"{target}: no such file (relative paths start at {os.getcwd()})")
-  # A name per absolute path: two files with the same stem stay two modules. Registered in
-  # sys.modules while it runs, as `import` would (dataclasses and pickle look the module up there).
+  # A name per absolute path: two files with the same stem stay two modules. Registered in sys.modules
+  # as `import` would do (dataclasses and pickle look modules up there), and removed if it fails.
   name = f"lmobjective_reward_{hashlib.sha256(path.encode()).hexdigest()[:12]}"
   module_spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(module_spec)
