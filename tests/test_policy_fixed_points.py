@@ -47,7 +47,7 @@ def softmax(x):
 # ---------------------------------------------------------------------------- the bandit
 
 K, G, BETA = 4, 3, 0.5
-THETA_REF = np.array([0.4, -0.3, 0.9, -0.8])  # π_ref ≈ (0.27, 0.13, 0.44, 0.08): non-uniform
+THETA_REF = np.array([0.4, -0.3, 0.9, -0.8])  # π_ref ≈ (0.29, 0.14, 0.48, 0.09): non-uniform
 PI_REF = softmax(THETA_REF)
 REWARD = np.array([1.0, 0.3, -0.5, 0.6])  # distinct; the best response is not the reference's favourite
 PI_STAR = softmax(np.log(PI_REF) + REWARD / BETA)  # π* ∝ π_ref·exp(r/β)
