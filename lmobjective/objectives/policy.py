@@ -22,7 +22,7 @@ The surrogate on each sampled token is PPO's clipped one, −min(ρ·A, clip(ρ,
 ρ = π/π_old; with one epoch and one minibatch π_old is the stop-gradient of π itself (ρ = 1, the
 gradient is A·∇log π: TRL's choice), else the log-probs of a forward before the first update.
 
-Every function is pure and dtype-preserving, so the float64 tests (`tests/test_policy.py`) run the
+Every function is pure and dtype-preserving, so the float64 tests (`tests/test_policy_fixed_points.py`) run the
 same code. Shape legend: B rows (P prompts × G generations), T positions, V vocabulary.
 """
 
