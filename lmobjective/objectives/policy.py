@@ -22,7 +22,7 @@ The surrogate on each sampled token is PPO's clipped one, −min(ρ·A, clip(ρ,
 ρ = π/π_old; with one epoch and one minibatch π_old is the stop-gradient of π itself (ρ = 1, the
 gradient is A·∇log π: TRL's choice), else the log-probs of a forward before the first update.
 
-Every function is pure and dtype-preserving, so the float64 tests (`tests/test_policy.py`) run the
+Every function is pure and dtype-preserving, so the float64 tests (`tests/test_policy_fixed_points.py`) run the
 same code. Shape legend: B rows (P prompts × G generations), T positions, V vocabulary.
 """
 
@@ -75,17 +75,25 @@ def advantages(rewards_PxG: jax.Array, kind: str, scale_rewards: str = "group") 
   of the whole batch, or 1 (`scale_rewards` none)."""
   r = rewards_PxG
   G = r.shape[-1]
-  if kind == "rloo":
-    return (G * r - r.sum(axis=-1, keepdims=True)) / (G - 1)
+  if kind == "rloo":  # R_i − (Σ_j R_j − R_i)/(G−1) = G/(G−1)·(R_i − mean)
+    return G / (G - 1) * (r - _mean(r, axis=-1))
   if kind == "reinforce":
-    return r - r.mean()
+    return r - _mean(r)
   if kind != "grpo":
     raise ValueError(f"advantages: unknown kind {kind!r} (one of {ADVANTAGE_KINDS})")
-  centred = r - r.mean(axis=-1, keepdims=True)
+  centred = r - _mean(r, axis=-1)
   if scale_rewards == "none":
     return centred
   std = r.std(axis=-1, ddof=1, keepdims=True) if scale_rewards == "group" else r.std(ddof=1)
   return centred / (std + STD_EPS)
+
+
+def _mean(r: jax.Array, axis=None) -> jax.Array:
+  """The mean, clamped into [min, max]: a rounding guard. A sum of G equal floats is not always G
+  times the value (float32 0.7 × 8 summed in order is off by an ulp), so without it a group of equal
+  rewards got advantages of ~1e-7 (RLOO, REINFORCE) or ~6e-4 (GRPO: ~1e-7 / (std + STD_EPS)), counted
+  as signal; clamped, a constant group's mean is its value and its advantages are exactly 0."""
+  return jnp.clip(r.mean(axis=axis, keepdims=True), r.min(axis=axis, keepdims=True), r.max(axis=axis, keepdims=True))
 
 
 # ---- the KL to the reference -----------------------------------------------------------------------
