@@ -21,7 +21,7 @@ placeholder = config_dict.placeholder
 def source(kind: str, weight: float, **overrides) -> ml_collections.ConfigDict:
   """One named data source. Every source declares every field; `kind` picks which apply."""
   s = ml_collections.ConfigDict()
-  s.kind = kind  # python_stdlib | stdlib_prose | markov | stdlib_chat | stdlib_pairs | text | jsonl | parquet | array_record | chat_jsonl | preference_jsonl
+  s.kind = kind  # python_stdlib | stdlib_prose | markov | stdlib_chat | stdlib_pairs | text | jsonl | parquet | array_record | chat_jsonl | preference_jsonl | prompts_jsonl
   s.weight = float(weight)  # share of *tokens* fed to the model (normalised over sources)
   s.path = placeholder(str)  # file, directory or glob (comma-separated allowed) for file kinds
   s.text_field = "text"  # jsonl / parquet / array_record(json) field holding the document
@@ -103,8 +103,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---- objective ----------------------------------------------------------
   c.objective = ml_collections.ConfigDict()
   c.objective.z_loss = 0.0  # weight of mean(logsumexp^2) added to the training loss
-  c.objective.kind = "next_token"  # next_token | dpo | ipo | simpo (preference objectives read preference_jsonl / stdlib_pairs pairs)
-  c.objective.beta = 0.1  # preference objectives: β (DPO/IPO: of the log-ratio to the reference; SimPO: of the mean log-prob)
+  c.objective.kind = "next_token"  # next_token | dpo | ipo | simpo (preference objectives read preference_jsonl / stdlib_pairs pairs) | rloo | grpo | reinforce (config.rl; a prompts_jsonl source)
+  c.objective.beta = 0.1  # preference objectives: β (DPO/IPO: of the log-ratio to the reference; SimPO: of the mean log-prob); RL: of the KL to the reference (0 = none)
   c.objective.label_smoothing = 0.0  # DPO/SimPO: conservative DPO's ε (share of flipped labels); 0 = the paper
   c.objective.rpo_alpha = 0.0  # preference objectives: + α·(chosen response's NLL per token), RPO (TRL's rpo_alpha); 0 = off
   c.objective.simpo_gamma = 0.0  # SimPO's target margin γ (TRL's simpo_gamma; SimPO's code takes γ/β); 0 for every other kind
@@ -113,6 +113,34 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # step); live: the reference's forward in every step. SimPO and next_token have no reference: leave it.
   c.objective.reference = "cached"
   c.objective.loss_chunk_size = 0  # >0: fuse the LM head with the loss over chunks of this many positions (no [B,T,V] logits); 0 = dense
+
+  # ---- reward maximisation (objective.kind rloo | grpo | reinforce) ---------
+  # Each iteration (train.steps counts them): train.batch_size prompts from the one prompts_jsonl source,
+  # num_generations responses each from the sampler, scored by reward_fn, then epochs x num_minibatches
+  # updates (state.step and the schedule count those). objective.beta weighs the KL to the frozen reference
+  # (train.init_from's params); 0 = no reference is run. docs/objectives.md: the fixed point each choice reaches.
+  c.rl = ml_collections.ConfigDict()
+  c.rl.num_generations = 4  # responses per prompt (TRL's num_generations): a prompt's group is never split
+  c.rl.max_new_tokens = 32  # longest response; one without a stop id is truncated
+  c.rl.temperature = 1.0  # the sampling distribution, also the one the loss's log-probs and the reference's are taken at
+  c.rl.top_k = 0  # 0 = off (a π* check needs it off: the trainer then scores the truncated distribution)
+  c.rl.top_p = 1.0  # 1 = off
+  c.rl.epochs = 1  # passes over each iteration's responses (TRL's num_iterations / num_ppo_epochs)
+  c.rl.num_minibatches = 1  # updates per pass, each on whole groups; epochs = num_minibatches = 1: the ratio is exactly 1
+  c.rl.scale_rewards = "group"  # grpo: divide (R - group mean) by the std of the group | batch | none
+  c.rl.kl_placement = "reward"  # reward: -beta*sum_t k1 added to the score | loss: beta*kl_estimator in the loss
+  c.rl.kl_estimator = "k1"  # reward: k1 only; loss: k2 | k3 (per token, GRPO) | k2_sequence (1/2 (sum_t log pi/pi_ref)^2)
+  c.rl.loss_type = "dapo"  # dapo: tokens of the batch | grpo: mean per sequence, then over sequences | dr_grpo: sequences*max_new_tokens
+  c.rl.cliprange = 0.2  # PPO's epsilon: the ratio pi/pi_old clipped to [1-cliprange, 1+cliprange_high]
+  c.rl.cliprange_high = placeholder(float)  # None = cliprange (DAPO's clip-higher: larger)
+  c.rl.missing_eos_penalty = 0.0  # subtracted from the score of a response that never stopped (TRL's missing_eos_penalty)
+  c.rl.mask_truncated_completions = False  # True: a response that never stopped is left out of the loss
+  # "path/to/file.py:function" or "package.module:function", comma-separated: fn(prompts=, completions=, **fields)
+  # -> one float (or None: not applicable) per completion; several are combined as a weighted NaN-sum.
+  c.rl.reward_fn = ""
+  c.rl.reward_weights = ""  # comma-separated, one per reward_fn; "" = all 1
+  c.rl.eval_prompts = placeholder(str)  # a prompts_jsonl file scored at eval.every_steps (greedy and sampled); None = none
+  c.rl.eval_samples = 4  # sampled responses per eval prompt (sampled pass@1 = their mean reward)
 
   # ---- optimizer ----------------------------------------------------------
   c.optimizer = ml_collections.ConfigDict()

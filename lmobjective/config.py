@@ -57,9 +57,10 @@ def max_len(cfg: ml_collections.ConfigDict) -> int:
   return cfg.model.max_len if cfg.model.max_len is not None else cfg.data.context_length
 
 
-def decay_steps(cfg: ml_collections.ConfigDict) -> int:
-  """Steps of warmup + decay: optimizer.decay_steps, or train.steps when unset."""
-  return cfg.optimizer.decay_steps if cfg.optimizer.decay_steps is not None else cfg.train.steps
+def decay_steps(cfg: ml_collections.ConfigDict, updates_per_step: int = 1) -> int:
+  """Updates of warmup + decay: optimizer.decay_steps, or every update of the run when unset
+  (train.steps x the objective's `updates_per_step`: several per RL iteration)."""
+  return cfg.optimizer.decay_steps if cfg.optimizer.decay_steps is not None else cfg.train.steps * updates_per_step
 
 
 def wsd_decay_steps(decay_fraction: float, decay_steps: int) -> int:
@@ -201,6 +202,29 @@ class ObjectiveConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RLConfig:
+  num_generations: int
+  max_new_tokens: int
+  temperature: float
+  top_k: int
+  top_p: float
+  epochs: int
+  num_minibatches: int
+  scale_rewards: str
+  kl_placement: str
+  kl_estimator: str
+  loss_type: str
+  cliprange: float
+  cliprange_high: float | None
+  missing_eos_penalty: float
+  mask_truncated_completions: bool
+  reward_fn: str
+  reward_weights: str
+  eval_prompts: str | None
+  eval_samples: int
+
+
+@dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
   kind: str
   learning_rate: float
@@ -274,6 +298,7 @@ class Config:
   data: DataConfig
   model: ModelSection
   objective: ObjectiveConfig
+  rl: RLConfig
   optimizer: OptimizerConfig
   train: TrainConfig
   eval: EvalConfig
@@ -305,7 +330,13 @@ ADDED_KEYS = {"train.max_skipped_fraction": 0.1, "train.dead_grad_steps": 3, "tr
               "objective.label_smoothing": 0.0, "objective.simpo_gamma": 0.0, "objective.reference": "live",
               "objective.rpo_alpha": 0.0,
               "model.qk_norm": False, "optimizer.kind": "adamw", "optimizer.decay_fraction": 0.2,
-              "optimizer.muon_learning_rate": 0.02, "optimizer.muon_weight_decay": 0.0, "optimizer.muon_momentum": 0.95}
+              "optimizer.muon_learning_rate": 0.02, "optimizer.muon_weight_decay": 0.0, "optimizer.muon_momentum": 0.95,
+              # the rl section (reward maximisation): runs before it had no RL objective, so its defaults
+              "rl.num_generations": 4, "rl.max_new_tokens": 32, "rl.temperature": 1.0, "rl.top_k": 0,
+              "rl.top_p": 1.0, "rl.epochs": 1, "rl.num_minibatches": 1, "rl.scale_rewards": "group",
+              "rl.kl_placement": "reward", "rl.kl_estimator": "k1", "rl.loss_type": "dapo", "rl.cliprange": 0.2,
+              "rl.cliprange_high": None, "rl.missing_eos_penalty": 0.0, "rl.mask_truncated_completions": False,
+              "rl.reward_fn": "", "rl.reward_weights": "", "rl.eval_prompts": None, "rl.eval_samples": 4}
 ADDED_SOURCE_KEYS = {"max_prompt_length": None, "max_response_length": None, "exclude_modules": ""}  # in every data.sources.<name>
 
 

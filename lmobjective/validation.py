@@ -71,6 +71,9 @@ def _validate_core(cfg) -> None:
 def _validate_objective(cfg) -> None:
   """The objective checks the keys it reads (`objectives.validate`); here, that its sources hold its examples."""
   objective, kind = objectives.validate(cfg), cfg.objective.kind
+  if objective.examples == "prompts" or any(s.kind in sources.PROMPT_KINDS for s in cfg.data.sources.values()):
+    _validate_prompt_source(cfg, objective.examples == "prompts")
+    return _validate_init_from(cfg)
   pairs = objective.examples == "pairs"
   for name, s in cfg.data.sources.items():
     if (s.kind in sources.PAIR_KINDS) != pairs:
@@ -79,8 +82,51 @@ def _validate_objective(cfg) -> None:
                  f"a {s.kind} source needs a preference objective (objective.kind {', '.join(readers[:-1])} "
                  f"or {readers[-1]})")
       raise ConfigError(f"data.sources.{name}.kind", s.kind, f"with objective.kind={kind!r}: {allowed}")
+  _validate_init_from(cfg)
+
+
+def _validate_init_from(cfg) -> None:
   if cfg.train.init_from is not None and (not isinstance(cfg.train.init_from, str) or not cfg.train.init_from):
     raise ConfigError("train.init_from", cfg.train.init_from, "must be WORKDIR or WORKDIR:STEP")
+
+
+def _prompt_readers() -> list[str]:
+  return [k for k, o in objectives.OBJECTIVES.items() if o.examples == "prompts"]
+
+
+def _validate_prompt_source(cfg, rl: bool) -> None:
+  """Reward maximisation samples from exactly one prompts_jsonl source; no other objective reads one."""
+  kind = cfg.objective.kind
+  for name, s in cfg.data.sources.items():
+    if (s.kind in sources.PROMPT_KINDS) != rl:
+      allowed = (f"reward maximisation samples from one {sources.PROMPT_KINDS[0]} source" if rl else
+                 f"a {s.kind} source needs objective.kind {' or '.join(_prompt_readers())}")
+      raise ConfigError(f"data.sources.{name}.kind", s.kind, f"with objective.kind={kind!r}: {allowed}")
+  if len(cfg.data.sources) != 1:
+    raise ConfigError("data.sources", ", ".join(cfg.data.sources), f"objective.kind={kind!r} samples from one "
+                      f"{sources.PROMPT_KINDS[0]} source (its prompts), not {len(cfg.data.sources)}")
+  (name, s), = cfg.data.sources.items()
+  if s.val_fraction > 0 and cfg.rl.eval_prompts:
+    raise ConfigError(f"data.sources.{name}.val_fraction", s.val_fraction, "set it to 0 with rl.eval_prompts: the "
+                      "held-out prompts are that file's, and this share of the training prompts would go unused")
+  require_int(cfg, "rl.max_new_tokens", 1)
+  require_float(cfg, "rl.temperature", 0.0, lo_open=True)
+  require_int(cfg, "rl.top_k", 0)
+  require_float(cfg, "rl.top_p", 0.0, 1.0, lo_open=True)
+  require_int(cfg, "rl.epochs", 1)
+  require_int(cfg, "rl.num_minibatches", 1)
+  if cfg.train.batch_size % cfg.rl.num_minibatches:
+    raise ConfigError("rl.num_minibatches", cfg.rl.num_minibatches, f"must divide train.batch_size="
+                      f"{cfg.train.batch_size} (each minibatch holds whole groups of prompts)")
+  require_float(cfg, "rl.missing_eos_penalty", 0.0)
+  _require_bool(cfg, "rl.mask_truncated_completions")
+  if not isinstance(cfg.rl.reward_fn, str) or not cfg.rl.reward_fn.strip():
+    raise ConfigError("rl.reward_fn", cfg.rl.reward_fn, "name at least one reward: \"path/to/file.py:function\" or "
+                      "\"package.module:function\" (comma-separated for several)")
+  require_int(cfg, "rl.eval_samples", 1)
+  if cfg.rl.max_new_tokens >= cfg.data.context_length:
+    raise ConfigError("rl.max_new_tokens", cfg.rl.max_new_tokens, f"must be < data.context_length="
+                      f"{cfg.data.context_length} (a row holds the prompt and the response)")
 
 
 # The model dimensions each mesh axis splits (sharding.RULES): each must be a multiple of its size.
@@ -147,15 +193,16 @@ def _validate_optimizer(cfg) -> None:
   require_choice(cfg, "optimizer.schedule", SCHEDULES)
   require_int(cfg, "optimizer.warmup_steps", 0)
   require_int(cfg, "optimizer.decay_steps", 0, allow_none=True)
-  if decay_steps(cfg) < o.warmup_steps:
+  decay = decay_steps(cfg, objectives.updates_per_step(cfg))
+  if decay < o.warmup_steps:
     raise ConfigError("optimizer.decay_steps" if o.decay_steps is not None else "train.steps",
-                      decay_steps(cfg), f"must be >= optimizer.warmup_steps={o.warmup_steps} (it includes warmup)")
+                      decay, f"must be >= optimizer.warmup_steps={o.warmup_steps} (it includes warmup)")
   require_float(cfg, "optimizer.decay_fraction", 0.0, 1.0)
-  cooldown = wsd_decay_steps(o.decay_fraction, decay_steps(cfg))
-  if o.schedule == "wsd" and o.warmup_steps + cooldown > decay_steps(cfg):
+  cooldown = wsd_decay_steps(o.decay_fraction, decay)
+  if o.schedule == "wsd" and o.warmup_steps + cooldown > decay:
     raise ConfigError("optimizer.decay_fraction", o.decay_fraction,
                       f"its {cooldown} decay steps and optimizer.warmup_steps={o.warmup_steps} exceed the "
-                      f"{decay_steps(cfg)} steps of warmup+decay")
+                      f"{decay} steps of warmup+decay")
   require_float(cfg, "optimizer.b1", 0.0, 1.0)
   require_float(cfg, "optimizer.b2", 0.0, 1.0)
   require_float(cfg, "optimizer.eps", 0.0)

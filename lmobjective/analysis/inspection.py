@@ -24,7 +24,7 @@ from lmobjective import config as config_lib
 from lmobjective import objectives, sampling, sharding, step, validation
 from lmobjective.analysis import pairs
 from lmobjective.objectives import next_token, preference
-from lmobjective.data import tokenizers
+from lmobjective.data import prompts, tokenizers
 from lmobjective.model import ModelConfig, Transformer
 from lmobjective.run import checkpoint as ckpt_lib
 from lmobjective.run import metrics_log
@@ -73,7 +73,7 @@ class Run:
   @functools.cached_property
   def objective(self) -> objectives.Objective:
     """The objective the run trained (its `config.objective`)."""
-    return objectives.from_config(self.config.objective)
+    return objectives.from_config(self.config.objective, self.config.rl)
 
   @functools.cached_property
   def mesh(self):
@@ -171,15 +171,11 @@ class Run:
     """What the model is conditioned on, rendered as a preference pair's prompt is: EOS + the text
     (a document, as in pretraining), or chat messages ([{'role', 'content'}, ...]) rendered with the
     SFT template up to the assistant header."""
-    if isinstance(prompt, str):
-      return [self.tokenizer.eos_id] + self.tokenizer.encode(prompt)
-    from lmobjective.data import sft
-    return sft.render_prompt(list(prompt), self.tokenizer)
+    return prompts.render(prompt if isinstance(prompt, str) else list(prompt), self.tokenizer)
 
   def stop_ids(self, prompt: str | list[dict]) -> tuple[int, ...]:
     """Where a response ends: EOS after a plain prompt; the turn's <|end|> (or EOS) after a chat prompt."""
-    eos = self.tokenizer.eos_id
-    return (eos,) if isinstance(prompt, str) else (self.tokenizer.special_id("<|end|>"), eos)
+    return prompts.stop_ids(prompt, self.tokenizer)
 
   def sample(self, prompts: list[str | list[dict]], max_new_tokens: int = 50, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True) -> sampling.Samples:

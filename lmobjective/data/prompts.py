@@ -35,6 +35,7 @@ class PromptSet:
   prompts: list  # [P] str | list[{'role', 'content'}]
   fields: dict[str, list]  # field -> [P] values
   fingerprint: str  # sha256 of the file's bytes, 16 hex digits
+  path: str = ""  # the file read
 
   def __len__(self) -> int:
     return len(self.prompts)
@@ -44,9 +45,24 @@ class PromptSet:
     idx = [int(i) for i in indices]
     return [self.prompts[i] for i in idx], {k: [v[i] for i in idx] for k, v in self.fields.items()}
 
+  def subset(self, indices) -> "PromptSet":
+    """The records at `indices` as a set of their own (a split); same file, same fingerprint."""
+    prompts, fields = self.take(indices)
+    return PromptSet(prompts, fields, self.fingerprint, self.path)
 
-def load_prompts(name: str, path: str) -> PromptSet:
-  """The records of `path`; a bad one stops the run with a one-line ConfigError naming file:line."""
+
+def load_prompts(name: str, path: str, config_key: str | None = None) -> PromptSet:
+  """The records of `path`; a bad one stops the run with a one-line ConfigError naming file:line and
+  `config_key` (default: data.sources.<name>.path)."""
+  try:
+    return _load(name, path)
+  except ConfigError as e:
+    if config_key is None:
+      raise
+    raise ConfigError(config_key, e.value, e.allowed) from None
+
+
+def _load(name: str, path: str) -> PromptSet:
   if not path:
     raise ConfigError(key(name, "path"), path, f"required for a {KIND} source")
   if not os.path.isfile(path):
@@ -71,7 +87,7 @@ def load_prompts(name: str, path: str) -> PromptSet:
     prompts.append(prompt)
     for k in first:
       fields[k].append(rest[k])
-  return PromptSet(prompts, fields, hashlib.sha256(raw).hexdigest()[:16])
+  return PromptSet(prompts, fields, hashlib.sha256(raw).hexdigest()[:16], path)
 
 
 def render(prompt: str | list[dict], tok: Tokenizer) -> list[int]:
@@ -79,6 +95,11 @@ def render(prompt: str | list[dict], tok: Tokenizer) -> list[int]:
   if isinstance(prompt, str):
     return [tok.eos_id] + tok.encode(prompt)
   return sft.render_prompt(prompt, tok)
+
+
+def stop_ids(prompt: str | list[dict], tok: Tokenizer) -> tuple[int, ...]:
+  """Where a response ends: EOS after a plain prompt; the turn's <|end|> (or EOS) after a chat prompt."""
+  return (tok.eos_id,) if isinstance(prompt, str) else (tok.special_id("<|end|>"), tok.eos_id)
 
 
 class PromptOrder:
@@ -102,6 +123,10 @@ class PromptOrder:
       at = epoch_B == e
       out_B[at] = self.permutation(int(e))[offset_B[at]]
     return out_B
+
+  def position(self, iteration: int) -> tuple[int, int]:
+    """(epoch, offset in its permutation) of the first prompt iteration `iteration` takes."""
+    return divmod(iteration * self.batch_size, self.num_prompts)
 
   def epoch_of(self, iteration: int) -> int:
     """The epoch of the iteration's first prompt."""

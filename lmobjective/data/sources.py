@@ -22,10 +22,11 @@ from lmobjective.data import stdlib_corpus, stdlib_tasks, synthetic
 from lmobjective.data.errors import DataWarning
 
 BUILTIN_KINDS = ("python_stdlib", "stdlib_prose", "markov", "stdlib_chat", "stdlib_pairs")
-FILE_KINDS = ("text", "jsonl", "parquet", "array_record", "chat_jsonl", "preference_jsonl")
+FILE_KINDS = ("text", "jsonl", "parquet", "array_record", "chat_jsonl", "preference_jsonl", "prompts_jsonl")
 KINDS = BUILTIN_KINDS + FILE_KINDS
 CHAT_KINDS = ("chat_jsonl", "stdlib_chat")  # conversations: SFT rendering, padded rows
 PAIR_KINDS = ("preference_jsonl", "stdlib_pairs")  # preference pairs: two rows per pair
+PROMPT_KINDS = ("prompts_jsonl",)  # prompts to sample from (reward maximisation; `data/prompts.py` reads them)
 EXCLUDING_KINDS = ("python_stdlib", "stdlib_prose")  # the kinds `exclude_modules` applies to
 _SPLIT_SEED = 0x53504C4954  # fixed: the validation set must not depend on the run seed
 _ROLES = ("system", "user", "assistant")

@@ -6,12 +6,13 @@
 next_token.py  masked next-token cross-entropy (pretraining; SFT through the loss mask), and the
                one way from a model to its per-token losses and per-sequence log-probs
 preference.py  DPO, IPO, SimPO (+ RPO's NLL term) on pairs, against a frozen reference or none
+policy.py      RLOO, GRPO, REINFORCE on sampled responses (reward maximisation; `run/rollout.py` samples)
 """
 
 from __future__ import annotations
 
 from lmobjective.config import require_choice, require_int
-from lmobjective.objectives import interface, next_token, preference
+from lmobjective.objectives import interface, next_token, policy, preference
 from lmobjective.objectives.interface import Objective
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -19,6 +20,9 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "dpo": preference.DPO,
     "ipo": preference.IPO,
     "simpo": preference.SimPO,
+    "rloo": policy.PolicyGradient,
+    "grpo": policy.PolicyGradient,
+    "reinforce": policy.PolicyGradient,
 }
 KINDS = tuple(OBJECTIVES)
 for _kind, _cls in OBJECTIVES.items():
@@ -26,9 +30,21 @@ for _kind, _cls in OBJECTIVES.items():
     interface.READERS.setdefault(_key, []).append(_kind)
 
 
-def from_config(o) -> Objective:
-  """The objective `config.objective` declares (typed section or ConfigDict; validated)."""
-  return OBJECTIVES[o.kind].from_config(o)
+def from_config(o, rl=None) -> Objective:
+  """The objective `config.objective` declares (typed section or ConfigDict; validated); reward
+  maximisation reads `config.rl` too."""
+  cls = OBJECTIVES[o.kind]
+  return cls.from_config(o, rl) if cls is policy.PolicyGradient else cls.from_config(o)
+
+
+def updates_per_step(cfg) -> int:
+  """Optimizer updates per train step of `cfg`'s objective (several per RL iteration)."""
+  return OBJECTIVES[cfg.objective.kind].updates_per_step(cfg)
+
+
+def samples_prompts(cfg) -> bool:
+  """The objective learns from responses it samples to prompts (reward maximisation: `run/rollout.py`)."""
+  return OBJECTIVES[cfg.objective.kind].examples == "prompts"
 
 
 def unread_keys(kind: str | None) -> tuple[str, ...]:
@@ -59,4 +75,5 @@ def validate(cfg) -> type[Objective]:
   return cls
 
 
-__all__ = ["KINDS", "OBJECTIVES", "Objective", "from_config", "neutralised", "unread_keys", "validate"]
+__all__ = ["KINDS", "OBJECTIVES", "Objective", "from_config", "neutralised", "samples_prompts", "unread_keys",
+           "updates_per_step", "validate"]

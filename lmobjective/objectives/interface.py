@@ -91,6 +91,11 @@ class Objective(abc.ABC):
   def train_record(self, metrics: list[dict]) -> dict[str, float]:
     """The objective's part of a train line (train_loss, ...) over a window of steps' host metrics."""
 
+  @classmethod
+  def updates_per_step(cls, cfg) -> int:
+    """Optimizer updates per train step (`cfg` the whole config): 1, or an RL iteration's epochs x minibatches."""
+    return 1
+
   def restored_metrics(self, metrics: dict) -> dict:
     """A pending step's metrics as an older checkpoint saved them, in today's form (default: as they are)."""
     return metrics

@@ -37,7 +37,7 @@ import numpy as np
 
 from lmobjective.batch import MODEL_FIELDS
 from lmobjective.config import ConfigError, require_choice, require_float, require_int
-from lmobjective.objectives import interface
+from lmobjective.objectives import distribution, interface
 
 ADVANTAGE_KINDS = ("rloo", "grpo", "reinforce")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -219,7 +219,7 @@ class PolicyGradient(interface.Objective):
   """RLOO, GRPO or REINFORCE (`advantages`) through the generic step: a group is one prompt's
   `num_generations` responses, never split; the batch carries the advantages (and the old and
   reference log-probs when they are needed), made by the rollout loop (`run/rollout.py`) once per
-  iteration. The policy's log-probs are `sampling.score` at the sampling distribution, the one code
+  iteration. The policy's log-probs are `distribution.score` at the sampling distribution, the one code
   path the sampler drew with."""
   kind: str = "rloo"
   beta: float = 0.05
@@ -245,14 +245,12 @@ class PolicyGradient(interface.Objective):
             + ((REF_LOGPS,) if self.loss_cfg.kl_in_loss else ()))
 
   def sampling_config(self, **overrides):
-    from lmobjective import sampling  # the sampler imports this package: bound at call time
-    return sampling.SamplingConfig(**{"max_new_tokens": self.loss_cfg.max_new_tokens, "temperature": self.temperature,
+    return distribution.SamplingConfig(**{"max_new_tokens": self.loss_cfg.max_new_tokens, "temperature": self.temperature,
                                       "top_k": self.top_k, "top_p": self.top_p, **overrides})
 
   def token_logps(self, model, params, batch, deterministic=True, rngs=None) -> jax.Array:
     """[B,T] log-probs of the batch's targets under the distribution the sampler drew from (0 off the mask)."""
-    from lmobjective import sampling
-    losses = sampling.score(model, params, batch, self.sampling_config(), chunk_size=self.loss_chunk_size,
+    losses = distribution.score(model, params, batch, self.sampling_config(), chunk_size=self.loss_chunk_size,
                             deterministic=deterministic, rngs=rngs)
     return jnp.where(losses.valid, -losses.nll, 0.0)
 
@@ -293,6 +291,10 @@ class PolicyGradient(interface.Objective):
             "policy/clipfrac_avg": interface.window_sum(metrics, "clipped_tokens") / tokens,
             "policy/approxkl_avg": interface.window_sum(metrics, "approxkl_sum") / tokens,
             "val/ratio": interface.window_sum(metrics, "ratio_sum") / tokens}
+
+  @classmethod
+  def updates_per_step(cls, cfg) -> int:
+    return cfg.rl.epochs * cfg.rl.num_minibatches
 
   @classmethod
   def validate(cls, cfg) -> None:

@@ -124,24 +124,12 @@ def build(raw_config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
   pipeline = data.build_pipeline(
       config.data, tokenizer, seed=config.seed, batch_size=config.train.batch_size // n_proc,
       process_index=jax.process_index(), process_count=n_proc, cache_dir=config.data.cache_dir)
-  model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size, config.data.context_length)
-  model = Transformer(model_cfg)
-  tx = make_optimizer(config.optimizer, config.train.steps, sharding.logical_axes(model))
   T = config.data.context_length
-  micro_shape = (config.train.batch_size // config.train.grad_accum_steps, T)
-  with sharding.activate(mesh):
-    params_sharding = sharding.param_shardings(model, mesh, micro_shape)
-    init = functools.partial(step.init_state, model, tx, batch_shape=micro_shape)
-    state_shape = jax.eval_shape(init, jax.random.key(0))
-    state_sharding = sharding.state_shardings(state_shape, params_sharding, mesh)
-  init_fn = sharding.Program(init, mesh, out_shardings=state_sharding)
-  origin, reference = None, None
-  if origin_req:  # step 0 starts from the origin's params (a copy), with a fresh optimizer state
-    abstract = sharding.abstract_state(state_shape.params, state_sharding.params)
-    origin, reference = stage.load(origin_req, raw_config, abstract, tokenizer)
-    init_fn = stage.SeededInit(sharding.Program(functools.partial(stage.start_state, tx), mesh,
-                                                out_shardings=state_sharding), reference)
-  objective = objectives.from_config(config.objective)
+  ms = model_and_state(config, raw_config, mesh, tokenizer, origin_req,
+                       config.train.batch_size // config.train.grad_accum_steps)
+  model, model_cfg, tx, params_sharding, state_sharding = ms.model, ms.model_cfg, ms.tx, ms.params_sharding, ms.state_sharding
+  init_fn, origin, reference = ms.init_fn, ms.origin, ms.reference
+  objective = objectives.from_config(config.objective, config.rl)
   cached = objective.cached_reference
   if cached:  # before the eval batches are cut: they carry the values too
     pipeline.attach_reference(reference_cache.prepare(
@@ -161,6 +149,43 @@ def build(raw_config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
       flops_per_token=flops_per_token(model_cfg, T),
       peak_flops=hardware.peak_flops_per_device(config.model.compute_dtype), origin=origin,
       reference_params=reference, batch_fields=objective.fields)
+
+
+@dataclasses.dataclass
+class ModelState:
+  """The model, its optimizer, the state's shardings and how step 0's state is made (`model_and_state`)."""
+  model: Transformer
+  model_cfg: ModelConfig
+  tx: optax.GradientTransformation
+  params_sharding: Any
+  state_sharding: step.TrainState
+  init_fn: sharding.Program | stage.SeededInit
+  origin: stage.Origin | None
+  reference: Any  # the origin's params (the frozen reference), None from scratch
+
+
+def model_and_state(config, raw_config, mesh, tokenizer, origin_req, micro_rows: int) -> ModelState:
+  """The model for `tokenizer`, an optimizer over every update of the run (`config.decay_steps`), the
+  state's shardings (from a microbatch of `micro_rows` rows) and its init: from scratch, or from the
+  origin's params (a copy) with a fresh optimizer state when `origin_req` is given."""
+  model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size, config.data.context_length)
+  model = Transformer(model_cfg)
+  tx = make_optimizer(config.optimizer, config.train.steps * objectives.updates_per_step(config),
+                      sharding.logical_axes(model))
+  micro_shape = (micro_rows, config.data.context_length)
+  with sharding.activate(mesh):
+    params_sharding = sharding.param_shardings(model, mesh, micro_shape)
+    init = functools.partial(step.init_state, model, tx, batch_shape=micro_shape)
+    state_shape = jax.eval_shape(init, jax.random.key(0))
+    state_sharding = sharding.state_shardings(state_shape, params_sharding, mesh)
+  init_fn = sharding.Program(init, mesh, out_shardings=state_sharding)
+  origin, reference = None, None
+  if origin_req:
+    abstract = sharding.abstract_state(state_shape.params, state_sharding.params)
+    origin, reference = stage.load(origin_req, raw_config, abstract, tokenizer)
+    init_fn = stage.SeededInit(sharding.Program(functools.partial(stage.start_state, tx), mesh,
+                                                out_shardings=state_sharding), reference)
+  return ModelState(model, model_cfg, tx, params_sharding, state_sharding, init_fn, origin, reference)
 
 
 def compile_train_step_ahead(exp: Experiment, abstract_state) -> None:

@@ -28,7 +28,6 @@ packing every position is scored and the two agree; padding or masked prompts ma
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import sys
 import time
@@ -40,33 +39,16 @@ import numpy as np
 import optax
 
 from lmobjective import config as config_lib
-from lmobjective import faults, files, sharding
-from lmobjective.data import fingerprint
+from lmobjective import faults, files, objectives, sharding
 from lmobjective.model import count_params
 from lmobjective.run import checkpoint as ckpt_lib
 from lmobjective.run import distributed, lock, metrics_log, save_watch
+from lmobjective.run.loop_checks import (  # noqa: F401 (re-exported: train.Diverged, ...)
+    Diverged, LoopState, NonFiniteLoss, check_data, check_resume_config, close_manager, fetch_pending, retry_hint,
+    write_config)
 from lmobjective.run.experiment import Experiment, build, compile_train_step_ahead, device_batch, evaluate
 from lmobjective.run.preemption import EXIT_CODES, Preempted, preemption_signals
 from lmobjective.validation import validate
-
-
-class Diverged(RuntimeError):
-  """The run diverged at `step` (exit status 3); the state that diverged is never saved. The
-  message starts with what happened: `non-finite`, `dead model`, `exploded` or `skipped`."""
-
-  def __init__(self, message: str, step: int):
-    super().__init__(message)
-    self.step = step
-
-
-class NonFiniteLoss(Diverged):
-  """A NaN/Inf loss or gradient with train.nan_policy='stop'. That state is never saved."""
-
-
-def _retry_hint(objective) -> str:
-  """What a diverged run says to do; it names the objective's own settings, which can be the cause."""
-  return ("that state was not saved; the same config diverges again from the last checkpoint: change it "
-          f"(e.g. a lower optimizer.learning_rate, or the objective's settings: {objective.settings()}) in a new workdir")
 
 
 class TokenAccounting:
@@ -91,55 +73,8 @@ class TokenAccounting:
     return rec
 
 
-@dataclasses.dataclass
-class LoopState:
-  """Host bookkeeping a checkpoint carries, so a resumed run writes exactly the lines it would have."""
-  pending: list  # train metrics of the steps since the last log line
-  tokens_seen: int
-  skipped: int = 0
-  checked: int = 0  # leading entries of `pending` already checked (and counted if skipped)
-  dead_streak: int = 0  # consecutive steps with scored tokens and a gradient norm of exactly 0
-  init_param_norm: float | None = None  # the reference of train.max_param_growth
-
-
-def _fetch_pending(exp: Experiment, loop: LoopState, done: int) -> list[dict]:
-  """Host copies of the pending metrics, finite ones only; raises `Diverged` on a diverged step."""
-  loop.pending = jax.device_get(loop.pending)
-  first = done - len(loop.pending) + 1
-  cfg, hint = exp.config.train, _retry_hint(exp.objective)
-  for i in range(loop.checked, len(loop.pending)):
-    m, s = loop.pending[i], first + i
-    loop.checked = i + 1
-    if not bool(m["finite"]):
-      if cfg.nan_policy == "stop":
-        raise NonFiniteLoss(f"non-finite loss or gradient at step {s} (train.nan_policy='stop'); {hint}", s)
-      ckpt_lib.warn(f"non-finite loss or gradient at step {s}: update skipped (train.nan_policy='skip')")
-      loop.skipped += 1
-      continue
-    _check_alive(cfg, loop, s, m, hint)
-  if loop.skipped > cfg.max_skipped_fraction * cfg.steps:
-    raise Diverged(f"skipped {loop.skipped} steps by step {done}, more than train.max_skipped_fraction="
-                   f"{cfg.max_skipped_fraction} of train.steps={cfg.steps} (non-finite loss or gradient); {hint}", done)
-  return [m for m in loop.pending if bool(m["finite"])]
-
-
-def _check_alive(cfg, loop: LoopState, s: int, m: dict, hint: str) -> None:
-  """A finite step can still be dead (zero gradient while tokens are scored) or exploded."""
-  if int(m["num_tokens"]) > 0:  # an all-masked batch legitimately has no gradient
-    loop.dead_streak = loop.dead_streak + 1 if float(m["grad_norm"]) == 0.0 else 0
-  if loop.dead_streak >= cfg.dead_grad_steps:
-    raise Diverged(f"dead model: the gradient norm was exactly 0 at steps {s - loop.dead_streak + 1}..{s} while "
-                   f"tokens were scored (train.dead_grad_steps={cfg.dead_grad_steps}); {hint}", s)
-  norm = float(m["param_norm"])
-  if loop.init_param_norm is None:  # a checkpoint from before the reference was recorded
-    loop.init_param_norm = norm
-  if norm > cfg.max_param_growth * loop.init_param_norm:
-    raise Diverged(f"exploded: the parameter norm {norm:.4g} at step {s} is {norm / loop.init_param_norm:.4g}x its "
-                   f"initial {loop.init_param_norm:.4g} (train.max_param_growth={cfg.max_param_growth}); {hint}", s)
-
-
 def _log_train(exp, done, loop: LoopState, writer, accounting, progress, t_last: float) -> None:
-  finite = _fetch_pending(exp, loop, done)
+  finite = fetch_pending(exp, loop, done)
   seconds = time.time() - t_last  # after the fetch: steps run asynchronously until it syncs
   loop.pending, loop.checked = [], 0
   if not finite:
@@ -155,10 +90,10 @@ def _log_train(exp, done, loop: LoopState, writer, accounting, progress, t_last:
 
 
 def _save(exp, watch: save_watch.SaveWatch, state, batches, accounting, loop: LoopState, val_loss) -> None:
-  _fetch_pending(exp, loop, int(state.step))  # never saves a state reached through a diverged step
+  fetch_pending(exp, loop, int(state.step))  # never saves a state reached through a diverged step
   if loop.dead_streak:  # one zero-gradient step is not yet a dead model, but is never saved
     raise Diverged(f"dead model: the gradient norm was exactly 0 at step {int(state.step)} while tokens were "
-                   f"scored, at a checkpoint; {_retry_hint(exp.objective)}", int(state.step))
+                   f"scored, at a checkpoint; {retry_hint(exp.objective)}", int(state.step))
   meta = {"data_iter": batches.get_state(), "accounting": accounting.counts.tolist(),
           "tokens_seen": loop.tokens_seen, "skipped": loop.skipped, "init_param_norm": loop.init_param_norm,
           "pending": ckpt_lib.encode_metrics(loop.pending),
@@ -247,36 +182,13 @@ def restore_or_init(exp: Experiment, mngr, batches) -> tuple[Any, LoopState | No
   if meta["tokenizer"]["fingerprint"] != exp.tokenizer.fingerprint():
     raise config_lib.ConfigError("data.tokenizer", os.path.join(exp.workdir, "tokenizer"),
                                  f"differs from the tokenizer of the checkpoint at step {step_}; use a new workdir")
-  check_data(exp, meta.get("data"), step_)
+  check_data(exp.config, exp.pipeline.fingerprints(), meta.get("data"), step_)
   batches.set_state(meta["data_iter"])
   accounting.counts = np.asarray(meta["accounting"], np.int64)
   pending = [exp.objective.restored_metrics(m) for m in ckpt_lib.decode_metrics(meta["pending"])]
   loop = LoopState(pending=pending, tokens_seen=meta["tokens_seen"], skipped=meta["skipped"], checked=len(pending),
                    init_param_norm=meta.get("init_param_norm"))
   return state, loop, accounting, step_
-
-
-def check_data(exp: Experiment, saved: dict | None, step_: int) -> None:
-  """Refuses to resume on data that changed since the checkpoint (unless checkpoint.allow_data_change)."""
-  if saved is None:
-    ckpt_lib.warn(f"the checkpoint at step {step_} records no data fingerprints (an older run): the data is not checked")
-    return
-  changed, touched = fingerprint.changes(saved, exp.pipeline.fingerprints())
-  for name, what in touched.items():
-    ckpt_lib.warn(f"data.sources.{name}: {what} since the checkpoint at step {step_}")
-  if exp.config.checkpoint.allow_data_change:
-    for name, what in changed.items():
-      ckpt_lib.warn(f"data.sources.{name}: changed since the checkpoint at step {step_} ({what}); "
-                    "resuming on it (checkpoint.allow_data_change=True)")
-    return
-  if changed:
-    name, what = next(iter(changed.items()))
-    more = f"; also changed: {', '.join(list(changed)[1:])}" if len(changed) > 1 else ""
-    source = exp.config.data.sources.get(name)
-    raise config_lib.ConfigError(
-        f"data.sources.{name}", source.path or source.kind if source else None,
-        f"changed since the checkpoint at step {step_} ({what}){more}; resuming would train on other data "
-        "and score another validation split: use a new workdir, or --config.checkpoint.allow_data_change=True")
 
 
 def _train_record(exp, done, metrics_list, seconds, tokens_before) -> dict[str, Any]:
@@ -294,13 +206,6 @@ def _train_record(exp, done, metrics_list, seconds, tokens_before) -> dict[str, 
   if exp.peak_flops:
     rec["mfu"] = rec["positions_per_sec"] * exp.flops_per_token / (exp.peak_flops * jax.device_count())
   return rec
-
-
-def write_config(config: ml_collections.ConfigDict, workdir: str, origin=None) -> None:
-  """The config as given; a stage (train.init_from) adds a top-level "origin": {workdir, step, params_fingerprint}."""
-  path = os.path.join(workdir, "config.json")
-  record = {**config.to_dict(), **({"origin": origin.record()} if origin is not None else {})}
-  files.write_json(path, record, indent=2, sort_keys=True, default=str)
 
 
 PostRunStep = Callable[[Experiment, Any, str, bool], None]
@@ -324,41 +229,26 @@ def run(config: ml_collections.ConfigDict, workdir: str, post_run: Sequence[Post
 
 
 def _run_owned(config, cfg, workdir: str, lead: bool, post_run) -> dict[str, Any]:
-  _check_resume_config(config, cfg, workdir)  # a changed config is refused before anything is built
+  if objectives.samples_prompts(cfg):  # reward maximisation: its own loop (the post-run steps read token data)
+    from lmobjective.run import rollout
+    return rollout.run_owned(config, cfg, workdir, lead)
+  check_resume_config(config, cfg, workdir)  # a changed config is refused before anything is built
   exp = build(config, workdir)  # saves the tokenizer last, once every check passed
   mngr = ckpt_lib.make_manager(workdir, cfg.checkpoint)
   with save_watch.SaveWatch(mngr, workdir) as watch:
     try:
       state = _train(exp, config, workdir, lead, mngr, watch)
     except OSError as e:  # a full disk or a lost mount outside the checkpoint writer
-      _close(mngr)  # a save in flight lands first: it is the last good checkpoint
+      close_manager(mngr)  # a save in flight lands first: it is the last good checkpoint
       raise save_watch.WriteFailed(f"cannot write {e.filename or workdir} ({e.strerror or e}); "
                                  f"{save_watch.last_good(workdir)}") from None
     finally:
-      _close(mngr)
+      close_manager(mngr)
     watch.check()  # the close waited for the last save
   for step_fn in post_run:  # e.g. post_run.STEPS: loss by position, plots, diagnostics
     step_fn(exp, state.params, workdir, lead)
   evals = [r for r in metrics_log.read_metrics(workdir) if "val_loss" in r] if lead else []
   return evals[-1] if evals else {}
-
-
-def _check_resume_config(config, cfg, workdir: str) -> None:
-  if not os.path.isdir(os.path.join(workdir, ckpt_lib.CKPT_DIR)):
-    return
-  mngr = ckpt_lib.make_manager(workdir, read_only=True)
-  try:
-    latest = ckpt_lib.latest_config(mngr)
-  finally:
-    _close(mngr)
-  if latest is not None:
-    ckpt_lib.check_config(latest[1], ckpt_lib.config_json(config), cfg.checkpoint.allow_config_change, latest[0])
-
-
-def _close(mngr) -> None:
-  """`checkpoint.close` on every exit path; its errors are the `SaveWatch`'s to report."""
-  with contextlib.suppress(Exception):
-    ckpt_lib.close(mngr)
 
 
 def _train(exp: Experiment, config, workdir: str, lead: bool, mngr, watch):

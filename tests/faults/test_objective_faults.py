@@ -140,6 +140,6 @@ def test_label_smoothing_one_half_really_has_no_gradient_at_the_reference():
 
 def test_a_diverged_run_names_the_objectives_settings():
   from lmobjective.run import train
-  hint = train._retry_hint(preference.DPO(beta=0.5, label_smoothing=0.1, rpo_alpha=0.5))
+  hint = train.retry_hint(preference.DPO(beta=0.5, label_smoothing=0.1, rpo_alpha=0.5))
   assert ("objective.kind='dpo', objective.beta=0.5, objective.label_smoothing=0.1, objective.rpo_alpha=0.5, "
           "objective.reference='cached'") in hint

@@ -1,0 +1,459 @@
+"""Reward maximisation's loop (objective.kind rloo | grpo | reinforce): sample, score, update.
+
+Iteration i (train.steps counts them) takes train.batch_size prompts (`prompts.PromptOrder`, a pure
+function of i), samples rl.num_generations responses to each with the sampler (row r of the
+iteration seeded by fold_in(key(seed), i, r): a resumed run draws the same tokens), decodes them
+without the prompt and the terminator, and scores them with the reward functions on the host. One
+forward of the policy (the "old" log-probs, at the sampling distribution) and one of the frozen
+reference (at rl.temperature, no top-k/top-p) per iteration give the KL terms; the advantages
+follow (`objectives.policy`), then rl.epochs × rl.num_minibatches updates through the generic step,
+each on whole groups. state.step, warmup and decay count updates; checkpoints fall at iteration
+ends and record the prompt position. Kill -9 anywhere and resume = an uninterrupted run, bit for
+bit on CPU (`tests/test_rollout.py`).
+
+Metrics (docs/metrics.md) use TRL's names where TRL has them; the full-distribution KL
+(`objective/kl_full`) is Σ_t KL(π(·|s_t) ‖ π_ref(·|s_t)) along each sampled response, the
+Rao–Blackwellised estimate of the sequence KL beside the sample estimate `objective/kl` (Σ_t k1).
+
+Shape legend: B rows (prompts × generations), T = data.context_length positions, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from lmobjective import config as config_lib
+from lmobjective import faults, files, objectives, rewards as rewards_lib, sampling, sharding
+from lmobjective.config import ConfigError
+from lmobjective.data import prompts as prompts_lib
+from lmobjective.data import sources
+from lmobjective.objectives import policy
+from lmobjective.run import checkpoint as ckpt_lib
+from lmobjective.run import experiment, lock, metrics_log, save_watch, stage
+from lmobjective.run import loop_checks
+from lmobjective.run.preemption import EXIT_CODES, Preempted, preemption_signals
+
+
+@dataclasses.dataclass
+class RL:
+  """Everything an RL run needs, built once from the config (`build`)."""
+  config: config_lib.Config
+  raw_config: ml_collections.ConfigDict
+  workdir: str
+  mesh: Any
+  ms: experiment.ModelState  # model, optimizer, shardings, init from the origin, the reference
+  objective: policy.PolicyGradient
+  tokenizer: Any
+  prompts: prompts_lib.PromptSet  # the prompts trained on
+  eval_prompts: prompts_lib.PromptSet | None
+  order: prompts_lib.PromptOrder
+  rewards: rewards_lib.Rewards
+  sampler: sampling.Sampler
+  train_fn: Any  # (state, batch) -> (state, metrics): the guarded generic step
+  score_fn: sharding.Program  # (params, reference params, batch) -> the old/reference log-probs and full KL
+  data_fingerprints: dict
+
+  @property
+  def origin(self):
+    return self.ms.origin
+
+  @property
+  def updates_per_iteration(self) -> int:
+    return objectives.updates_per_step(self.config)
+
+
+# ---- building ----------------------------------------------------------------------------------------
+
+
+def _split(prompt_set: prompts_lib.PromptSet, val_fraction: float):
+  """(train, held-out) of one prompt file: a fixed-seed permutation's last `val_fraction` share is held out."""
+  n = len(prompt_set)
+  perm = np.random.default_rng(0x50524F4D).permutation(n)
+  k = int(round(val_fraction * n))
+  return prompt_set.subset(np.sort(perm[:n - k])), (prompt_set.subset(np.sort(perm[n - k:])) if k else None)
+
+
+def _check_prompts_fit(config, name: str, prompt_set, tokenizer, key: str) -> None:
+  """Every prompt leaves room for rl.max_new_tokens in a row of data.context_length (one line, before writing)."""
+  room = config.data.context_length - config.rl.max_new_tokens
+  for i, p in enumerate(prompt_set.prompts):
+    n = len(prompts_lib.render(p, tokenizer))
+    if n > room:
+      raise ConfigError(key, f"{prompt_set.path} record {i + 1}", f"the prompt renders to {n} tokens: more than "
+                        f"data.context_length {config.data.context_length} - rl.max_new_tokens "
+                        f"{config.rl.max_new_tokens} = {room}")
+
+
+def build(raw_config: ml_collections.ConfigDict, workdir: str) -> RL:
+  config = config_lib.typed(raw_config)
+  rl = config.rl
+  mesh = sharding.make_mesh(config.mesh)
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  rows_per_update = config.train.batch_size * rl.num_generations // rl.num_minibatches
+  if rows_per_update % (dp * config.train.grad_accum_steps):
+    raise ConfigError("train.batch_size", config.train.batch_size,
+                      f"x rl.num_generations / rl.num_minibatches = {rows_per_update} rows per update must be divisible "
+                      f"by train.grad_accum_steps={config.train.grad_accum_steps} x the data*fsdp mesh size {dp}")
+  reward_fns = rewards_lib.load(rl.reward_fn, rl.reward_weights)  # an unimportable reward: before anything is written
+  origin_req = stage.request(config.train.init_from, workdir)
+  tokenizer, save_tokenizer = stage.prepare_tokenizer(config.data, workdir, origin_req)
+  (name, scfg), = config.data.sources.items()
+  key = sources.key(name, "path")
+  train_prompts, heldout = _split(prompts_lib.load_prompts(name, scfg.path), scfg.val_fraction)
+  eval_prompts = (prompts_lib.load_prompts(name, rl.eval_prompts, "rl.eval_prompts") if rl.eval_prompts
+                  else heldout)
+  _check_prompts_fit(config, name, train_prompts, tokenizer, key)
+  if eval_prompts is not None:
+    _check_prompts_fit(config, name, eval_prompts, tokenizer, "rl.eval_prompts" if rl.eval_prompts else key)
+  ms = experiment.model_and_state(config, raw_config, mesh, tokenizer, origin_req,
+                                  rows_per_update // config.train.grad_accum_steps)
+  objective = objectives.from_config(config.objective, rl)
+  token_bytes = jnp.asarray(tokenizer.token_byte_lengths(), jnp.int32)
+  train_fn, _ = experiment._step_programs(config, objective, ms.model, ms.tx, mesh, ms.state_sharding,
+                                          ms.params_sharding, token_bytes, reference_params=None)
+  score_fn = sharding.Program(functools.partial(rollout_scores, ms.model, objective), mesh,
+                              out_shardings=sharding.batch_sharding(mesh))
+  fps = {name: {**sources.content_fingerprint(name, scfg), "prompts": train_prompts.fingerprint}}
+  save_tokenizer()
+  return RL(config=config, raw_config=raw_config, workdir=workdir, mesh=mesh, ms=ms, objective=objective,
+            tokenizer=tokenizer, prompts=train_prompts, eval_prompts=eval_prompts,
+            order=prompts_lib.PromptOrder(len(train_prompts), config.train.batch_size, config.seed),
+            rewards=reward_fns, sampler=sampling.Sampler(ms.model, mesh), train_fn=train_fn, score_fn=score_fn,
+            data_fingerprints=fps)
+
+
+# ---- one iteration's responses -----------------------------------------------------------------------
+
+
+def rollout_scores(model, objective: policy.PolicyGradient, params, reference_params, batch: dict) -> dict:
+  """Per response token [B,T] (0 off the response): the policy's log-prob under the sampling
+  distribution (`old_logps`), the reference's at rl.temperature (`ref_logps`), and the full
+  distributions' KL(π‖π_ref) and entropy H(π) at that position. Without a reference (β = 0) the
+  reference columns are 0."""
+  mask = batch["loss_mask"] & (batch["targets"] >= 0)
+  tgt = jnp.where(mask, batch["targets"], 0)[..., None]
+
+  def dist(p, cfg):
+    h = model.apply({"params": p}, batch["inputs"], batch["positions"], batch["segment_ids"], method="hidden_states")
+    return sampling.logps(model.apply({"params": p}, h, method="head"), cfg)
+
+  logp_BxTxV = dist(params, objective.sampling_config())
+  out = {"old_logps": jnp.take_along_axis(logp_BxTxV, tgt, axis=-1)[..., 0],
+         "entropy_full": policy.entropy(logp_BxTxV)}
+  if reference_params is not None:
+    ref_BxTxV = dist(reference_params, objective.sampling_config(top_k=0, top_p=1.0))
+    out["ref_logps"] = jnp.take_along_axis(ref_BxTxV, tgt, axis=-1)[..., 0]
+    out["kl_full"] = policy.full_kl(logp_BxTxV, ref_BxTxV)
+  else:
+    out["ref_logps"] = out["kl_full"] = jnp.zeros(mask.shape, jnp.float32)
+  return {k: jnp.where(mask, v, 0.0) for k, v in out.items()}
+
+
+@dataclasses.dataclass
+class Rollouts:
+  """One iteration's responses as host arrays: the rows the updates read, and the iteration's metrics."""
+  batch: dict[str, np.ndarray]  # [B,T] model fields, advantages [B], old/ref log-probs [B,T]
+  metrics: dict[str, float]
+
+
+def _pad_to(x_BxW: np.ndarray, T: int, fill) -> np.ndarray:
+  return np.pad(x_BxW, ((0, 0), (0, T - x_BxW.shape[1])), constant_values=fill)
+
+
+def sample_responses(rlx: RL, params, prompt_list, seed: int, iteration: int, cfg: sampling.SamplingConfig):
+  """(Samples as NumPy, rows [B,T] for scoring, completions as text, prompt lengths [B]) of `prompt_list`
+  (one row each)."""
+  ids = [prompts_lib.render(p, rlx.tokenizer) for p in prompt_list]
+  samples, prompt_BxP, lengths_B = rlx.sampler(params, ids, cfg, seed=seed, iteration=iteration)
+  samples = sampling.Samples(*jax.device_get(samples))
+  rows = jax.device_get(sampling.response_batch(jnp.asarray(prompt_BxP), jnp.asarray(lengths_B),
+                                                jax.tree.map(jnp.asarray, samples), cfg.pad_id))
+  T = rlx.config.data.context_length
+  rows = {k: _pad_to(np.asarray(v), T, False if k == "loss_mask" else 0) for k, v in rows.items()}
+  stops = set(cfg.stop_ids)
+  completions = []
+  for toks, n in zip(samples.tokens, samples.lengths):
+    toks = list(toks[:n])
+    if toks and toks[-1] in stops:
+      toks = toks[:-1]
+    completions.append(rlx.tokenizer.decode(toks))
+  return samples, rows, completions, lengths_B
+
+
+def sampling_config(rlx: RL, prompt, **overrides) -> sampling.SamplingConfig:
+  return rlx.objective.sampling_config(stop_ids=prompts_lib.stop_ids(prompt, rlx.tokenizer), pad_id=rlx.tokenizer.pad_id,
+                                       **overrides)
+
+
+def collect(rlx: RL, params, iteration: int) -> Rollouts:
+  """Iteration `iteration`'s prompts, responses, rewards, log-probs and advantages (`Rollouts`)."""
+  cfg, G = rlx.config, rlx.config.rl.num_generations
+  idx = rlx.order.batch(iteration)
+  prompt_list, fields = rlx.prompts.take(np.repeat(idx, G))
+  samples, rows, completions, prompt_lengths_B = sample_responses(rlx, params, prompt_list, cfg.seed, iteration,
+                                                sampling_config(rlx, prompt_list[0]))
+  scored = rlx.rewards(prompt_list, completions, fields)  # RewardError: one line naming the function
+  scores_B = scored.rewards - cfg.rl.missing_eos_penalty * samples.truncated
+  reference = rlx.ms.reference if rlx.objective.beta > 0 else None
+  extra = jax.device_get(rlx.score_fn(params, reference, sharding.global_batch(rows, rlx.mesh)))
+  kl_B = extra["old_logps"].sum(-1) - extra["ref_logps"].sum(-1)  # Σ_t k1 (0 without a reference)
+  beta = rlx.objective.beta
+  total_B = scores_B - beta * kl_B if cfg.rl.kl_placement == "reward" else scores_B
+  adv_B = policy.advantages(total_B.reshape(-1, G), cfg.objective.kind, cfg.rl.scale_rewards).reshape(-1)
+  metrics = _metrics(rlx, samples, scored, scores_B, kl_B, extra, prompt_lengths_B)
+  if cfg.rl.mask_truncated_completions:
+    rows["loss_mask"] = rows["loss_mask"] & ~samples.truncated[:, None]
+  batch = {**rows, policy.ADVANTAGES: adv_B.astype(np.float32), policy.OLD_LOGPS: extra["old_logps"],
+           policy.REF_LOGPS: extra["ref_logps"]}
+  return Rollouts(batch, metrics)
+
+
+def _metrics(rlx, samples, scored, scores_B, kl_B, extra, prompt_lengths_B) -> dict[str, float]:
+  """The iteration's metrics (docs/metrics.md), over responses or over sampled tokens, never padding."""
+  G, beta = rlx.config.rl.num_generations, rlx.objective.beta
+  sampled = samples.response_mask
+  group_std = scored.rewards.reshape(-1, G).std(axis=-1)
+  n = max(int(sampled.sum()), 1)
+  # the sampler's log-probs against the trainer's forward, token by token (same tokens, same distribution)
+  diff = np.abs(np.where(sampled, samples.logps - _response_aligned(extra["old_logps"], prompt_lengths_B, sampled), 0.0))
+  m = {"reward": float(scored.rewards.mean()), "reward_std": float(group_std.mean()),
+       "frac_reward_zero_std": float((group_std == 0).mean()),
+       "objective/scores": float(scores_B.mean()), "objective/kl": float(kl_B.mean()),
+       "objective/kl_full": float(extra["kl_full"].sum(-1).mean()),
+       "objective/kl_full_per_token": float(extra["kl_full"].sum() / n),
+       "objective/entropy": float(-samples.logps.sum(-1).mean()),
+       "objective/entropy_full": float(extra["entropy_full"].sum(-1).mean()),
+       "objective/non_score_reward": float(-beta * kl_B.mean()),
+       "objective/rlhf_reward": float(scores_B.mean() - beta * kl_B.mean()),
+       "completions/mean_length": float(samples.lengths.mean()),
+       "completions/clipped_ratio": float(samples.truncated.mean()),
+       "sampler_trainer/logp_diff_mean": float(diff.sum() / n), "sampler_trainer/logp_diff_max": float(diff.max())}
+  m.update(rewards_lib.metrics(scored))
+  return m
+
+
+def _response_aligned(per_target_BxT: np.ndarray, prompt_lengths_B: np.ndarray, response_BxN: np.ndarray) -> np.ndarray:
+  """[B,N] the value at response token t of each row, from the scoring rows (whose prompt starts at
+  column 0, so response token t is the target of column prompt_length - 1 + t)."""
+  N = response_BxN.shape[1]
+  cols = np.minimum(prompt_lengths_B[:, None] - 1 + np.arange(N)[None], per_target_BxT.shape[1] - 1)
+  return np.where(response_BxN, np.take_along_axis(per_target_BxT, cols, axis=1), 0.0)
+
+
+# ---- updates -------------------------------------------------------------------------------------------
+
+
+def minibatches(config, iteration: int) -> list[np.ndarray]:
+  """The rows of each update of `iteration`, in order: each epoch a permutation of the prompts' groups
+  (seeded by (seed, iteration, epoch); none with one epoch of one minibatch), cut into
+  rl.num_minibatches parts of whole groups."""
+  P, G, rl = config.train.batch_size, config.rl.num_generations, config.rl
+  out = []
+  for epoch in range(rl.epochs):
+    groups = (np.arange(P) if rl.epochs * rl.num_minibatches == 1 else
+              np.random.default_rng([config.seed, iteration, epoch]).permutation(P))
+    for part in np.split(groups, rl.num_minibatches):
+      out.append((part[:, None] * G + np.arange(G)[None]).reshape(-1))
+  return out
+
+
+def update(rlx: RL, state, rollouts: Rollouts, iteration: int, pending: list):
+  """rl.epochs x rl.num_minibatches updates on the iteration's rows; each update's metrics go to `pending`."""
+  for rows in minibatches(rlx.config, iteration):
+    faults.point("update")
+    host = {k: rollouts.batch[k][rows] for k in rlx.objective.fields}
+    state, metrics = rlx.train_fn(state, sharding.global_batch(host, rlx.mesh))
+    pending.append(metrics)
+  return state
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------
+
+EVAL_STREAM = 1 << 30  # eval samples are drawn from iterations EVAL_STREAM + step: never a training iteration's keys
+
+
+def eval_rewards(rlx: RL, params, prompt_set: prompts_lib.PromptSet, greedy: bool, samples_per_prompt: int = 1,
+                 stream: int = EVAL_STREAM) -> np.ndarray:
+  """[prompts, samples_per_prompt] rewards of responses to every prompt of `prompt_set`: greedy
+  (temperature 0, one each) or sampled at rl.temperature."""
+  k = 1 if greedy else samples_per_prompt
+  idx = np.repeat(np.arange(len(prompt_set)), k)
+  shards = rlx.mesh.shape["data"] * rlx.mesh.shape["fsdp"]
+  padded = np.concatenate([idx, np.full(-len(idx) % shards, idx[-1])])  # the batch splits over the mesh
+  prompt_list, fields = prompt_set.take(padded)
+  cfg = sampling_config(rlx, prompt_list[0], **({"temperature": 0.0} if greedy else {}))
+  _, _, completions, _ = sample_responses(rlx, params, prompt_list, rlx.config.seed, stream, cfg)
+  return rlx.rewards(prompt_list, completions, fields).rewards[:len(idx)].reshape(-1, k)
+
+
+def evaluate(rlx: RL, params, step: int = 0) -> dict[str, float]:
+  """val_reward_greedy and val_reward_sampled (mean rewards on the held-out prompts; with a 0/1 reward,
+  pass@1) when there are held-out prompts."""
+  if rlx.eval_prompts is None:
+    return {}
+  greedy = eval_rewards(rlx, params, rlx.eval_prompts, greedy=True, stream=EVAL_STREAM + step)
+  sampled = eval_rewards(rlx, params, rlx.eval_prompts, greedy=False, samples_per_prompt=rlx.config.rl.eval_samples,
+                         stream=EVAL_STREAM + step)
+  return {"val_reward_greedy": float(greedy.mean()), "val_reward_sampled": float(sampled.mean())}
+
+
+# ---- the loop ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Window:
+  """The iterations' rollout metrics since the last train line (a checkpoint carries them)."""
+  rollouts: list
+  t_last: float = 0.0
+
+
+def _record(rlx: RL, done: int, finite: list[dict], window: Window, loop: loop_checks.LoopState) -> dict:
+  last = finite[-1]
+  rec = {"step": done, "updates": done * rlx.updates_per_iteration, "lr": float(last["lr"]),
+         "grad_norm": float(last["grad_norm"]), "update_norm": float(last["update_norm"]),
+         "param_norm": float(last["param_norm"])}
+  rec.update(rlx.objective.train_record(finite))
+  for key in window.rollouts[0]:
+    values = [m[key] for m in window.rollouts if key in m]
+    rec[key] = float(np.max(values) if key.endswith("_max") else np.mean(values))
+  loop.tokens_seen += int(sum(m["num_tokens"] for m in finite))
+  rec["tokens_seen"] = loop.tokens_seen
+  rec["iterations_per_sec"] = len(window.rollouts) / max(time.time() - window.t_last, 1e-9)
+  return rec
+
+
+def _save(rlx: RL, watch, state, done: int, loop: loop_checks.LoopState, window: Window) -> None:
+  loop_checks.fetch_pending(rlx, loop, int(state.step))  # never saves a state reached through a diverged update
+  epoch, offset = rlx.order.position(done)
+  meta = {"iteration": done, "updates_per_iteration": rlx.updates_per_iteration,
+          "prompt_position": {"epoch": epoch, "offset": offset}, "seed": rlx.config.seed,
+          "tokens_seen": loop.tokens_seen, "skipped": loop.skipped, "init_param_norm": loop.init_param_norm,
+          "pending": ckpt_lib.encode_metrics(loop.pending), "window": window.rollouts,
+          "tokenizer": {"path": "tokenizer", "fingerprint": rlx.tokenizer.fingerprint()},
+          "data": rlx.data_fingerprints}
+  if rlx.origin is not None:
+    meta["origin"] = rlx.origin.record()
+  watch.save(state, meta, rlx.raw_config)
+
+
+def run_loop(rlx: RL, state, writer, watch=None, loop: loop_checks.LoopState | None = None, window: Window | None = None,
+             stop=None):
+  """Iterations from state.step / updates_per_iteration to train.steps (see the module docstring)."""
+  cfg, U = rlx.config, rlx.updates_per_iteration
+  loop = loop or loop_checks.LoopState(pending=[], tokens_seen=0)
+  if loop.init_param_norm is None and int(state.step) == 0:
+    loop.init_param_norm = float(jax.jit(optax.tree.norm)(state.params))
+  window = window or Window([])
+  start = int(state.step) // U
+  try:
+    if start == 0:
+      writer.write({"step": 0, **evaluate(rlx, state.params), "param_norm": loop.init_param_norm})
+    window.t_last = time.time()
+    for i in range(start, cfg.train.steps):
+      faults.point("step")
+      rollouts = collect(rlx, state.params, i)
+      window.rollouts.append(rollouts.metrics)
+      state = update(rlx, state, rollouts, i, loop.pending)
+      if watch is not None:
+        watch.check(wait=True)
+      done = i + 1
+      if done % cfg.train.log_every_steps == 0 or done == cfg.train.steps:
+        finite = loop_checks.fetch_pending(rlx, loop, done * U)
+        if finite:
+          writer.write(_record(rlx, done, finite, window, loop))
+        loop.pending, loop.checked, window.rollouts, window.t_last = [], 0, [], time.time()
+      if rlx.eval_prompts is not None and (done % cfg.eval.every_steps == 0 or done == cfg.train.steps):
+        writer.write({"step": done, **evaluate(rlx, state.params, done)})
+        window.t_last = time.time()
+      preempted = stop is not None and stop.signum is not None
+      every = cfg.checkpoint.every_steps
+      if watch is not None and ((every and done % every == 0) or done == cfg.train.steps or preempted):
+        writer.flush()
+        _save(rlx, watch, state, done, loop, window)
+      if preempted:
+        if watch is not None:
+          watch.check(wait=True)
+        raise Preempted(EXIT_CODES[stop.signum])
+  except loop_checks.Diverged as e:
+    writer.write({"step": e.step // U, "diverged": str(e)})
+    raise
+  if watch is not None:
+    watch.check(wait=True)
+  return state
+
+
+def restore_or_init(rlx: RL, mngr):
+  """(state, LoopState or None, Window or None, the iteration resumed from or None)."""
+  state_shape = rlx.ms.init_fn.eval_shape(jax.random.key(rlx.config.seed))
+  abstract = sharding.abstract_state(state_shape, rlx.ms.state_sharding)
+  restored = ckpt_lib.restore_latest(mngr, rlx.workdir, abstract, start_over=rlx.config.checkpoint.start_over)
+  if restored is None:
+    return rlx.ms.init_fn(jax.random.key(rlx.config.seed)), None, None, None
+  state, meta, saved_config = restored
+  step_ = int(state.step)
+  ckpt_lib.check_config(saved_config, ckpt_lib.config_json(rlx.raw_config),
+                        rlx.config.checkpoint.allow_config_change, step_)
+  if meta["tokenizer"]["fingerprint"] != rlx.tokenizer.fingerprint():
+    raise ConfigError("data.tokenizer", os.path.join(rlx.workdir, "tokenizer"),
+                      f"differs from the tokenizer of the checkpoint at update {step_}; use a new workdir")
+  loop_checks.check_data(rlx.config, rlx.data_fingerprints, meta.get("data"), step_)
+  pending = ckpt_lib.decode_metrics(meta["pending"])
+  loop = loop_checks.LoopState(pending=pending, tokens_seen=meta["tokens_seen"], skipped=meta["skipped"],
+                             checked=len(pending), init_param_norm=meta.get("init_param_norm"))
+  return state, loop, Window(list(meta["window"])), meta["iteration"]
+
+
+def run_owned(config: ml_collections.ConfigDict, cfg, workdir: str, lead: bool) -> dict[str, Any]:
+  """`train.run` of an RL objective, inside the workdir lock: build, restore, loop, checkpoints."""
+  loop_checks.check_resume_config(config, cfg, workdir)
+  rlx = build(config, workdir)
+  mngr = ckpt_lib.make_manager(workdir, cfg.checkpoint)
+  with save_watch.SaveWatch(mngr, workdir) as watch:
+    try:
+      state, loop, window, resumed = restore_or_init(rlx, mngr)
+      if lead:
+        files.remove_stale_temporaries(
+            workdir, ["config.json", lock.LOCK_FILE, metrics_log.METRICS_FILE, metrics_log.UNREADABLE_FILE])
+        loop_checks.write_config(config, workdir, rlx.origin)
+        metrics_log.truncate_metrics(workdir, resumed)
+        if resumed is not None:
+          print(f"resuming from the checkpoint at iteration {resumed} (update {int(state.step)})", flush=True)
+      _print_header(rlx, state)
+      writer = metrics_log.MetricsWriter(workdir, enabled=lead, purge_step=0 if resumed is None else resumed + 1)
+      try:
+        with preemption_signals() as stop:
+          run_loop(rlx, state, writer, watch, loop, window, stop)
+      finally:
+        writer.close()
+    except OSError as e:
+      loop_checks.close_manager(mngr)
+      raise save_watch.WriteFailed(f"cannot write {e.filename or workdir} ({e.strerror or e}); "
+                                   f"{save_watch.last_good(workdir)}") from None
+    finally:
+      loop_checks.close_manager(mngr)
+    watch.check()
+  evals = [r for r in metrics_log.read_metrics(workdir) if "val_reward_greedy" in r] if lead else []
+  return evals[-1] if evals else {}
+
+
+def _print_header(rlx: RL, state) -> None:
+  if jax.process_index() != 0:
+    return
+  c = rlx.config
+  print(f"lmobjective RL | objective {c.objective.kind} beta {c.objective.beta} | devices {jax.device_count()} | "
+        f"{c.train.batch_size} prompts x {c.rl.num_generations} responses per iteration, "
+        f"{rlx.updates_per_iteration} updates each | {len(rlx.prompts)} prompts"
+        + (f", {len(rlx.eval_prompts)} held out" if rlx.eval_prompts is not None else ""), flush=True)
+  if rlx.origin is not None:
+    o = rlx.origin
+    print(f"init_from (also the reference): {o.workdir} step {o.step} (params sha256 {o.params_fingerprint})", flush=True)
