@@ -7,7 +7,7 @@ Flags -> `run.train.run(config, workdir, post_run=analysis.post_run.STEPS)`: thi
 one place where training and the post-run analysis meet, so neither package imports the other.
 Exit status: 0 done; 143 after SIGTERM and 130 after SIGINT, each once the current step finished
 and a checkpoint was saved; 1 with one `error:` line for a bad or changed config, changed data,
-damaged checkpoints or a failed write (a full disk); 3 with one `error:` line when the run
+damaged checkpoints, a failed write (a full disk) or a reward function that failed (RL); 3 with one `error:` line when the run
 diverged (non-finite, dead or exploded; that state is never saved).
 
 `--cpu_devices=N` (opt-in) runs on N XLA CPU devices, the host's cores split between them (the mesh's
@@ -25,6 +25,7 @@ from absl import app, flags
 
 from lmobjective import commands
 from lmobjective import config as config_lib
+from lmobjective.rewards import RewardError
 from lmobjective.analysis import post_run as post_run_lib
 from lmobjective.run import launch
 from lmobjective.run.save_watch import WriteFailed
@@ -46,7 +47,7 @@ def main(argv, config_flag, workdir_flag, cpu_devices_flag=None) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save and restore at INFO
   try:
     run(config_flag.value, workdir_flag.value, post_run=post_run_lib.STEPS)
-  except (config_lib.ConfigError, WriteFailed) as e:
+  except (config_lib.ConfigError, WriteFailed, RewardError) as e:
     sys.exit(f"error: {e}")
   except Diverged as e:
     print(f"error: diverged: {e}", file=sys.stderr, flush=True)
