@@ -1,7 +1,6 @@
 """The RL loop (`lmobjective/run/rollout.py`) on the bandit of `_rl.py`: what an iteration computes,
 resume bit for bit after kill -9 mid-iteration, and bad input refused in one line."""
 
-import json
 import os
 import subprocess
 import sys
@@ -10,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from _rl import REWARDS, origin_config, reward_table, rl_config, write_bandit
+from _rl import config_file, origin_config, rl_config, write_bandit
 from _tiny import ROOT
+from lmobjective.data import bandit as bandit_lib
 from lmobjective.run import metrics_log, rollout, train
 
 
@@ -54,10 +54,10 @@ def test_rewards_and_metric_definitions(short_run):
   train_lines = [r for r in lines if "reward" in r]
   assert [r["step"] for r in train_lines] == [1, 2, 3, 4]
   assert [r["updates"] for r in train_lines] == [2, 4, 6, 8]
-  values = sorted(set(REWARDS.values()) | {-1.0})
+  values = sorted(set(bandit_lib.REWARDS.values()) | {-1.0})
   for r in train_lines:
     assert min(values) <= r["reward"] <= max(values)
-    assert r["rewards/bandit/mean"] == pytest.approx(r["reward"])
+    assert r["rewards/reward/mean"] == pytest.approx(r["reward"])
     assert 0 <= r["frac_reward_zero_std"] <= 1 and r["policy/clipfrac_avg"] >= 0
   last = train_lines[-1]
   assert last["objective/kl_full"] > 0
@@ -84,24 +84,17 @@ def _cli(config_path, workdir, faults=None):
                          f"--workdir={workdir}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _config_file(tmp_path, config) -> str:
-  path = tmp_path / "rl_config.py"
-  path.write_text("import json, ml_collections\n\ndef get_config():\n  return ml_collections.ConfigDict("
-                  f"json.loads({config.to_json()!r}))\n")
-  return str(path)
-
-
 @pytest.mark.slow
 def test_kill_9_mid_iteration_then_resume_equals_an_uninterrupted_run(bandit, short_run, tmp_path):
   """SIGKILL before the 2nd update of iteration 3 (iteration 2's checkpoint saved or in flight): the
   resumed run samples the lost iterations again with the same keys and ends with the uninterrupted run's params bit for bit and
   its metrics lines (timing aside)."""
   paths, cache, origin = bandit
-  config_file = _config_file(tmp_path, rl_config(cache, paths, origin, **{"rl.epochs": 2}))
+  config_path = config_file(tmp_path / "rl_config.py", rl_config(cache, paths, origin, **{"rl.epochs": 2}))
   workdir = str(tmp_path / "killed")
-  killed = _cli(config_file, workdir, faults="update@6=kill")
+  killed = _cli(config_path, workdir, faults="update@6=kill")
   assert killed.returncode == -9, killed.stderr[-2000:]
-  resumed = _cli(config_file, workdir)
+  resumed = _cli(config_path, workdir)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   # iteration 2's save may still have been in flight (asynchronous) when the kill came: either lands here
   assert ("resuming from the checkpoint at iteration 2 (update 4)" in resumed.stdout or
@@ -122,7 +115,7 @@ def _refusal(config, workdir):
 
 @pytest.mark.parametrize("overrides, key", [
     ({"rl.reward_fn": "{tmp}/nowhere.py:bandit"}, "rl.reward_fn"),
-    ({"rl.reward_fn": "{reward}:no_such_function"}, "rl.reward_fn"),
+    ({"rl.reward_fn": "lmobjective.data.bandit:no_such_function"}, "rl.reward_fn"),
     ({"rl.num_generations": 1}, "rl.num_generations"),
     ({"rl.kl_placement": "loss", "rl.kl_estimator": "k1"}, "rl.kl_estimator"),
     ({"rl.kl_estimator": "k3"}, "rl.kl_estimator"),
@@ -130,7 +123,7 @@ def _refusal(config, workdir):
 ])
 def test_bad_input_is_one_line_naming_the_key_and_writes_nothing(bandit, tmp_path, overrides, key):
   paths, cache, origin = bandit
-  fill = lambda v: v.format(tmp=tmp_path, reward=paths["reward"]) if isinstance(v, str) else v
+  fill = lambda v: v.format(tmp=tmp_path) if isinstance(v, str) else v
   workdir = tmp_path / "bad"
   msg = _refusal(rl_config(cache, paths, origin, **{k: fill(v) for k, v in overrides.items()}), str(workdir))
   assert "\n" not in msg and msg.startswith(f"config.{key}="), msg
@@ -160,8 +153,8 @@ def test_the_sampling_distribution_of_the_origin_matches_its_forward(bandit, tmp
   ids = [rlx.tokenizer.eos_id] + rlx.tokenizer.encode("x")
   cfg = rollout.sampling_config(rlx, "x")
   logp_V = np.asarray(rlx.sampler.next_logps(state.params, [ids] * 2, cfg))[0]
-  r_V = reward_table(len(logp_V), rlx.tokenizer)
+  r_V = bandit_lib.reward_table(len(logp_V), rlx.tokenizer)
   p_V = np.exp(logp_V)
   assert p_V.sum() == pytest.approx(1.0, abs=1e-5)
-  assert p_V[[rlx.tokenizer.encode(c)[0] for c in REWARDS]].sum() > 0.5  # pretraining learned the candidates
+  assert p_V[[rlx.tokenizer.encode(c)[0] for c in bandit_lib.REWARDS]].sum() > 0.5  # pretraining learned the candidates
   assert (r_V == -1.0).sum() == len(r_V) - 4
