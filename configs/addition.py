@@ -14,10 +14,16 @@ with McNemar's exact test.) The data paths default to DATA below, relative to th
 directory; another directory is `--config.data.sources.<name>.path=DIR/<file>.jsonl` (and, for the
 rl stage, `--config.rl.eval_prompts=DIR/prompts_heldout.jsonl`).
 
-Pretraining reads "12+34=46" lines (train problems only), SFT the same problems as a chat (user
-"12+34=", assistant "46"), and RL samples answers to the train prompts, rewarded 1 for the exact
-sum (`rewards.exact_answer`), scored every eval.every_steps on the held-out problems (no pair, nor
-its swap, of the held-out split is in any training file). Tokens are bytes, so a digit is a token.
+Pretraining reads "12+34=46" lines and the same train problems as whole chats (loss on every token:
+a model pretrained on plain sums alone and then SFT'd stayed under 9% held-out pass@1 in the chat
+format), SFT the chats with the loss on the assistant's answer, and RL samples answers to the train
+prompts, rewarded 1 for the exact sum (`rewards.exact_answer`), scored every eval.every_steps on the
+held-out problems (no pair, nor its swap, of the held-out split is in any training file). Tokens are
+bytes, so a digit is a token.
+
+Status (2026-12, one run, pinned to one CPU core, 6 min 45 s in all): SFT reaches 0.134 held-out
+greedy pass@1 and this RL stage does NOT raise it (0.124, McNemar p = 0.64): the sizes here are not
+yet the ones issue #26 asks for.
 """
 
 import copy
