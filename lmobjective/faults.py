@@ -9,7 +9,8 @@ passes `point(name)` (writing a file of that base name, if given), it does `acti
   enospc   raise OSError(ENOSPC, 'No space left on device', path): a full disk, in-process
 
 Points (where they are passed):
-  step           the top of every training step, before its batch is drawn
+  step           the top of every training step, before its batch is drawn (RL: of every iteration)
+  update         before each optimizer update of an RL iteration (`run/rollout.py`)
   save.begin     a checkpoint save is about to start (nothing of it written yet)
   save.meta      inside the asynchronous part of a save, as its meta JSON is written (after the
                  state's arrays were handed to the writer): a kill here is kill -9 mid-save

@@ -14,6 +14,8 @@ from _tiny import ROOT
 from lmobjective.data import bandit as bandit_lib
 from lmobjective.run import metrics_log, rollout, train
 
+pytestmark = pytest.mark.slow  # a pretrained origin and RL runs: ~25 s in all (the math is in test_policy*.py)
+
 
 @pytest.fixture(scope="module")
 def bandit(tmp_path_factory):
@@ -84,7 +86,6 @@ def _cli(config_path, workdir, faults=None):
                          f"--workdir={workdir}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.slow
 def test_kill_9_mid_iteration_then_resume_equals_an_uninterrupted_run(bandit, short_run, tmp_path):
   """SIGKILL before the 2nd update of iteration 3 (iteration 2's checkpoint saved or in flight): the
   resumed run samples the lost iterations again with the same keys and ends with the uninterrupted run's params bit for bit and

@@ -34,7 +34,8 @@ PRESETS = {"default.py": {}, "tiny.py": {}, "markov.py": {}, "gpt2_124m.py": {},
            "sft.py": {"data.sources.chat.path": "chat.jsonl"},
            "dpo.py": {"train.init_from": "runs/sft", "data.sources.pairs.path": "pairs.jsonl"},
            "stack.py:pretrain": {}, "stack.py:sft": {},
-           "stack.py:dpo": {"train.init_from": "runs/stack/sft"}, "stack.py:dpo,quick": {"train.init_from": "runs/stack/sft"}}
+           "stack.py:dpo": {"train.init_from": "runs/stack/sft"}, "stack.py:dpo,quick": {"train.init_from": "runs/stack/sft"},
+           "addition.py:pretrain": {}, "addition.py:sft": {}, "addition.py:rl": {"train.init_from": "runs/rl_addition/sft"}}
 
 
 @pytest.mark.parametrize("preset", PRESETS)
