@@ -64,14 +64,10 @@ def stage_flags(workdir: str, stage: str, origin: str | None) -> dict[str, str]:
 
 def load_stage_config(stage: str, flags: dict[str, str]):
   """configs/addition.py:`stage` with `flags` applied, as the CLI applies them."""
-  from lmobjective.config import load_config_file
+  from lmobjective.config import load_config_file, set_dotted
   c = load_config_file(f"{CONFIG}:{stage}")
   for key, value in flags.items():
-    *parents, leaf = key.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    set_dotted(c, key, value)
   return c
 
 

@@ -50,11 +50,7 @@ def _config(name: str, seed: int, cache: str, paths: dict, origin: str):
               "optimizer.end_learning_rate": 0.0, "optimizer.warmup_steps": 0, "optimizer.weight_decay": 0.0,
               "checkpoint.every_steps": 0, "eval.num_batches": 0, "train.log_every_steps": 50, **keys}
   for key, value in settings.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    config_lib.set_dotted(c, key, value)
   return c
 
 

@@ -76,6 +76,15 @@ def mlp_dim(model) -> int:
   return 4 * model.embed_dim if model.mlp != "swiglu" else 64 * -(-(8 * model.embed_dim // 3) // 64)
 
 
+def set_dotted(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """`cfg.a.b = value` for key "a.b" (what --config.a.b=value does), for scripts that build configs."""
+  *parents, leaf = key.split(".")
+  node = cfg
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
 def get(cfg: ml_collections.ConfigDict, key: str) -> Any:
   node = cfg
   for part in key.split("."):

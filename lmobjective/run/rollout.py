@@ -83,7 +83,7 @@ def _split(prompt_set: prompts_lib.PromptSet, val_fraction: float):
   return prompt_set.subset(np.sort(perm[:n - k])), (prompt_set.subset(np.sort(perm[n - k:])) if k else None)
 
 
-def _check_prompts_fit(config, name: str, prompt_set, tokenizer, key: str) -> None:
+def _check_prompts_fit(config, prompt_set, tokenizer, key: str) -> None:
   """Every prompt leaves room for rl.max_new_tokens in a row of data.context_length (one line, before writing)."""
   room = config.data.context_length - config.rl.max_new_tokens
   for i, p in enumerate(prompt_set.prompts):
@@ -112,9 +112,9 @@ def build(raw_config: ml_collections.ConfigDict, workdir: str) -> RL:
   train_prompts, heldout = _split(prompts_lib.load_prompts(name, scfg.path), scfg.val_fraction)
   eval_prompts = (prompts_lib.load_prompts(name, rl.eval_prompts, "rl.eval_prompts") if rl.eval_prompts
                   else heldout)
-  _check_prompts_fit(config, name, train_prompts, tokenizer, key)
+  _check_prompts_fit(config, train_prompts, tokenizer, key)
   if eval_prompts is not None:
-    _check_prompts_fit(config, name, eval_prompts, tokenizer, "rl.eval_prompts" if rl.eval_prompts else key)
+    _check_prompts_fit(config, eval_prompts, tokenizer, "rl.eval_prompts" if rl.eval_prompts else key)
   ms = experiment.model_and_state(config, raw_config, mesh, tokenizer, origin_req,
                                   rows_per_update // config.train.grad_accum_steps)
   objective = objectives.from_config(config.objective, rl)
