@@ -11,11 +11,12 @@ the final RL model on the same held-out prompts with the RL stage's own sampler 
 (`rollout.eval_rewards`): greedy pass@1 and sampled pass@1 (the mean over rl.eval_samples samples
 per prompt, the same random stream for both models).
 
-Tests, both exact and two-sided, on the same prompts: greedy, McNemar (binomial on the discordant
-prompts: b solved only after RL, c only before); sampled, a sign test on the per-prompt mean reward
-(b prompts whose mean rose, c whose mean fell, ties left out), the same binomial. The table goes to
-stdout and WORKDIR/rl_addition.md; the exit status is 1 (one line) when RL did not raise held-out
-greedy pass@1.
+Tests, all exact and two-sided, on the same prompts: greedy, McNemar (binomial on the discordant
+prompts: b solved only after RL, c only before); sampled, McNemar on each prompt's first draw (one
+pair per prompt, the two models on the same random stream) and a sign test on the per-prompt mean
+reward (b prompts whose mean rose, c whose mean fell, ties left out), the same binomial. The table
+goes to stdout and WORKDIR/rl_addition.md; the exit status is 1 (one line) unless RL raised held-out
+greedy pass@1 with McNemar p < 0.05.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 CONFIG = os.path.join(ROOT, "configs", "addition.py")
+ALPHA = 0.05  # the exit status: RL must raise held-out greedy pass@1 at this two-sided level
 STAGES = (("pretrained", "pretrain", None), ("sft", "sft", "pretrained"), ("rl", "rl", "sft"))
 
 
@@ -52,7 +54,7 @@ def _config_module():
 def stage_flags(workdir: str, stage: str, origin: str | None) -> dict[str, str]:
   """The dotted config overrides of `stage`: the data files under WORKDIR/data and the origin."""
   data = os.path.join(workdir, "data")
-  files = {"pretrain": {"sums": "pretrain.jsonl", "chats": "sft.jsonl"}, "sft": {"chat": "sft.jsonl"},
+  files = {"pretrain": {"chats": "sft.jsonl"}, "sft": {"chat": "sft.jsonl"},
            "rl": {"prompts": "prompts_train.jsonl"}}[stage]
   flags = {f"data.sources.{name}.path": os.path.join(data, f) for name, f in files.items()}
   if stage == "rl":
@@ -104,23 +106,27 @@ def score(workdir: str) -> dict:
   out = {"prompts": len(rlx.eval_prompts), "samples": k}
   for name, params in (("before", before), ("after", after)):
     out[f"greedy_{name}"] = rollout.eval_rewards(rlx, params, rlx.eval_prompts, greedy=True)[:, 0] > 0.5
-    out[f"sampled_{name}"] = rollout.eval_rewards(rlx, params, rlx.eval_prompts, greedy=False,
-                                                  samples_per_prompt=k).mean(axis=1)
-  out["greedy_b"] = int(np.sum(out["greedy_after"] & ~out["greedy_before"]))
-  out["greedy_c"] = int(np.sum(out["greedy_before"] & ~out["greedy_after"]))
+    drawn = rollout.eval_rewards(rlx, params, rlx.eval_prompts, greedy=False, samples_per_prompt=k)
+    out[f"first_{name}"] = drawn[:, 0] > 0.5  # one sampled response per prompt: a McNemar pair per prompt
+    out[f"sampled_{name}"] = drawn.mean(axis=1)
+  for test, (x, y) in {"greedy": ("greedy_after", "greedy_before"), "first": ("first_after", "first_before")}.items():
+    out[f"{test}_b"] = int(np.sum(out[x] & ~out[y]))
+    out[f"{test}_c"] = int(np.sum(out[y] & ~out[x]))
   out["sampled_b"] = int(np.sum(out["sampled_after"] > out["sampled_before"]))
   out["sampled_c"] = int(np.sum(out["sampled_after"] < out["sampled_before"]))
   return out
 
 
 def markdown(s: dict) -> str:
-  g_p, s_p = exact_p(s["greedy_b"], s["greedy_c"]), exact_p(s["sampled_b"], s["sampled_c"])
+  g_p, f_p, s_p = (exact_p(s[f"{t}_b"], s[f"{t}_c"]) for t in ("greedy", "first", "sampled"))
   return (f"held-out pass@1 on {s['prompts']} prompts (exact_answer reward):\n\n"
           f"| model | greedy pass@1 | sampled pass@1 (mean of {s['samples']}) |\n|---|---|---|\n"
           f"| SFT (before RL) | {s['greedy_before'].mean():.3f} | {s['sampled_before'].mean():.3f} |\n"
           f"| RLOO (after RL) | {s['greedy_after'].mean():.3f} | {s['sampled_after'].mean():.3f} |\n\n"
           f"- greedy: exact McNemar, b = {s['greedy_b']} prompts solved only after RL, c = {s['greedy_c']} only "
           f"before, two-sided p = {g_p:.3g}\n"
+          f"- sampled, one response per prompt (its first draw, the same random stream for both models): exact "
+          f"McNemar, b = {s['first_b']}, c = {s['first_c']}, two-sided p = {f_p:.3g}\n"
           f"- sampled: exact sign test on the per-prompt mean reward, b = {s['sampled_b']} prompts up, "
           f"c = {s['sampled_c']} down ({s['prompts'] - s['sampled_b'] - s['sampled_c']} tied), two-sided p = {s_p:.3g}\n")
 
@@ -141,9 +147,10 @@ def main() -> None:
   with open(os.path.join(workdir, "rl_addition.md"), "w") as f:
     f.write(md)
   print(md + f"wrote {os.path.join(workdir, 'rl_addition.md')} ({time.time() - t0:.0f} s in all)")
-  if not s["greedy_after"].mean() > s["greedy_before"].mean():
+  p = exact_p(s["greedy_b"], s["greedy_c"])
+  if not (s["greedy_after"].mean() > s["greedy_before"].mean() and p < ALPHA):
     sys.exit(f"error: RL did not raise held-out greedy pass@1 ({s['greedy_before'].mean():.3f} -> "
-             f"{s['greedy_after'].mean():.3f})")
+             f"{s['greedy_after'].mean():.3f}, McNemar p = {p:.3g}, needs < {ALPHA})")
 
 
 if __name__ == "__main__":

@@ -244,3 +244,66 @@ def test_findings_before_a_breakdown_are_kept_and_after_it_dropped():
   loss[249:252] += 1.5  # one after it: a dead model's curve says nothing
   records = with_norms(curve(loss), grad=lambda s: 0.0 if s >= 200 else 1.0)
   assert kinds(diagnose.diagnose(records, V)) == [("spike", 100, 102), ("divergence", 200, 300)]
+
+
+# ---- reward maximisation: the rollout metrics ----------------------------------------------------------
+
+
+def rl_records(n=40, every=5, **curves):
+  """Train lines as run/rollout.py writes them every `every` iterations: a healthy run (reward rising from
+  0.3 to 0.7, KL growing to 0.05 nats a token, entropy falling by a third, 3-token responses), with any
+  metric replaced by `curves[name](iteration)`; a policy loss near 0 and an eval line every 10."""
+  base = {"reward": lambda s: 0.3 + 0.4 * s / n, "objective/kl": lambda s: 0.15 * s / n,
+          "objective/kl_full_per_token": lambda s: 0.05 * s / n, "objective/entropy_full": lambda s: 3.0 * (1 - s / (3 * n)),
+          "completions/mean_length": lambda s: 3.0, "frac_reward_zero_std": lambda s: 0.3,
+          "completions/clipped_ratio": lambda s: 0.0, "grad_norm": lambda s: 0.5, "param_norm": lambda s: 40.0,
+          "signal_sequences": lambda s: 90, "train_loss": lambda s: 1e-4 * (-1) ** s}
+  base.update({k.replace("__", "/"): v for k, v in curves.items()})
+  records = [{"step": 0, "val_reward_greedy": 0.3, "param_norm": 40.0}]
+  for s in range(every, n + 1, every):
+    records.append({"step": s, "tokens_seen": 384 * s, **{k: float(f(s)) for k, f in base.items()}})
+    if s % 10 == 0:
+      records.append({"step": s, "val_reward_greedy": 0.3 + 0.4 * s / n})
+  return records
+
+
+def test_healthy_rl_run_has_no_findings():
+  """A policy loss that sits at 0 is no plateau and no not_learning: the loss-curve kinds do not apply."""
+  assert diagnose.diagnose(rl_records(), V) == []
+
+
+def test_kl_blowup_from_the_first_line_above_a_nat_per_token():
+  found = diagnose.diagnose(rl_records(objective__kl_full_per_token=lambda s: 0.02 * 1.2 ** s), V)
+  assert kinds(found) == [("kl_blowup", 25, 40)]  # 0.02 * 1.2**25 = 1.9; at 20 it is 0.77
+  assert "per sampled token (> 1)" in found[0]["detail"] and "objective.beta too small" in found[0]["detail"]
+
+
+def test_entropy_collapse_below_a_tenth_of_the_first_value():
+  collapse = lambda s: 3.0 * 0.8 ** s  # first line (s = 5) 0.33 a token; below a tenth once 0.8**(s-5) < 0.1: s >= 16
+  found = diagnose.diagnose(rl_records(objective__entropy_full=collapse, reward=lambda s: 0.3), V)
+  assert kinds(found) == [("entropy_collapse", 20, 40)]
+  assert "with the mean reward there 0.3" in found[0]["detail"]
+  slow = lambda s: 3.0 * 0.8 ** (s / 4)  # at s = 40 0.8**8.75 = 0.14 of s = 0, 0.19 of the first line
+  assert diagnose.diagnose(rl_records(objective__entropy_full=slow), V) == []
+
+
+def test_no_signal_needs_a_fifth_of_the_lines():
+  found = diagnose.diagnose(rl_records(frac_reward_zero_std=lambda s: 1.0 if s >= 30 else 0.3,
+                                       reward=lambda s: 0.0 if s >= 30 else 0.2), V)
+  assert kinds(found) == [("no_signal", 30, 40)]  # 3 of 8 lines
+  assert "on 3 of 8 train lines" in found[0]["detail"] and "mean reward there 0" in found[0]["detail"]
+  assert diagnose.diagnose(rl_records(frac_reward_zero_std=lambda s: 1.0 if s == 40 else 0.3), V) == []  # 1 of 8
+
+
+def test_truncation_share():
+  found = diagnose.diagnose(rl_records(completions__clipped_ratio=lambda s: 0.5 if s >= 20 else 0.1), V)
+  assert kinds(found) == [("truncation", 20, 40)]
+  assert diagnose.diagnose(rl_records(completions__clipped_ratio=lambda s: 0.19), V) == []
+
+
+def test_zero_grad_norm_without_signal_is_no_dead_model():
+  """An RL update whose advantages are all 0 has a zero gradient by design; with signal it is a dead model."""
+  quiet = rl_records(grad_norm=lambda s: 0.0 if s == 20 else 0.5, signal_sequences=lambda s: 0 if s == 20 else 90)
+  assert diagnose.diagnose(quiet, V) == []
+  dead = rl_records(grad_norm=lambda s: 0.0 if s >= 20 else 0.5)
+  assert kinds(diagnose.diagnose(dead, V)) == [("divergence", 20, 40)]

@@ -31,6 +31,23 @@ likely causes. Kinds and rules (all thresholds are stated here and in `Threshold
   minimum, while the train loss over the same steps kept falling.
 * not_learning: the loss stayed within 10% of ln V (the loss of a uniform guess) and fell by less
   than 5% of ln V overall -- even the unigram distribution of text is worth more than that.
+
+Reward maximisation runs (lines with `objective/kl`, written by `run/rollout.py`) have a policy loss,
+not a likelihood: the loss-curve kinds above do not apply to them. Their breakdown signs are the same
+(a line whose last update had no response with a non-zero advantage, `signal_sequences` 0, never
+counts as a dead model: its gradient is 0 by construction), and four kinds read the rollout metrics
+(docs/metrics.md), each over the train lines where its rule holds:
+
+* kl_blowup: `objective/kl_full_per_token`, the full-distribution KL(pi || pi_ref) per sampled token,
+  above 1 nat: the policy has left the reference it is regularised towards.
+* entropy_collapse: the full-distribution entropy per sampled token (`objective/entropy_full` /
+  `completions/mean_length`) below 10% of its first logged value: the policy samples nearly one
+  response per prompt and exploration ends (expected only once the task is solved; the finding
+  states the mean reward there).
+* no_signal: `frac_reward_zero_std` at least 0.9 on at least 20% of the train lines: nine groups in
+  ten scored every response alike, so their advantages are 0 and the score drives no update.
+* truncation: `completions/clipped_ratio` at least 0.2 on at least 20% of the train lines: a fifth
+  of the responses hit rl.max_new_tokens without a stop token.
 """
 
 from __future__ import annotations
@@ -67,6 +84,11 @@ class Thresholds:
   skipped_frac: float = 0.10  # breakdown: skipped updates are at least this share of the steps run
   dead_grad_norm: float = 0.0  # breakdown: grad_norm <= this (exactly 0) on a line that scored tokens
   param_growth: float = 100.0  # breakdown: param_norm above this multiple of its first logged value
+  kl_per_token: float = 1.0  # kl_blowup: full-distribution KL per sampled token above this (nats)
+  entropy_floor: float = 0.10  # entropy_collapse: per-token entropy below this share of its first value
+  no_signal_frac: float = 0.9  # no_signal: frac_reward_zero_std at least this ...
+  truncation_frac: float = 0.2  # truncation: completions/clipped_ratio at least this ...
+  rl_lines_frac: float = 0.2  # ... (either) on at least this share of the train lines
 
 
 CAUSES = {
@@ -80,6 +102,15 @@ CAUSES = {
                    "steps, weight decay or dropout",
     "not_learning": "learning rate far too low (or zero), a schedule that never warms up, "
                     "frozen params, or labels not aligned with inputs",
+    "kl_blowup": "objective.beta too small, a learning rate too high, too many rl.epochs on one batch, "
+                 "or a reward that pays for text the reference would not write (reward hacking)",
+    "entropy_collapse": "a learning rate too high, objective.beta 0 or too small, rl.temperature too low, "
+                        "or a reward one degenerate response maximises",
+    "no_signal": "a task too hard (every response scores 0) or too easy (every one scores 1) for the "
+                 "model, rl.num_generations too small, rl.temperature too low, or a reward that is constant",
+    "truncation": "rl.max_new_tokens too small for the task, a model that never learned to stop (the SFT "
+                  "stage's template), or a reward that pays for length; rl.missing_eos_penalty and "
+                  "rl.mask_truncated_completions act on it",
 }
 
 
@@ -150,7 +181,7 @@ def _dead(records: list[dict], th: Thresholds) -> tuple[int, str] | None:
       seen = r.get("tokens_seen")
       scored = seen > before if seen is not None else _finite(r["train_loss"]) > 0
       before = seen if seen is not None else before
-      if scored:
+      if scored and r.get("signal_sequences", 1) > 0:  # RL: no non-zero advantage = a zero gradient by design
         lines.append((int(r["step"]), _finite(r["grad_norm"]), _finite(r["train_loss"])))
   dead = [i for i, (_, g, _) in enumerate(lines) if g <= th.dead_grad_norm]
   if not dead:
@@ -299,6 +330,8 @@ def find_overfitting(records: list[dict], th: Thresholds) -> list[dict]:
 
 def _near_uniform(records: list[dict], vocab_size: int | None, th: Thresholds) -> tuple | None:
   """(key, steps, values, ln V, its source) when the loss stayed near ln V and barely fell, else None."""
+  if is_rl(records):
+    return None  # a policy loss is no likelihood
   key = "val_loss" if any("val_loss" in r for r in records) else "train_loss"
   s, v = series(records, key)
   if len(v) < 2 or not np.all(np.isfinite(v)):
@@ -337,6 +370,8 @@ def diagnose(records: list[dict], vocab_size: int | None = None,
 
 def find_in_curve(records: list[dict], vocab_size: int | None, th: Thresholds) -> list[dict]:
   """The findings the loss curves alone show (every kind but breakdown), sorted by start step."""
+  if is_rl(records):
+    return find_rl(records, th)
   steps, loss = series(records, "train_loss")
   sigma = noise_sigma(loss)
   spikes, diverged = find_spikes(steps, loss, th, sigma)
@@ -345,6 +380,81 @@ def find_in_curve(records: list[dict], vocab_size: int | None, th: Thresholds) -
   if not diverged:
     found += find_not_learning(records, vocab_size, th) or find_plateau(steps, loss, th, sigma)
   found += find_overfitting(records, th)
+  return sorted(found, key=lambda f: (f["start_step"], f["kind"]))
+
+
+# ---- reward maximisation ------------------------------------------------------------------------------
+
+
+def is_rl(records: list[dict]) -> bool:
+  return any("objective/kl" in r for r in records)
+
+
+def _lines(records: list[dict], value) -> tuple[np.ndarray, np.ndarray]:
+  """(steps, value(record)) over the RL train lines (those with rollout metrics)."""
+  rows = [r for r in records if "objective/kl" in r]
+  return np.asarray([r["step"] for r in rows], int), np.asarray([value(r) for r in rows], np.float64)
+
+
+def _where(steps, hit, th: Thresholds, min_frac: float = 0.0):
+  """(first, last) step of the lines where `hit` holds, when they are at least min_frac of all lines."""
+  k = np.flatnonzero(hit)
+  if not len(k) or len(k) < min_frac * len(steps):
+    return None
+  return int(steps[k[0]]), int(steps[k[-1]])
+
+
+def find_kl_blowup(records: list[dict], th: Thresholds) -> list[dict]:
+  steps, kl = _lines(records, lambda r: _finite(r.get("objective/kl_full_per_token", 0.0)))
+  span = _where(steps, ~(kl <= th.kl_per_token), th)  # NaN counts
+  if span is None:
+    return []
+  return [_finding("kl_blowup", *span, f"the full-distribution KL to the reference reached {np.nanmax(kl):.3g} "
+                   f"nats per sampled token (> {th.kl_per_token:g}) from step {span[0]}, after {kl[0]:.3g} at "
+                   f"step {steps[0]}")]
+
+
+def find_entropy_collapse(records: list[dict], th: Thresholds) -> list[dict]:
+  per_token = lambda r: _finite(r.get("objective/entropy_full", "nan")) / max(_finite(r.get("completions/mean_length", 1.0)), 1e-9)
+  steps, h = _lines(records, per_token)
+  _, reward = _lines(records, lambda r: _finite(r.get("reward", "nan")))
+  if len(h) < 2 or not np.isfinite(h[0]) or h[0] <= 0:
+    return []
+  span = _where(steps, h < th.entropy_floor * h[0], th)
+  if span is None:
+    return []
+  i = int(np.searchsorted(steps, span[0]))
+  return [_finding("entropy_collapse", *span, f"the policy's entropy fell from {h[0]:.3g} to {h[i]:.3g} nats per "
+                   f"sampled token (< {th.entropy_floor:.0%} of its first value) by step {span[0]}, with the mean "
+                   f"reward there {reward[i]:.3g} (expected only once the task is solved)")]
+
+
+def find_no_signal(records: list[dict], th: Thresholds) -> list[dict]:
+  steps, frac = _lines(records, lambda r: _finite(r.get("frac_reward_zero_std", 0.0)))
+  hit = frac >= th.no_signal_frac
+  span = _where(steps, hit, th, th.rl_lines_frac)
+  if span is None:
+    return []
+  _, reward = _lines(records, lambda r: _finite(r.get("reward", "nan")))
+  return [_finding("no_signal", *span, f"on {int(hit.sum())} of {len(steps)} train lines at least "
+                   f"{th.no_signal_frac:.0%} of the prompts' groups scored all their responses alike (mean reward "
+                   f"there {np.nanmean(reward[hit]):.3g}): their advantages are 0 and the score moves nothing")]
+
+
+def find_truncation(records: list[dict], th: Thresholds) -> list[dict]:
+  steps, clipped = _lines(records, lambda r: _finite(r.get("completions/clipped_ratio", 0.0)))
+  hit = clipped >= th.truncation_frac
+  span = _where(steps, hit, th, th.rl_lines_frac)
+  if span is None:
+    return []
+  return [_finding("truncation", *span, f"on {int(hit.sum())} of {len(steps)} train lines at least "
+                   f"{th.truncation_frac:.0%} of the responses hit rl.max_new_tokens without stopping (at most "
+                   f"{np.nanmax(clipped):.0%})")]
+
+
+def find_rl(records: list[dict], th: Thresholds) -> list[dict]:
+  found = (find_kl_blowup(records, th) + find_entropy_collapse(records, th) + find_no_signal(records, th)
+           + find_truncation(records, th))
   return sorted(found, key=lambda f: (f["start_step"], f["kind"]))
 
 

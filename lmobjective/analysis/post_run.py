@@ -37,6 +37,8 @@ def diagnostics(exp, params, workdir: str, lead: bool) -> None:
     diagnose.diagnose_run(workdir)
 
 
+diagnostics.applies_to_rl = True  # reads only metrics.jsonl: the RL loop runs it too
+
 STEPS = (loss_by_position, loss_curves_and_table, diagnostics)
 
 

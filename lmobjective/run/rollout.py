@@ -322,6 +322,8 @@ def _record(rlx: RL, done: int, finite: list[dict], window: Window, loop: loop_c
   rec = {"step": done, "updates": done * rlx.updates_per_iteration, "lr": float(last["lr"]),
          "grad_norm": float(last["grad_norm"]), "update_norm": float(last["update_norm"]),
          "param_norm": float(last["param_norm"])}
+  if "signal_sequences" in last:  # responses with a non-zero advantage in the update grad_norm belongs to
+    rec["signal_sequences"] = int(last["signal_sequences"])
   rec.update(rlx.objective.train_record(finite))
   for key in window.rollouts[0]:
     values = [m[key] for m in window.rollouts if key in m]
@@ -357,7 +359,9 @@ def run_loop(rlx: RL, state, writer, watch=None, loop: loop_checks.LoopState | N
   start = int(state.step) // U
   try:
     if start == 0:
-      writer.write({"step": 0, **evaluate(rlx, state.params), "param_norm": loop.init_param_norm})
+      ev = {"step": 0, **evaluate(rlx, state.params)}
+      writer.write({**ev, "param_norm": loop.init_param_norm})
+      _print_progress(rlx, ev)
     window.t_last = time.time()
     for i in range(start, cfg.train.steps):
       faults.point("step")
@@ -370,10 +374,14 @@ def run_loop(rlx: RL, state, writer, watch=None, loop: loop_checks.LoopState | N
       if done % cfg.train.log_every_steps == 0 or done == cfg.train.steps:
         finite = loop_checks.fetch_pending(rlx, loop, done * U)
         if finite:
-          writer.write(_record(rlx, done, finite, window, loop))
+          rec = _record(rlx, done, finite, window, loop)
+          writer.write(rec)
+          _print_progress(rlx, rec)
         loop.pending, loop.checked, window.rollouts, window.t_last = [], 0, [], time.time()
       if rlx.eval_prompts is not None and (done % cfg.eval.every_steps == 0 or done == cfg.train.steps):
-        writer.write({"step": done, **evaluate(rlx, state.params, done)})
+        ev = {"step": done, **evaluate(rlx, state.params, done)}
+        writer.write(ev)
+        _print_progress(rlx, ev)
         window.t_last = time.time()
       preempted = stop is not None and stop.signum is not None
       every = cfg.checkpoint.every_steps
@@ -413,8 +421,9 @@ def restore_or_init(rlx: RL, mngr):
   return state, loop, Window(list(meta["window"])), meta["iteration"]
 
 
-def run_owned(config: ml_collections.ConfigDict, cfg, workdir: str, lead: bool) -> dict[str, Any]:
-  """`train.run` of an RL objective, inside the workdir lock: build, restore, loop, checkpoints."""
+def run_owned(config: ml_collections.ConfigDict, cfg, workdir: str, lead: bool, post_run=()) -> dict[str, Any]:
+  """`train.run` of an RL objective, inside the workdir lock: build, restore, loop, checkpoints; then the
+  post-run steps that read only the metrics (`applies_to_rl`: the diagnostics)."""
   loop_checks.check_resume_config(config, cfg, workdir)
   rlx = build(config, workdir)
   mngr = ckpt_lib.make_manager(workdir, cfg.checkpoint)
@@ -432,7 +441,7 @@ def run_owned(config: ml_collections.ConfigDict, cfg, workdir: str, lead: bool) 
       writer = metrics_log.MetricsWriter(workdir, enabled=lead, purge_step=0 if resumed is None else resumed + 1)
       try:
         with preemption_signals() as stop:
-          run_loop(rlx, state, writer, watch, loop, window, stop)
+          state = run_loop(rlx, state, writer, watch, loop, window, stop)
       finally:
         writer.close()
     except OSError as e:
@@ -442,8 +451,24 @@ def run_owned(config: ml_collections.ConfigDict, cfg, workdir: str, lead: bool) 
     finally:
       loop_checks.close_manager(mngr)
     watch.check()
+  for step_fn in post_run:
+    if getattr(step_fn, "applies_to_rl", False):
+      step_fn(rlx, state.params, workdir, lead)
   evals = [r for r in metrics_log.read_metrics(workdir) if "val_reward_greedy" in r] if lead else []
   return evals[-1] if evals else {}
+
+
+def _print_progress(rlx: RL, rec: dict) -> None:
+  """One console line per train line or eval: the iteration and its headline metrics."""
+  if jax.process_index() != 0 or len(rec) < 2:
+    return
+  keys = (("reward", "reward"), ("objective/kl", "kl"), ("objective/entropy_full", "entropy"),
+          ("frac_reward_zero_std", "no-signal groups"), ("val_reward_greedy", "held-out greedy"),
+          ("val_reward_sampled", "sampled"))
+  parts = [f"{name} {rec[k]:.4g}" for k, name in keys if k in rec]
+  if "iterations_per_sec" in rec:
+    parts.append(f"{rec['iterations_per_sec']:.2f} it/s")
+  print(f"iteration {rec['step']}/{rlx.config.train.steps} | " + " | ".join(parts), flush=True)
 
 
 def _print_header(rlx: RL, state) -> None:
