@@ -51,7 +51,7 @@ def _config_module():
   return module
 
 
-def stage_flags(workdir: str, stage: str, origin: str | None) -> dict[str, str]:
+def stage_flags(workdir: str, stage: str, origin: str | None, seed: int = 0) -> dict[str, str]:
   """The dotted config overrides of `stage`: the data files under WORKDIR/data and the origin."""
   data = os.path.join(workdir, "data")
   files = {"pretrain": {"chats": "sft.jsonl"}, "sft": {"chat": "sft.jsonl"},
@@ -61,6 +61,8 @@ def stage_flags(workdir: str, stage: str, origin: str | None) -> dict[str, str]:
     flags["rl.eval_prompts"] = os.path.join(data, "prompts_heldout.jsonl")
   if origin:
     flags["train.init_from"] = os.path.join(workdir, origin)
+  if seed:
+    flags["seed"] = str(seed)
   return flags
 
 
@@ -73,10 +75,10 @@ def load_stage_config(stage: str, flags: dict[str, str]):
   return c
 
 
-def run_stage(workdir: str, name: str, stage: str, origin: str | None) -> None:
+def run_stage(workdir: str, name: str, stage: str, origin: str | None, seed: int = 0) -> None:
   from lmobjective.run import checkpoint
   path = os.path.join(workdir, name)
-  flags = stage_flags(workdir, stage, origin)
+  flags = stage_flags(workdir, stage, origin, seed)
   if os.path.isdir(path) and load_stage_config(stage, flags).train.steps in checkpoint.finalized_steps(path):
     print(f"== {name}: reusing the finished stage in {path}", flush=True)
     return
@@ -90,14 +92,14 @@ def run_stage(workdir: str, name: str, stage: str, origin: str | None) -> None:
   print(f"== {name}: done in {time.time() - t0:.0f} s", flush=True)
 
 
-def score(workdir: str) -> dict:
+def score(workdir: str, seed: int = 0) -> dict:
   """Held-out rewards of the SFT params (the RL stage's init) and the final RL params, per prompt."""
   import jax
   import numpy as np
   from lmobjective import sharding
   from lmobjective.run import checkpoint, rollout
   rl_dir = os.path.join(workdir, "rl")
-  rlx = rollout.build(load_stage_config("rl", stage_flags(workdir, "rl", "sft")), rl_dir)
+  rlx = rollout.build(load_stage_config("rl", stage_flags(workdir, "rl", "sft", seed)), rl_dir)
   key = jax.random.key(rlx.config.seed)
   before = rlx.ms.init_fn(key).params  # train.init_from's params: the SFT model
   abstract = sharding.abstract_state(rlx.ms.init_fn.eval_shape(key), rlx.ms.state_sharding).params
@@ -134,15 +136,17 @@ def markdown(s: dict) -> str:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="runs/rl_addition", help="where the data, the stages and the table go")
-  workdir = os.path.abspath(parser.parse_args().workdir)
+  parser.add_argument("--seed", type=int, default=0, help="every stage's `seed` (init, data order, samples); the task stays")
+  args = parser.parse_args()
+  workdir = os.path.abspath(args.workdir)
   t0 = time.time()
   from lmobjective.data import arithmetic
   task = _config_module().TASK
   paths = arithmetic.write_task(os.path.join(workdir, "data"), **task)
   print(f"== data: {task} -> {os.path.dirname(paths['pretrain'])}", flush=True)
   for name, stage, origin in STAGES:
-    run_stage(workdir, name, stage, origin)
-  s = score(workdir)
+    run_stage(workdir, name, stage, origin, args.seed)
+  s = score(workdir, args.seed)
   md = markdown(s)
   with open(os.path.join(workdir, "rl_addition.md"), "w") as f:
     f.write(md)

@@ -250,7 +250,7 @@ def test_findings_before_a_breakdown_are_kept_and_after_it_dropped():
 
 
 def rl_records(n=40, every=5, **curves):
-  """Train lines as run/rollout.py writes them every `every` iterations: a healthy run (reward rising from
+  """Train lines as run/rl_loop.py writes them every `every` iterations: a healthy run (reward rising from
   0.3 to 0.7, KL growing to 0.05 nats a token, entropy falling by a third, 3-token responses), with any
   metric replaced by `curves[name](iteration)`; a policy loss near 0 and an eval line every 10."""
   base = {"reward": lambda s: 0.3 + 0.4 * s / n, "objective/kl": lambda s: 0.15 * s / n,

@@ -1,4 +1,4 @@
-"""The RL loop (`lmobjective/run/rollout.py`) on the bandit of `_rl.py`: what an iteration computes,
+"""The RL loop (`lmobjective/run/rollout.py` and `rl_loop.py`) on the bandit of `_rl.py`: what an iteration computes,
 resume bit for bit after kill -9 mid-iteration, and bad input refused in one line."""
 
 import os

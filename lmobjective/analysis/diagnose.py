@@ -32,7 +32,7 @@ likely causes. Kinds and rules (all thresholds are stated here and in `Threshold
 * not_learning: the loss stayed within 10% of ln V (the loss of a uniform guess) and fell by less
   than 5% of ln V overall -- even the unigram distribution of text is worth more than that.
 
-Reward maximisation runs (lines with `objective/kl`, written by `run/rollout.py`) have a policy loss,
+Reward maximisation runs (lines with `objective/kl`, written by `run/rl_loop.py`) have a policy loss,
 not a likelihood: the loss-curve kinds above do not apply to them. Their breakdown signs are the same
 (a line whose last update had no response with a non-zero advantage, `signal_sequences` 0, never
 counts as a dead model: its gradient is 0 by construction), and four kinds read the rollout metrics

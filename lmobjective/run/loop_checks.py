@@ -1,7 +1,7 @@
 """What every training loop shares: its host bookkeeping (`LoopState`), the divergence checks on the
 metrics of the steps since the last check, and the checks a resumed run passes (config, data).
 
-`run/train.py` (token objectives) and `run/rollout.py` (reward maximisation) both use them, so a
+`run/train.py` (token objectives) and `run/rl_loop.py` (reward maximisation) both use them, so a
 diverged or changed run stops with the same one-line errors whichever loop runs it.
 """
 

@@ -230,8 +230,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, post_run: Sequence[Post
 
 def _run_owned(config, cfg, workdir: str, lead: bool, post_run) -> dict[str, Any]:
   if objectives.samples_prompts(cfg):  # reward maximisation: its own loop, then the post-run steps for it
-    from lmobjective.run import rollout
-    return rollout.run_owned(config, cfg, workdir, lead, post_run)
+    from lmobjective.run import rl_loop
+    return rl_loop.run_owned(config, cfg, workdir, lead, post_run)
   check_resume_config(config, cfg, workdir)  # a changed config is refused before anything is built
   exp = build(config, workdir)  # saves the tokenizer last, once every check passed
   mngr = ckpt_lib.make_manager(workdir, cfg.checkpoint)
