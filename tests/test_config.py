@@ -67,6 +67,15 @@ def test_one_validator_covers_every_section():
       validation.validate(bad)
 
 
+def test_an_rl_key_under_an_objective_that_samples_nothing_is_refused():
+  """rl.num_generations=8 on a pretraining run would be read by nothing: refused, naming the key."""
+  c = default()
+  validation.validate(c)  # every rl.* key at its default: accepted
+  c.rl.num_generations = 8
+  with pytest.raises(ConfigError, match=r"^config.rl.num_generations=8: objective.kind='next_token' samples no "):
+    validation.validate(c)
+
+
 def test_sweep_planning_refuses_a_bad_nan_policy_before_launching(tmp_path):
   from lmobjective.sweep import runner as sweep
 

@@ -41,6 +41,7 @@ def test_stages_validate_with_the_experiments_flags(stage, tmp_path):
   origin = {"pretrain": None, "sft": "pretrained", "rl": "sft"}[stage]
   c = exp.load_stage_config(stage, exp.stage_flags(str(tmp_path), stage, origin))
   validation.validate(c)
+  assert exp.load_stage_config(stage, exp.stage_flags(str(tmp_path), stage, origin, seed=3)).seed == 3  # --seed
   paths = [s.path for s in c.data.sources.values()] + ([c.rl.eval_prompts] if stage == "rl" else [])
   assert all(p.startswith(str(tmp_path / "data")) for p in paths)
   if stage == "rl":
