@@ -103,7 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---- objective ----------------------------------------------------------
   c.objective = ml_collections.ConfigDict()
   c.objective.z_loss = 0.0  # weight of mean(logsumexp^2) added to the training loss
-  c.objective.kind = "next_token"  # next_token | dpo | ipo | simpo (preference objectives read preference_jsonl / stdlib_pairs pairs) | rloo | grpo | reinforce (config.rl; a prompts_jsonl source)
+  c.objective.kind = "next_token"  # next_token | dpo | ipo | simpo (preference objectives read preference_jsonl / stdlib_pairs pairs) | rloo | grpo | reinforce (config.rl; a prompts_jsonl source) | reward_model (Bradley–Terry on pairs; a score head)
   c.objective.beta = 0.1  # preference objectives: β (DPO/IPO: of the log-ratio to the reference; SimPO: of the mean log-prob); RL: of the KL to the reference (0 = none)
   c.objective.label_smoothing = 0.0  # DPO/SimPO: conservative DPO's ε (share of flipped labels); 0 = the paper
   c.objective.rpo_alpha = 0.0  # preference objectives: + α·(chosen response's NLL per token), RPO (TRL's rpo_alpha); 0 = off
@@ -112,6 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # the tokenized data (lmobjective/run/reference_cache.py), read from the batch (no reference forward in the
   # step); live: the reference's forward in every step. SimPO and next_token have no reference: leave it.
   c.objective.reference = "cached"
+  c.objective.center_rewards_coefficient = 0.0  # reward_model: + c·(r_w + r_l)² per pair (TRL's center_rewards_coefficient), pins the reward's free constant near 0; 0 = off
   c.objective.loss_chunk_size = 0  # >0: fuse the LM head with the loss over chunks of this many positions (no [B,T,V] logits); 0 = dense
 
   # ---- reward maximisation (objective.kind rloo | grpo | reinforce) ---------
@@ -138,7 +139,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # "path/to/file.py:function" or "package.module:function", comma-separated: fn(prompts=, completions=, **fields)
   # -> one float (or None: not applicable) per completion; several are combined as a weighted NaN-sum.
   c.rl.reward_fn = ""
-  c.rl.reward_weights = ""  # comma-separated, one per reward_fn; "" = all 1
+  # A reward model's workdir (a run of objective.kind=reward_model, the policy's tokenizer): it scores the sampled
+  # ids, beside or instead of reward_fn, as the term `reward_model` (last in reward_weights). None = none.
+  c.rl.reward_model = placeholder(str)
+  c.rl.reward_weights = ""  # comma-separated, one per reward_fn (then one for reward_model); "" = all 1
   c.rl.eval_prompts = placeholder(str)  # a prompts_jsonl file scored at eval.every_steps (greedy and sampled); None = none
   c.rl.eval_samples = 4  # sampled responses per eval prompt (sampled pass@1 = their mean reward)
 

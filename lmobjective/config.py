@@ -207,6 +207,7 @@ class ObjectiveConfig:
   rpo_alpha: float
   z_loss: float
   reference: str
+  center_rewards_coefficient: float
   loss_chunk_size: int
 
 
@@ -228,6 +229,7 @@ class RLConfig:
   missing_eos_penalty: float
   mask_truncated_completions: bool
   reward_fn: str
+  reward_model: str | None
   reward_weights: str
   eval_prompts: str | None
   eval_samples: int
@@ -337,7 +339,7 @@ REMOVED_KEYS = ("data.shuffle_buffer",)  # declared once, read nowhere: ignored 
 ADDED_KEYS = {"train.max_skipped_fraction": 0.1, "train.dead_grad_steps": 3, "train.max_param_growth": 100.0,
               "train.init_from": None, "objective.kind": "next_token", "objective.beta": 0.1,
               "objective.label_smoothing": 0.0, "objective.simpo_gamma": 0.0, "objective.reference": "live",
-              "objective.rpo_alpha": 0.0,
+              "objective.rpo_alpha": 0.0, "objective.center_rewards_coefficient": 0.0,
               "model.qk_norm": False, "optimizer.kind": "adamw", "optimizer.decay_fraction": 0.2,
               "optimizer.muon_learning_rate": 0.02, "optimizer.muon_weight_decay": 0.0, "optimizer.muon_momentum": 0.95,
               # the rl section (reward maximisation): runs before it had no RL objective, so its defaults
@@ -345,7 +347,7 @@ ADDED_KEYS = {"train.max_skipped_fraction": 0.1, "train.dead_grad_steps": 3, "tr
               "rl.top_p": 1.0, "rl.epochs": 1, "rl.num_minibatches": 1, "rl.scale_rewards": "group",
               "rl.kl_placement": "reward", "rl.kl_estimator": "k1", "rl.loss_type": "dapo", "rl.cliprange": 0.2,
               "rl.cliprange_high": None, "rl.missing_eos_penalty": 0.0, "rl.mask_truncated_completions": False,
-              "rl.reward_fn": "", "rl.reward_weights": "", "rl.eval_prompts": None, "rl.eval_samples": 4}
+              "rl.reward_fn": "", "rl.reward_model": None, "rl.reward_weights": "", "rl.eval_prompts": None, "rl.eval_samples": 4}
 ADDED_SOURCE_KEYS = {"max_prompt_length": None, "max_response_length": None, "exclude_modules": ""}  # in every data.sources.<name>
 
 

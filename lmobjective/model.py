@@ -399,6 +399,28 @@ class Transformer(nn.Module):
     return self.head(self.hidden_states(inputs_BxT, positions_BxT, segment_ids_BxT, deterministic))
 
 
+class ScoredTransformer(Transformer):
+  """A `Transformer` with a score head: `score(...) -> [B,T]`, one float32 number per position from its
+  final hidden state (`score_head`: [D] -> 1, with a bias). A reward model reads it at a response's last
+  position (`objectives/reward_model.py`). The LM head stays, so an LM run's params restore into it
+  unchanged (`run/stage.py` adds a fresh score head)."""
+
+  def setup(self):
+    super().setup()
+    head_cfg = dataclasses.replace(self.cfg, use_bias=True)
+    self.score_head = Projection(head_cfg, (1,), ("embed", None), self.cfg.init_std, name="score_head")
+
+  def score(self, inputs_BxT, positions_BxT=None, segment_ids_BxT=None, deterministic: bool = True):
+    h_BxTxD = self.hidden_states(inputs_BxT, positions_BxT, segment_ids_BxT, deterministic)
+    return self.score_head(h_BxTxD)[..., 0].astype(jnp.float32)
+
+  def __call__(self, inputs_BxT, positions_BxT=None, segment_ids_BxT=None, deterministic: bool = True):
+    h_BxTxD = self.hidden_states(inputs_BxT, positions_BxT, segment_ids_BxT, deterministic)
+    if self.is_initializing():  # `model.init` creates the score head's params with the rest
+      self.score_head(h_BxTxD)
+    return self.head(h_BxTxD)
+
+
 def _positions(inputs_BxT, positions_BxT):
   if positions_BxT is not None:
     return positions_BxT

@@ -2,7 +2,9 @@
 
 `rl.reward_fn` names one or more functions, comma-separated: `path/to/file.py:function` (a file,
 relative to the current directory) or `package.module:function` (an importable module).
-`rl.reward_weights` is "" (every weight 1.0) or one number per function.
+`rl.reward_weights` is "" (every weight 1.0) or one number per function. A reward model
+(`rl.reward_model`, `run/scorer.py`) joins them as one more term, named `reward_model`, last in the
+weights: its values are computed on the device from the sampled ids and passed in (`precomputed`).
 
 Each function is called as `fn(prompts=..., completions=..., **fields)`, where `fields` are the prompt
 records' other keys, one list per key (so `exact_answer` below receives `answer=[...]`). It returns N
@@ -50,13 +52,18 @@ class Rewards:
   """The loaded functions; call it on a batch to score it."""
   fns: tuple[Callable, ...]
   weights_F: np.ndarray
-  names: tuple[str, ...]  # metric names (`__name__`, made unique)
-  entries: tuple[str, ...]  # as written in the spec: what errors name
+  names: tuple[str, ...]  # metric names (`__name__`, made unique), the precomputed terms' last
+  entries: tuple[str, ...]  # as written in the spec (then the precomputed terms' keys): what errors name
+  precomputed: tuple[str, ...] = ()  # terms computed elsewhere (a reward model), passed to __call__ by name
 
-  def __call__(self, prompts: list, completions: list[str], fields: dict[str, list]) -> Scored:
+  def __call__(self, prompts: list, completions: list[str], fields: dict[str, list],
+               precomputed: dict[str, np.ndarray] | None = None) -> Scored:
     n = len(completions)
     _check_inputs(prompts, n, fields)
-    per_FxN = np.stack([_call(fn, e, prompts, completions, fields) for fn, e in zip(self.fns, self.entries)])
+    per = [_call(fn, e, prompts, completions, fields) for fn, e in zip(self.fns, self.entries)]
+    for name, entry in zip(self.precomputed, self.entries[len(self.fns):]):
+      per.append(_precomputed(name, entry, (precomputed or {}).get(name), n))
+    per_FxN = np.stack(per)
     unscored = np.flatnonzero(np.isnan(per_FxN).all(axis=0))
     if unscored.size:
       raise RewardError(f"no reward for completion {unscored[0]}: every reward function "
@@ -65,15 +72,18 @@ class Rewards:
     return Scored(rewards_N, per_FxN, self.names)
 
 
-def load(spec: str, weights: str) -> Rewards:
-  """The functions of `rl.reward_fn` with the weights of `rl.reward_weights` (one-line ConfigError)."""
-  if not spec or not spec.strip():
+def load(spec: str, weights: str, precomputed: dict[str, str] | None = None) -> Rewards:
+  """The functions of `rl.reward_fn` with the weights of `rl.reward_weights` (one-line ConfigError), and
+  the `precomputed` terms ({metric name: the config key that names it}, e.g. a reward model's) after them."""
+  precomputed = precomputed or {}
+  if (not spec or not spec.strip()) and not precomputed:
     raise ConfigError(SPEC_KEY, spec, f"names no reward function ({_FORMS})")
-  entries = tuple(e.strip() for e in spec.split(","))
+  entries = tuple(e.strip() for e in spec.split(",")) if spec and spec.strip() else ()
   fns = tuple(_load_one(spec, i, entry) for i, entry in enumerate(entries))
-  weights_F = _weights(weights, entries)
-  names = _unique([getattr(fn, "__name__", None) or e.rpartition(":")[2] for fn, e in zip(fns, entries)])
-  return Rewards(fns, weights_F, names, entries)
+  weights_F = _weights(weights, entries + tuple(precomputed.values()))
+  names = _unique([getattr(fn, "__name__", None) or e.rpartition(":")[2] for fn, e in zip(fns, entries)]
+                  + list(precomputed))
+  return Rewards(fns, weights_F, names, entries + tuple(precomputed.values()), tuple(precomputed))
 
 
 def metrics(scored: Scored) -> dict[str, float]:
@@ -153,8 +163,8 @@ def _weights(weights: str, entries: tuple[str, ...]) -> np.ndarray:
     bad = next(w for w, v in zip(parts, values) if not math.isfinite(v))
     raise ConfigError(WEIGHTS_KEY, weights, f"must be finite numbers (got {bad})")
   if len(values) != len(entries):
-    raise ConfigError(WEIGHTS_KEY, weights, f"has {len(values)} weights for {len(entries)} reward functions "
-                      f"({', '.join(entries)}): one per function, or \"\" for all 1.0")
+    raise ConfigError(WEIGHTS_KEY, weights, f"has {len(values)} weights for {len(entries)} rewards "
+                      f"({', '.join(entries)}): one per reward, or \"\" for all 1.0")
   return np.array(values, np.float64)
 
 
@@ -199,6 +209,16 @@ def _call(fn: Callable, entry: str, prompts: list, completions: list[str], field
   if len(values) != n:
     raise RewardError(f"reward function {entry} returned {len(values)} values, expected {n} (one per completion)")
   return np.array([_number(v, entry, i) for i, v in enumerate(values)], np.float64).reshape(n)
+
+
+def _precomputed(name: str, entry: str, values, n: int) -> np.ndarray:
+  if values is None:
+    raise ValueError(f"rewards: the {name} term ({entry}) was not passed")
+  values = np.asarray(values, np.float64).reshape(-1)
+  if len(values) != n or not np.isfinite(values).all():
+    bad = "wrong length" if len(values) != n else f"{values[~np.isfinite(values)][0]} at row {np.flatnonzero(~np.isfinite(values))[0]}"
+    raise RewardError(f"{entry} gave {bad} (rewards must be finite, one per completion)")
+  return values
 
 
 def _as_sequence(out: Any, entry: str) -> Sequence:

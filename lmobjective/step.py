@@ -38,10 +38,14 @@ class TrainState:
 def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
                batch_shape: tuple[int, int]) -> TrainState:
   init_rng, dropout_rng = jax.random.split(rng)
-  dummy = jnp.zeros(batch_shape, jnp.int32)
-  params = nn.unbox(model.init(init_rng, dummy)["params"])
+  params = init_params(model, init_rng, batch_shape)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=dropout_rng)
+
+
+def init_params(model: nn.Module, init_rng: jax.Array, batch_shape: tuple[int, int]):
+  """The model's freshly initialised params (unboxed) from `init_rng`."""
+  return nn.unbox(model.init(init_rng, jnp.zeros(batch_shape, jnp.int32))["params"])
 
 
 def _split_groups(batch, k: int, group_size: int = 1):
@@ -64,9 +68,12 @@ def _zeros_like_output(fn, *args):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args))
 
 
-def _accumulate(loss_fn, params, micro_batches, step_rng, k: int):
-  """(float32 sum of the microbatches' gradients, sum of their sums): `loss_fn(params, micro, rng)`
-  -> (what to differentiate, sums), scanned over the k microbatches."""
+def _accumulate(loss_fn, params, micro_batches, step_rng, k: int, objective: Objective | None = None):
+  """(float32 sum of the microbatches' gradients, their sums combined): `loss_fn(params, micro, rng)`
+  -> (what to differentiate, sums), scanned over the k microbatches; `objective.combine` joins the sums
+  (added, or e.g. a minimum for an extreme), starting from `objective.empty` (None: added, from zeros)."""
+  combine = objective.combine if objective is not None else lambda a, b: jax.tree.map(jnp.add, a, b)
+  empty = objective.empty if objective is not None else lambda zeros: zeros
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def accumulate(carry, xs):
@@ -74,10 +81,10 @@ def _accumulate(loss_fn, params, micro_batches, step_rng, k: int):
     micro, i = xs
     (_, sums), grads = grad_fn(params, micro, jax.random.fold_in(step_rng, i))
     add_f32 = lambda acc, g: acc + g.astype(jnp.float32)
-    return (jax.tree.map(add_f32, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
+    return (jax.tree.map(add_f32, grads_acc, grads), combine(sums_acc, sums)), None
 
   first = jax.tree.map(lambda x: x[0], micro_batches)
-  zero_sums = _zeros_like_output(lambda p, m, r: loss_fn(p, m, r)[1], params, first, step_rng)
+  zero_sums = empty(_zeros_like_output(lambda p, m, r: loss_fn(p, m, r)[1], params, first, step_rng))
   zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   (grad_sums, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), (micro_batches, jnp.arange(k)))
   return grad_sums, sums
@@ -111,7 +118,7 @@ def train_step(state: TrainState, batch: dict, reference_params=None, *, model: 
   loss_fn = lambda params, micro, rng: objective.loss(model, params, micro, rng, reference_params, deterministic)
   micro = _split_groups({k: batch[k] for k in objective.fields}, grad_accum_steps, objective.group_size)
   grad_sums, sums = _accumulate(loss_fn, state.params, micro, jax.random.fold_in(state.rng, state.step),
-                                grad_accum_steps)
+                                grad_accum_steps, objective)
   new_state, norms = _apply(state, tx, grad_sums, objective.denominator(sums))
   return new_state, {**objective.step_metrics(sums), **norms}
 

@@ -131,9 +131,11 @@ def _validate_prompt_source(cfg, rl: bool) -> None:
                       f"{cfg.train.batch_size} (each minibatch holds whole groups of prompts)")
   require_float(cfg, "rl.missing_eos_penalty", 0.0)
   _require_bool(cfg, "rl.mask_truncated_completions")
-  if not isinstance(cfg.rl.reward_fn, str) or not cfg.rl.reward_fn.strip():
+  if cfg.rl.reward_model is not None and (not isinstance(cfg.rl.reward_model, str) or not cfg.rl.reward_model.strip()):
+    raise ConfigError("rl.reward_model", cfg.rl.reward_model, "must be a reward model's workdir, or None")
+  if not isinstance(cfg.rl.reward_fn, str) or (not cfg.rl.reward_fn.strip() and cfg.rl.reward_model is None):
     raise ConfigError("rl.reward_fn", cfg.rl.reward_fn, "name at least one reward: \"path/to/file.py:function\" or "
-                      "\"package.module:function\" (comma-separated for several)")
+                      "\"package.module:function\" (comma-separated for several), or set rl.reward_model")
   require_int(cfg, "rl.eval_samples", 1)
   if cfg.rl.max_new_tokens >= cfg.data.context_length:
     raise ConfigError("rl.max_new_tokens", cfg.rl.max_new_tokens, f"must be < data.context_length="

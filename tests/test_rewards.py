@@ -134,7 +134,7 @@ def test_weight_errors_are_one_line_naming_the_key(rw):
                                                       "(got inf)")
   assert _load_error("rw.py:f", "nan") == "config.rl.reward_weights='nan': must be finite numbers (got nan)"
   assert _load_error("rw.py:f,rw.py:g", "1,2,3") == ("config.rl.reward_weights='1,2,3': has 3 weights for 2 "
-                                                     "reward functions (rw.py:f, rw.py:g): one per function, or "
+                                                     "rewards (rw.py:f, rw.py:g): one per reward, or "
                                                      "\"\" for all 1.0")
 
 

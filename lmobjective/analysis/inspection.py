@@ -23,8 +23,8 @@ import numpy as np
 from lmobjective import config as config_lib
 from lmobjective import objectives, sampling, sharding, step, validation
 from lmobjective.analysis import pairs
-from lmobjective.objectives import next_token, preference
-from lmobjective.data import prompts, tokenizers
+from lmobjective.objectives import next_token, preference, reward_model
+from lmobjective.data import prompts, sft, tokenizers
 from lmobjective.model import ModelConfig, Transformer
 from lmobjective.run import checkpoint as ckpt_lib
 from lmobjective.run import metrics_log
@@ -110,6 +110,37 @@ class Run:
     chunk = int(self.config.objective.loss_chunk_size)
     return sharding.Program(lambda params, batch: preference.pairs_of(
         next_token.sequence_logps(self.model, params, batch, chunk_size=chunk)), self.mesh)
+
+  @functools.cached_property
+  def _reward_program(self):
+    return sharding.Program(lambda params, batch: reward_model.row_rewards(self.model, params, batch), self.mesh)
+
+  def reward(self, prompts: list[str | list[dict]], completions: list[str], batch_size: int = 32) -> np.ndarray:
+    """A reward model's score of each (prompt, completion), float64 [N]: each rendered as one response
+    of a preference pair (`data.sft.render_pairs`: a plain prompt + completion + EOS, or a chat prompt
+    + an assistant turn), scored at the last position the training read (`reward_model.row_rewards`)."""
+    if not self.objective.scored:
+      raise ValueError(f"{self.workdir} is not a reward model (objective.kind={self.config.objective.kind!r})")
+    if len(prompts) != len(completions):
+      raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    T = self.context_length
+    ids, lengths, flags = sft.render_pairs([{"prompt": p, "chosen": c, "rejected": c}
+                                            for p, c in zip(prompts, completions)], self.tokenizer)
+    docs = list(zip(np.split(ids, np.cumsum(lengths)[:-1]), np.split(flags, np.cumsum(lengths)[:-1])))[::2]
+    out = []
+    for first in range(0, len(docs), batch_size):
+      fields = {k: np.zeros((batch_size, T), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
+      fields["loss_mask"] = np.zeros((batch_size, T), bool)
+      for i, (doc, flag) in enumerate(docs[first:first + batch_size]):
+        if len(doc) - 1 > T:
+          raise ValueError(f"prompt {first + i} with its completion is {len(doc) - 1} tokens: more than this "
+                           f"run's data.context_length={T}")
+        n = len(doc) - 1
+        fields["inputs"][i, :n], fields["targets"][i, :n], fields["loss_mask"][i, :n] = doc[:-1], doc[1:], flag[1:]
+        fields["segment_ids"][i, :n], fields["positions"][i, :n] = 1, np.arange(n)
+      r_B, _ = jax.device_get(self._reward_program(self.params, fields))
+      out.append(np.asarray(r_B, np.float64)[:len(docs[first:first + batch_size])])
+    return np.concatenate(out) if out else np.zeros(0)
 
   def preference_accuracy(self, path: str, **kw) -> dict[str, float]:
     """`analysis.pairs.evaluate_pairs` of this run on a preference_jsonl file."""
@@ -258,7 +289,8 @@ def restore(workdir: str, step: int | None = None, device=None) -> Run:
     raise FileNotFoundError(f"no readable checkpoint in {os.path.join(workdir, ckpt_lib.CKPT_DIR)}")
   config = ml_collections.ConfigDict(ckpt_lib.with_added_keys(found[1]))
   tok, _ = tokenizers.load(os.path.join(workdir, "tokenizer"), key="workdir")
-  model = Transformer(ModelConfig.from_config(config.model, tok.vocab_size, config.data.context_length))
+  model = objectives.model_class(config.objective.kind)(
+      ModelConfig.from_config(config.model, tok.vocab_size, config.data.context_length))
   abstract = _abstract_params(model, int(config.data.context_length), device or jax.devices()[0])
   got_step, params, meta, _ = ckpt_lib.restore_params(workdir, step if step is not None else None, abstract)
   if meta["tokenizer"]["fingerprint"] != tok.fingerprint():

@@ -11,7 +11,7 @@ import os
 from typing import TYPE_CHECKING
 
 from lmobjective import files
-from lmobjective.objectives import Objective, preference
+from lmobjective.objectives import Objective, preference, reward_model
 from lmobjective.run.metrics_log import split_series
 
 if TYPE_CHECKING:
@@ -76,6 +76,27 @@ def preference_curves(records: list[dict], title: str = "") -> plt.Figure:
   return fig
 
 
+def reward_model_curves(records: list[dict], title: str = "") -> plt.Figure:
+  """A reward-model stage under TRL's names. Left: loss per pair. Middle: accuracy (train solid, val
+  dots). Right: the rewards' minimum, mean and maximum, and the margin."""
+  fig, (ax_loss, ax_acc, ax_rew) = _pyplot().subplots(1, 3, figsize=(15, 4))
+  for key, style, label in (("train_loss", "-", "train loss"), ("val_loss", "o-", "val loss")):
+    ax_loss.plot(*split_series(records, key), style, label=label, lw=1.5)
+  ax_loss.set(xlabel="step", ylabel="loss (per pair)", title=title or "Bradley-Terry loss")
+  for key, style in (("accuracy", "-"), ("val_accuracy", "o-")):
+    ax_acc.plot(*split_series(records, key), style, lw=1, label=key)
+  ax_acc.set(xlabel="step", ylabel="share of pairs", ylim=(0, 1), title="accuracy")
+  for i, name in enumerate(("min_reward", "mean_reward", "max_reward", "margin")):
+    ax_rew.plot(*split_series(records, name), "-", color=f"C{i}", lw=1, label=name)
+    ax_rew.plot(*split_series(records, f"val_{name}"), "o", color=f"C{i}", label=f"val_{name}")
+  ax_rew.set(xlabel="step", ylabel="reward", title="rewards")
+  for ax in (ax_loss, ax_acc, ax_rew):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  return fig
+
+
 @functools.singledispatch
 def curves(objective: Objective, records: list[dict], title: str = "") -> plt.Figure:
   """The figure of a run of `objective`: `loss_curves` unless its family registered another."""
@@ -85,6 +106,11 @@ def curves(objective: Objective, records: list[dict], title: str = "") -> plt.Fi
 @curves.register(preference.Preference)
 def _(objective: preference.Preference, records: list[dict], title: str = "") -> plt.Figure:
   return preference_curves(records, title)
+
+
+@curves.register(reward_model.RewardModel)
+def _(objective: reward_model.RewardModel, records: list[dict], title: str = "") -> plt.Figure:
+  return reward_model_curves(records, title)
 
 
 def save_loss_curves(records: list[dict], workdir: str, objective: Objective, title: str = "") -> str:

@@ -11,7 +11,7 @@ import functools
 import os
 
 from lmobjective.analysis import diagnose, plotting, position_loss
-from lmobjective.objectives import Objective, preference
+from lmobjective.objectives import Objective, preference, reward_model
 from lmobjective.run import metrics_log
 
 
@@ -67,3 +67,15 @@ def print_preference_table(objective: preference.Preference, records: list[dict]
     print(f"{r['step']:>6} {train.get(r['step'], nan):>10.4f} {r['val_loss']:>9.4f} "
           f"{r.get('val_rewards/margins', nan):>8.4f} {r.get('val_rewards/accuracies', nan):>7.3f} "
           f"{r.get('val_preference_accuracy', nan):>8.3f} {r.get('val_preference_accuracy_normalized', nan):>8.3f}")
+
+
+@print_loss_table.register(reward_model.RewardModel)
+def print_reward_model_table(objective: reward_model.RewardModel, records: list[dict]) -> None:
+  """Step / train loss / val loss per pair, and TRL's accuracy, margin and mean reward on held-out pairs."""
+  evals = [r for r in records if "val_loss" in r]
+  train = {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
+  nan = float("nan")
+  print(f"{'step':>6} {'train_loss':>10} {'val_loss':>9} {'accuracy':>8} {'margin':>8} {'mean_rew':>8}")
+  for r in evals:
+    print(f"{r['step']:>6} {train.get(r['step'], nan):>10.4f} {r['val_loss']:>9.4f} {r.get('val_accuracy', nan):>8.3f} "
+          f"{r.get('val_margin', nan):>8.4f} {r.get('val_mean_reward', nan):>8.4f}")

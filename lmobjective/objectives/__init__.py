@@ -7,12 +7,13 @@ next_token.py  masked next-token cross-entropy (pretraining; SFT through the los
                one way from a model to its per-token losses and per-sequence log-probs
 preference.py  DPO, IPO, SimPO (+ RPO's NLL term) on pairs, against a frozen reference or none
 policy.py      RLOO, GRPO, REINFORCE on sampled responses (reward maximisation; `run/rollout.py` samples)
+reward_model.py  a reward model (a score head) fitted to preference pairs by Bradley–Terry
 """
 
 from __future__ import annotations
 
 from lmobjective.config import require_choice, require_int
-from lmobjective.objectives import interface, next_token, policy, preference
+from lmobjective.objectives import interface, next_token, policy, preference, reward_model
 from lmobjective.objectives.interface import Objective
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -23,6 +24,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "rloo": policy.PolicyGradient,
     "grpo": policy.PolicyGradient,
     "reinforce": policy.PolicyGradient,
+    "reward_model": reward_model.RewardModel,
 }
 KINDS = tuple(OBJECTIVES)
 for _kind, _cls in OBJECTIVES.items():
@@ -35,6 +37,12 @@ def from_config(o, rl=None) -> Objective:
   maximisation reads `config.rl` too."""
   cls = OBJECTIVES[o.kind]
   return cls.from_config(o, rl) if cls is policy.PolicyGradient else cls.from_config(o)
+
+
+def model_class(kind: str):
+  """The model objective `kind` trains: `Transformer`, or `ScoredTransformer` (a score head) for a reward model."""
+  from lmobjective.model import ScoredTransformer, Transformer
+  return ScoredTransformer if OBJECTIVES[kind].scored else Transformer
 
 
 def updates_per_step(cfg) -> int:
@@ -75,5 +83,5 @@ def validate(cfg) -> type[Objective]:
   return cls
 
 
-__all__ = ["KINDS", "OBJECTIVES", "Objective", "from_config", "neutralised", "samples_prompts", "unread_keys",
+__all__ = ["KINDS", "OBJECTIVES", "Objective", "from_config", "model_class", "neutralised", "samples_prompts", "unread_keys",
            "updates_per_step", "validate"]

@@ -31,6 +31,7 @@ import dataclasses
 from typing import Any, ClassVar, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lmobjective.batch import MODEL_FIELDS
@@ -39,7 +40,7 @@ from lmobjective.config import ConfigError
 # The value each `objective.*` key has when it is not set (configs/default.py); an objective that
 # does not read a key refuses any other value. loss_chunk_size and kind are read by every objective.
 NEUTRAL: Mapping[str, Any] = {"beta": 0.1, "label_smoothing": 0.0, "simpo_gamma": 0.0, "rpo_alpha": 0.0,
-                              "z_loss": 0.0, "reference": "cached"}
+                              "z_loss": 0.0, "reference": "cached", "center_rewards_coefficient": 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Objective(abc.ABC):
   examples: ClassVar[str] = "tokens"  # what its data sources hold: "tokens" (documents, chats) or "pairs"
   keys: ClassVar[tuple[str, ...]] = ()  # objective.* keys it reads, besides kind and loss_chunk_size
   per_token: ClassVar[bool] = True  # its loss is a mean over scored tokens (loss by position applies)
+  scored: ClassVar[bool] = False  # its model has a score head (`model.ScoredTransformer`: a reward model)
 
   @property
   def needs_reference(self) -> bool:
@@ -90,6 +92,19 @@ class Objective(abc.ABC):
   @abc.abstractmethod
   def train_record(self, metrics: list[dict]) -> dict[str, float]:
     """The objective's part of a train line (train_loss, ...) over a window of steps' host metrics."""
+
+  def combine(self, a, b):
+    """Two microbatches' sums as one, inside the step: added (an objective whose sums hold an extreme,
+    a minimum say, overrides this and `empty` together)."""
+    return jax.tree.map(jnp.add, a, b)
+
+  def empty(self, zeros):
+    """The sums `combine` starts from, given zeros shaped like them: the zeros."""
+    return zeros
+
+  def add_host(self, a, b):
+    """Two eval batches' host sums (float64) as one; None is the empty set."""
+    return add(a, b)
 
   @classmethod
   def updates_per_step(cls, cfg) -> int:

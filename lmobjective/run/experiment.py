@@ -169,7 +169,7 @@ def model_and_state(config, raw_config, mesh, tokenizer, origin_req, micro_rows:
   state's shardings (from a microbatch of `micro_rows` rows) and its init: from scratch, or from the
   origin's params (a copy) with a fresh optimizer state when `origin_req` is given."""
   model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size, config.data.context_length)
-  model = Transformer(model_cfg)
+  model = objectives.model_class(config.objective.kind)(model_cfg)
   tx = make_optimizer(config.optimizer, config.train.steps * objectives.updates_per_step(config),
                       sharding.logical_axes(model))
   micro_shape = (micro_rows, config.data.context_length)
@@ -183,7 +183,8 @@ def model_and_state(config, raw_config, mesh, tokenizer, origin_req, micro_rows:
   if origin_req:
     abstract = sharding.abstract_state(state_shape.params, state_sharding.params)
     origin, reference = stage.load(origin_req, raw_config, abstract, tokenizer)
-    init_fn = stage.SeededInit(sharding.Program(functools.partial(stage.start_state, tx), mesh,
+    fresh = functools.partial(step.init_params, model, batch_shape=micro_shape)  # heads the origin lacks
+    init_fn = stage.SeededInit(sharding.Program(functools.partial(stage.start_state, tx, init_params=fresh), mesh,
                                                 out_shardings=state_sharding), reference)
   return ModelState(model, model_cfg, tx, params_sharding, state_sharding, init_fn, origin, reference)
 
@@ -231,6 +232,6 @@ def evaluate(exp: Experiment, params) -> dict[str, float]:
   per_source = {}
   for name, batches in exp.eval_sets.items():
     for host_batch in batches:
-      per_source[name] = objective_interface.add(
+      per_source[name] = exp.objective.add_host(
           per_source.get(name), objective_interface.host_sums(exp.eval_fn(params, device_batch(exp, host_batch))))
   return exp.objective.eval_record(per_source)

@@ -24,7 +24,7 @@ import optax
 from lmobjective import faults, files, sharding
 from lmobjective.config import ConfigError
 from lmobjective.run import checkpoint as ckpt_lib
-from lmobjective.run import lock, metrics_log, save_watch
+from lmobjective.run import lock, metrics_log, save_watch, scorer
 from lmobjective.run import loop_checks
 from lmobjective.run.preemption import EXIT_CODES, Preempted, preemption_signals
 from lmobjective.run.rollout import RL, build, collect, evaluate, update
@@ -66,6 +66,8 @@ def _save(rlx: RL, watch, state, done: int, loop: loop_checks.LoopState, window:
           "data": rlx.data_fingerprints}
   if rlx.origin is not None:
     meta["origin"] = rlx.origin.record()
+  if rlx.reward_model is not None:
+    meta["reward_model"] = rlx.reward_model.record()
   watch.save(state, meta, rlx.raw_config)
 
 
@@ -136,6 +138,7 @@ def restore_or_init(rlx: RL, mngr):
     raise ConfigError("data.tokenizer", os.path.join(rlx.workdir, "tokenizer"),
                       f"differs from the tokenizer of the checkpoint at update {step_}; use a new workdir")
   loop_checks.check_data(rlx.config, rlx.data_fingerprints, meta.get("data"), step_)
+  scorer.check_resumed(rlx.reward_model, meta.get("reward_model"), step_)
   pending = ckpt_lib.decode_metrics(meta["pending"])
   loop = loop_checks.LoopState(pending=pending, tokens_seen=meta["tokens_seen"], skipped=meta["skipped"],
                              checked=len(pending), init_param_norm=meta.get("init_param_norm"))
@@ -203,3 +206,6 @@ def _print_header(rlx: RL, state) -> None:
   if rlx.origin is not None:
     o = rlx.origin
     print(f"init_from (also the reference): {o.workdir} step {o.step} (params sha256 {o.params_fingerprint})", flush=True)
+  if rlx.reward_model is not None:
+    r = rlx.reward_model
+    print(f"rl.reward_model: {r.workdir} step {r.step} (params sha256 {r.params_fingerprint})", flush=True)

@@ -34,7 +34,7 @@ from lmobjective.config import ConfigError
 from lmobjective.data import prompts as prompts_lib
 from lmobjective.data import sources
 from lmobjective.objectives import policy
-from lmobjective.run import experiment, stage
+from lmobjective.run import experiment, scorer, stage
 
 
 @dataclasses.dataclass
@@ -51,6 +51,7 @@ class RL:
   eval_prompts: prompts_lib.PromptSet | None
   order: prompts_lib.PromptOrder
   rewards: rewards_lib.Rewards
+  reward_model: scorer.RewardModelScorer | None  # rl.reward_model: scores the sampled ids on the device
   sampler: sampling.Sampler
   train_fn: Any  # (state, batch) -> (state, metrics): the guarded generic step
   score_fn: sharding.Program  # (params, reference params, batch) -> the old/reference log-probs and full KL
@@ -97,9 +98,11 @@ def build(raw_config: ml_collections.ConfigDict, workdir: str) -> RL:
     raise ConfigError("train.batch_size", config.train.batch_size,
                       f"x rl.num_generations / rl.num_minibatches = {rows_per_update} rows per update must be divisible "
                       f"by train.grad_accum_steps={config.train.grad_accum_steps} x the data*fsdp mesh size {dp}")
-  reward_fns = rewards_lib.load(rl.reward_fn, rl.reward_weights)  # an unimportable reward: before anything is written
+  reward_fns = rewards_lib.load(rl.reward_fn, rl.reward_weights,  # an unimportable reward: before anything is written
+                                 {scorer.TERM: scorer.KEY} if rl.reward_model else None)
   origin_req = stage.request(config.train.init_from, workdir)
   tokenizer, save_tokenizer = stage.prepare_tokenizer(config.data, workdir, origin_req)
+  rm = scorer.load(rl.reward_model, mesh, tokenizer, config.data.context_length) if rl.reward_model else None
   (name, scfg), = config.data.sources.items()
   key = sources.key(name, "path")
   train_prompts, heldout = _split(prompts_lib.load_prompts(name, scfg.path), scfg.val_fraction)
@@ -121,7 +124,7 @@ def build(raw_config: ml_collections.ConfigDict, workdir: str) -> RL:
   return RL(config=config, raw_config=raw_config, workdir=workdir, mesh=mesh, ms=ms, objective=objective,
             tokenizer=tokenizer, prompts=train_prompts, eval_prompts=eval_prompts,
             order=prompts_lib.PromptOrder(len(train_prompts), config.train.batch_size, config.seed),
-            rewards=reward_fns, sampler=sampling.Sampler(ms.model, mesh), train_fn=train_fn, score_fn=score_fn,
+            rewards=reward_fns, reward_model=rm, sampler=sampling.Sampler(ms.model, mesh), train_fn=train_fn, score_fn=score_fn,
             data_fingerprints=fps)
 
 
@@ -183,6 +186,12 @@ def sample_responses(rlx: RL, params, prompt_list, seed: int, iteration: int, cf
   return samples, rows, completions, lengths_B
 
 
+def score(rlx: RL, prompt_list, completions: list[str], fields: dict, rows: dict) -> rewards_lib.Scored:
+  """The rewards of sampled responses: the functions on their text, the reward model (if any) on their ids."""
+  precomputed = {scorer.TERM: rlx.reward_model(rows)} if rlx.reward_model is not None else None
+  return rlx.rewards(prompt_list, completions, fields, precomputed)
+
+
 def sampling_config(rlx: RL, prompt, **overrides) -> sampling.SamplingConfig:
   return rlx.objective.sampling_config(stop_ids=prompts_lib.stop_ids(prompt, rlx.tokenizer), pad_id=rlx.tokenizer.pad_id,
                                        **overrides)
@@ -195,7 +204,7 @@ def collect(rlx: RL, params, iteration: int) -> Rollouts:
   prompt_list, fields = rlx.prompts.take(np.repeat(idx, G))
   samples, rows, completions, prompt_lengths_B = sample_responses(rlx, params, prompt_list, cfg.seed, iteration,
                                                 sampling_config(rlx, prompt_list[0]))
-  scored = rlx.rewards(prompt_list, completions, fields)  # RewardError: one line naming the function
+  scored = score(rlx, prompt_list, completions, fields, rows)  # RewardError: one line naming the function
   scores_B = scored.rewards - cfg.rl.missing_eos_penalty * samples.truncated
   reference = rlx.ms.reference if rlx.objective.beta > 0 else None
   extra = jax.device_get(rlx.score_fn(params, reference, sharding.global_batch(rows, rlx.mesh)))
@@ -285,8 +294,8 @@ def eval_rewards(rlx: RL, params, prompt_set: prompts_lib.PromptSet, greedy: boo
   padded = np.concatenate([idx, np.full(-len(idx) % shards, idx[-1])])  # the batch splits over the mesh
   prompt_list, fields = prompt_set.take(padded)
   cfg = sampling_config(rlx, prompt_list[0], **({"temperature": 0.0} if greedy else {}))
-  _, _, completions, _ = sample_responses(rlx, params, prompt_list, rlx.config.seed, stream, cfg)
-  return rlx.rewards(prompt_list, completions, fields).rewards[:len(idx)].reshape(-1, k)
+  _, rows, completions, _ = sample_responses(rlx, params, prompt_list, rlx.config.seed, stream, cfg)
+  return score(rlx, prompt_list, completions, fields, rows).rewards[:len(idx)].reshape(-1, k)
 
 
 def evaluate(rlx: RL, params, step: int = 0) -> dict[str, float]:

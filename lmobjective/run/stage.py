@@ -27,7 +27,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from lmobjective import config as config_lib
-from lmobjective import step
+from lmobjective import objectives, step
 from lmobjective.config import ConfigError
 from lmobjective.data import tokenizers
 from lmobjective.run import checkpoint as ckpt_lib
@@ -219,8 +219,17 @@ def _restore(req: Request, s: int, raw_config, abstract_params, tokenizer):
     mngr.close()
   _check_tokenizer(req, s, saved["meta"], tokenizer)  # first: another vocabulary's embedding would not even restore
   check_model(saved["config"], ckpt_lib.config_json(raw_config), tokenizer.vocab_size, f"{req.workdir} step {s}")
-  got, params, _, _ = ckpt_lib.restore_params(req.workdir, s, abstract_params)
+  got, params, _, _ = ckpt_lib.restore_params(req.workdir, s, _held_by(saved["config"], abstract_params))
   return got, params
+
+
+def _held_by(origin_config: dict, abstract_params: dict) -> dict:
+  """The part of the stage's params the origin holds: all but a score head its objective has no use for
+  (`start_state` initialises it)."""
+  kind = config_lib.with_added_keys(origin_config)["objective"]["kind"]
+  if objectives.OBJECTIVES[kind].scored:
+    return abstract_params
+  return {k: v for k, v in abstract_params.items() if k != "score_head"}
 
 
 def _check_tokenizer(req: Request, s: int, meta: dict, tokenizer) -> None:
@@ -251,11 +260,17 @@ def _gone(req: Request, e: Exception):
 # ---- the step-0 state ---------------------------------------------------------------------------
 
 
-def start_state(tx, key: jax.Array, params) -> step.TrainState:
+def start_state(tx, key: jax.Array, params, init_params=None) -> step.TrainState:
   """Step 0 from `params`: a copy (the train step donates its state; the reference keeps its buffers),
-  a fresh optimizer state, and the dropout rng `step.init_state` derives from `key`."""
-  _, dropout_rng = jax.random.split(key)
+  a fresh optimizer state, and the dropout rng `step.init_state` derives from `key`. A head the origin
+  lacks (a reward model's score head on a language model) comes from `init_params(init_rng)`, the
+  model's own initialisation; the origin's params replace the rest."""
+  init_rng, dropout_rng = jax.random.split(key)
   params = jax.tree.map(jnp.copy, params)
+  if init_params is not None:
+    fresh = init_params(init_rng)
+    if set(fresh) - set(params):
+      params = {**{k: v for k, v in fresh.items() if k not in params}, **params}
   return step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=dropout_rng)
 
 

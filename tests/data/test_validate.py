@@ -33,6 +33,7 @@ PRESETS = {"default.py": {}, "tiny.py": {}, "markov.py": {}, "gpt2_124m.py": {},
            "char_fast.py": {"data.sources.text.path": "FILE"},
            "sft.py": {"data.sources.chat.path": "chat.jsonl"},
            "dpo.py": {"train.init_from": "runs/sft", "data.sources.pairs.path": "pairs.jsonl"},
+           "reward_model.py": {"data.sources.pairs.path": "pairs.jsonl"},
            "stack.py:pretrain": {}, "stack.py:sft": {},
            "stack.py:dpo": {"train.init_from": "runs/stack/sft"}, "stack.py:dpo,quick": {"train.init_from": "runs/stack/sft"},
            "addition.py:pretrain": {}, "addition.py:sft": {}, "addition.py:rl": {"train.init_from": "runs/rl_addition/sft"}}
