@@ -8,6 +8,8 @@ next_token.py  masked next-token cross-entropy (pretraining; SFT through the los
 preference.py  DPO, IPO, SimPO (+ RPO's NLL term) on pairs, against a frozen reference or none
 policy.py      RLOO, GRPO, REINFORCE on sampled responses (reward maximisation; `run/rollout.py` samples)
 reward_model.py  a reward model (a score head) fitted to preference pairs by Bradley–Terry
+ppo.py         PPO's per-token pieces: rewards per token, GAE, whitening, the clipped value loss
+               (pure functions; the PPO objective that uses them is issue 27's next part)
 """
 
 from __future__ import annotations
