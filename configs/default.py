@@ -103,7 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---- objective ----------------------------------------------------------
   c.objective = ml_collections.ConfigDict()
   c.objective.z_loss = 0.0  # weight of mean(logsumexp^2) added to the training loss
-  c.objective.kind = "next_token"  # next_token | dpo | ipo | simpo (preference objectives read preference_jsonl / stdlib_pairs pairs) | rloo | grpo | reinforce (config.rl; a prompts_jsonl source) | reward_model (Bradley–Terry on pairs; a score head)
+  c.objective.kind = "next_token"  # next_token | dpo | ipo | simpo (preference objectives read preference_jsonl / stdlib_pairs pairs) | rloo | grpo | reinforce | ppo (config.rl; a prompts_jsonl source) | reward_model (Bradley–Terry on pairs; a score head)
   c.objective.beta = 0.1  # preference objectives: β (DPO/IPO: of the log-ratio to the reference; SimPO: of the mean log-prob); RL: of the KL to the reference (0 = none)
   c.objective.label_smoothing = 0.0  # DPO/SimPO: conservative DPO's ε (share of flipped labels); 0 = the paper
   c.objective.rpo_alpha = 0.0  # preference objectives: + α·(chosen response's NLL per token), RPO (TRL's rpo_alpha); 0 = off
@@ -134,6 +134,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.loss_type = "dapo"  # dapo: tokens of the batch | grpo: mean per sequence, then over sequences | dr_grpo: sequences*max_new_tokens
   c.rl.cliprange = 0.2  # PPO's epsilon: the ratio pi/pi_old clipped to [1-cliprange, 1+cliprange_high]
   c.rl.cliprange_high = placeholder(float)  # None = cliprange (DAPO's clip-higher: larger)
+  # PPO (objective.kind=ppo) only: a value head on the policy, per-token rewards (-beta*k1 each token, the score on
+  # the last), GAE with gamma and lam, the clipped value loss weighted by vf_coef in the policy's own loss.
+  c.rl.gamma = 1.0  # GAE's discount
+  c.rl.lam = 0.95  # GAE's lambda
+  c.rl.cliprange_value = 0.2  # the value clipped to old value +- this (PPO2)
+  c.rl.vf_coef = 0.1  # weight of the value loss in the loss
+  c.rl.whiten_advantages = False  # True: GAE advantages whitened over the batch's response tokens (TRL does; it shifts pi*'s beta by N/(N-1))
   c.rl.missing_eos_penalty = 0.0  # subtracted from the score of a response that never stopped (TRL's missing_eos_penalty)
   c.rl.mask_truncated_completions = False  # True: a response that never stopped is left out of the loss
   # "path/to/file.py:function" or "package.module:function", comma-separated: fn(prompts=, completions=, **fields)

@@ -3,13 +3,14 @@
     python experiments/rl_fixed_points.py --workdir=runs/rl_fixed_points [--seeds=5]
 
 A tiny model pretrained on "x" + a candidate (`data/bandit.py`) is the reference; the real loop
-(`train.run`, objective.kind rloo | grpo) samples one token per response from it, the learning rate
+(`train.run`, objective.kind rloo | grpo | ppo) samples one token per response from it, the learning rate
 decaying linearly to 0. After the run, the policy's next-token distribution after the prompt is
 compared with the exact fixed points over the whole vocabulary (`analysis/fixed_points.py`):
 
   rloo, k1 in the reward                     -> π* ∝ π_ref·exp(r/β)
   grpo, scale_rewards none, k3 in the loss  -> π = β′·π_ref/(λ − r), β′ = β·G/(G−1)
   rloo, epochs = num_minibatches = 2        -> π* (clipping moves no fixed point)
+  ppo, k1 in the reward per token, a value head on the policy as the baseline -> π*
 
 For each run: KL(target ‖ π) over `--seeds` seeds (the noise floor is their max), the nearest wrong
 fixed point's KL from the target, and τ = that distance / 5. `tests/test_rl_fixed_points.py` runs
@@ -33,6 +34,7 @@ RUNS = {  # name: (objective.kind, the target fixed point, the keys beside the c
                                     "rl.scale_rewards": "none", "rl.kl_placement": "loss", "rl.kl_estimator": "k3"}),
     "rloo_2x2": ("rloo", "pi*", {"train.steps": 150, "train.batch_size": 8, "optimizer.learning_rate": 3e-3,
                                  "rl.epochs": 2, "rl.num_minibatches": 2}),
+    "ppo": ("ppo", "pi*", {"train.steps": 150, "train.batch_size": 8, "optimizer.learning_rate": 3e-3}),
 }
 
 

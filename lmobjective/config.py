@@ -226,6 +226,11 @@ class RLConfig:
   loss_type: str
   cliprange: float
   cliprange_high: float | None
+  gamma: float
+  lam: float
+  cliprange_value: float
+  vf_coef: float
+  whiten_advantages: bool
   missing_eos_penalty: float
   mask_truncated_completions: bool
   reward_fn: str
@@ -346,7 +351,8 @@ ADDED_KEYS = {"train.max_skipped_fraction": 0.1, "train.dead_grad_steps": 3, "tr
               "rl.num_generations": 4, "rl.max_new_tokens": 32, "rl.temperature": 1.0, "rl.top_k": 0,
               "rl.top_p": 1.0, "rl.epochs": 1, "rl.num_minibatches": 1, "rl.scale_rewards": "group",
               "rl.kl_placement": "reward", "rl.kl_estimator": "k1", "rl.loss_type": "dapo", "rl.cliprange": 0.2,
-              "rl.cliprange_high": None, "rl.missing_eos_penalty": 0.0, "rl.mask_truncated_completions": False,
+              "rl.cliprange_high": None, "rl.gamma": 1.0, "rl.lam": 0.95, "rl.cliprange_value": 0.2,
+              "rl.vf_coef": 0.1, "rl.whiten_advantages": False, "rl.missing_eos_penalty": 0.0, "rl.mask_truncated_completions": False,
               "rl.reward_fn": "", "rl.reward_model": None, "rl.reward_weights": "", "rl.eval_prompts": None, "rl.eval_samples": 4}
 ADDED_SOURCE_KEYS = {"max_prompt_length": None, "max_response_length": None, "exclude_modules": ""}  # in every data.sources.<name>
 

@@ -129,6 +129,7 @@ def gathered(model: Transformer, params):
   """
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
   axes = nn.get_partition_spec(shapes)["params"]
+  axes = {k: v for k, v in axes.items() if k in params}  # e.g. a reference without the policy's value head
   rules = tuple((name, None if mesh_axes == "fsdp" else mesh_axes) for name, mesh_axes in sharding.RULES)
   is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
   return jax.tree.map(lambda spec, x: nn.with_logical_constraint(x, spec, rules=rules), axes, params,

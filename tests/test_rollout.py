@@ -86,12 +86,11 @@ def _cli(config_path, workdir, faults=None):
                          f"--workdir={workdir}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_kill_9_mid_iteration_then_resume_equals_an_uninterrupted_run(bandit, short_run, tmp_path):
-  """SIGKILL before the 2nd update of iteration 3 (iteration 2's checkpoint saved or in flight): the
-  resumed run samples the lost iterations again with the same keys and ends with the uninterrupted run's params bit for bit and
-  its metrics lines (timing aside)."""
+def _kill_and_resume(bandit, uninterrupted, tmp_path, **keys):
+  """SIGKILL before the 2nd update of iteration 3 (iteration 2's checkpoint saved or in flight), then
+  resume: the final params and the metrics lines (timing aside) equal `uninterrupted`'s bit for bit."""
   paths, cache, origin = bandit
-  config_path = config_file(tmp_path / "rl_config.py", rl_config(cache, paths, origin, **{"rl.epochs": 2}))
+  config_path = config_file(tmp_path / "rl_config.py", rl_config(cache, paths, origin, **{"rl.epochs": 2, **keys}))
   workdir = str(tmp_path / "killed")
   killed = _cli(config_path, workdir, faults="update@6=kill")
   assert killed.returncode == -9, killed.stderr[-2000:]
@@ -100,12 +99,39 @@ def test_kill_9_mid_iteration_then_resume_equals_an_uninterrupted_run(bandit, sh
   # iteration 2's save may still have been in flight (asynchronous) when the kill came: either lands here
   assert ("resuming from the checkpoint at iteration 2 (update 4)" in resumed.stdout or
           "resuming from the checkpoint at iteration 1 (update 2)" in resumed.stdout), resumed.stdout
-  want_step, want = _params(short_run[0])
+  want_step, want = _params(uninterrupted[0])
   got_step, got = _params(workdir)
   assert got_step == want_step == 8
   assert all(np.array_equal(a, b) for a, b in zip(got, want))
   strip = lambda lines: [{k: v for k, v in r.items() if k != "iterations_per_sec"} for r in lines]
-  assert strip(metrics_log.read_metrics(workdir)) == strip(short_run[1])
+  assert strip(metrics_log.read_metrics(workdir)) == strip(uninterrupted[1])
+
+
+def test_kill_9_mid_iteration_then_resume_equals_an_uninterrupted_run(bandit, short_run, tmp_path):
+  """The resumed run samples the lost iterations again with the same keys (`_kill_and_resume`)."""
+  _kill_and_resume(bandit, short_run, tmp_path)
+
+
+def test_kill_9_mid_ppo_resumes_the_policy_and_its_value_head_bit_for_bit(bandit, tmp_path):
+  """PPO: the value head's params and optimizer state are part of the state and the checkpoint; the old
+  values and GAE are recomputed identically for the lost iterations."""
+  paths, cache, origin = bandit
+  workdir = str(tmp_path / "ppo")
+  train.run(rl_config(cache, paths, origin, **{"rl.epochs": 2, "objective.kind": "ppo"}), workdir)
+  lines = metrics_log.read_metrics(workdir)
+  assert {"loss/value_avg", "val/clipfrac_avg", "val/num_eos_tokens"} <= set(lines[-1])
+  assert "score_head" in jax.device_get(_params_tree(workdir))
+  (tmp_path / "k").mkdir()
+  _kill_and_resume(bandit, (workdir, lines), tmp_path / "k", **{"objective.kind": "ppo"})
+
+
+def _params_tree(workdir):
+  from lmobjective.run import checkpoint as ckpt_lib
+  mngr = ckpt_lib.make_manager(workdir, read_only=True)
+  try:
+    return mngr.restore(max(mngr.all_steps()))["state"]["params"]
+  finally:
+    ckpt_lib.close(mngr)
 
 
 def _refusal(config, workdir):
@@ -121,6 +147,10 @@ def _refusal(config, workdir):
     ({"rl.kl_placement": "loss", "rl.kl_estimator": "k1"}, "rl.kl_estimator"),
     ({"rl.kl_estimator": "k3"}, "rl.kl_estimator"),
     ({"model.dropout": 0.1}, "model.dropout"),
+    ({"objective.kind": "ppo", "rl.gamma": 1.5}, "rl.gamma"),
+    ({"objective.kind": "ppo", "rl.lam": -0.1}, "rl.lam"),
+    ({"objective.kind": "ppo", "rl.kl_placement": "loss", "rl.kl_estimator": "k3"}, "rl.kl_placement"),
+    ({"rl.vf_coef": 0.5}, "rl.vf_coef"),  # a PPO key under rloo
 ])
 def test_bad_input_is_one_line_naming_the_key_and_writes_nothing(bandit, tmp_path, overrides, key):
   paths, cache, origin = bandit

@@ -209,7 +209,9 @@ def test_sampler_logps_equal_a_fresh_forward_of_the_same_distribution(name):
   scored = _score(model, params, batch, scfg)
   got = np.asarray(-scored.nll)[np.asarray(batch["loss_mask"])]
   assert got.size == int(s.lengths.sum()) > 10
-  np.testing.assert_allclose(s.logps[s.response_mask], got, atol=1e-5)
+  # float32, a cached decode against a fresh full forward: rounding only (1.07e-5 measured at one of 48
+  # tokens of topk5 on a 2-core Xeon, 2026-12-06; a wrong distribution is off by 1e-2 or more)
+  np.testing.assert_allclose(s.logps[s.response_mask], got, atol=3e-5)
   if name in ("t1", "greedy"):  # the model's own distribution: next_token.score gives the same numbers
     plain = next_token.sequence_sums(_plain_score(model, params, batch), batch["loss_mask"])  # sequence_logps' sums
     np.testing.assert_allclose(np.asarray(plain[0]), s.logps.sum(axis=1), atol=1e-4)

@@ -8,14 +8,13 @@ next_token.py  masked next-token cross-entropy (pretraining; SFT through the los
 preference.py  DPO, IPO, SimPO (+ RPO's NLL term) on pairs, against a frozen reference or none
 policy.py      RLOO, GRPO, REINFORCE on sampled responses (reward maximisation; `run/rollout.py` samples)
 reward_model.py  a reward model (a score head) fitted to preference pairs by Bradley–Terry
-ppo.py         PPO's per-token pieces: rewards per token, GAE, whitening, the clipped value loss
-               (pure functions; the PPO objective that uses them is issue 27's next part)
+ppo.py         PPO: a value head on the policy, rewards per token, GAE, whitening, the clipped value loss
 """
 
 from __future__ import annotations
 
 from lmobjective.config import require_choice, require_int
-from lmobjective.objectives import interface, next_token, policy, preference, reward_model
+from lmobjective.objectives import interface, next_token, policy, ppo, preference, reward_model
 from lmobjective.objectives.interface import Objective
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -26,6 +25,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "rloo": policy.PolicyGradient,
     "grpo": policy.PolicyGradient,
     "reinforce": policy.PolicyGradient,
+    "ppo": ppo.PPO,
     "reward_model": reward_model.RewardModel,
 }
 KINDS = tuple(OBJECTIVES)
@@ -38,7 +38,7 @@ def from_config(o, rl=None) -> Objective:
   """The objective `config.objective` declares (typed section or ConfigDict; validated); reward
   maximisation reads `config.rl` too."""
   cls = OBJECTIVES[o.kind]
-  return cls.from_config(o, rl) if cls is policy.PolicyGradient else cls.from_config(o)
+  return cls.from_config(o, rl) if issubclass(cls, policy.PolicyGradient) else cls.from_config(o)
 
 
 def model_class(kind: str):

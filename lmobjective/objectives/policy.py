@@ -47,9 +47,14 @@ LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
 STD_EPS = 1e-4  # GRPO's std + eps (TRL's value): a group of equal rewards gets advantage 0, not 0/0
 
 # The batch fields an RL update reads beside the model's (float32; T = the row's positions).
-ADVANTAGES = "advantages"  # [B] one per response, broadcast over its tokens
+ADVANTAGES = "advantages"  # [B] one per response, broadcast over its tokens ([B,T] per token: PPO)
+OLD_VALUES = "old_values"  # [B,T] PPO: the value head's estimates when the responses were sampled
+RETURNS = "returns"  # [B,T] PPO: GAE's value targets
 OLD_LOGPS = "old_logps"  # [B,T] π_old of each target (0 off the response): only when ρ is not 1
 REF_LOGPS = "ref_logps"  # [B,T] π_ref of each target: only with the KL in the loss
+
+# The rl.* keys only PPO reads (`ppo.PPO`), with their defaults: another RL objective refuses other values.
+PPO_ONLY = {"gamma": 1.0, "lam": 0.95, "cliprange_value": 0.2, "vf_coef": 0.1, "whiten_advantages": False}
 
 # Why each refused (placement, estimator) pair is refused: one line, for the config error and the docs.
 REFUSED = {
@@ -166,11 +171,13 @@ def policy_loss(logp_BxT: jax.Array, old_logp_BxT: jax.Array, advantages_B: jax.
                 ref_logp_BxT: jax.Array | None, cfg: LossConfig, row_valid_B: jax.Array | None = None
                 ) -> PolicySums:
   """The clipped surrogate plus (with the KL in the loss) β times its KL term, aggregated per
-  `cfg.loss_type` as a sum over rows (see `denominator`). `mask` marks each response's scored tokens."""
+  `cfg.loss_type` as a sum over rows (see `denominator`). `mask` marks each response's scored tokens.
+  `advantages_B` is one per response, or [B,T] one per token (PPO's GAE)."""
   mask = mask_BxT.astype(bool)
   dtype = logp_BxT.dtype
   zero = jnp.zeros((), dtype)
-  A_Bx1 = advantages_B.astype(dtype)[:, None]
+  A_Bx1 = advantages_B.astype(dtype)
+  A_Bx1 = A_Bx1[:, None] if A_Bx1.ndim == 1 else A_Bx1
   log_ratio = jnp.where(mask, logp_BxT - old_logp_BxT, 0)
   ratio = jnp.exp(log_ratio)
   hi = cfg.cliprange if cfg.cliprange_high is None else cfg.cliprange_high
@@ -184,7 +191,7 @@ def policy_loss(logp_BxT: jax.Array, old_logp_BxT: jax.Array, advantages_B: jax.
     else:
       kl_B = jnp.where(mask, kl_estimate(logp_BxT, ref_logp_BxT, cfg.kl_estimator), 0).sum(axis=-1)
   n_B = mask.sum(axis=-1)
-  w_B = 1 / jnp.maximum(n_B, 1).astype(dtype) if cfg.loss_type == "grpo" else jnp.ones_like(pg_B)
+  w_B = row_weights(mask, cfg.loss_type, dtype)
   row_valid_B = jnp.ones(mask.shape[:1], bool) if row_valid_B is None else row_valid_B
   is_clipped = mask & (((ratio < 1 - cfg.cliprange) & (A_Bx1 < 0)) | ((ratio > 1 + hi) & (A_Bx1 > 0)))
   pg, kl = (w_B * pg_B).sum(), (w_B * kl_B).sum()
@@ -193,7 +200,13 @@ def policy_loss(logp_BxT: jax.Array, old_logp_BxT: jax.Array, advantages_B: jax.
       num_tokens=n_B.sum(dtype=jnp.int32), num_sequences=row_valid_B.sum(dtype=jnp.int32),
       clipped_tokens=is_clipped.sum(dtype=jnp.int32), ratio_sum=jnp.where(mask, ratio, 0).sum(),
       approxkl_sum=0.5 * jnp.square(log_ratio).sum(),
-      signal_sequences=((advantages_B != 0) & (n_B > 0) & row_valid_B).sum(dtype=jnp.int32))
+      signal_sequences=((jnp.where(mask, A_Bx1, 0) != 0).any(axis=-1) & (n_B > 0) & row_valid_B).sum(dtype=jnp.int32))
+
+
+def row_weights(mask_BxT: jax.Array, loss_type: str, dtype) -> jax.Array:
+  """[B] each row's weight in a sum over rows: 1/|y| for `grpo` (a mean per sequence), else 1."""
+  n_B = mask_BxT.sum(axis=-1)
+  return 1 / jnp.maximum(n_B, 1).astype(dtype) if loss_type == "grpo" else jnp.ones(n_B.shape, dtype)
 
 
 def denominator(sums: PolicySums, cfg: LossConfig) -> jax.Array:
@@ -324,6 +337,11 @@ class PolicyGradient(interface.Objective):
     if not cfg.train.init_from:
       raise ConfigError("train.init_from", cfg.train.init_from, f"objective.kind={cfg.objective.kind!r} starts from "
                         "a trained model, which is also the frozen reference (WORKDIR or WORKDIR:STEP)")
+    if not cls.scored:
+      for key, default in PPO_ONLY.items():
+        if rl[key] != default:
+          raise ConfigError(f"rl.{key}", rl[key], f"only objective.kind='ppo' reads it (leave it at {default!r} "
+                            f"with objective.kind={cfg.objective.kind!r})")
 
   @classmethod
   def from_config(cls, o, rl=None) -> "PolicyGradient":

@@ -13,12 +13,26 @@ value loss is PPO2's clipped one, ½·max((V − R)², (V_old + clip(V − V_old
 Every function is pure, works on [B,T] arrays where `mask_BxT` marks the response's target positions
 (contiguous, as the sampler lays them out), and keeps its dtype, so the float64 tests
 (`tests/test_ppo.py`) run the same code.
+
+`PPO` is the objective: the policy-gradient objective (`policy.PolicyGradient`) with per-token
+advantages and a value head on the policy (`model.ScoredTransformer`'s score head, read at the
+position that predicts each response token: V(s_t) before token t), whose clipped loss joins the
+policy's, weighted by `rl.vf_coef` and aggregated as `rl.loss_type` aggregates the policy's. The
+rollout (`run/rollout.py`) computes the per-token rewards, the old values and GAE once per iteration.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar, NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from lmobjective.batch import MODEL_FIELDS
+from lmobjective.config import ConfigError, require_float
+from lmobjective.objectives import interface, policy
 
 WHITEN_EPS = 1e-8  # TRL's masked_whiten
 
@@ -76,3 +90,99 @@ def value_loss(values_BxT: jax.Array, old_values_BxT: jax.Array, returns_BxT: ja
   loss = 0.5 * jnp.maximum(unclipped_loss, clipped_loss)
   clipfrac = (clipped_loss > unclipped_loss).astype(values_BxT.dtype)
   return jnp.where(mask_BxT, loss, 0), jnp.where(mask_BxT, clipfrac, 0)
+
+
+# ---- the objective ---------------------------------------------------------------------------------
+
+
+class ValueSums(NamedTuple):
+  """The value loss's sums over one microbatch (they add), weighted per row as the policy loss is."""
+  value_sum: jax.Array  # Σ_rows w_row·Σ_t ½max(...) (loss/value_avg once divided)
+  value_clipped_tokens: jax.Array  # tokens where the clipped branch was the larger (val/clipfrac_avg)
+  value_pred_sum: jax.Array  # Σ V over response tokens
+
+
+def values(model, params, batch: dict, deterministic: bool = True, rngs=None) -> jax.Array:
+  """[B,T] V(s_t) at every position whose target is a response token (0 elsewhere), float32."""
+  v_BxT = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                      deterministic=deterministic, rngs=rngs, method="score")
+  return jnp.where(batch["loss_mask"], v_BxT, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PPO(policy.PolicyGradient):
+  """PPO with a value head on the policy: per-token advantages (GAE) in the clipped surrogate, plus
+  `vf_coef` times the clipped value loss."""
+  kind: str = "ppo"
+  cliprange_value: float = 0.2
+  vf_coef: float = 0.1
+
+  scored: ClassVar[bool] = True
+
+  @property
+  def fields(self) -> tuple[str, ...]:
+    return (MODEL_FIELDS + (policy.ADVANTAGES, policy.OLD_VALUES, policy.RETURNS)
+            + ((policy.OLD_LOGPS,) if self.off_policy else ()))
+
+  def _both(self, model, params, batch, deterministic=True, rngs=None):
+    sums = self._sums(model, params, batch, deterministic, rngs)
+    mask = batch["loss_mask"]
+    v_BxT = values(model, params, batch, deterministic, rngs)
+    loss_BxT, clipped_BxT = value_loss(v_BxT, batch[policy.OLD_VALUES], batch[policy.RETURNS], mask,
+                                       self.cliprange_value)
+    w_B = policy.row_weights(mask, self.loss_cfg.loss_type, v_BxT.dtype)
+    vs = ValueSums(value_sum=(w_B * loss_BxT.sum(axis=-1)).sum(),
+                   value_clipped_tokens=clipped_BxT.sum().astype(jnp.int32),
+                   value_pred_sum=jax.lax.stop_gradient(v_BxT.sum()))
+    return sums._replace(loss_sum=sums.loss_sum + self.vf_coef * vs.value_sum), vs
+
+  def loss(self, model, params, micro, rng, reference_params, deterministic):  # noqa: D102
+    sums, vs = self._both(model, params, micro, deterministic, None if deterministic else {"dropout": rng})
+    return sums.loss_sum, (sums, vs)
+
+  def denominator(self, sums):
+    return policy.denominator(sums[0], self.loss_cfg)
+
+  def step_metrics(self, sums):
+    pg, vs = sums
+    den = jnp.maximum(self.denominator(sums), 1).astype(jnp.float32)
+    return {"loss": pg.loss_sum / den, "pg_loss": pg.pg_sum / den, **pg._asdict(), "value_loss": vs.value_sum / den,
+            **vs._asdict()}
+
+  def eval_sums(self, model, params, batch, reference_params, token_bytes_V):
+    return self._both(model, params, batch)
+
+  def eval_record(self, per_source):
+    total = None
+    for pg, _ in per_source.values():
+      total = interface.add(total, pg)
+    return {} if total is None else {"val_loss": float(total.loss_sum / max(policy.denominator(total, self.loss_cfg), 1))}
+
+  def train_record(self, metrics):
+    """The policy's, plus loss/value_avg and val/clipfrac_avg (TRL's names)."""
+    tokens = max(interface.window_sum(metrics, "num_tokens"), 1)
+    return {**super().train_record(metrics),
+            "loss/value_avg": float(np.mean([np.float64(m["value_loss"]) for m in metrics])),
+            "val/clipfrac_avg": interface.window_sum(metrics, "value_clipped_tokens") / tokens,
+            "val/value_mean": interface.window_sum(metrics, "value_pred_sum") / tokens}
+
+  @classmethod
+  def validate(cls, cfg) -> None:
+    super().validate(cfg)
+    rl = cfg.rl
+    require_float(cfg, "rl.gamma", 0.0, 1.0)
+    require_float(cfg, "rl.lam", 0.0, 1.0)
+    require_float(cfg, "rl.cliprange_value", 0.0, lo_open=True)
+    require_float(cfg, "rl.vf_coef", 0.0)
+    if not isinstance(rl.whiten_advantages, bool):
+      raise ConfigError("rl.whiten_advantages", rl.whiten_advantages, "must be True or False")
+    if cfg.objective.beta > 0 and (rl.kl_placement, rl.kl_estimator) != ("reward", "k1"):
+      raise ConfigError("rl.kl_placement", rl.kl_placement, f"objective.kind='ppo' puts −β·k1 in the reward at every "
+                        f"token (rl.kl_placement='reward', rl.kl_estimator='k1'), not {rl.kl_estimator!r} in the "
+                        f"{rl.kl_placement}")
+
+  @classmethod
+  def from_config(cls, o, rl=None) -> "PPO":
+    base = policy.PolicyGradient.from_config(o, rl)
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(policy.PolicyGradient)}
+    return cls(**{**fields, "kind": o.kind}, cliprange_value=rl.cliprange_value, vf_coef=rl.vf_coef)

@@ -33,7 +33,7 @@ from lmobjective import faults, objectives, rewards as rewards_lib, sampling, sh
 from lmobjective.config import ConfigError
 from lmobjective.data import prompts as prompts_lib
 from lmobjective.data import sources
-from lmobjective.objectives import policy
+from lmobjective.objectives import policy, ppo
 from lmobjective.run import experiment, scorer, stage
 
 
@@ -146,6 +146,8 @@ def rollout_scores(model, objective: policy.PolicyGradient, params, reference_pa
   logp_BxTxV = dist(params, objective.sampling_config())
   out = {"old_logps": jnp.take_along_axis(logp_BxTxV, tgt, axis=-1)[..., 0],
          "entropy_full": policy.entropy(logp_BxTxV)}
+  if objective.scored:  # PPO's value head: V(s_t) where the target is response token t
+    out["values"] = ppo.values(model, params, batch)
   if reference_params is not None:
     ref_BxTxV = dist(reference_params, objective.sampling_config(top_k=0, top_p=1.0))
     out["ref_logps"] = jnp.take_along_axis(ref_BxTxV, tgt, axis=-1)[..., 0]
@@ -211,13 +213,30 @@ def collect(rlx: RL, params, iteration: int) -> Rollouts:
   kl_B = extra["old_logps"].sum(-1) - extra["ref_logps"].sum(-1)  # Σ_t k1 (0 without a reference)
   beta = rlx.objective.beta
   total_B = scores_B - beta * kl_B if cfg.rl.kl_placement == "reward" else scores_B
-  adv_B = policy.advantages(total_B.reshape(-1, G), cfg.objective.kind, cfg.rl.scale_rewards).reshape(-1)
   metrics = _metrics(rlx, samples, scored, scores_B, kl_B, extra, prompt_lengths_B)
   if cfg.rl.mask_truncated_completions:
     rows["loss_mask"] = rows["loss_mask"] & ~samples.truncated[:, None]
-  batch = {**rows, policy.ADVANTAGES: adv_B.astype(np.float32), policy.OLD_LOGPS: extra["old_logps"],
-           policy.REF_LOGPS: extra["ref_logps"]}
+  if isinstance(rlx.objective, ppo.PPO):
+    per_token = _ppo_fields(cfg, beta, scores_B, extra, rows["loss_mask"])
+  else:
+    adv_B = policy.advantages(total_B.reshape(-1, G), cfg.objective.kind, cfg.rl.scale_rewards).reshape(-1)
+    per_token = {policy.ADVANTAGES: adv_B.astype(np.float32)}
+  batch = {**rows, **per_token, policy.OLD_LOGPS: extra["old_logps"], policy.REF_LOGPS: extra["ref_logps"]}
   return Rollouts(batch, metrics)
+
+
+def _ppo_fields(cfg, beta: float, scores_B: np.ndarray, extra: dict, mask_BxT: np.ndarray) -> dict[str, np.ndarray]:
+  """PPO's per-token batch fields: −β·k1 per token plus the score on the last real token, GAE over the
+  old values (whitened with rl.whiten_advantages), and the returns the value head is fitted to."""
+  mask = jnp.asarray(mask_BxT)
+  kl_BxT = jnp.asarray(extra["old_logps"] - extra["ref_logps"])  # k1 per token (0 without a reference)
+  rewards = ppo.token_rewards(jnp.asarray(scores_B, jnp.float32), kl_BxT, mask, beta)
+  old_values = jnp.where(mask, jnp.asarray(extra["values"]), 0.0)
+  adv, returns = ppo.gae(rewards, old_values, mask, cfg.rl.gamma, cfg.rl.lam)
+  if cfg.rl.whiten_advantages:
+    adv = ppo.whiten(adv, mask)
+  as_np = lambda x: np.asarray(jax.device_get(x), np.float32)
+  return {policy.ADVANTAGES: as_np(adv), policy.OLD_VALUES: as_np(old_values), policy.RETURNS: as_np(returns)}
 
 
 def _metrics(rlx, samples, scored, scores_B, kl_B, extra, prompt_lengths_B) -> dict[str, float]:
@@ -239,6 +258,7 @@ def _metrics(rlx, samples, scored, scores_B, kl_B, extra, prompt_lengths_B) -> d
        "objective/rlhf_reward": float(scores_B.mean() - beta * kl_B.mean()),
        "completions/mean_length": float(samples.lengths.mean()),
        "completions/clipped_ratio": float(samples.truncated.mean()),
+       "val/num_eos_tokens": int((~np.asarray(samples.truncated, bool)).sum()),
        "sampler_trainer/logp_diff_mean": float(diff.sum() / n), "sampler_trainer/logp_diff_max": float(diff.max())}
   m.update(rewards_lib.metrics(scored))
   return m
