@@ -143,7 +143,7 @@ def fitted(tmp_path_factory):
                          **{"train.steps": 30, "train.batch_size": 16}), str(d / "origin"))
   rm = stage_config(d / "cache", "preference_jsonl", d / "pairs.jsonl", {"val_fraction": 0.0}, **BT_COMMON, **{
       "objective.kind": "reward_model",
-      "train.batch_size": len(REWARDS) * BT_PAIRS_PER_PROMPT, "train.steps": 300,
+      "train.batch_size": len(REWARDS) * BT_PAIRS_PER_PROMPT, "train.steps": 150,
       "optimizer.learning_rate": 3e-2, "optimizer.end_learning_rate": 1e-4, "optimizer.warmup_steps": 10,
       "optimizer.weight_decay": 0.0, "optimizer.grad_clip": 0.0})
   train.run(rm, str(d / "rm"))
