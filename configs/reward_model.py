@@ -10,24 +10,14 @@ pairs). The run logs TRL's accuracy, margin and {min,mean,max}_reward; afterward
 with `--config.rl.reward_model=runs/rm` (docs/objectives.md, "Reward model").
 """
 
-import ml_collections
+import os
 
-from lmobjective.config import base_config
+from lmobjective.config import load_config_file
 
 
 def get_config(arg: str | None = None):
-  c = base_config(__file__, arg=arg)
-  pairs = c.data.sources.code
-  pairs.kind, pairs.weight, pairs.val_fraction = "preference_jsonl", 1.0, 0.1
-  c.data.sources = ml_collections.ConfigDict({"pairs": pairs})
+  # DPO's preset (a preference_jsonl source "pairs", its sizes and schedule) with the reward model's objective.
+  dpo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dpo.py")
+  c = load_config_file(dpo + (f":{arg}" if arg else ""))
   c.objective.kind = "reward_model"
-  c.train.steps = 200
-  c.train.batch_size = 16  # pairs
-  c.optimizer.learning_rate = 1e-4
-  c.optimizer.end_learning_rate = 1e-5
-  c.optimizer.warmup_steps = 10
-  c.optimizer.weight_decay = 0.0
-  c.eval.every_steps = 50
-  c.eval.batch_size = 32  # pairs
-  c.checkpoint.every_steps = 50
   return c
