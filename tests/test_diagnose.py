@@ -307,3 +307,36 @@ def test_zero_grad_norm_without_signal_is_no_dead_model():
   assert diagnose.diagnose(quiet, V) == []
   dead = rl_records(grad_norm=lambda s: 0.0 if s >= 20 else 0.5)
   assert kinds(diagnose.diagnose(dead, V)) == [("divergence", 20, 40)]
+
+
+def ppo_records(**curves):
+  """`rl_records` with a critic that learns: value loss 0.5 -> 0.1, explained variance 0.1 -> 0.8."""
+  return rl_records(**{"loss/value_avg": lambda s: 0.5 - 0.4 * s / 40, "val/var_explained": lambda s: 0.1 + 0.7 * s / 40,
+                       **curves})
+
+
+def test_healthy_ppo_run_has_no_findings():
+  assert diagnose.diagnose(ppo_records(), V) == []
+
+
+def test_value_blowup_where_the_loss_jumps_and_the_critic_is_worse_than_the_mean():
+  jump = lambda s: 5.0 if s >= 30 else 0.5 - 0.4 * s / 40  # 0.25 at s = 25, then 5.0: 20x
+  found = diagnose.diagnose(ppo_records(loss__value_avg=jump, val__var_explained=lambda s: -2.0 if s >= 30 else 0.5), V)
+  assert kinds(found) == [("value_blowup", 30, 40)]
+  assert "20x its minimum 0.25" in found[0]["detail"] and "explaining -2" in found[0]["detail"]
+  # the same jump while the critic still explains the returns (their scale grew): no finding
+  assert diagnose.diagnose(ppo_records(loss__value_avg=jump), V) == []
+  nan = diagnose.diagnose(ppo_records(loss__value_avg=lambda s: float("nan") if s == 35 else 0.3), V)
+  assert kinds(nan) == [("value_blowup", 35, 35)]
+
+
+def test_critic_unexplained_needs_five_consecutive_lines():
+  found = diagnose.diagnose(ppo_records(val__var_explained=lambda s: -0.1 if s >= 15 else 0.3), V)
+  assert kinds(found) == [("critic_unexplained", 15, 40)]  # 6 consecutive lines of 8
+  assert "on 6 consecutive train lines of 8, steps 15-40" in found[0]["detail"]
+  zero = diagnose.diagnose(ppo_records(val__var_explained=lambda s: 0.0 if s >= 15 else 0.3), V)
+  assert kinds(zero) == [("critic_unexplained", 15, 40)]  # explaining exactly none counts
+  fresh = lambda s: 0.0 if s <= 15 else 0.4  # a zero-initialised head explains 0 on its first 3 lines
+  assert diagnose.diagnose(ppo_records(val__var_explained=fresh), V) == []
+  broken = lambda s: -0.5 if s % 10 == 0 else 0.2  # 4 lines, never 2 in a row
+  assert diagnose.diagnose(ppo_records(val__var_explained=broken), V) == []

@@ -94,3 +94,14 @@ def test_clipped_value_loss_and_its_gradient_equal_float64_numpy():
   np.testing.assert_array_equal(clipfrac.astype(bool), want_clip)
   np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-12, atol=1e-14)
   assert want_clip.any() and (MASK & ~want_clip).any()  # both branches are exercised
+
+
+def test_explained_variance_equals_float64_numpy_over_the_mask():
+  v, ret, _, _ = _data(5)
+  with jax.enable_x64(True):
+    ev = lambda v, r: float(ppo.explained_variance(jnp.asarray(v), jnp.asarray(r), jnp.asarray(MASK)))
+    got, perfect, mean_only = ev(v, ret), ev(ret, ret), ev(np.full(MASK.shape, ret[MASK].mean()), ret)
+    constant = ev(v, np.where(MASK, 2.0, 7.0))  # returns that do not vary over the mask (padding ignored)
+  want = 1 - np.var(ret[MASK] - v[MASK]) / np.var(ret[MASK])
+  np.testing.assert_allclose(got, want, rtol=1e-12)
+  assert want < 0 and perfect == 1.0 and abs(mean_only) < 1e-12 and np.isnan(constant)

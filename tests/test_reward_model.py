@@ -194,7 +194,7 @@ def _stopping_origin(d) -> str:
     (d / "docs.jsonl").write_text("".join(json.dumps({"text": p + rng.choice(list(REWARDS[p]))}) + "\n"
                                           for p in "xy" * 500))
     train.run(stage_config(d / "cache", "jsonl", d / "docs.jsonl", **BT_COMMON,
-                           **{"train.steps": 60, "train.batch_size": 16}), str(d / "stopping"))
+                           **{"train.steps": 300, "train.batch_size": 16}), str(d / "stopping"))
   return str(d / "stopping")
 
 
@@ -227,6 +227,41 @@ def test_an_rl_stage_scores_the_sampled_ids_with_the_reward_model(fitted, tmp_pa
   got = rlx.reward_model(rows)[stopped]
   want = run.reward([p for p, s in zip(prompt_list, stopped) if s], [c for c, s in zip(completions, stopped) if s])
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+PPO_RM = {"objective.kind": "ppo", "train.steps": 300, "train.batch_size": 16, "rl.num_generations": 4,
+          "optimizer.learning_rate": 3e-3, "optimizer.schedule": "linear", "optimizer.end_learning_rate": 0.0,
+          "optimizer.warmup_steps": 0, "optimizer.weight_decay": 0.0}
+
+
+@pytest.mark.slow
+def test_ppo_against_the_reward_model_reaches_the_optimum_of_its_fitted_reward(fitted, tmp_path):
+  """PPO (k1 per token in the reward, the value head as baseline) against the fitted reward model, from a
+  model that ends its answers, 2 new tokens: its distribution over every response it can sample (a stop,
+  or a token then any token) reaches π* ∝ π_ref·exp(r̂/β) per prompt, r̂ the reward model's score of each
+  response as the loop scores it; within τ = a fifth of the KL to π* at β·G/(G−1), as the sampled tier.
+  Seeds 0, 1, 2 measured KL 1.4e-3, 1.9e-3, 1.7e-3 (x, τ 2.3e-3) and 7.7e-4, 1.0e-3, 8.5e-4 (y, τ 5.1e-3),
+  the rest in the tail of rare responses the loop seldom samples; trained at β 0.7 against the β 0.5
+  target it fails (1.7e-2). The reference is 95τ (x) and 130τ (y) from the target."""
+  from lmobjective.analysis import fixed_points as fp
+  from lmobjective.run import checkpoint, rollout, train
+  d = fitted[2]
+  config = _rl_with_reward_model(d, d / "rm", _stopping_origin(d), **PPO_RM)
+  train.run(config, str(tmp_path / "ppo"))
+  rlx = rollout.build(config, str(tmp_path / "probe"))
+  mngr = checkpoint.make_manager(str(tmp_path / "ppo"), read_only=True)
+  try:
+    params = mngr.restore(max(mngr.all_steps()))["state"]["params"]
+  finally:
+    checkpoint.close(mngr)
+  beta, G = config.objective.beta, config.rl.num_generations
+  for prompt in "xy":
+    logps, rows = fp.two_token_responses(rlx, prompt, {"ref": rlx.ms.reference, "pi": params})
+    r_hat = np.asarray(rlx.reward_model(rows), np.float64)
+    target, wrong = fp.reverse_kl_optimum(logps["ref"], r_hat, beta), fp.reverse_kl_optimum(logps["ref"], r_hat, beta * G / (G - 1))
+    got, tau, moved = fp.kl(target, logps["pi"]), fp.kl(target, wrong) / 5, fp.kl(target, logps["ref"])
+    print(prompt, f"KL(pi*||pi) {got:.2e} tau {tau:.2e} KL(pi*||ref) {moved:.3f}")
+    assert got < tau and moved > 20 * tau, (prompt, got, tau, moved)
 
 
 @pytest.mark.slow

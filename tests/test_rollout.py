@@ -119,7 +119,7 @@ def test_kill_9_mid_ppo_resumes_the_policy_and_its_value_head_bit_for_bit(bandit
   workdir = str(tmp_path / "ppo")
   train.run(rl_config(cache, paths, origin, **{"rl.epochs": 2, "objective.kind": "ppo"}), workdir)
   lines = metrics_log.read_metrics(workdir)
-  assert {"loss/value_avg", "val/clipfrac_avg", "val/num_eos_tokens"} <= set(lines[-1])
+  assert {"loss/value_avg", "val/clipfrac_avg", "val/num_eos_tokens", "val/var_explained"} <= set(lines[-1])
   assert "score_head" in jax.device_get(_params_tree(workdir))
   (tmp_path / "k").mkdir()
   _kill_and_resume(bandit, (workdir, lines), tmp_path / "k", **{"objective.kind": "ppo"})

@@ -48,6 +48,16 @@ counts as a dead model: its gradient is 0 by construction), and four kinds read 
   ten scored every response alike, so their advantages are 0 and the score drives no update.
 * truncation: `completions/clipped_ratio` at least 0.2 on at least 20% of the train lines: a fifth
   of the responses hit rl.max_new_tokens without a stop token.
+
+PPO runs (objective.kind=ppo) add two kinds for the critic (the value head):
+
+* value_blowup: `loss/value_avg` above 10 times its minimum over the earlier lines while the critic
+  does worse than the returns' mean there (`val/var_explained` < 0), or not finite: a loss that
+  only follows returns growing in scale is not one.
+* critic_unexplained: `val/var_explained` (1 - Var(R - V)/Var(R) over the rollout's response tokens)
+  at most 0 on at least 5 consecutive train lines and 20% of them: the critic explains none of the
+  return's variance, so GAE's advantages are no better than the return itself. A fresh head starts
+  at 0, so its first lines alone do not count.
 """
 
 from __future__ import annotations
@@ -89,6 +99,10 @@ class Thresholds:
   no_signal_frac: float = 0.9  # no_signal: frac_reward_zero_std at least this ...
   truncation_frac: float = 0.2  # truncation: completions/clipped_ratio at least this ...
   rl_lines_frac: float = 0.2  # ... (either) on at least this share of the train lines
+  value_blowup: float = 10.0  # value_blowup: loss/value_avg above this multiple of its running minimum, the critic
+  #                             then worse than the returns' mean (val/var_explained < 0), or not finite
+  critic_min_lines: int = 5  # critic_unexplained: val/var_explained <= 0 on this many consecutive train lines ...
+  critic_lines_frac: float = 0.2  # ... and on at least this share of them
 
 
 CAUSES = {
@@ -111,6 +125,12 @@ CAUSES = {
     "truncation": "rl.max_new_tokens too small for the task, a model that never learned to stop (the SFT "
                   "stage's template), or a reward that pays for length; rl.missing_eos_penalty and "
                   "rl.mask_truncated_completions act on it",
+    "value_blowup": "rl.vf_coef or the learning rate too high for the value head, rl.cliprange_value too loose, "
+                    "returns on a scale the critic cannot follow (rl.whiten_advantages does not rescale them; a "
+                    "reward model's scores or objective.beta set it), or the policy moving faster than the critic",
+    "critic_unexplained": "a critic that learns too slowly (rl.vf_coef or the learning rate too small), returns "
+                          "dominated by noise (a noisy reward, a high rl.temperature), or rl.gamma/rl.lam giving "
+                          "targets it cannot fit; its advantages are then no better than the return itself",
 }
 
 
@@ -452,9 +472,49 @@ def find_truncation(records: list[dict], th: Thresholds) -> list[dict]:
                    f"{np.nanmax(clipped):.0%})")]
 
 
+def find_value_blowup(records: list[dict], th: Thresholds) -> list[dict]:
+  steps, v = _lines(records, lambda r: _finite(r.get("loss/value_avg", "nan")))
+  if not len(v) or "loss/value_avg" not in next(r for r in records if "objective/kl" in r):
+    return []
+  _, ev = _lines(records, lambda r: _finite(r.get("val/var_explained", "nan")))
+  floor = np.minimum.accumulate(np.where(np.isfinite(v), v, np.inf))  # the running minimum up to each line
+  earlier = np.concatenate([[np.inf], floor[:-1]])
+  hit = ~np.isfinite(v) | ((v > th.value_blowup * earlier) & ~(ev >= 0))  # NaN EV (no variance) counts as worse
+  span = _where(steps, hit, th)
+  if span is None:
+    return []
+  i = int(np.searchsorted(steps, span[0]))
+  return [_finding("value_blowup", *span, f"the value loss (loss/value_avg) rose to {v[i]:.3g} at step {span[0]}, "
+                   f"{v[i] / earlier[i]:.3g}x its minimum {earlier[i]:.3g} before it, with the critic explaining "
+                   f"{ev[i]:.3g} of the returns' variance there")]
+
+
+def _longest_run(hit: np.ndarray) -> tuple[int, int]:
+  """(start index, length) of the longest run of True in `hit` ((0, 0) when none)."""
+  best, start = (0, 0), None
+  for i, h in enumerate(np.append(hit, False)):
+    if h and start is None:
+      start = i
+    elif not h and start is not None:
+      best, start = max(best, (start, i - start), key=lambda b: b[1]), None
+  return best
+
+
+def find_critic_unexplained(records: list[dict], th: Thresholds) -> list[dict]:
+  steps, ev = _lines(records, lambda r: _finite(r.get("val/var_explained", "nan")))
+  hit = ev <= 0  # NaN (returns without variance) is neither
+  first, n = _longest_run(hit)
+  if n < max(th.critic_min_lines, th.critic_lines_frac * len(steps)):
+    return []
+  last = first + n - 1
+  return [_finding("critic_unexplained", steps[first], steps[last], f"the critic explained none of the returns' "
+                   f"variance (val/var_explained <= 0, from {ev[first]:.3g} to {ev[last]:.3g}) on {n} consecutive "
+                   f"train lines of {len(steps)}, steps {steps[first]}-{steps[last]}")]
+
+
 def find_rl(records: list[dict], th: Thresholds) -> list[dict]:
   found = (find_kl_blowup(records, th) + find_entropy_collapse(records, th) + find_no_signal(records, th)
-           + find_truncation(records, th))
+           + find_truncation(records, th) + find_value_blowup(records, th) + find_critic_unexplained(records, th))
   return sorted(found, key=lambda f: (f["start_step"], f["kind"]))
 
 

@@ -47,3 +47,47 @@ def forward_kl_point(logp_ref_V: np.ndarray, r_V: np.ndarray, beta: float, iters
     mid = 0.5 * (lo + hi)
     lo, hi = (mid, hi) if mass(mid) > 1 else (lo, mid)
   return _normalised(np.log(beta * p_ref_V / (hi - r_V)))
+
+
+def two_token_responses(rlx, prompt, params: dict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """Every response of at most two tokens the RL stage `rlx` (a `run.rollout.RL`) can sample after
+  `prompt`: a stop id alone, or any other id followed by any id (a stop id ends it, any other leaves
+  it truncated), S = |stop| + (V − |stop|)·V of them. Returns ({name: log π(response | prompt) [S]
+  float64 for each params of `params`}, the rows [S, T] the loop scores them from, as
+  `rollout.sample_responses` lays them out), so a sequence-level fixed point can be enumerated."""
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+
+  from lmobjective import sampling
+  from lmobjective.data import prompts as prompts_lib
+  from lmobjective.run import rollout
+  cfg = rollout.sampling_config(rlx, prompt)
+  V, stops = rlx.ms.model.cfg.vocab_size, set(cfg.stop_ids)
+  ids = prompts_lib.render(prompt, rlx.tokenizer)
+  go = [v for v in range(V) if v not in stops]
+  first = np.array(sorted(stops) + [v for v in go for _ in range(V)])
+  second = np.array([cfg.pad_id] * len(stops) + list(range(V)) * len(go))
+  length = np.where(np.isin(first, list(stops)), 1, 2)
+  tokens = np.stack([first, np.where(length == 2, second, cfg.pad_id)], 1).astype(np.int32)
+  samples = sampling.Samples(tokens=tokens, response_mask=np.arange(2)[None, :] < length[:, None],
+                             logps=np.zeros(tokens.shape, np.float32), truncated=(length == 2) & ~np.isin(second, list(stops)),
+                             lengths=length.astype(np.int32))
+  P = len(ids)
+  rows = jax.device_get(sampling.response_batch(jnp.asarray(np.tile(ids, (len(first), 1)), jnp.int32),
+                                                jnp.full(len(first), P, jnp.int32), jax.tree.map(jnp.asarray, samples),
+                                                cfg.pad_id))
+  T = rlx.config.data.context_length
+  rows = {k: np.pad(np.asarray(v), ((0, 0), (0, T - v.shape[1])), constant_values=False if k == "loss_mask" else 0)
+          for k, v in rows.items()}
+  out = {}
+  for name, p in params.items():
+    step1 = np.asarray(rlx.sampler.next_logps(p, [ids], cfg), np.float64)[0]  # [V]
+    step2 = np.asarray(rlx.sampler.next_logps(p, [ids + [v] for v in go], dataclasses.replace(cfg, max_new_tokens=1)),
+                       np.float64)  # [len(go), V]
+    logp = step1[first].copy()
+    two = length == 2
+    logp[two] += step2[np.searchsorted(go, first[two]), second[two]]
+    out[name] = logp
+  return out, rows

@@ -92,6 +92,17 @@ def value_loss(values_BxT: jax.Array, old_values_BxT: jax.Array, returns_BxT: ja
   return jnp.where(mask_BxT, loss, 0), jnp.where(mask_BxT, clipfrac, 0)
 
 
+def explained_variance(values_BxT: jax.Array, returns_BxT: jax.Array, mask_BxT: jax.Array) -> jax.Array:
+  """1 − Var(R − V)/Var(R) over the masked entries (population variances): 1 for a critic that
+  predicts every return, 0 for one no better than the returns' mean, negative for one worse than it;
+  NaN when the returns do not vary (TRL's PPOTrainer logged it as `ppo/val/var_explained`)."""
+  m = mask_BxT.astype(returns_BxT.dtype)
+  n = jnp.maximum(m.sum(), 1)
+  var = lambda x: (jnp.square(x - (x * m).sum() / n) * m).sum() / n
+  var_r = var(returns_BxT)
+  return jnp.where(var_r > 0, 1 - var(returns_BxT - values_BxT) / jnp.where(var_r > 0, var_r, 1), jnp.nan)
+
+
 # ---- the objective ---------------------------------------------------------------------------------
 
 

@@ -38,6 +38,9 @@ class Window:
   t_last: float = 0.0
 
 
+UNDEFINED_OK = ("val/var_explained",)  # rollout metrics that are NaN on an iteration where they have no value
+
+
 def _record(rlx: RL, done: int, finite: list[dict], window: Window, loop: loop_checks.LoopState) -> dict:
   last = finite[-1]
   rec = {"step": done, "updates": done * rlx.updates_per_iteration, "lr": float(last["lr"]),
@@ -48,6 +51,8 @@ def _record(rlx: RL, done: int, finite: list[dict], window: Window, loop: loop_c
   rec.update(rlx.objective.train_record(finite))
   for key in window.rollouts[0]:
     values = [m[key] for m in window.rollouts if key in m]
+    if key in UNDEFINED_OK:  # NaN where it is undefined (returns that do not vary): the mean of the rest
+      values = [v for v in values if np.isfinite(v)] or [float("nan")]
     rec[key] = float(np.max(values) if key.endswith("_max") else np.mean(values))
   loop.tokens_seen += int(sum(m["num_tokens"] for m in finite))
   rec["tokens_seen"] = loop.tokens_seen

@@ -218,6 +218,9 @@ def collect(rlx: RL, params, iteration: int) -> Rollouts:
     rows["loss_mask"] = rows["loss_mask"] & ~samples.truncated[:, None]
   if isinstance(rlx.objective, ppo.PPO):
     per_token = _ppo_fields(cfg, beta, scores_B, extra, rows["loss_mask"])
+    metrics["val/var_explained"] = float(ppo.explained_variance(jnp.asarray(per_token[policy.OLD_VALUES]),
+                                                                jnp.asarray(per_token[policy.RETURNS]),
+                                                                jnp.asarray(rows["loss_mask"])))
   else:
     adv_B = policy.advantages(total_B.reshape(-1, G), cfg.objective.kind, cfg.rl.scale_rewards).reshape(-1)
     per_token = {policy.ADVANTAGES: adv_B.astype(np.float32)}
