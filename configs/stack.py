@@ -1,4 +1,4 @@
-"""The objective stack on offline data: pretrain -> SFT -> DPO, each stage from the one before.
+"""The objective stack on offline data: pretrain -> SFT -> DPO, and SFT -> reward model -> PPO.
 
     python -m lmobjective.train --config=configs/stack.py:pretrain --workdir=runs/stack/pretrained
     python -m lmobjective.train --config=configs/stack.py:sft --workdir=runs/stack/sft \\
@@ -6,8 +6,19 @@
     python -m lmobjective.train --config=configs/stack.py:dpo --workdir=runs/stack/dpo \\
       --config.train.init_from=runs/stack/sft
 
-(`experiments/objective_stack.sh WORKDIR` runs the three and prints the table.) Append ",quick" to
-the stage (`stack.py:sft,quick`) for the CPU setting the script uses by default.
+and the RLHF branch, from the same SFT run, with the prompts written into DATA first:
+
+    python -c "from lmobjective.data import stdlib_tasks; stdlib_tasks.write_prompts('runs/stack/data', 0.1)"
+    python -m lmobjective.train --config=configs/stack.py:reward_model --workdir=runs/stack/reward_model \\
+      --config.train.init_from=runs/stack/sft
+    python -m lmobjective.train --config=configs/stack.py:ppo --workdir=runs/stack/ppo \\
+      --config.train.init_from=runs/stack/sft
+
+(`experiments/objective_stack.sh WORKDIR` runs all five and prints the tables.) Append ",quick" to
+the stage (`stack.py:sft,quick`) for the CPU setting the script uses by default. The ppo stage reads
+DATA/prompts_{train,heldout}.jsonl and the reward model in runs/stack/reward_model (relative to the
+working directory; `--config.data.sources.prompts.path`, `--config.rl.eval_prompts` and
+`--config.rl.reward_model` move them).
 
 The SFT conversations and the preference pairs are built from the standard library
 (`data/stdlib_tasks.py`: the user asks what a function does, the assistant answers with its
@@ -16,18 +27,44 @@ validation conversations and pairs, and pretraining's `code` and `prose` leave t
 so no stage has trained on a held-out docstring.
 """
 
+import copy
+import os
+
+import ml_collections
+
 from lmobjective.config import base_config
 from lmobjective.data import stdlib_tasks
 
 HELD_OUT = 0.1  # share of stdlib modules held out (by a hash of their name)
-QUICK_STEPS = {"pretrain": 400, "sft": 200, "dpo": 300}
+STAGES = ("pretrain", "sft", "dpo", "reward_model", "ppo")
+QUICK_STEPS = {"pretrain": 400, "sft": 200, "dpo": 300, "reward_model": 300, "ppo": 100}
+DATA = os.path.join("runs", "stack", "data")  # the ppo stage's prompts (stdlib_tasks.write_prompts)
+REWARD_MODEL = os.path.join("runs", "stack", "reward_model")
+
+
+def _ppo(c) -> ml_collections.ConfigDict:
+  """The RLHF stage: PPO on the SFT conversations' prompts, scored by the reward model, held-out prompts evaluated."""
+  prompts = copy.deepcopy(c.data.sources.code)  # every declared field
+  prompts.kind, prompts.weight, prompts.val_fraction = "prompts_jsonl", 1.0, 0.0
+  prompts.path = os.path.join(DATA, "prompts_train.jsonl")
+  c.data.sources = ml_collections.ConfigDict({"prompts": prompts})
+  c.objective.kind, c.objective.beta = "ppo", 0.05
+  c.rl.reward_model, c.rl.eval_prompts = REWARD_MODEL, os.path.join(DATA, "prompts_heldout.jsonl")
+  c.rl.num_generations, c.rl.max_new_tokens, c.rl.temperature, c.rl.eval_samples = 4, 48, 1.0, 2
+  c.train.steps, c.train.batch_size = 200, 16
+  c.optimizer.schedule, c.optimizer.learning_rate, c.optimizer.warmup_steps = "constant", 1e-4, 10
+  c.optimizer.weight_decay = 0.0  # TRL's RL default: decay pulls towards 0, not towards the reference
+  c.eval.every_steps = 50
+  return c
 
 
 def get_config(arg: str = "pretrain"):
   stage, _, size = arg.partition(",")
-  if stage not in ("pretrain", "sft", "dpo") or size not in ("", "quick"):
-    raise ValueError(f"configs/stack.py:{arg}: expected pretrain, sft or dpo, optionally ',quick'")
-  if stage == "pretrain":
+  if stage not in STAGES or size not in ("", "quick"):
+    raise ValueError(f"configs/stack.py:{arg}: expected one of {', '.join(STAGES)}, optionally ',quick'")
+  if stage == "ppo":
+    c = _ppo(base_config(__file__))
+  elif stage == "pretrain":
     c = base_config(__file__)
     for name in ("code", "prose"):
       c.data.sources[name].exclude_modules = ",".join(stdlib_tasks.heldout_modules(HELD_OUT))
@@ -35,6 +72,8 @@ def get_config(arg: str = "pretrain"):
     c = base_config(__file__, f"{stage}.py")
     (source,) = c.data.sources.values()
     source.kind = "stdlib_chat" if stage == "sft" else "stdlib_pairs"
+    if stage == "reward_model":
+      c.optimizer.learning_rate = 5e-4  # DPO's rate here; the head starts fresh, the body from SFT
     source.val_fraction = HELD_OUT
     if stage == "dpo":
       # Chosen on the held-out pairs from the quick stack's SFT model (2026-12-03, one run each, 407

@@ -1,11 +1,14 @@
-"""The objective stack as one experiment: pretrain -> SFT -> DPO, then one table of what each changed.
+"""The objective stack as one experiment: pretrain -> SFT -> DPO and SFT -> reward model -> PPO, then the tables.
 
     python experiments/objective_stack.py --workdir=runs/stack [--size=quick|full]
 
 Each stage is the training CLI a researcher would type (printed before it runs), from the previous
-stage's checkpoint (`train.init_from`), in WORKDIR/{pretrained,sft,dpo}; a stage whose final
-checkpoint exists is reused. Then `analysis/stack.py` scores every stage's model on the same
-held-out sets (and the pairs by kind of negative) and writes WORKDIR/stack.md, WORKDIR/stack.csv and WORKDIR/stack.png.
+stage's checkpoint (`train.init_from`), in WORKDIR/{pretrained,sft,dpo,reward_model,ppo}; a stage whose
+final checkpoint exists is reused. The PPO stage samples answers to the SFT conversations' prompts
+(WORKDIR/data/prompts_*.jsonl, written first) and is rewarded by the reward model. Then
+`analysis/stack.py` scores every language-model stage on the same held-out sets (and the pairs by kind
+of negative), the reward model on every held-out pair, reads PPO's held-out reward and KL, and writes
+WORKDIR/stack.md, WORKDIR/stack.csv and WORKDIR/stack.png.
 """
 
 from __future__ import annotations
@@ -21,14 +24,36 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-STAGES = (("pretrained", "pretrain", None), ("sft", "sft", "pretrained"), ("dpo", "dpo", "sft"))
+STAGES = (("pretrained", "pretrain", None), ("sft", "sft", "pretrained"), ("dpo", "dpo", "sft"),
+          ("reward_model", "reward_model", "sft"), ("ppo", "ppo", "sft"))
+LM_STAGES = ("pretrained", "sft", "dpo", "ppo")  # scored as language models in the main table
 
 
 def _finished(workdir: str, config_arg: str) -> bool:
   from lmobjective.config import load_config_file
   from lmobjective.run import checkpoint
-  steps = load_config_file(os.path.join(ROOT, "configs", f"stack.py:{config_arg}")).train.steps
-  return os.path.isdir(workdir) and steps in checkpoint.finalized_steps(workdir)
+  c = load_config_file(os.path.join(ROOT, "configs", f"stack.py:{config_arg}"))
+  updates = c.train.steps * (c.rl.epochs * c.rl.num_minibatches if c.objective.kind == "ppo" else 1)
+  return os.path.isdir(workdir) and updates in checkpoint.finalized_steps(workdir)
+
+
+def _ppo_inputs(workdir: str, config_arg: str) -> list[str]:
+  """The ppo stage's prompts (written into WORKDIR/data: the SFT split's questions whose rendering leaves
+  rl.max_new_tokens of the context for the answer) and reward model, as flags."""
+  from lmobjective.config import load_config_file
+  from lmobjective.data import prompts, stdlib_tasks, tokenizers
+  (chat,) = load_config_file(os.path.join(ROOT, "configs", "stack.py:sft")).data.sources.values()
+  c = load_config_file(os.path.join(ROOT, "configs", f"stack.py:{config_arg}"))
+  tok, _ = tokenizers.load(os.path.join(workdir, "sft", "tokenizer"))
+  room = c.data.context_length - c.rl.max_new_tokens
+  os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
+  paths, dropped = stdlib_tasks.write_prompts(os.path.join(workdir, "data"), chat.val_fraction,  # SFT's held-out modules
+                                              fits=lambda m: len(prompts.render(m, tok)) <= room)
+  print(f"== ppo: prompts longer than {room} tokens left out: {dropped['prompts_train']} train, "
+        f"{dropped['prompts_heldout']} held out", flush=True)
+  return [f"--config.data.sources.prompts.path={paths['prompts_train']}",
+          f"--config.rl.eval_prompts={paths['prompts_heldout']}",
+          f"--config.rl.reward_model={os.path.join(workdir, 'reward_model')}"]
 
 
 def run_stage(workdir: str, name: str, config_arg: str, origin: str | None) -> None:
@@ -40,6 +65,8 @@ def run_stage(workdir: str, name: str, config_arg: str, origin: str | None) -> N
          f"--workdir={path}"]
   if origin:
     cmd.append(f"--config.train.init_from={os.path.join(workdir, origin)}")
+  if name == "ppo":
+    cmd += _ppo_inputs(workdir, config_arg)
   print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
   t0 = time.time()
   code = subprocess.call(cmd, cwd=ROOT)
@@ -50,7 +77,7 @@ def run_stage(workdir: str, name: str, config_arg: str, origin: str | None) -> N
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", default="runs/stack", help="where the three stages and the table go")
+  parser.add_argument("--workdir", default="runs/stack", help="where the stages and the tables go")
   parser.add_argument("--size", choices=("quick", "full"), default="quick", help="quick: the CPU setting")
   args = parser.parse_args()
   workdir = os.path.abspath(args.workdir)
@@ -59,13 +86,15 @@ def main() -> None:
   for name, stage, origin in STAGES:
     run_stage(workdir, name, stage + suffix, origin)
   from lmobjective.analysis import stack
-  workdirs = {name: os.path.join(workdir, name) for name, _, _ in STAGES}
+  workdirs = {name: os.path.join(workdir, name) for name in LM_STAGES}
   table, kinds = stack.rows(workdirs), stack.kind_rows(workdirs)
-  md, csv_path = stack.save(table, workdir, kinds)
-  png = stack.save_curves(workdirs, workdir)
+  rlhf = stack.rlhf_markdown(stack.reward_model_row(os.path.join(workdir, "reward_model")),
+                             stack.ppo_row(workdirs["ppo"]))
+  md, csv_path = stack.save(table, workdir, kinds, rlhf)
+  png = stack.save_curves({k: workdirs[k] for k in ("pretrained", "sft", "dpo")}, workdir)
   print(stack.markdown(table) + stack.comparison_markdown(stack.comparisons(table))
         + ("\nheld-out preference accuracy by kind of negative:\n" + stack.kind_markdown(kinds)
-                                 if kinds else ""), end="")
+                                 if kinds else "") + "\nthe RLHF branch (SFT -> reward model -> PPO):\n" + rlhf, end="")
   print(f"wrote {md}, {csv_path}, {png} ({time.time() - t0:.0f} s in all)")
 
 

@@ -411,7 +411,10 @@ class ScoredTransformer(Transformer):
     self.score_head = Projection(head_cfg, (1,), ("embed", None), self.cfg.init_std, name="score_head")
 
   def score(self, inputs_BxT, positions_BxT=None, segment_ids_BxT=None, deterministic: bool = True):
-    h_BxTxD = self.hidden_states(inputs_BxT, positions_BxT, segment_ids_BxT, deterministic)
+    return self.score_of(self.hidden_states(inputs_BxT, positions_BxT, segment_ids_BxT, deterministic))
+
+  def score_of(self, h_BxTxD):
+    """The score head on final hidden states [B,T,D] -> [B,T] float32 (one backbone pass can feed both heads)."""
     return self.score_head(h_BxTxD)[..., 0].astype(jnp.float32)
 
   def __call__(self, inputs_BxT, positions_BxT=None, segment_ids_BxT=None, deterministic: bool = True):

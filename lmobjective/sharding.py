@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from lmobjective.batch import field_dtype
+from lmobjective.batch import ROW_FIELDS, field_dtype
 from lmobjective.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -232,10 +232,10 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
 
 
 def abstract_batch(fields, rows: int, T: int, mesh: Mesh) -> dict:
-  """ShapeDtypeStructs of the global [rows, T] batch `global_batch` assembles (`batch.field_dtype`),
-  for compiling a step before the first batch exists."""
+  """ShapeDtypeStructs of the global batch `global_batch` assembles ([rows, T], or [rows] for
+  `batch.ROW_FIELDS`; `batch.field_dtype`), for compiling a step before the first batch exists."""
   sh = batch_sharding(mesh)
-  return {f: jax.ShapeDtypeStruct((rows, T), field_dtype(f), sharding=sh) for f in fields}
+  return {f: jax.ShapeDtypeStruct((rows,) if f in ROW_FIELDS else (rows, T), field_dtype(f), sharding=sh) for f in fields}
 
 
 def abstract_state(state_shape, state_sharding):

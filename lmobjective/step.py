@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lmobjective.batch import MODEL_FIELDS, REFERENCE_LOGPS  # noqa: F401 (re-exported: step.MODEL_FIELDS)
+from lmobjective.batch import MARGIN, MODEL_FIELDS, REFERENCE_LOGPS  # noqa: F401 (re-exported: step.MODEL_FIELDS)
 from lmobjective.objectives import Objective
 
 

@@ -3,8 +3,10 @@
 `step.train_step`/`step.eval_step` over an objective against the frozen copies in
 tests/_legacy_step.py (the steps of commit 5cd9cbc), in the same process: next-token prediction with
 z-loss and dropout (group size 1) and DPO with label smoothing and RPO's NLL term against a live
-reference (group size 2), with gradient accumulation 1 and 4 on the mesh (8,1,1) and 1 and 2 on
-(2,2,2); a cached reference and SimPO once each (accumulation 2 on (2,2,2)). Each pair of programs
+reference (group size 2), with gradient accumulation 1 and 2 on the mesh (2,2,2), every axis
+sharded; a cached reference and SimPO once each (accumulation 2). (The (8,1,1) mesh with
+accumulation 1 and 4 passed too until 2026-12-06; it was dropped to keep the suite within its budget:
+the same loop, and test_sharding.py compares data-parallel meshes.) Each pair of programs
 runs two steps from the same state on the same batches: every parameter, optimizer moment and metric
 must have the same bits. The failing twin: the same compiled new step fed one more scored token
 (every (2,2,2) case with accumulation 2) must differ from the old step.
@@ -20,8 +22,8 @@ import pytest
 from _tiny import run_on_8_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MESHES = [(8, 1, 1), (2, 2, 2)]
-ACCUMULATION = {(8, 1, 1): (1, 4), (2, 2, 2): (1, 2), (1, 1, 1): (2,)}  # k = 2 and 4 run the same loop: one of them per mesh
+MESHES = [(2, 2, 2)]
+ACCUMULATION = {(2, 2, 2): (1, 2), (1, 1, 1): (2,)}
 B, T, STEPS = 16, 12, 2
 
 
@@ -150,7 +152,7 @@ def result():
 @pytest.mark.parametrize("mesh", ["x".join(map(str, m)) for m in MESHES])
 def test_the_generic_step_is_the_old_steps_bit_for_bit(result, mesh):
   cases = {k: v for k, v in result.items() if k.startswith(mesh + "/")}
-  assert len(cases) == (4 if mesh == "8x1x1" else 6)
+  assert len(cases) == 6
   for key, r in cases.items():
     assert r["state"] == [] and r["metrics"] == [] and r["eval"] == [], (key, r)
     assert r["changed"] > 0 and r["loss"] == r["loss"], key  # the steps did something, finitely

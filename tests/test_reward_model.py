@@ -102,6 +102,53 @@ def test_the_reward_is_read_at_each_rows_last_real_token_never_on_padding():
     np.testing.assert_array_equal(np.asarray(full[k][1:]), np.asarray(batch[k][1:]))
 
 
+def test_a_pairs_margin_reaches_the_loss_from_the_file(tmp_path):
+  """preference_jsonl with TRL's `margin` column -> the pipeline's batch -> the reward model's loss: equal to
+  float64 Bradley–Terry of the model's own rewards with each pair's margin (and not without them)."""
+  from _stages import source
+  from _tiny import model_config, tiny_config
+  from lmobjective import data, objectives, step
+  from lmobjective.data import tokenizers
+  recs = [{"prompt": p, "chosen": c, "rejected": r, "margin": m}
+          for p, c, r, m in (("x", "ab", "b", 0.5), ("y", "a", "bb", -1.0), ("x", "b", "a", 2.0), ("y", "ba", "ab", 0.0))]
+  (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+  cfg = tiny_config(tmp_path / "cache")
+  cfg.data.sources = {"p": source("preference_jsonl", tmp_path / "p.jsonl", val_fraction=0.0)}
+  cfg.data.context_length = 8
+  cfg.objective.kind = "reward_model"
+  tok = tokenizers.CharTokenizer("abxy")
+  batch = data.build_pipeline(cfg.data, tok, seed=0, batch_size=4, cache_dir=None).batch(0)
+  model = objectives.model_class("reward_model")(model_config(vocab_size=tok.vocab_size, max_len=8, num_layers=1,
+                                                              num_heads=2, num_kv_heads=2, embed_dim=16))
+  params = step.init_params(model, jax.random.key(0), (2, 8))
+  params = jax.tree.map(lambda x: x * 20, params)  # rewards far from 0: the margin moves the loss visibly
+  objective = objectives.from_config(cfg.objective)
+  fields = {k: jnp.asarray(batch[k]) for k in objective.fields}
+  loss_sum, _ = objective.loss(model, params, fields, None, None, True)
+  r = np.asarray(reward_model.row_rewards(model, params, fields)[0], np.float64)
+  margin = np.asarray(batch["margin"][0::2], np.float64)
+  want, _, _ = np_bradley_terry(r[0::2], r[1::2], np.ones(4, bool), margin, 0.0)
+  without, _, _ = np_bradley_terry(r[0::2], r[1::2], np.ones(4, bool), 0.0, 0.0)
+  assert sorted(margin.tolist()) == [-1.0, 0.0, 0.5, 2.0] and abs(want.sum() - without.sum()) > 0.1
+  np.testing.assert_allclose(float(loss_sum), want.sum(), rtol=2e-6)
+
+
+def test_pairs_with_a_margin_are_refused_under_simpo_before_anything_is_written(tmp_path):
+  from _stages import stage_config
+  from lmobjective.config import ConfigError
+  from lmobjective.run import train
+  path = tmp_path / "p.jsonl"
+  path.write_text("".join(json.dumps({"prompt": "x", "chosen": "a", "rejected": "b", "margin": 1.0}) + "\n"
+                          for _ in range(8)))
+  c = stage_config(tmp_path / "cache", "preference_jsonl", path, {"val_fraction": 0.0},
+                   **{"objective.kind": "simpo", "data.tokenizer.kind": "char"})
+  with pytest.raises(ConfigError) as e:
+    train.run(c, str(tmp_path / "run"))
+  assert str(e.value) == (f"config.data.sources.preference.path='{path}': its pairs carry a 'margin', which only "
+                          "objective.kind=reward_model reads (objective.kind='simpo' would ignore it)")
+  assert not (tmp_path / "run").exists()
+
+
 def test_center_rewards_coefficient_is_read_by_the_reward_model_only():
   from lmobjective import validation
   from lmobjective.config import ConfigError

@@ -1,8 +1,8 @@
-"""The objective stack from the command line: pretrain → SFT → DPO, each stage `init_from` the one
-before, and a DPO stage killed with SIGKILL mid-run that resumes bit for bit.
+"""The objective stack from the command line: pretrain → SFT → DPO and SFT → reward model → PPO, each
+stage `init_from` the one before, and a DPO stage killed with SIGKILL mid-run that resumes bit for bit.
 
-One config file, one stage per argument (`stack_config.py:pretrain|sft|dpo`); every run is the
-CLI a researcher types (`python -m lmobjective.train`), a few seconds each on CPU.
+One config file, one stage per argument (`stack_config.py:pretrain|sft|dpo|reward_model|ppo`); every
+run is the CLI a researcher types (`python -m lmobjective.train`), a few seconds each on CPU.
 """
 
 import json
@@ -26,7 +26,8 @@ def get_config(stage):
   c = load_config_file({tiny!r})
   c.data.tokenizer.kind = "byte"
   c.data.cache_dir = {cache!r}
-  paths = {{"pretrain": ("text", {text!r}), "sft": ("chat_jsonl", {chat!r}), "dpo": ("preference_jsonl", {pairs!r})}}
+  paths = {{"pretrain": ("text", {text!r}), "sft": ("chat_jsonl", {chat!r}), "dpo": ("preference_jsonl", {pairs!r}),
+            "reward_model": ("preference_jsonl", {pairs!r}), "ppo": ("prompts_jsonl", {prompts!r})}}
   kind, path = paths[stage]
   c.data.sources = {{stage: source(kind, 1.0, path=path, val_fraction=0.1)}}
   c.data.context_length = 48
@@ -36,6 +37,11 @@ def get_config(stage):
   if stage == "dpo":
     c.objective.kind, c.objective.beta = "dpo", 0.1
     c.train.batch_size, c.train.grad_accum_steps = 8, 2  # pairs per step, two microbatches
+  if stage == "reward_model":
+    c.objective.kind, c.train.batch_size = "reward_model", 8
+  if stage == "ppo":
+    c.objective.kind, c.objective.beta, c.rl.reward_model = "ppo", 0.1, {rm!r}
+    c.rl.max_new_tokens, c.rl.num_generations, c.train.batch_size = 8, 2, 4
   return c
 '''
 
@@ -57,11 +63,14 @@ def stack(tmp_path_factory):
   with open(d / "pairs.jsonl", "w") as f:
     for prompt, answer, wrong in _reverse_task(240, seed=1):
       f.write(json.dumps({"prompt": prompt, "chosen": answer, "rejected": wrong}) + "\n")
+  with open(d / "prompts.jsonl", "w") as f:
+    f.writelines(json.dumps({"prompt": prompt}) + "\n" for prompt, _, _ in _reverse_task(60, seed=2))
   cfg = d / "stack_config.py"
   cfg.write_text(CONFIG.format(tiny=os.path.join(ROOT, "configs", "tiny.py"), cache=str(d / "cache"), text=str(text),
-                               chat=str(d / "chat.jsonl"), pairs=str(d / "pairs.jsonl"), steps=STEPS))
+                               chat=str(d / "chat.jsonl"), pairs=str(d / "pairs.jsonl"), prompts=str(d / "prompts.jsonl"),
+                               rm=str(d / "reward_model"), steps=STEPS))
   runs = {}
-  for stage, origin in (("pretrain", None), ("sft", "pretrain"), ("dpo", "sft")):
+  for stage, origin in (("pretrain", None), ("sft", "pretrain"), ("dpo", "sft"), ("reward_model", "sft"), ("ppo", "sft")):
     args = [f"train.init_from={d / origin}"] if origin else []
     p = cli(f"{cfg}:{stage}", d / stage, *args)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -142,8 +151,11 @@ def test_a_chat_prompt_is_rendered_with_the_template_and_the_reply_ends_at_the_t
 @pytest.mark.slow
 def test_the_stack_table_agrees_with_each_stages_own_eval_lines(stack, tmp_path):
   d, _ = stack
+  import dataclasses
+
+  from lmobjective.analysis import evaluate, inspection
   from lmobjective.analysis import stack as stack_table
-  workdirs = {"pretrained": str(d / "pretrain"), "sft": str(d / "sft"), "dpo": str(d / "dpo")}
+  workdirs = {"pretrained": str(d / "pretrain"), "sft": str(d / "sft"), "dpo": str(d / "dpo"), "ppo": str(d / "ppo")}
   rows = {r["stage"]: r for r in stack_table.rows(workdirs)}
   last = lambda w: [r for r in _lines(w) if "val_loss" in r][-1]
   first = lambda w: [r for r in _lines(w) if "val_loss" in r][0]
@@ -160,15 +172,44 @@ def test_the_stack_table_agrees_with_each_stages_own_eval_lines(stack, tmp_path)
   assert abs(rows["dpo"]["logp_margin"] - (logps["val_logps/chosen"] - logps["val_logps/rejected"])) < 1e-4
   md, path_csv = stack_table.save(list(rows.values()), str(tmp_path))
   assert open(md).read().splitlines()[0].startswith("| stage | step | pretrain_val_loss")
-  assert len(open(path_csv).read().splitlines()) == 4
+  assert len(open(path_csv).read().splitlines()) == 5
   assert stack_table.kind_rows(workdirs) is None  # a preference_jsonl source has no kinds of negative
   by_kind = [{"stage": s, "kind": k, "num_pairs": n, "pref_accuracy": a, "pref_accuracy_norm": b, "logp_margin": 0.0}
              for s, k, n, a, b in (("sft", "hard", 3, 1 / 3, 2 / 3), ("dpo", "hard", 3, 1.0, 2 / 3))]
   assert stack_table.kind_markdown(by_kind).splitlines()[2] == "| hard | 3 | 0.333 / 0.667 | 1.000 / 0.667 |"
-  # the paired comparison counts the same pairs the accuracies count
-  for c in stack_table.comparisons(list(rows.values())):
+  # PPO's policy (its value head beside it) scored as a language model, and compared with SFT, where it started
+  ppo = inspection.restore(str(d / "ppo"))
+  assert abs(rows["ppo"]["sft_val_loss"] - evaluate.evaluate_source(dataclasses.replace(
+      inspection.restore(str(d / "sft")), params={k: v for k, v in ppo.params.items() if k != "score_head"}),
+      "sft")["loss"]) < 1e-6
+  # the paired comparison counts the same pairs the accuracies count, each stage against its origin
+  compared = stack_table.comparisons(list(rows.values()))
+  assert [(c["stage"], c["against"]) for c in compared] == [("sft", "pretrained"), ("dpo", "sft"), ("ppo", "sft")]
+  for c in compared:
     assert c["num_pairs"] == 24
     assert abs(c["difference"] - (rows[c["stage"]]["pref_accuracy"] - rows[c["against"]]["pref_accuracy"])) < 1e-9
+
+
+@pytest.mark.slow
+def test_the_rlhf_branch_reads_the_reward_model_on_every_held_out_pair_and_ppos_lines(stack):
+  """SFT -> reward model -> PPO: the reward model's accuracy over every held-out pair (scored as `Run.reward`
+  scores text) equals its own last val line's (4 batches of 8 slots: the 24 held-out pairs once); the PPO
+  figures are its first and last eval and train lines."""
+  d, _ = stack
+  from lmobjective.analysis import stack as stack_table
+  rm = stack_table.reward_model_row(str(d / "reward_model"))
+  last = [r for r in _lines(d / "reward_model") if "val_loss" in r][-1]
+  assert rm["num_pairs"] == last["val_num_pairs"] == 24 and rm["step"] == STEPS
+  assert abs(rm["accuracy"] - last["val_accuracy"]) < 1e-9 and abs(rm["margin"] - last["val_margin"]) < 1e-4
+  ppo = stack_table.ppo_row(str(d / "ppo"))
+  lines = _lines(d / "ppo")
+  evals, train = [r for r in lines if "val_reward_sampled" in r], [r for r in lines if "objective/kl" in r]
+  assert ppo["eval_steps"] == (0, STEPS) and ppo["step"] == STEPS
+  assert ppo["val_reward_greedy"] == (evals[0]["val_reward_greedy"], evals[-1]["val_reward_greedy"])
+  assert ppo["objective/kl"] == (train[0]["objective/kl"], train[-1]["objective/kl"])
+  assert all(np.isfinite(v) for pair in (ppo["objective/scores"], ppo["val/var_explained"]) for v in pair)
+  md = stack_table.rlhf_markdown(rm, ppo)
+  assert f"held-out accuracy {rm['accuracy']:.4f} on 24 pairs" in md and "| train objective/kl (lines 1 → 8) |" in md
 
 
 @pytest.mark.parametrize("gained,lost,same", [(0, 0, 5), (7, 2, 11), (30, 12, 300), (1, 0, 0), (40, 40, 3)])

@@ -25,21 +25,36 @@ def evaluate_pair_source(run, name: str, batch_size: int | None = None) -> dict[
   return pair_metrics(pair_source_logps(run, name, batch_size))
 
 
-def pair_source_logps(run, name: str, batch_size: int | None = None) -> preference.PairLogps:
-  """`run`'s `PairLogps` of every held-out pair of a configured pair source, in the source's order, each
-  once (NumPy [P]; the last batch's padding pairs are invalid: `preference.pair_valid`)."""
+def held_out_pair_batches(run, name: str, batch_size: int | None = None) -> list[dict[str, np.ndarray]]:
+  """Every held-out pair of a configured pair source once, in the source's order, as the run's eval
+  batches lay them out (truncation included; the last batch's spare slots are padding pairs)."""
   cfg = run.config
   batch_size = batch_size or int(cfg.eval.batch_size)
   pipe = data.build_pipeline(cfg.data, run.tokenizer, seed=cfg.seed, batch_size=batch_size,
                              cache_dir=cfg.data.cache_dir)
   num_pairs = pipe.stats(step=0)["sources"][name]["val_rows"]
-  parts = []
   with warnings.catch_warnings():  # the last batch's spare slots are padding pairs, as intended
     warnings.simplefilter("ignore", DataWarning)
-    batches = pipe.eval_batches(name, -(-num_pairs // batch_size), batch_size)
-  for batch in batches:
-    parts.append(jax.device_get(run.pair_program(run.params, {k: batch[k] for k in step.MODEL_FIELDS})))
+    return pipe.eval_batches(name, -(-num_pairs // batch_size), batch_size)
+
+
+def pair_source_logps(run, name: str, batch_size: int | None = None) -> preference.PairLogps:
+  """`run`'s `PairLogps` of every held-out pair of a configured pair source, in the source's order, each
+  once (NumPy [P]; the last batch's padding pairs are invalid: `preference.pair_valid`)."""
+  parts = [jax.device_get(run.pair_program(run.params, {k: batch[k] for k in step.MODEL_FIELDS}))
+           for batch in held_out_pair_batches(run, name, batch_size)]
   return preference.PairLogps(*(np.concatenate([np.asarray(p[i]) for p in parts]) for i in range(4)))
+
+
+def pair_source_sums(run, name: str, batch_size: int | None = None):
+  """`run`'s objective's eval sums over every held-out pair of a configured pair source, each once, added
+  on the host as its val lines add them (`Objective.add_host`): the in-run val metrics over all pairs."""
+  objective = run.objective
+  program = jax.jit(lambda params, batch: objective.eval_sums(run.model, params, batch, None, None))
+  total = None
+  for batch in held_out_pair_batches(run, name, batch_size):
+    total = objective.add_host(total, jax.device_get(program(run.params, {k: batch[k] for k in objective.fields})))
+  return total
 
 
 def pair_metrics(logps: preference.PairLogps) -> dict[str, float]:

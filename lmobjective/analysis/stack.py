@@ -1,4 +1,5 @@
-"""What each stage of an objective stack changed: one table, a row per stage (pretrained, sft, dpo).
+"""What each stage of an objective stack changed: one table, a row per stage (pretrained, sft, dpo, ppo),
+and the RLHF branch's own figures (`reward_model_row`, `ppo_row`).
 
 Every stage's model is scored on the same three held-out sets, whatever it was trained on:
   * `pretrain_val_loss`: the pretraining run's validation rows (its sources, its eval batches),
@@ -41,7 +42,7 @@ def _token_weighted(run: inspection.Run) -> float:
 
 
 def rows(workdirs: dict[str, str]) -> list[dict]:
-  """One row per stage of `workdirs` ({'pretrained': w0, 'sft': w1, 'dpo': w2}, in stack order)."""
+  """One row per stage of `workdirs` ({'pretrained': w0, 'sft': w1, 'dpo': w2[, 'ppo': w3]}, in stack order)."""
   runs = {stage: inspection.restore(w) for stage, w in workdirs.items()}
   pre, sft, dpo = runs["pretrained"], runs["sft"], runs["dpo"]
   (chat,), (pair_source,) = list(sft.config.data.sources), list(dpo.config.data.sources)
@@ -75,10 +76,18 @@ def mcnemar(before_P: np.ndarray, after_P: np.ndarray) -> dict:
           "difference": (gained - lost) / max(len(after_P), 1), "p_value": p}
 
 
-def comparisons(table: list[dict]) -> list[dict]:
-  """`mcnemar` of each stage's held-out pair rankings against the stage before it."""
-  return [{"stage": b["stage"], "against": a["stage"], **mcnemar(a["pair_correct"], b["pair_correct"])}
-          for a, b in zip(table, table[1:])]
+PARENTS = {"sft": "pretrained", "dpo": "sft", "ppo": "sft"}  # the stage each one starts from
+
+
+def comparisons(table: list[dict], parents: dict[str, str] | None = None) -> list[dict]:
+  """`mcnemar` of each stage's held-out pair rankings against the stage it started from (`parents`,
+  default PARENTS; a stage not in it against the row before it)."""
+  parents, by_stage = PARENTS if parents is None else parents, {r["stage"]: r for r in table}
+  out = []
+  for before, row in zip(table, table[1:]):
+    a = by_stage.get(parents.get(row["stage"]), before)
+    out.append({"stage": row["stage"], "against": a["stage"], **mcnemar(a["pair_correct"], row["pair_correct"])})
+  return out
 
 
 def comparison_markdown(comparisons_: list[dict]) -> str:
@@ -123,6 +132,49 @@ def kind_markdown(table: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+# ---- the RLHF branch: SFT -> reward model -> PPO ----------------------------------------------------
+
+
+def reward_model_row(workdir: str) -> dict:
+  """The reward model on every held-out pair of its source, each once, as its val lines score them
+  (truncation included; `pairs.pair_source_sums`): TRL's accuracy (a tie counts half), margin and
+  loss over all of them, and its last in-run val line's accuracy (its eval batches only)."""
+  from lmobjective.objectives import reward_model
+  rm = inspection.restore(workdir)
+  (name,) = rm.config.data.sources
+  m = reward_model.summarize(pairs.pair_source_sums(rm, name))
+  last = [r for r in rm.metrics if "val_loss" in r][-1]
+  return {"stage": "reward_model", "step": rm.step, "num_pairs": int(m["num_pairs"]), "accuracy": m["accuracy"],
+          "margin": m["margin"], "loss": m["loss"], "val_accuracy": last.get("val_accuracy"),
+          "val_num_pairs": last.get("val_num_pairs")}
+
+
+def ppo_row(workdir: str) -> dict:
+  """The PPO stage from its metrics: held-out reward (greedy, and sampled at rl.temperature) before the
+  first update and after the last, and the train lines' score and KL to the reference at both ends."""
+  from lmobjective.run.metrics_log import read_metrics
+  records = read_metrics(workdir)
+  evals, train = [r for r in records if "val_reward_sampled" in r], [r for r in records if "objective/kl" in r]
+  keys = ("objective/scores", "objective/kl", "objective/kl_full", "val/var_explained")
+  return {"stage": "ppo", "step": train[-1]["step"], "first_step": train[0]["step"],
+          "val_reward_greedy": (evals[0]["val_reward_greedy"], evals[-1]["val_reward_greedy"]),
+          "val_reward_sampled": (evals[0]["val_reward_sampled"], evals[-1]["val_reward_sampled"]),
+          **{k: (train[0].get(k), train[-1].get(k)) for k in keys}, "eval_steps": (evals[0]["step"], evals[-1]["step"])}
+
+
+def rlhf_markdown(rm: dict, ppo: dict) -> str:
+  a, b = ppo["eval_steps"]
+  s, e = ppo["first_step"], ppo["step"]
+  return (f"reward model (step {rm['step']}): held-out accuracy {rm['accuracy']:.4f} on {rm['num_pairs']} pairs, "
+          f"mean margin {rm['margin']:.4f}, loss {rm['loss']:.4f} (its last val line: accuracy "
+          f"{_cell(rm['val_accuracy'])} on its {rm['val_num_pairs']} eval pairs)\n\n"
+          "| ppo | start | end |\n|---|---|---|\n"
+          f"| held-out reward, greedy (steps {a} → {b}) | {_cell(ppo['val_reward_greedy'][0])} | {_cell(ppo['val_reward_greedy'][1])} |\n"
+          f"| held-out reward, sampled | {_cell(ppo['val_reward_sampled'][0])} | {_cell(ppo['val_reward_sampled'][1])} |\n"
+          + "".join(f"| train {k} (lines {s} → {e}) | {_cell(ppo[k][0])} | {_cell(ppo[k][1])} |\n"
+                    for k in ("objective/scores", "objective/kl", "objective/kl_full", "val/var_explained")))
+
+
 def _cell(v) -> str:
   if v is None:
     return "–"
@@ -135,13 +187,14 @@ def markdown(table: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def save(table: list[dict], workdir: str, kinds: list[dict] | None = None) -> tuple[str, str]:
-  """WORKDIR/stack.md (the table, then `kind_markdown(kinds)` if given) and WORKDIR/stack.csv (written atomically)."""
+def save(table: list[dict], workdir: str, kinds: list[dict] | None = None, rlhf: str = "") -> tuple[str, str]:
+  """WORKDIR/stack.md (the table, then `kind_markdown(kinds)` and the `rlhf` text if given) and
+  WORKDIR/stack.csv (written atomically)."""
   md, path_csv = os.path.join(workdir, "stack.md"), os.path.join(workdir, "stack.csv")
   with files.atomic_path(md) as tmp:
     with open(tmp, "w") as f:
       f.write(markdown(table) + "\n" + comparison_markdown(comparisons(table))
-              + ("\n" + kind_markdown(kinds) if kinds else ""))
+              + ("\n" + kind_markdown(kinds) if kinds else "") + ("\n" + rlhf if rlhf else ""))
   with files.atomic_path(path_csv) as tmp:
     with open(tmp, "w", newline="") as f:
       w = csv.DictWriter(f, fieldnames=COLUMNS)

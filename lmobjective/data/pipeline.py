@@ -24,7 +24,7 @@ import numpy as np
 
 from lmobjective import config as config_lib
 from lmobjective import files
-from lmobjective.batch import MODEL_FIELDS, REFERENCE_LOGPS, field_dtype
+from lmobjective.batch import MARGIN, MODEL_FIELDS, REFERENCE_LOGPS, field_dtype
 from lmobjective.config import ConfigError
 from lmobjective.data import cache, fingerprint, mixture, sources, streams, tokenized
 from lmobjective.data.errors import DataWarning
@@ -146,6 +146,8 @@ class Pipeline:
     out["source_ids"] = np.full((len(src_B) * k, T), -1, np.int32)
     if self.reference_logps is not None:
       out[REFERENCE_LOGPS] = np.zeros(len(src_B) * k, np.float32)
+    if k == 2:
+      out[MARGIN] = np.zeros(len(src_B) * k, np.float32)
     for s in np.unique(src_B):
       sel_B = np.flatnonzero(src_B == s)
       rows = (sel_B[:, None] * k + np.arange(k)[None, :]).ravel()
@@ -154,6 +156,8 @@ class Pipeline:
         out[name][rows] = f[name]
       counted = f["loss_mask"] if k == 2 else f["target_valid"]  # pairs: the source on response targets only
       out["source_ids"][rows] = np.where(counted, s, -1)
+      if k == 2:
+        out[MARGIN][rows] = f[MARGIN]
       if self.reference_logps is not None:  # column 0 the chosen row (even), 1 the rejected (odd)
         table_Nx2 = self.reference_logps[self.source_names[s]][split]
         out[REFERENCE_LOGPS][rows] = table_Nx2[f["pair_index"], np.arange(len(rows)) % 2]
@@ -203,6 +207,7 @@ class Pipeline:
         past_R = np.repeat(ctr >= rows.num_rows, 2)
         batch["loss_mask"][past_R] = False
         batch["source_ids"][past_R] = -1
+        batch[MARGIN][past_R] = 0.0
         if REFERENCE_LOGPS in batch:
           batch[REFERENCE_LOGPS][past_R] = 0.0
       out.append(batch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import math
 import os
 import warnings
 from typing import Any
@@ -151,7 +152,15 @@ def load_source(name: str, scfg) -> SourceDocs:
     info["entropy_rate_nats"] = chain.entropy_rate_nats()
     info["entropy_rate_bits_per_byte"] = chain.entropy_rate_bits()
   elif scfg.kind in ("jsonl", "chat_jsonl", "preference_jsonl"):
-    docs = [d for f in resolve_paths(name, scfg.path) for d in _jsonl(name, scfg, f, reader)]
+    per_file = [(f, _jsonl(name, scfg, f, reader)) for f in resolve_paths(name, scfg.path)]
+    docs = [d for _, ds in per_file for d in ds]
+    if scfg.kind == "preference_jsonl":
+      read = [f for f, ds in per_file if ds]
+      with_margin = [f for f, ds in per_file if ds and MARGIN in ds[0]]
+      if with_margin and len(with_margin) < len(read):
+        raise ConfigError(key(name, "path"), scfg.path, f"{with_margin[0]} gives each pair a '{MARGIN}', "
+                          f"{next(f for f in read if f not in with_margin)} does not: every pair needs one, or none")
+      info["pairs_with_margin"] = bool(with_margin)
   elif scfg.kind == "parquet":
     docs = [d for f in resolve_paths(name, scfg.path) for d in _parquet(name, scfg, f, reader)]
   elif scfg.kind == "array_record":
@@ -236,6 +245,7 @@ def _conversation(name, rec, where) -> list[dict]:
 
 
 _PAIR_FIELDS = ("prompt", "chosen", "rejected")  # TRL's names
+MARGIN = "margin"  # optional per pair (TRL's RewardTrainer column): r_w − r_l is pushed past it
 
 
 def _messages_ok(msgs) -> bool:
@@ -263,7 +273,13 @@ def _pair(name, rec, where) -> dict:
             else f"is a JSON {type(rec).__name__}, not an object")
     raise ConfigError(key(name, "path"), where, f"preference record {what} (needs prompt, chosen, rejected)")
   prompt = _prompt(name, rec["prompt"], where)
-  return {"prompt": prompt, **{f: _response(name, rec, f, isinstance(prompt, list), where) for f in _PAIR_FIELDS[1:]}}
+  pair = {"prompt": prompt, **{f: _response(name, rec, f, isinstance(prompt, list), where) for f in _PAIR_FIELDS[1:]}}
+  if MARGIN in rec:
+    m = rec[MARGIN]
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+      raise ConfigError(key(name, "path"), where, f"preference record: '{MARGIN}' must be a finite number, not {m!r:.60}")
+    pair[MARGIN] = float(m)
+  return pair
 
 
 def _prompt(name, prompt, where) -> str | list[dict]:
@@ -288,6 +304,10 @@ def _jsonl(name, scfg, path, reader) -> list:
     except json.JSONDecodeError as e:
       raise ConfigError(key(name, "path"), f"{path}:{i + 1}", f"invalid JSON ({e.msg})") from None
     out.append(_record_text(name, scfg, rec, f"{path}:{i + 1}"))
+    if scfg.kind == "preference_jsonl" and (MARGIN in out[0]) != (MARGIN in out[-1]):
+      raise ConfigError(key(name, "path"), f"{path}:{i + 1}", f"preference record {'has' if MARGIN in out[-1] else 'lacks'} "
+                        f"a '{MARGIN}' the first record of the file {'lacks' if MARGIN in out[-1] else 'has'}: every "
+                        "pair needs one, or none")
   return out
 
 

@@ -197,6 +197,28 @@ def pair_splits(val_fraction: float, max_documents: int | None) -> tuple[list, l
   return [p for p, _ in train], [p for p, _ in val], info
 
 
+def write_prompts(directory: str, val_fraction: float, max_documents: int | None = None,
+                  fits=None) -> tuple[dict[str, str], dict[str, int]]:
+  """Writes prompts_train.jsonl and prompts_heldout.jsonl (`prompts_jsonl` records, atomically): the
+  `stdlib_chat` conversations' user turns, split as they are, each with its task's `summary` (the
+  reference answer, a keyword for a reward function) and `name`; `fits(messages) -> bool` drops the
+  prompts a sampler could not continue (too long to leave room for the answer). Returns their paths
+  and the number of prompts dropped, by name."""
+  import json
+  import os
+
+  from lmobjective import files
+  train, val = _cap(*split(val_fraction), max_documents)
+  paths, dropped = {}, {}
+  for name, tasks_split in (("prompts_train", train), ("prompts_heldout", val)):
+    messages = [[{"role": "user", "content": prompt(t)}] for t in tasks_split]
+    keep = [(m, t) for m, t in zip(messages, tasks_split) if fits is None or fits(m)]
+    paths[name], dropped[name] = os.path.join(directory, f"{name}.jsonl"), len(tasks_split) - len(keep)
+    files.atomic_write(paths[name], "".join(json.dumps({"prompt": m, "summary": t.summary, "name": t.name}) + "\n"
+                                            for m, t in keep))
+  return paths, dropped
+
+
 def kinded_pair_splits(val_fraction: float, max_documents: int | None) -> tuple[list, list, dict]:
   """`pair_splits` with each pair's negative kind: (train, val) lists of (pair, kind), and the info."""
   by_split, dropped = [], 0

@@ -13,6 +13,7 @@ import zlib
 
 import numpy as np
 
+from lmobjective.batch import MARGIN
 from lmobjective.data import packing
 from lmobjective.data.tokenized import Split
 
@@ -105,12 +106,14 @@ class PairRows:
   min(P, max_prompt_length) tokens (None: T // 2); the response keeps its start, its first
   min(R, max_response_length, C - kept prompt) tokens (None: as many as fit). Both rows of a pair
   share the truncated prompt. Cut pairs are counted in `accounting`. `fields` also gives `pair_index`
-  [2P]: which pair of the split each row is (after the epoch's permutation), for per-pair tables.
+  [2P]: which pair of the split each row is (after the epoch's permutation), for per-pair tables, and
+  `margin` [2P]: the pair's margin on both rows (0 when the data gives none).
   """
 
   def __init__(self, split: Split, T: int, pad_id: int, document_masking: bool, seed: int, key: int,
                shuffle: bool = True, max_prompt_length: int | None = None, max_response_length: int | None = None):
     self.ids, self.flags, self.T, self.pad_id, self.masking = split.ids, split.flags, T, pad_id, document_masking
+    self.margins = split.margins
     self.spans, self.accounting = packing.pair_spans(split.doc_starts, split.flags, T, max_prompt_length,
                                                      max_response_length)
     self.num_rows = split.num_documents // 2
@@ -132,7 +135,8 @@ class PairRows:
   def _pair_fields(self, pairs_P: np.ndarray) -> dict[str, np.ndarray]:
     docs_R = (2 * pairs_P[:, None] + np.arange(2)[None, :]).ravel()
     tokens, seg, flags = packing.pair_rows(self.ids, self.flags, self.spans[docs_R], self.T + 1, self.pad_id)
-    return {**packing.padded_fields(tokens, seg, flags, self.masking), "pair_index": docs_R // 2}
+    margin_R = self.margins[docs_R] if self.margins is not None else np.zeros(len(docs_R), np.float32)
+    return {**packing.padded_fields(tokens, seg, flags, self.masking), "pair_index": docs_R // 2, MARGIN: margin_R}
 
   def tied_pairs(self, chunk: int = 4096) -> int:
     """Pairs whose chosen and rejected rows are identical as training reads them (inputs, targets and

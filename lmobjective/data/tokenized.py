@@ -17,11 +17,13 @@ from lmobjective.data.tokenizers import Tokenizer
 class Split:
   """One split. ids: the stream (EOS after every document); doc_starts [D+1]; flags: SFT loss flags.
 
-  Preference pairs are documents 2i (prompt+chosen) and 2i+1 (prompt+rejected), flags on the response.
+  Preference pairs are documents 2i (prompt+chosen) and 2i+1 (prompt+rejected), flags on the response;
+  margins: float32 [D], each pair's `margin` on both its documents, when the data gives them.
   """
   ids: np.ndarray
   doc_starts: np.ndarray
   flags: np.ndarray | None = None
+  margins: np.ndarray | None = None
 
   @property
   def num_documents(self) -> int:
@@ -44,7 +46,9 @@ def _tokenize_split(docs: list, scfg, tok: Tokenizer) -> Split:
   if scfg.kind in sources.CHAT_KINDS + sources.PAIR_KINDS:
     ids, lengths, flags = (sft.render(docs, tok, scfg.only_train_on_assistant) if scfg.kind in sources.CHAT_KINDS
                            else sft.render_pairs(docs, tok))
-    return Split(ids, np.concatenate([[0], np.cumsum(lengths)]), flags)
+    margins = (np.repeat(np.array([d[sources.MARGIN] for d in docs], np.float32), 2)
+               if docs and scfg.kind in sources.PAIR_KINDS and sources.MARGIN in docs[0] else None)
+    return Split(ids, np.concatenate([[0], np.cumsum(lengths)]), flags, margins)
   ids, lengths = tok.encode_flat(docs)
   stream, starts = packing.append_eos(ids, lengths, tok.eos_id)
   return Split(stream, starts)
@@ -80,8 +84,8 @@ def load(name: str, scfg, tok: Tokenizer, cache_dir: str | None) -> TokenizedSou
   hit = cache.load(path, tok.fingerprint())
   if hit is not None:
     arrays, meta = hit
-    splits = {s: Split(arrays[f"{s}_ids"].astype(np.int64), arrays[f"{s}_starts"], arrays.get(f"{s}_flags"))
-              for s in ("train", "val")}
+    splits = {s: Split(arrays[f"{s}_ids"].astype(np.int64), arrays[f"{s}_starts"], arrays.get(f"{s}_flags"),
+                       arrays.get(f"{s}_margins")) for s in ("train", "val")}
     for s, split in splits.items():
       tok.check_ids(split.ids, f"data.sources.{name} ({s} split, cache {path})")
     return TokenizedSource(name, splits["train"], splits["val"], meta["info"])
@@ -91,6 +95,8 @@ def load(name: str, scfg, tok: Tokenizer, cache_dir: str | None) -> TokenizedSou
     arrays[f"{s}_ids"], arrays[f"{s}_starts"] = split.ids, split.doc_starts
     if split.flags is not None:
       arrays[f"{s}_flags"] = split.flags
+    if split.margins is not None:
+      arrays[f"{s}_margins"] = split.margins
   cache.save(path, arrays, {"tokenizer": tok.fingerprint(), "info": json.loads(json.dumps(src.info))},
              tok.vocab_size)
   return src

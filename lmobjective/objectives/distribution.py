@@ -70,12 +70,14 @@ def logps(logits_xV: jax.Array, cfg: SamplingConfig) -> jax.Array:
 
 
 def score(model, params, batch: dict, cfg: SamplingConfig, *, chunk_size: int = 0,
-          deterministic: bool = True, rngs=None):
+          deterministic: bool = True, rngs=None, h_BxTxD=None):
   """`next_token.score` of the distribution `cfg` samples from (`logps` of the head's logits): what a
   trainer computes for tokens this sampler drew (at temperature 1 without truncation, the same
-  numbers as `next_token.score`). `TokenLosses`; `-nll` is each target's log-prob."""
+  numbers as `next_token.score`). `TokenLosses`; `-nll` is each target's log-prob. `h_BxTxD`: the
+  batch's final hidden states when the caller already has them (one backbone pass, two heads)."""
   variables = {"params": params}
-  h_BxTxD = model.apply(variables, batch["inputs"], batch["positions"], batch["segment_ids"],
-                        deterministic=deterministic, rngs=rngs, method="hidden_states")
+  if h_BxTxD is None:
+    h_BxTxD = model.apply(variables, batch["inputs"], batch["positions"], batch["segment_ids"],
+                          deterministic=deterministic, rngs=rngs, method="hidden_states")
   head = lambda h: logps(model.apply(variables, h, method="head"), cfg)
   return next_token.head_token_losses(head, h_BxTxD, batch["targets"], batch.get("loss_mask"), chunk_size)

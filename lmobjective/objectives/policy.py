@@ -261,14 +261,14 @@ class PolicyGradient(interface.Objective):
     return distribution.SamplingConfig(**{"max_new_tokens": self.loss_cfg.max_new_tokens, "temperature": self.temperature,
                                       "top_k": self.top_k, "top_p": self.top_p, **overrides})
 
-  def token_logps(self, model, params, batch, deterministic=True, rngs=None) -> jax.Array:
+  def token_logps(self, model, params, batch, deterministic=True, rngs=None, h_BxTxD=None) -> jax.Array:
     """[B,T] log-probs of the batch's targets under the distribution the sampler drew from (0 off the mask)."""
     losses = distribution.score(model, params, batch, self.sampling_config(), chunk_size=self.loss_chunk_size,
-                            deterministic=deterministic, rngs=rngs)
+                                deterministic=deterministic, rngs=rngs, h_BxTxD=h_BxTxD)
     return jnp.where(losses.valid, -losses.nll, 0.0)
 
-  def _sums(self, model, params, batch, deterministic=True, rngs=None) -> PolicySums:
-    logp = self.token_logps(model, params, batch, deterministic, rngs)
+  def _sums(self, model, params, batch, deterministic=True, rngs=None, h_BxTxD=None) -> PolicySums:
+    logp = self.token_logps(model, params, batch, deterministic, rngs, h_BxTxD)
     old = batch[OLD_LOGPS] if self.off_policy else jax.lax.stop_gradient(logp)
     ref = batch.get(REF_LOGPS)
     row_valid = (batch["segment_ids"] > 0).any(axis=-1)

@@ -113,11 +113,18 @@ class ValueSums(NamedTuple):
   value_pred_sum: jax.Array  # Σ V over response tokens
 
 
-def values(model, params, batch: dict, deterministic: bool = True, rngs=None) -> jax.Array:
-  """[B,T] V(s_t) at every position whose target is a response token (0 elsewhere), float32."""
-  v_BxT = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-                      deterministic=deterministic, rngs=rngs, method="score")
-  return jnp.where(batch["loss_mask"], v_BxT, 0.0)
+def values(model, params, batch: dict, deterministic: bool = True, rngs=None, h_BxTxD=None) -> jax.Array:
+  """[B,T] V(s_t) at every position whose target is a response token (0 elsewhere), float32; from the
+  batch's final hidden states `h_BxTxD` when given (the policy's forward, shared)."""
+  if h_BxTxD is None:
+    h_BxTxD = hidden_states(model, params, batch, deterministic, rngs)
+  return jnp.where(batch["loss_mask"], model.apply({"params": params}, h_BxTxD, method="score_of"), 0.0)
+
+
+def hidden_states(model, params, batch: dict, deterministic: bool = True, rngs=None) -> jax.Array:
+  """[B,T,D] the final hidden states both heads read: one backbone pass for the policy and its critic."""
+  return model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                     deterministic=deterministic, rngs=rngs, method="hidden_states")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,9 +143,10 @@ class PPO(policy.PolicyGradient):
             + ((policy.OLD_LOGPS,) if self.off_policy else ()))
 
   def _both(self, model, params, batch, deterministic=True, rngs=None):
-    sums = self._sums(model, params, batch, deterministic, rngs)
+    h_BxTxD = hidden_states(model, params, batch, deterministic, rngs)  # one backbone pass, both heads
+    sums = self._sums(model, params, batch, deterministic, rngs, h_BxTxD)
     mask = batch["loss_mask"]
-    v_BxT = values(model, params, batch, deterministic, rngs)
+    v_BxT = values(model, params, batch, h_BxTxD=h_BxTxD)
     loss_BxT, clipped_BxT = value_loss(v_BxT, batch[policy.OLD_VALUES], batch[policy.RETURNS], mask,
                                        self.cliprange_value)
     w_B = policy.row_weights(mask, self.loss_cfg.loss_type, v_BxT.dtype)

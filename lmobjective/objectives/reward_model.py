@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmobjective.batch import MARGIN, MODEL_FIELDS
 from lmobjective.config import require_float
 from lmobjective.objectives import interface, preference
 
@@ -142,11 +143,17 @@ class RewardModel(interface.Objective):
   def validate(cls, cfg) -> None:
     require_float(cfg, "objective.center_rewards_coefficient", 0.0)
 
+  @property
+  def fields(self) -> tuple[str, ...]:
+    return MODEL_FIELDS + (MARGIN,)
+
   def _sums(self, model, params, batch, deterministic=True, rngs=None) -> RewardSums:
     r_B, has_B = row_rewards(model, params, batch, deterministic, rngs)
     r_Px2, has_Px2 = r_B.reshape(-1, 2), has_B.reshape(-1, 2)
     valid_P = has_Px2.all(axis=1) & preference.distinct_rows(batch)
-    return bradley_terry(r_Px2[:, 0], r_Px2[:, 1], valid_P, center_coefficient=self.center_rewards_coefficient)
+    margin_P = batch[MARGIN][0::2] if MARGIN in batch else None  # both rows of a pair carry it
+    return bradley_terry(r_Px2[:, 0], r_Px2[:, 1], valid_P, margin_P=margin_P,
+                         center_coefficient=self.center_rewards_coefficient)
 
   def loss(self, model, params, micro, rng, reference_params, deterministic):
     sums = self._sums(model, params, micro, deterministic, None if deterministic else {"dropout": rng})

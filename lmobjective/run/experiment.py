@@ -107,6 +107,18 @@ def _guarded_step(train_step, state, batch, *frozen):
   return new, {**metrics, "finite": ok}
 
 
+def _check_margins(config, pipeline, objective) -> None:
+  """Pairs that carry a `margin` train a reward model (Bradley–Terry past the margin); an objective that
+  does not read the batch's margin field is refused rather than silently training on other data."""
+  if step.MARGIN in objective.fields:
+    return
+  for name, src in zip(pipeline.source_names, pipeline.sources):
+    if src.info.get("pairs_with_margin"):
+      raise config_lib.ConfigError(f"data.sources.{name}.path", config.data.sources[name].path,
+                                   f"its pairs carry a 'margin', which only objective.kind=reward_model reads "
+                                   f"(objective.kind={config.objective.kind!r} would ignore it)")
+
+
 def build(raw_config: ml_collections.ConfigDict, workdir: str, devices=None) -> Experiment:
   """`devices`: the devices to lay the mesh over (default: all of every process)."""
   config = config_lib.typed(raw_config)
@@ -130,6 +142,7 @@ def build(raw_config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
   model, model_cfg, tx, params_sharding, state_sharding = ms.model, ms.model_cfg, ms.tx, ms.params_sharding, ms.state_sharding
   init_fn, origin, reference = ms.init_fn, ms.origin, ms.reference
   objective = objectives.from_config(config.objective, config.rl)
+  _check_margins(config, pipeline, objective)  # before the reference cache is written
   cached = objective.cached_reference
   if cached:  # before the eval batches are cut: they carry the values too
     pipeline.attach_reference(reference_cache.prepare(

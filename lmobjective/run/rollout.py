@@ -140,16 +140,16 @@ def rollout_scores(model, objective: policy.PolicyGradient, params, reference_pa
   tgt = jnp.where(mask, batch["targets"], 0)[..., None]
 
   def dist(p, cfg):
-    h = model.apply({"params": p}, batch["inputs"], batch["positions"], batch["segment_ids"], method="hidden_states")
-    return sampling.logps(model.apply({"params": p}, h, method="head"), cfg)
+    h = ppo.hidden_states(model, p, batch)
+    return sampling.logps(model.apply({"params": p}, h, method="head"), cfg), h
 
-  logp_BxTxV = dist(params, objective.sampling_config())
+  logp_BxTxV, h_BxTxD = dist(params, objective.sampling_config())
   out = {"old_logps": jnp.take_along_axis(logp_BxTxV, tgt, axis=-1)[..., 0],
          "entropy_full": policy.entropy(logp_BxTxV)}
-  if objective.scored:  # PPO's value head: V(s_t) where the target is response token t
-    out["values"] = ppo.values(model, params, batch)
+  if objective.scored:  # PPO's value head: V(s_t) where the target is response token t, on the same pass
+    out["values"] = ppo.values(model, params, batch, h_BxTxD=h_BxTxD)
   if reference_params is not None:
-    ref_BxTxV = dist(reference_params, objective.sampling_config(top_k=0, top_p=1.0))
+    ref_BxTxV, _ = dist(reference_params, objective.sampling_config(top_k=0, top_p=1.0))
     out["ref_logps"] = jnp.take_along_axis(ref_BxTxV, tgt, axis=-1)[..., 0]
     out["kl_full"] = policy.full_kl(logp_BxTxV, ref_BxTxV)
   else:

@@ -161,6 +161,11 @@ GOOD = json.dumps(PLAIN)
      "'prompt' must be a string or a list of {'role': system|user|assistant"),
     ('{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "user", "content": "b"}], '
      '"rejected": "c"}', "'chosen' must be a string or [{'role': 'assistant', 'content': str}]"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c", "margin": "1"}', "'margin' must be a finite number, not '1'"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c", "margin": NaN}', "'margin' must be a finite number, not nan"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c", "margin": true}', "'margin' must be a finite number, not True"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c", "margin": 0.5}',
+     "preference record has a 'margin' the first record of the file lacks: every pair needs one, or none"),
 ])
 def test_bad_records_are_one_line_naming_file_and_line_before_anything_is_written(tmp_path, record, needle):
   path = _write(tmp_path / "p.jsonl", [GOOD, record])
@@ -174,6 +179,36 @@ def test_bad_records_are_one_line_naming_file_and_line_before_anything_is_writte
   assert msg.startswith(f"config.data.sources.f.path='{path}:2': ") and needle in msg and "\n" not in msg, msg
   assert str(again.value) == msg
   assert not os.path.exists(tmp_path / "run" / "tokenizer") and not glob.glob(str(tmp_path / "cache" / "*"))
+
+
+def test_margins_ride_on_both_rows_of_their_pair_and_zero_elsewhere(tmp_path):
+  """TRL's optional `margin` column: float32 [2P] per batch, the pair's value on its chosen and rejected row,
+  through the cache; 0 for a file without margins and on the padding pairs of an eval batch."""
+  recs = [dict(PLAIN, chosen=c, margin=m) for c, m in (("x", 0.5), ("xx", -1.25), ("xxx", 2))]
+  pipe = _pipeline(tmp_path, recs, T=8, batch_size=3)
+  b = pipe.batch(0)
+  chosen_len = b["loss_mask"][0::2].sum(axis=1) - 1  # which pair each row is: its chosen response's length
+  want = {1: 0.5, 2: -1.25, 3: 2.0}
+  assert b["margin"].dtype == np.float32 and b["margin"].tolist() == [want[n] for n in np.repeat(chosen_len, 2)]
+  assert pipe.sources[0].info["pairs_with_margin"] is True
+  again = _pipeline(tmp_path, recs, T=8, batch_size=3)  # a cache hit carries them too
+  np.testing.assert_array_equal(again.batch(0)["margin"], b["margin"])
+  (tmp_path / "plain").mkdir()
+  plain = _pipeline(tmp_path / "plain", [PLAIN] * 3, T=8, batch_size=2)
+  assert plain.batch(0)["margin"].tolist() == [0.0] * 4 and plain.sources[0].info["pairs_with_margin"] is False
+  cfg = file_config("preference_jsonl", _write(tmp_path / "v.jsonl", recs), T=8, val_fraction=0.34)
+  pipe = data.build_pipeline(cfg.data, TOK, seed=0, batch_size=1, cache_dir=str(tmp_path / "cache"))
+  with pytest.warns(DataWarning, match="padding pairs"):
+    (ev,) = pipe.eval_batches("f", 1, 2)
+  assert ev["margin"][2:].tolist() == [0.0, 0.0] and ev["margin"][0] == ev["margin"][1] != 0
+
+
+def test_a_margin_in_one_file_of_a_source_and_not_another_is_refused(tmp_path):
+  _write(tmp_path / "a.jsonl", [dict(PLAIN, margin=1.0)])
+  _write(tmp_path / "b.jsonl", [PLAIN])
+  cfg = file_config("preference_jsonl", str(tmp_path / "*.jsonl"), val_fraction=0.0)
+  with pytest.raises(ConfigError, match=r"a.jsonl gives each pair a 'margin', .*b.jsonl does not: every pair needs one, or none"):
+    data.build_pipeline(cfg.data, TOK, seed=0, batch_size=1, cache_dir=None)
 
 
 def test_cache_hit_returns_the_same_arrays(tmp_path, monkeypatch):

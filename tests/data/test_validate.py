@@ -36,6 +36,7 @@ PRESETS = {"default.py": {}, "tiny.py": {}, "markov.py": {}, "gpt2_124m.py": {},
            "reward_model.py": {"data.sources.pairs.path": "pairs.jsonl"},
            "stack.py:pretrain": {}, "stack.py:sft": {},
            "stack.py:dpo": {"train.init_from": "runs/stack/sft"}, "stack.py:dpo,quick": {"train.init_from": "runs/stack/sft"},
+           "stack.py:reward_model": {}, "stack.py:ppo,quick": {"train.init_from": "runs/stack/sft"},
            "addition.py:pretrain": {}, "addition.py:sft": {}, "addition.py:rl": {"train.init_from": "runs/rl_addition/sft"}}
 
 
