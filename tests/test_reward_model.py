@@ -2,6 +2,7 @@
 sums combined across a split batch equal to the whole batch's."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -321,6 +322,26 @@ def test_a_reward_model_that_is_not_one_is_refused_in_one_line(fitted, tmp_path)
   assert "\n" not in msg and msg.startswith(f"config.rl.reward_model='{d / 'origin'}': is not a reward model: its "
                                             "run has objective.kind='next_token'"), msg
   assert not (tmp_path / "rl").exists()
+
+
+@pytest.mark.slow
+def test_a_reward_model_with_another_tokenizer_or_a_model_the_mesh_cannot_split_is_refused(fitted, tmp_path):
+  """Its ids would not be the policy's tokens; its heads would not divide the tensor axis: one line each,
+  naming rl.reward_model, before the RL run writes anything."""
+  import types
+
+  from lmobjective.data import tokenizers
+  from lmobjective.run import scorer
+  rm = str(fitted[2] / "rm")
+  with pytest.raises(Exception) as e:
+    scorer.load(rm, types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1}), tokenizers.ByteTokenizer(), 4)
+  assert str(e.value).startswith(f"config.rl.reward_model='{rm}': uses another tokenizer (fingerprint ") and \
+      "it scores ids, and these ids would not be its tokens" in str(e.value)
+  policy_tok, _ = tokenizers.load(os.path.join(rm, "tokenizer"))
+  with pytest.raises(Exception) as e:  # 2 heads over a tensor axis of 4
+    scorer.load(rm, types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 4}), policy_tok, 4)
+  msg = str(e.value)
+  assert "\n" not in msg and msg.startswith(f"config.rl.reward_model='{rm}': its model does not fit the mesh: "), msg
 
 
 @pytest.mark.slow
