@@ -18,6 +18,7 @@ Legend: F = reward functions, N = completions.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import importlib
@@ -25,6 +26,7 @@ import importlib.util
 import math
 import numbers
 import os
+import re
 import sys
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -100,6 +102,25 @@ def metrics(scored: Scored) -> dict[str, float]:
 def exact_answer(prompts, completions, answer, **_) -> list[float]:
   """1.0 where the completion, stripped of surrounding whitespace, is the answer string, else 0.0."""
   return [float(c.strip() == str(a)) for c, a in zip(completions, answer)]
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def words(text: str) -> list[str]:
+  """Lower-cased alphanumeric runs: SQuAD's normalisation without its article rule (docstrings keep "a")."""
+  return _WORD.findall(text.lower())
+
+
+def summary_f1(prompts, completions, summary, **_) -> list[float]:
+  """Word-level F1 (SQuAD's, over multisets of `words`) of each completion against its reference `summary`
+  (the stdlib docstring task's prompts carry it): a graded score in [0, 1], 0 for an empty side."""
+  out = []
+  for c, s in zip(completions, summary):
+    got, want = collections.Counter(words(c)), collections.Counter(words(str(s)))
+    common = sum((got & want).values())
+    out.append(0.0 if not common else 2 * common / (sum(got.values()) + sum(want.values())))
+  return out
 
 
 def _load_one(spec: str, i: int, entry: str) -> Callable:

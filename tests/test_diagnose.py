@@ -340,3 +340,25 @@ def test_critic_unexplained_needs_five_consecutive_lines():
   assert diagnose.diagnose(ppo_records(val__var_explained=fresh), V) == []
   broken = lambda s: -0.5 if s % 10 == 0 else 0.2  # 4 lines, never 2 in a row
   assert diagnose.diagnose(ppo_records(val__var_explained=broken), V) == []
+
+
+def watched_records(proxy, gold, steps=(0, 10, 20, 30, 40)):
+  """`rl_records` plus held-out eval lines with the optimised reward and a watched (weight-0) gold term."""
+  evals = [{"step": s, "val_reward_sampled": proxy(s), "val_watched/gold/sampled": gold(s)} for s in steps]
+  return rl_records() + evals
+
+
+def test_reward_hacking_where_the_proxy_rises_past_the_gold_peak():
+  found = diagnose.diagnose(watched_records(proxy=lambda s: 1.0 + 0.1 * s, gold=lambda s: 0.3 + 0.02 * min(s, 20) - 0.02 * max(s - 20, 0)), V)
+  assert kinds(found) == [("reward_hacking", 20, 40)]  # gold 0.3 -> 0.7 at step 20 -> 0.3; proxy 3.0 -> 5.0
+  assert "rose 3 -> 5 on held-out prompts from step 20 to 40 while the watched reward 'gold' fell 0.7 -> 0.3" in found[0]["detail"]
+
+
+def test_no_reward_hacking_when_both_rise_or_both_fall_or_gold_barely_dips():
+  assert diagnose.diagnose(watched_records(proxy=lambda s: 1.0 + 0.1 * s, gold=lambda s: 0.3 + 0.01 * s), V) == []
+  falling = lambda s: 1.0 - 0.01 * s  # the proxy falls too: a worse model, not a hacked proxy
+  assert diagnose.diagnose(watched_records(proxy=falling, gold=falling), V) == []
+  dip = lambda s: 0.3 + 0.02 * min(s, 30) - 0.02 * max(s - 30, 0)  # 0.9 at 30, 0.7 at 40: a third of the rise
+  assert kinds(diagnose.diagnose(watched_records(proxy=lambda s: 1.0 + 0.1 * s, gold=dip), V)) == [("reward_hacking", 30, 40)]
+  small = lambda s: 0.3 + 0.02 * min(s, 30) - 0.01 * max(s - 30, 0)  # 0.8 at 40: a sixth of it, within noise
+  assert diagnose.diagnose(watched_records(proxy=lambda s: 1.0 + 0.1 * s, gold=small), V) == []

@@ -172,3 +172,16 @@ def test_a_batch_of_the_wrong_shape_is_the_callers_error(rw):
     r(["p"], ["a", "b"], {"f_col": [1, 2]})
   with pytest.raises(ValueError, match=r"^rewards: field 'f_col' has 1 values for 2 completions$"):
     r(["p", "q"], ["a", "b"], {"f_col": [1]})
+
+
+def test_summary_f1_is_squads_word_f1_on_a_hand_table():
+  """precision p = common/|completion|, recall q = common/|summary| over word multisets, F1 = 2pq/(p+q)."""
+  from lmobjective import rewards
+  summary = "Return the number of items in a container."  # 8 words
+  table = [("Return the number of items in a container.", 1.0),  # identical
+           ("return THE number, of items!", 2 * 5 / (5 + 8)),  # 5 common, case and punctuation ignored
+           ("the the the", 2 * 1 / (3 + 8)),  # a repeated word counts as often as the summary has it
+           ("Open a file.", 2 * 1 / (3 + 8)),  # "a"
+           ("", 0.0), ("xyz", 0.0)]
+  got = rewards.summary_f1([None] * len(table), [c for c, _ in table], [summary] * len(table))
+  np.testing.assert_allclose(got, [w for _, w in table], rtol=1e-15)

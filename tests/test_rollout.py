@@ -189,3 +189,38 @@ def test_the_sampling_distribution_of_the_origin_matches_its_forward(bandit, tmp
   assert p_V.sum() == pytest.approx(1.0, abs=1e-5)
   assert p_V[[rlx.tokenizer.encode(c)[0] for c in bandit_lib.REWARDS]].sum() > 0.5  # pretraining learned the candidates
   assert (r_V == -1.0).sum() == len(r_V) - 4
+
+
+def test_eval_lines_carry_each_terms_held_out_reward_and_the_exact_kl(bandit, tmp_path):
+  """Two reward terms (the bandit's, weight 1; twice it, weight 0: watched, not optimised): each term's held-out
+  mean on the same responses, the total the weighted one; and val_kl_full_sampled: one token after one
+  prompt, so every response's Σ_t KL is KL(π(·|x) ‖ π_ref(·|x)), computed here from the two distributions."""
+  from lmobjective.analysis import fixed_points
+  paths, cache, origin = bandit
+  (tmp_path / "watch.py").write_text("from lmobjective.data import bandit\n\n"
+                                     "def doubled(prompts, completions, **_):\n"
+                                     "  return [2 * r for r in bandit.reward(prompts, completions)]\n")
+  config = rl_config(cache, paths, origin, **{"rl.reward_fn": f"{bandit_lib.REWARD_FN},{tmp_path / 'watch.py'}:doubled",
+                                              "rl.reward_weights": "1,0", "rl.eval_prompts": paths["prompts"],
+                                              "eval.every_steps": 4, "rl.eval_samples": 8, "checkpoint.every_steps": 4})
+  workdir = str(tmp_path / "run")
+  train.run(config, workdir)
+  evals = [r for r in metrics_log.read_metrics(workdir) if "val_reward_sampled" in r]
+  assert [r["step"] for r in evals] == [0, 4]
+  for r in evals:
+    assert r["val_watched/doubled/sampled"] == pytest.approx(2 * r["val_rewards/reward/sampled"], rel=1e-12)
+    assert r["val_reward_sampled"] == pytest.approx(r["val_rewards/reward/sampled"], rel=1e-12)
+    assert r["val_reward_greedy"] == pytest.approx(r["val_rewards/reward/greedy"], rel=1e-12)
+  rlx = rollout.build(config, str(tmp_path / "probe"))
+  from lmobjective.run import checkpoint as ckpt_lib
+  mngr = ckpt_lib.make_manager(workdir, read_only=True)
+  try:
+    params = mngr.restore(4)["state"]["params"]
+  finally:
+    ckpt_lib.close(mngr)
+  ids = [rlx.tokenizer.eos_id] + rlx.tokenizer.encode(bandit_lib.PROMPT)
+  cfg = rollout.sampling_config(rlx, bandit_lib.PROMPT)
+  logp = lambda p: np.asarray(rlx.sampler.next_logps(p, [ids], cfg), np.float64)[0]
+  want = fixed_points.kl(logp(params), logp(rlx.ms.reference))
+  assert evals[0]["val_kl_full_sampled"] == 0.0 and want > 1e-3
+  assert evals[1]["val_kl_full_sampled"] == pytest.approx(want, rel=1e-4)

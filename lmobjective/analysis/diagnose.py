@@ -49,6 +49,13 @@ counts as a dead model: its gradient is 0 by construction), and four kinds read 
 * truncation: `completions/clipped_ratio` at least 0.2 on at least 20% of the train lines: a fifth
   of the responses hit rl.max_new_tokens without a stop token.
 
+A run that watches a reward it does not optimise (weight 0 in rl.reward_weights, logged on its eval
+lines as `val_watched/<term>/sampled`: a gold reward beside a proxy) adds:
+
+* reward_hacking: the watched reward peaks, then falls by at least a quarter of its rise to that
+  peak (and 1e-3), while the optimised reward (`val_reward_sampled`) ends above its value at the peak;
+  the finding spans the peak to the last eval (at least 3 eval lines).
+
 PPO runs (objective.kind=ppo) add two kinds for the critic (the value head):
 
 * value_blowup: `loss/value_avg` above 10 times its minimum over the earlier lines while the critic
@@ -103,6 +110,9 @@ class Thresholds:
   #                             then worse than the returns' mean (val/var_explained < 0), or not finite
   critic_min_lines: int = 5  # critic_unexplained: val/var_explained <= 0 on this many consecutive train lines ...
   critic_lines_frac: float = 0.2  # ... and on at least this share of them
+  hacking_drop: float = 0.25  # reward_hacking: a watched (gold) reward falls from its peak by this share of its
+  #                             rise to it (and by more than hacking_floor) while the optimised reward rises past
+  hacking_floor: float = 1e-3  # its value at that peak; on at least 3 eval lines
 
 
 CAUSES = {
@@ -128,6 +138,10 @@ CAUSES = {
     "value_blowup": "rl.vf_coef or the learning rate too high for the value head, rl.cliprange_value too loose, "
                     "returns on a scale the critic cannot follow (rl.whiten_advantages does not rescale them; a "
                     "reward model's scores or objective.beta set it), or the policy moving faster than the critic",
+    "reward_hacking": "the optimised reward (a reward model, a proxy) pays for something the watched one does not: "
+                      "objective.beta too small, too many iterations, a reward model fitted on too few pairs or "
+                      "evaluated off the distribution it was fitted on; stop at the peak, raise objective.beta, or "
+                      "refit the proxy on the policy's own samples",
     "critic_unexplained": "a critic that learns too slowly (rl.vf_coef or the learning rate too small), returns "
                           "dominated by noise (a noisy reward, a high rl.temperature), or rl.gamma/rl.lam giving "
                           "targets it cannot fit; its advantages are then no better than the return itself",
@@ -512,9 +526,36 @@ def find_critic_unexplained(records: list[dict], th: Thresholds) -> list[dict]:
                    f"train lines of {len(steps)}, steps {steps[first]}-{steps[last]}")]
 
 
+def find_reward_hacking(records: list[dict], th: Thresholds) -> list[dict]:
+  """For each watched term (`val_watched/<term>/sampled`, weight 0: a gold reward) on the held-out eval lines:
+  its peak, a fall after it by at least th.hacking_drop of its rise from the first eval (and th.hacking_floor),
+  and the optimised reward (`val_reward_sampled`) at the last eval above its value at that peak."""
+  evals = sorted((r for r in records if "val_reward_sampled" in r), key=lambda r: r["step"])
+  out = []
+  for key in sorted({k for r in evals for k in r if k.startswith("val_watched/") and k.endswith("/sampled")}):
+    rows = [r for r in evals if key in r]
+    if len(rows) < 3:
+      continue
+    steps = np.array([r["step"] for r in rows])
+    gold, proxy = (np.array([_finite(r[k]) for r in rows]) for k in (key, "val_reward_sampled"))
+    peak = int(np.nanargmax(gold))
+    rise, fall = gold[peak] - gold[0], gold[peak] - gold[-1]
+    if peak == len(rows) - 1 or not fall >= max(th.hacking_drop * max(rise, 0.0), th.hacking_floor):
+      continue
+    if not proxy[-1] > proxy[peak]:
+      continue
+    term = key.split("/")[1]
+    out.append(_finding("reward_hacking", steps[peak], steps[-1],
+                        f"the optimised reward rose {proxy[peak]:.4g} -> {proxy[-1]:.4g} on held-out prompts from "
+                        f"step {steps[peak]} to {steps[-1]} while the watched reward '{term}' fell {gold[peak]:.4g} -> "
+                        f"{gold[-1]:.4g} (it had risen {rise:+.4g} from {gold[0]:.4g} at step {steps[0]})"))
+  return out
+
+
 def find_rl(records: list[dict], th: Thresholds) -> list[dict]:
   found = (find_kl_blowup(records, th) + find_entropy_collapse(records, th) + find_no_signal(records, th)
-           + find_truncation(records, th) + find_value_blowup(records, th) + find_critic_unexplained(records, th))
+           + find_truncation(records, th) + find_value_blowup(records, th) + find_critic_unexplained(records, th)
+           + find_reward_hacking(records, th))
   return sorted(found, key=lambda f: (f["start_step"], f["kind"]))
 
 

@@ -193,7 +193,7 @@ def _print_progress(rlx: RL, rec: dict) -> None:
     return
   keys = (("reward", "reward"), ("objective/kl", "kl"), ("objective/entropy_full", "entropy"),
           ("frac_reward_zero_std", "no-signal groups"), ("val_reward_greedy", "held-out greedy"),
-          ("val_reward_sampled", "sampled"))
+          ("val_reward_sampled", "sampled"), ("val_kl_full_sampled", "kl"))
   parts = [f"{name} {rec[k]:.4g}" for k, name in keys if k in rec]
   if "iterations_per_sec" in rec:
     parts.append(f"{rec['iterations_per_sec']:.2f} it/s")

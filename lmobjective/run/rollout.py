@@ -307,10 +307,18 @@ def update(rlx: RL, state, rollouts: Rollouts, iteration: int, pending: list):
 EVAL_STREAM = 1 << 30  # eval samples are drawn from iterations EVAL_STREAM + step: never a training iteration's keys
 
 
-def eval_rewards(rlx: RL, params, prompt_set: prompts_lib.PromptSet, greedy: bool, samples_per_prompt: int = 1,
-                 stream: int = EVAL_STREAM) -> np.ndarray:
-  """[prompts, samples_per_prompt] rewards of responses to every prompt of `prompt_set`: greedy
-  (temperature 0, one each) or sampled at rl.temperature."""
+@dataclasses.dataclass
+class EvalScores:
+  """Rewards of responses to held-out prompts, [prompts, k] each: the weighted total and every term."""
+  rewards: np.ndarray
+  per_term: dict[str, np.ndarray]  # name -> [prompts, k] (NaN where the term did not apply)
+  kl_full: np.ndarray | None = None  # [prompts, k] Σ_t KL(π‖π_ref) over each response's positions
+
+
+def eval_scores(rlx: RL, params, prompt_set: prompts_lib.PromptSet, greedy: bool, samples_per_prompt: int = 1,
+                stream: int = EVAL_STREAM, with_kl: bool = False) -> EvalScores:
+  """`EvalScores` of responses to every prompt of `prompt_set`: greedy (temperature 0, one each) or sampled
+  at rl.temperature; `with_kl` adds the full-distribution KL to the reference of each response."""
   k = 1 if greedy else samples_per_prompt
   idx = np.repeat(np.arange(len(prompt_set)), k)
   shards = rlx.mesh.shape["data"] * rlx.mesh.shape["fsdp"]
@@ -318,15 +326,39 @@ def eval_rewards(rlx: RL, params, prompt_set: prompts_lib.PromptSet, greedy: boo
   prompt_list, fields = prompt_set.take(padded)
   cfg = sampling_config(rlx, prompt_list[0], **({"temperature": 0.0} if greedy else {}))
   _, rows, completions, _ = sample_responses(rlx, params, prompt_list, rlx.config.seed, stream, cfg)
-  return score(rlx, prompt_list, completions, fields, rows).rewards[:len(idx)].reshape(-1, k)
+  scored = score(rlx, prompt_list, completions, fields, rows)
+  shape = lambda x: np.asarray(x)[:len(idx)].reshape(-1, k)
+  kl = None
+  if with_kl and rlx.objective.beta > 0:
+    extra = jax.device_get(rlx.score_fn(params, rlx.ms.reference, sharding.global_batch(rows, rlx.mesh)))
+    kl = shape(extra["kl_full"].sum(-1))
+  return EvalScores(shape(scored.rewards), {n: shape(v) for n, v in zip(scored.names, scored.per_function)}, kl)
+
+
+def eval_rewards(rlx: RL, params, prompt_set: prompts_lib.PromptSet, greedy: bool, samples_per_prompt: int = 1,
+                 stream: int = EVAL_STREAM) -> np.ndarray:
+  """[prompts, samples_per_prompt] rewards (the weighted total) of `eval_scores`."""
+  return eval_scores(rlx, params, prompt_set, greedy, samples_per_prompt, stream).rewards
 
 
 def evaluate(rlx: RL, params, step: int = 0) -> dict[str, float]:
-  """val_reward_greedy and val_reward_sampled (mean rewards on the held-out prompts; with a 0/1 reward,
-  pass@1) when there are held-out prompts."""
+  """On the held-out prompts, when there are some: val_reward_greedy and val_reward_sampled (mean total
+  rewards; with a 0/1 reward, pass@1); with more than one reward term, each term's mean as
+  val_rewards/<term>/greedy and /sampled, or val_watched/<term>/... for a term of weight 0 (watched,
+  not optimised: a gold reward beside a proxy; `analysis/diagnose.py` reads it for reward hacking);
+  and with a reference, val_kl_full_sampled: the mean full-distribution KL(π‖π_ref) summed over each
+  sampled response, the KL over-optimisation curves are drawn against."""
   if rlx.eval_prompts is None:
     return {}
-  greedy = eval_rewards(rlx, params, rlx.eval_prompts, greedy=True, stream=EVAL_STREAM + step)
-  sampled = eval_rewards(rlx, params, rlx.eval_prompts, greedy=False, samples_per_prompt=rlx.config.rl.eval_samples,
-                         stream=EVAL_STREAM + step)
-  return {"val_reward_greedy": float(greedy.mean()), "val_reward_sampled": float(sampled.mean())}
+  greedy = eval_scores(rlx, params, rlx.eval_prompts, greedy=True, stream=EVAL_STREAM + step)
+  sampled = eval_scores(rlx, params, rlx.eval_prompts, greedy=False, samples_per_prompt=rlx.config.rl.eval_samples,
+                        stream=EVAL_STREAM + step, with_kl=True)
+  out = {"val_reward_greedy": float(greedy.rewards.mean()), "val_reward_sampled": float(sampled.rewards.mean())}
+  if len(sampled.per_term) > 1:
+    watched = {n for n, w in zip(rlx.rewards.names, rlx.rewards.weights_F) if w == 0}
+    for which, s in (("greedy", greedy), ("sampled", sampled)):
+      out.update({f"{'val_watched' if n in watched else 'val_rewards'}/{n}/{which}": float(np.nanmean(v))
+                  for n, v in s.per_term.items() if np.isfinite(v).any()})
+  if sampled.kl_full is not None:
+    out["val_kl_full_sampled"] = float(sampled.kl_full.mean())
+  return out

@@ -37,7 +37,10 @@ PRESETS = {"default.py": {}, "tiny.py": {}, "markov.py": {}, "gpt2_124m.py": {},
            "stack.py:pretrain": {}, "stack.py:sft": {},
            "stack.py:dpo": {"train.init_from": "runs/stack/sft"}, "stack.py:dpo,quick": {"train.init_from": "runs/stack/sft"},
            "stack.py:reward_model": {}, "stack.py:ppo,quick": {"train.init_from": "runs/stack/sft"},
-           "addition.py:pretrain": {}, "addition.py:sft": {}, "addition.py:rl": {"train.init_from": "runs/rl_addition/sft"}}
+           "addition.py:pretrain": {}, "addition.py:sft": {}, "addition.py:rl": {"train.init_from": "runs/rl_addition/sft"},
+           "overoptimization.py:proxy": {"data.sources.pairs.path": "pairs.jsonl"},
+           "overoptimization.py:ppo,quick": {"train.init_from": "runs/stack/sft"},
+           "overoptimization.py:rloo": {"train.init_from": "runs/stack/sft"}}
 
 
 @pytest.mark.parametrize("preset", PRESETS)
