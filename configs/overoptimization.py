@@ -22,7 +22,6 @@ import os
 from lmobjective.config import load_config_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GOLD = "lmobjective.rewards:summary_f1"
 STAGES = ("proxy", "ppo", "rloo")
 STEPS = {"proxy": (150, 400), "ppo": (60, 200), "rloo": (60, 200)}  # (quick, full)
 
@@ -37,9 +36,7 @@ def get_config(arg: str = "proxy"):
     c.data.sources.pairs.val_fraction = 0.1
     c.optimizer.learning_rate = 5e-4  # the stack's reward model's
   else:
-    c = load_config_file(os.path.join(HERE, "stack.py:ppo"))
-    c.objective.kind = stage
-    c.rl.reward_fn, c.rl.reward_weights = GOLD, "0,1"  # gold watched, the reward model (last term) optimised
+    c = load_config_file(os.path.join(HERE, f"stack.py:{stage}"))  # gold watched, the reward model optimised
     c.rl.max_new_tokens, c.rl.eval_samples = 32, 2
     c.train.batch_size = 8 if quick else 16
     c.eval.every_steps = 15 if quick else 25

@@ -1,4 +1,4 @@
-"""The objective stack on offline data: pretrain -> SFT -> DPO, and SFT -> reward model -> PPO.
+"""The objective stack on offline data: pretrain -> SFT -> DPO, and SFT -> reward model -> PPO | RLOO.
 
     python -m lmobjective.train --config=configs/stack.py:pretrain --workdir=runs/stack/pretrained
     python -m lmobjective.train --config=configs/stack.py:sft --workdir=runs/stack/sft \\
@@ -13,12 +13,16 @@ and the RLHF branch, from the same SFT run, with the prompts written into DATA f
       --config.train.init_from=runs/stack/sft
     python -m lmobjective.train --config=configs/stack.py:ppo --workdir=runs/stack/ppo \\
       --config.train.init_from=runs/stack/sft
+    python -m lmobjective.train --config=configs/stack.py:rloo --workdir=runs/stack/rloo \\
+      --config.train.init_from=runs/stack/sft
 
-(`experiments/objective_stack.sh WORKDIR` runs all five and prints the tables.) Append ",quick" to
-the stage (`stack.py:sft,quick`) for the CPU setting the script uses by default. The ppo stage reads
-DATA/prompts_{train,heldout}.jsonl and the reward model in runs/stack/reward_model (relative to the
-working directory; `--config.data.sources.prompts.path`, `--config.rl.eval_prompts` and
-`--config.rl.reward_model` move them).
+(`experiments/objective_stack.sh WORKDIR` runs all six and prints the tables.) Append ",quick" to
+the stage (`stack.py:sft,quick`) for the CPU setting the script uses by default. The ppo and rloo
+stages read DATA/prompts_{train,heldout}.jsonl and the reward model in runs/stack/reward_model
+(relative to the working directory; `--config.data.sources.prompts.path`, `--config.rl.eval_prompts`
+and `--config.rl.reward_model` move them). Both optimise the reward model (weight 1) and watch the
+gold reward, `rewards.summary_f1` of the answer against the docstring summary (weight 0: on every
+eval line as `val_watched/summary_f1/*`, never optimised).
 
 The SFT conversations and the preference pairs are built from the standard library
 (`data/stdlib_tasks.py`: the user asks what a function does, the assistant answers with its
@@ -36,20 +40,24 @@ from lmobjective.config import base_config
 from lmobjective.data import stdlib_tasks
 
 HELD_OUT = 0.1  # share of stdlib modules held out (by a hash of their name)
-STAGES = ("pretrain", "sft", "dpo", "reward_model", "ppo")
-QUICK_STEPS = {"pretrain": 400, "sft": 200, "dpo": 300, "reward_model": 300, "ppo": 100}
+STAGES = ("pretrain", "sft", "dpo", "reward_model", "ppo", "rloo")
+RL_STAGES = ("ppo", "rloo")
+QUICK_STEPS = {"pretrain": 400, "sft": 200, "dpo": 300, "reward_model": 300, "ppo": 100, "rloo": 100}
+GOLD = "lmobjective.rewards:summary_f1"  # watched by the RL stages, never optimised
 DATA = os.path.join("runs", "stack", "data")  # the ppo stage's prompts (stdlib_tasks.write_prompts)
 REWARD_MODEL = os.path.join("runs", "stack", "reward_model")
 
 
-def _ppo(c) -> ml_collections.ConfigDict:
-  """The RLHF stage: PPO on the SFT conversations' prompts, scored by the reward model, held-out prompts evaluated."""
+def _rl(c, kind: str) -> ml_collections.ConfigDict:
+  """An RLHF stage (`kind` ppo or rloo) on the SFT conversations' prompts, rewarded by the reward model,
+  the gold reward watched, held-out prompts evaluated."""
   prompts = copy.deepcopy(c.data.sources.code)  # every declared field
   prompts.kind, prompts.weight, prompts.val_fraction = "prompts_jsonl", 1.0, 0.0
   prompts.path = os.path.join(DATA, "prompts_train.jsonl")
   c.data.sources = ml_collections.ConfigDict({"prompts": prompts})
-  c.objective.kind, c.objective.beta = "ppo", 0.05
+  c.objective.kind, c.objective.beta = kind, 0.05
   c.rl.reward_model, c.rl.eval_prompts = REWARD_MODEL, os.path.join(DATA, "prompts_heldout.jsonl")
+  c.rl.reward_fn, c.rl.reward_weights = GOLD, "0,1"  # the reward model is the last term
   c.rl.num_generations, c.rl.max_new_tokens, c.rl.temperature, c.rl.eval_samples = 4, 48, 1.0, 2
   c.train.steps, c.train.batch_size = 200, 16
   c.optimizer.schedule, c.optimizer.learning_rate, c.optimizer.warmup_steps = "constant", 1e-4, 10
@@ -62,8 +70,8 @@ def get_config(arg: str = "pretrain"):
   stage, _, size = arg.partition(",")
   if stage not in STAGES or size not in ("", "quick"):
     raise ValueError(f"configs/stack.py:{arg}: expected one of {', '.join(STAGES)}, optionally ',quick'")
-  if stage == "ppo":
-    c = _ppo(base_config(__file__))
+  if stage in RL_STAGES:
+    c = _rl(base_config(__file__), stage)
   elif stage == "pretrain":
     c = base_config(__file__)
     for name in ("code", "prose"):

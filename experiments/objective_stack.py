@@ -1,14 +1,16 @@
-"""The objective stack as one experiment: pretrain -> SFT -> DPO and SFT -> reward model -> PPO, then the tables.
+"""The objective stack as one experiment: pretrain -> SFT -> DPO and SFT -> reward model -> PPO | RLOO, then the tables.
 
     python experiments/objective_stack.py --workdir=runs/stack [--size=quick|full]
 
 Each stage is the training CLI a researcher would type (printed before it runs), from the previous
-stage's checkpoint (`train.init_from`), in WORKDIR/{pretrained,sft,dpo,reward_model,ppo}; a stage whose
-final checkpoint exists is reused. The PPO stage samples answers to the SFT conversations' prompts
-(WORKDIR/data/prompts_*.jsonl, written first) and is rewarded by the reward model. Then
-`analysis/stack.py` scores every language-model stage on the same held-out sets (and the pairs by kind
-of negative), the reward model on every held-out pair, reads PPO's held-out reward and KL, and writes
-WORKDIR/stack.md, WORKDIR/stack.csv and WORKDIR/stack.png.
+stage's checkpoint (`train.init_from`), in WORKDIR/{pretrained,sft,dpo,reward_model,ppo,rloo}; a stage
+whose final checkpoint exists is reused. The PPO and RLOO stages sample answers to the SFT conversations'
+prompts (WORKDIR/data/prompts_*.jsonl, written first), are rewarded by the reward model and watch the
+gold reward (the answer's word F1 against the docstring summary). Then `analysis/stack.py` scores every
+language-model stage on the same held-out sets (and the pairs by kind of negative), every policy from
+SFT on on the held-out prompts (gold and proxy reward, pass@1, KL to SFT, each against SFT), the reward
+model on every held-out pair, reads the RL stages' lines, and writes WORKDIR/stack.md, WORKDIR/stack.csv
+and WORKDIR/stack.png.
 """
 
 from __future__ import annotations
@@ -25,20 +27,21 @@ sys.path.insert(0, ROOT)
 
 
 STAGES = (("pretrained", "pretrain", None), ("sft", "sft", "pretrained"), ("dpo", "dpo", "sft"),
-          ("reward_model", "reward_model", "sft"), ("ppo", "ppo", "sft"))
-LM_STAGES = ("pretrained", "sft", "dpo", "ppo")  # scored as language models in the main table
+          ("reward_model", "reward_model", "sft"), ("ppo", "ppo", "sft"), ("rloo", "rloo", "sft"))
+LM_STAGES = ("pretrained", "sft", "dpo", "ppo", "rloo")  # scored as language models in the main table
+RL_STAGES = ("ppo", "rloo")
 
 
 def _finished(workdir: str, config_arg: str) -> bool:
   from lmobjective.config import load_config_file
   from lmobjective.run import checkpoint
   c = load_config_file(os.path.join(ROOT, "configs", f"stack.py:{config_arg}"))
-  updates = c.train.steps * (c.rl.epochs * c.rl.num_minibatches if c.objective.kind == "ppo" else 1)
+  updates = c.train.steps * (c.rl.epochs * c.rl.num_minibatches if c.objective.kind in RL_STAGES else 1)
   return os.path.isdir(workdir) and updates in checkpoint.finalized_steps(workdir)
 
 
-def _ppo_inputs(workdir: str, config_arg: str) -> list[str]:
-  """The ppo stage's prompts (written into WORKDIR/data: the SFT split's questions whose rendering leaves
+def _rl_inputs(workdir: str, config_arg: str) -> list[str]:
+  """An RL stage's prompts (written into WORKDIR/data: the SFT split's questions whose rendering leaves
   rl.max_new_tokens of the context for the answer) and reward model, as flags."""
   from lmobjective.config import load_config_file
   from lmobjective.data import prompts, stdlib_tasks, tokenizers
@@ -49,7 +52,7 @@ def _ppo_inputs(workdir: str, config_arg: str) -> list[str]:
   os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
   paths, dropped = stdlib_tasks.write_prompts(os.path.join(workdir, "data"), chat.val_fraction,  # SFT's held-out modules
                                               fits=lambda m: len(prompts.render(m, tok)) <= room)
-  print(f"== ppo: prompts longer than {room} tokens left out: {dropped['prompts_train']} train, "
+  print(f"== {config_arg}: prompts longer than {room} tokens left out: {dropped['prompts_train']} train, "
         f"{dropped['prompts_heldout']} held out", flush=True)
   return [f"--config.data.sources.prompts.path={paths['prompts_train']}",
           f"--config.rl.eval_prompts={paths['prompts_heldout']}",
@@ -65,8 +68,8 @@ def run_stage(workdir: str, name: str, config_arg: str, origin: str | None) -> N
          f"--workdir={path}"]
   if origin:
     cmd.append(f"--config.train.init_from={os.path.join(workdir, origin)}")
-  if name == "ppo":
-    cmd += _ppo_inputs(workdir, config_arg)
+  if name in RL_STAGES:
+    cmd += _rl_inputs(workdir, config_arg)
   print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
   t0 = time.time()
   code = subprocess.call(cmd, cwd=ROOT)
@@ -88,15 +91,18 @@ def main() -> None:
   from lmobjective.analysis import stack
   workdirs = {name: os.path.join(workdir, name) for name in LM_STAGES}
   table, kinds = stack.rows(workdirs), stack.kind_rows(workdirs)
-  rlhf = stack.rlhf_markdown(stack.reward_model_row(os.path.join(workdir, "reward_model")),
-                             stack.ppo_row(workdirs["ppo"]))
+  policies = stack.policy_rows(stack.policy_scores(workdirs["rloo"], {k: workdirs[k] for k in LM_STAGES[1:]},
+                                                   os.path.join(workdir, "probe_policies")))
+  rlhf = (stack.rlhf_markdown(stack.reward_model_row(os.path.join(workdir, "reward_model")),
+                              [stack.rl_row(workdirs[k]) for k in RL_STAGES])
+          + "\nevery policy on the held-out prompts (gold: summary F1; proxy: the reward model; KL to SFT, nats):\n"
+          + stack.policy_markdown(policies))
   md, csv_path = stack.save(table, workdir, kinds, rlhf)
   png = stack.save_curves({k: workdirs[k] for k in ("pretrained", "sft", "dpo")}, workdir)
   print(stack.markdown(table) + stack.comparison_markdown(stack.comparisons(table))
         + ("\nheld-out preference accuracy by kind of negative:\n" + stack.kind_markdown(kinds)
-                                 if kinds else "") + "\nthe RLHF branch (SFT -> reward model -> PPO):\n" + rlhf, end="")
+                                 if kinds else "") + "\nthe RLHF branch (SFT -> reward model -> PPO | RLOO):\n" + rlhf, end="")
   print(f"wrote {md}, {csv_path}, {png} ({time.time() - t0:.0f} s in all)")
-
 
 if __name__ == "__main__":
   main()

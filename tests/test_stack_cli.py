@@ -1,7 +1,7 @@
-"""The objective stack from the command line: pretrain → SFT → DPO and SFT → reward model → PPO, each
+"""The objective stack from the command line: pretrain → SFT → DPO and SFT → reward model → PPO | RLOO, each
 stage `init_from` the one before, and a DPO stage killed with SIGKILL mid-run that resumes bit for bit.
 
-One config file, one stage per argument (`stack_config.py:pretrain|sft|dpo|reward_model|ppo`); every
+One config file, one stage per argument (`stack_config.py:pretrain|sft|dpo|reward_model|ppo|rloo`); every
 run is the CLI a researcher types (`python -m lmobjective.train`), a few seconds each on CPU.
 """
 
@@ -27,7 +27,8 @@ def get_config(stage):
   c.data.tokenizer.kind = "byte"
   c.data.cache_dir = {cache!r}
   paths = {{"pretrain": ("text", {text!r}), "sft": ("chat_jsonl", {chat!r}), "dpo": ("preference_jsonl", {pairs!r}),
-            "reward_model": ("preference_jsonl", {pairs!r}), "ppo": ("prompts_jsonl", {prompts!r})}}
+            "reward_model": ("preference_jsonl", {pairs!r}), "ppo": ("prompts_jsonl", {prompts!r}),
+            "rloo": ("prompts_jsonl", {prompts!r})}}
   kind, path = paths[stage]
   c.data.sources = {{stage: source(kind, 1.0, path=path, val_fraction=0.1)}}
   c.data.context_length = 48
@@ -39,8 +40,9 @@ def get_config(stage):
     c.train.batch_size, c.train.grad_accum_steps = 8, 2  # pairs per step, two microbatches
   if stage == "reward_model":
     c.objective.kind, c.train.batch_size = "reward_model", 8
-  if stage == "ppo":
-    c.objective.kind, c.objective.beta, c.rl.reward_model = "ppo", 0.1, {rm!r}
+  if stage in ("ppo", "rloo"):  # the reward model optimised, the exact answer watched (weight 0)
+    c.objective.kind, c.objective.beta, c.rl.reward_model = stage, 0.1, {rm!r}
+    c.rl.reward_fn, c.rl.reward_weights = "lmobjective.rewards:exact_answer", "0,1"
     c.rl.max_new_tokens, c.rl.num_generations, c.train.batch_size = 8, 2, 4
   return c
 '''
@@ -64,13 +66,14 @@ def stack(tmp_path_factory):
     for prompt, answer, wrong in _reverse_task(240, seed=1):
       f.write(json.dumps({"prompt": prompt, "chosen": answer, "rejected": wrong}) + "\n")
   with open(d / "prompts.jsonl", "w") as f:
-    f.writelines(json.dumps({"prompt": prompt}) + "\n" for prompt, _, _ in _reverse_task(60, seed=2))
+    f.writelines(json.dumps({"prompt": prompt, "answer": answer}) + "\n" for prompt, answer, _ in _reverse_task(60, seed=2))
   cfg = d / "stack_config.py"
   cfg.write_text(CONFIG.format(tiny=os.path.join(ROOT, "configs", "tiny.py"), cache=str(d / "cache"), text=str(text),
                                chat=str(d / "chat.jsonl"), pairs=str(d / "pairs.jsonl"), prompts=str(d / "prompts.jsonl"),
                                rm=str(d / "reward_model"), steps=STEPS))
   runs = {}
-  for stage, origin in (("pretrain", None), ("sft", "pretrain"), ("dpo", "sft"), ("reward_model", "sft"), ("ppo", "sft")):
+  for stage, origin in (("pretrain", None), ("sft", "pretrain"), ("dpo", "sft"), ("reward_model", "sft"), ("ppo", "sft"),
+                        ("rloo", "sft")):
     args = [f"train.init_from={d / origin}"] if origin else []
     p = cli(f"{cfg}:{stage}", d / stage, *args)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -191,25 +194,70 @@ def test_the_stack_table_agrees_with_each_stages_own_eval_lines(stack, tmp_path)
 
 
 @pytest.mark.slow
-def test_the_rlhf_branch_reads_the_reward_model_on_every_held_out_pair_and_ppos_lines(stack):
-  """SFT -> reward model -> PPO: the reward model's accuracy over every held-out pair (scored as `Run.reward`
-  scores text) equals its own last val line's (4 batches of 8 slots: the 24 held-out pairs once); the PPO
-  figures are its first and last eval and train lines."""
+def test_the_rlhf_branch_reads_the_reward_model_on_every_held_out_pair_and_the_rl_lines(stack):
+  """SFT -> reward model -> PPO | RLOO: the reward model's accuracy over every held-out pair (scored as `Run.reward`
+  scores text) equals its own last val line's (4 batches of 8 slots: the 24 held-out pairs once); each RL
+  stage's figures are its first and last eval and train lines."""
   d, _ = stack
   from lmobjective.analysis import stack as stack_table
   rm = stack_table.reward_model_row(str(d / "reward_model"))
   last = [r for r in _lines(d / "reward_model") if "val_loss" in r][-1]
   assert rm["num_pairs"] == last["val_num_pairs"] == 24 and rm["step"] == STEPS
   assert abs(rm["accuracy"] - last["val_accuracy"]) < 1e-9 and abs(rm["margin"] - last["val_margin"]) < 1e-4
-  ppo = stack_table.ppo_row(str(d / "ppo"))
-  lines = _lines(d / "ppo")
-  evals, train = [r for r in lines if "val_reward_sampled" in r], [r for r in lines if "objective/kl" in r]
-  assert ppo["eval_steps"] == (0, STEPS) and ppo["step"] == STEPS
-  assert ppo["val_reward_greedy"] == (evals[0]["val_reward_greedy"], evals[-1]["val_reward_greedy"])
-  assert ppo["objective/kl"] == (train[0]["objective/kl"], train[-1]["objective/kl"])
-  assert all(np.isfinite(v) for pair in (ppo["objective/scores"], ppo["val/var_explained"]) for v in pair)
-  md = stack_table.rlhf_markdown(rm, ppo)
-  assert f"held-out accuracy {rm['accuracy']:.4f} on 24 pairs" in md and "| train objective/kl (lines 1 → 8) |" in md
+  rl_rows = [stack_table.rl_row(str(d / k)) for k in ("ppo", "rloo")]
+  for row in rl_rows:
+    lines = _lines(d / row["stage"])
+    evals, train = [r for r in lines if "val_reward_sampled" in r], [r for r in lines if "objective/kl" in r]
+    assert row["eval_steps"] == (0, STEPS) and row["step"] == STEPS and row["first_and_last"] == (1, STEPS)
+    assert row["val_reward_greedy"] == (evals[0]["val_reward_greedy"], evals[-1]["val_reward_greedy"])
+    assert row["objective/kl"] == (train[0]["objective/kl"], train[-1]["objective/kl"])
+    assert all(np.isfinite(v) for v in row["objective/scores"])
+  assert all(np.isfinite(v) for v in rl_rows[0]["val/var_explained"]) and rl_rows[1]["val/var_explained"] == (None, None)
+  md = stack_table.rlhf_markdown(rm, rl_rows)
+  assert f"held-out accuracy {rm['accuracy']:.4f} on 24 pairs" in md
+  assert "| | ppo start | ppo end | rloo start | rloo end |" in md and "| train lines | 1 | 8 | 1 | 8 |" in md
+
+
+@pytest.mark.slow
+def test_every_policy_is_scored_on_the_rl_stages_held_out_prompts_as_its_eval_lines_score(stack, tmp_path):
+  """The policy table from RLOO's config: SFT's greedy gold (exact answer) is RLOO's step-0 eval line's, RLOO's
+  is its last line's (greedy answers do not depend on the stream); SFT's KL to itself, the reference, is
+  0 and the others' positive; each comparison is against SFT on the same prompts."""
+  d, _ = stack
+  from lmobjective.analysis import stack as stack_table
+  scores = stack_table.policy_scores(str(d / "rloo"), {k: str(d / k) for k in ("sft", "dpo", "ppo", "rloo")},
+                                     str(tmp_path / "probe"))
+  evals = [r for r in _lines(d / "rloo") if "val_reward_sampled" in r]
+  assert scores["sft"]["gold_greedy"].mean() == evals[0]["val_watched/exact_answer/greedy"]
+  assert scores["rloo"]["gold_greedy"].mean() == evals[-1]["val_watched/exact_answer/greedy"]
+  assert len(scores["sft"]["kl"]) == 6 and (scores["sft"]["kl"] == 0).all()
+  assert all((scores[k]["kl"] > 0).all() for k in ("dpo", "ppo", "rloo"))
+  rows = {r["stage"]: r for r in stack_table.policy_rows(scores)}
+  assert "gold_vs" not in rows["sft"]
+  for k in ("dpo", "ppo", "rloo"):
+    assert abs(rows[k]["proxy_vs"]["difference"] - (rows[k]["proxy"] - rows["sft"]["proxy"])) < 1e-12
+    assert rows[k]["proxy_vs"]["low"] <= rows[k]["proxy_vs"]["difference"] <= rows[k]["proxy_vs"]["high"]
+    assert rows[k]["pass@1_vs"]["num_pairs"] == 6
+  md = stack_table.policy_markdown(list(rows.values()))
+  assert md.splitlines()[2].startswith(f"| sft | 6 | {rows['sft']['gold_greedy']:.4f} |") and md.count("\n") == 6
+
+
+def test_the_paired_bootstrap_interval_is_scipys():
+  """The percentile interval of the paired mean difference against scipy.stats.bootstrap (another resampler:
+  the ends agree to Monte Carlo error, a few hundredths of the standard error), and it covers nothing
+  when both sides are equal."""
+  from scipy import stats
+  from lmobjective.analysis import stack as stack_table
+  rng = np.random.default_rng(3)
+  before = rng.random(300)
+  after = before + rng.normal(0.05, 0.3, 300)
+  got = stack_table.paired_bootstrap(before, after, resamples=20_000)
+  want = stats.bootstrap((after - before,), np.mean, n_resamples=20_000, method="percentile", confidence_level=0.95,
+                         random_state=1).confidence_interval
+  se = (after - before).std() / np.sqrt(300)
+  assert abs(got["low"] - want.low) < 0.05 * se and abs(got["high"] - want.high) < 0.05 * se
+  assert abs(got["difference"] - (after - before).mean()) < 1e-12
+  assert stack_table.paired_bootstrap(before, before) == {"difference": 0.0, "low": 0.0, "high": 0.0}
 
 
 @pytest.mark.parametrize("gained,lost,same", [(0, 0, 5), (7, 2, 11), (30, 12, 300), (1, 0, 0), (40, 40, 3)])

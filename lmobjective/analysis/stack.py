@@ -1,5 +1,6 @@
-"""What each stage of an objective stack changed: one table, a row per stage (pretrained, sft, dpo, ppo),
-and the RLHF branch's own figures (`reward_model_row`, `ppo_row`).
+"""What each stage of an objective stack changed: one table, a row per stage (pretrained, sft, dpo, ppo,
+rloo), one of every policy on the RL stages' held-out prompts (`policy_scores`, `policy_rows`), and the
+RLHF branch's own figures (`reward_model_row`, `rl_row`).
 
 Every stage's model is scored on the same three held-out sets, whatever it was trained on:
   * `pretrain_val_loss`: the pretraining run's validation rows (its sources, its eval batches),
@@ -13,6 +14,12 @@ need the reference, so only the DPO stage has them). When the pairs are `stdlib_
 breaks the preference accuracy down by the kind of negative (`data/stdlib_negatives.py`), and
 `comparisons` says whether a stage's raw preference accuracy differs from the stage before it by more
 than chance: on the same pairs, an exact McNemar test of the pairs only one of the two ranks right.
+
+The policy table answers each held-out prompt of an RL stage with every policy from SFT on (DPO's,
+PPO's, RLOO's) and scores the answers with that stage's own reward terms: the gold reward it watches,
+the proxy (its reward model) it optimises, pass@1 (a greedy answer with gold 1), and the KL to the
+reference (SFT) the RL stages pay for it; each against SFT on the same prompts, with a paired bootstrap
+interval for the rewards and an exact McNemar test for pass@1.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import os
 import math
 import tempfile
 
+import ml_collections
 import numpy as np
 
 from lmobjective import files
@@ -76,7 +84,7 @@ def mcnemar(before_P: np.ndarray, after_P: np.ndarray) -> dict:
           "difference": (gained - lost) / max(len(after_P), 1), "p_value": p}
 
 
-PARENTS = {"sft": "pretrained", "dpo": "sft", "ppo": "sft"}  # the stage each one starts from
+PARENTS = {"sft": "pretrained", "dpo": "sft", "ppo": "sft", "rloo": "sft"}  # the stage each one starts from
 
 
 def comparisons(table: list[dict], parents: dict[str, str] | None = None) -> list[dict]:
@@ -149,30 +157,115 @@ def reward_model_row(workdir: str) -> dict:
           "val_num_pairs": last.get("val_num_pairs")}
 
 
-def ppo_row(workdir: str) -> dict:
-  """The PPO stage from its metrics: held-out reward (greedy, and sampled at rl.temperature) before the
-  first update and after the last, and the train lines' score and KL to the reference at both ends."""
+def rl_row(workdir: str) -> dict:
+  """An RL stage (PPO, RLOO) from its metrics: held-out reward (greedy, and sampled at rl.temperature)
+  before the first update and after the last, and the train lines' score and KL to the reference at both ends."""
   from lmobjective.run.metrics_log import read_metrics
   records = read_metrics(workdir)
   evals, train = [r for r in records if "val_reward_sampled" in r], [r for r in records if "objective/kl" in r]
   keys = ("objective/scores", "objective/kl", "objective/kl_full", "val/var_explained")
-  return {"stage": "ppo", "step": train[-1]["step"], "first_step": train[0]["step"],
+  return {"stage": os.path.basename(os.path.normpath(workdir)), "step": train[-1]["step"],
+          "first_and_last": (train[0]["step"], train[-1]["step"]),
           "val_reward_greedy": (evals[0]["val_reward_greedy"], evals[-1]["val_reward_greedy"]),
           "val_reward_sampled": (evals[0]["val_reward_sampled"], evals[-1]["val_reward_sampled"]),
           **{k: (train[0].get(k), train[-1].get(k)) for k in keys}, "eval_steps": (evals[0]["step"], evals[-1]["step"])}
 
 
-def rlhf_markdown(rm: dict, ppo: dict) -> str:
-  a, b = ppo["eval_steps"]
-  s, e = ppo["first_step"], ppo["step"]
+def rlhf_markdown(rm: dict, rl_rows: list[dict]) -> str:
+  """The reward model's line, then a column pair (start, end) per RL stage of `rl_rows` (`rl_row`)."""
+  head = "| | " + " | ".join(f"{r['stage']} start | {r['stage']} end" for r in rl_rows) + " |\n"
+  row = lambda label, key: f"| {label} | " + " | ".join(f"{_cell(r[key][0])} | {_cell(r[key][1])}" for r in rl_rows) + " |\n"
   return (f"reward model (step {rm['step']}): held-out accuracy {rm['accuracy']:.4f} on {rm['num_pairs']} pairs, "
           f"mean margin {rm['margin']:.4f}, loss {rm['loss']:.4f} (its last val line: accuracy "
           f"{_cell(rm['val_accuracy'])} on its {rm['val_num_pairs']} eval pairs)\n\n"
-          "| ppo | start | end |\n|---|---|---|\n"
-          f"| held-out reward, greedy (steps {a} → {b}) | {_cell(ppo['val_reward_greedy'][0])} | {_cell(ppo['val_reward_greedy'][1])} |\n"
-          f"| held-out reward, sampled | {_cell(ppo['val_reward_sampled'][0])} | {_cell(ppo['val_reward_sampled'][1])} |\n"
-          + "".join(f"| train {k} (lines {s} → {e}) | {_cell(ppo[k][0])} | {_cell(ppo[k][1])} |\n"
-                    for k in ("objective/scores", "objective/kl", "objective/kl_full", "val/var_explained")))
+          + head + "|---|" + "---|---|" * len(rl_rows) + "\n"
+          + row("steps of the held-out evals", "eval_steps") + row("train lines", "first_and_last")
+          + row("held-out reward, greedy", "val_reward_greedy") + row("held-out reward, sampled", "val_reward_sampled")
+          + "".join(row(f"train {k}", k) for k in ("objective/scores", "objective/kl", "objective/kl_full", "val/var_explained")))
+
+
+# ---- every policy on the RL stages' held-out prompts ---------------------------------------------------
+
+
+def _raw_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config `workdir`'s newest checkpoint was trained with, as the run read it (the raw ConfigDict)."""
+  from lmobjective.run import checkpoint as ckpt_lib
+  mngr = ckpt_lib.make_manager(workdir, read_only=True)
+  try:
+    found = ckpt_lib.latest_config(mngr)
+  finally:
+    ckpt_lib.close(mngr)
+  if found is None:
+    raise FileNotFoundError(f"no readable checkpoint in {workdir}")
+  return ml_collections.ConfigDict(ckpt_lib.with_added_keys(found[1]))
+
+
+POLICY_STREAM = -2  # rollout.EVAL_STREAM + this: the policy table's samples, never an RL eval's or a training iteration's
+
+
+def policy_scores(rl_workdir: str, workdirs: dict[str, str], probe: str) -> dict[str, dict[str, np.ndarray]]:
+  """Each stage of `workdirs` as a policy on the held-out prompts of the RL run in `rl_workdir`, scored by
+  that run's reward terms exactly as its eval lines score them (`rollout.eval_scores`, one stream for
+  every stage, so stages answer with the same random numbers): per prompt [P], `gold_greedy` (the
+  weight-0 term it watches, on the greedy answer), `gold`, `proxy` (the reward-model term) and `kl` (the
+  full-distribution KL(π‖π_ref) summed over each response, π_ref the RL run's reference: its
+  init_from), each the mean over rl.eval_samples sampled answers. `probe` is a scratch workdir."""
+  import jax
+
+  from lmobjective.run import rollout, scorer
+  rlx = rollout.build(_raw_config(rl_workdir), probe)
+  names, weights = rlx.rewards.names, rlx.rewards.weights_F
+  (gold,) = [n for n, w in zip(names, weights) if w == 0 and n != scorer.TERM]
+  stream = rollout.EVAL_STREAM + POLICY_STREAM
+  out = {}
+  for stage, w in workdirs.items():
+    params = {k: v for k, v in inspection.restore(w).params.items() if k != "score_head"}  # PPO's value head
+    params = jax.device_put(params, rlx.ms.params_sharding)
+    greedy = rollout.eval_scores(rlx, params, rlx.eval_prompts, greedy=True, stream=stream)
+    sampled = rollout.eval_scores(rlx, params, rlx.eval_prompts, greedy=False, stream=stream, with_kl=True,
+                                  samples_per_prompt=rlx.config.rl.eval_samples)
+    out[stage] = {"gold_greedy": greedy.per_term[gold][:, 0], "gold": sampled.per_term[gold].mean(1),
+                  "proxy": sampled.per_term[scorer.TERM].mean(1), "kl": sampled.kl_full.mean(1)}
+  return out
+
+
+def paired_bootstrap(before_P, after_P, resamples: int = 10_000, level: float = 0.95, seed: int = 0) -> dict:
+  """The mean of after − before over P paired items and its percentile bootstrap interval (items
+  resampled with replacement, `resamples` times)."""
+  diff_P = np.asarray(after_P, np.float64) - np.asarray(before_P, np.float64)
+  idx = np.random.default_rng(seed).integers(0, len(diff_P), (resamples, len(diff_P)))
+  low, high = np.quantile(diff_P[idx].mean(1), [(1 - level) / 2, (1 + level) / 2])
+  return {"difference": float(diff_P.mean()), "low": float(low), "high": float(high)}
+
+
+def policy_rows(scores: dict[str, dict[str, np.ndarray]], against: str = "sft") -> list[dict]:
+  """A row per stage of `policy_scores`: the means, pass@1 (the share of prompts whose greedy answer
+  scores gold 1: for summary F1, the summary's words exactly), and against the `against` stage
+  (the same prompts): `paired_bootstrap` of the gold and the proxy reward, an exact `mcnemar` of pass@1."""
+  base = scores[against]
+  out = []
+  for stage, s in scores.items():
+    row = {"stage": stage, "num_prompts": len(s["gold"]), "gold_greedy": float(s["gold_greedy"].mean()),
+           "pass@1": float((s["gold_greedy"] >= 1.0).mean()), "gold": float(s["gold"].mean()),
+           "proxy": float(s["proxy"].mean()), "kl": float(s["kl"].mean())}
+    if stage != against:
+      row.update({"gold_vs": paired_bootstrap(base["gold"], s["gold"]), "proxy_vs": paired_bootstrap(base["proxy"], s["proxy"]),
+                  "pass@1_vs": mcnemar(base["gold_greedy"] >= 1.0, s["gold_greedy"] >= 1.0)})
+    out.append(row)
+  return out
+
+
+def policy_markdown(table: list[dict], against: str = "sft") -> str:
+  interval = lambda c: f"{c['difference']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]"
+  lines = ["| policy | prompts | gold, greedy | pass@1 | gold, sampled | proxy, sampled | KL to the reference | "
+           f"gold − {against} [95% CI] | proxy − {against} [95% CI] | pass@1 vs {against}: McNemar p |",
+           "|---|" + "---|" * 9]
+  for r in table:
+    vs = (f"{interval(r['gold_vs'])} | {interval(r['proxy_vs'])} | {r['pass@1_vs']['p_value']:.2g}"
+          if "gold_vs" in r else "– | – | –")
+    lines.append(f"| {r['stage']} | {r['num_prompts']} | {r['gold_greedy']:.4f} | {r['pass@1']:.4f} | {r['gold']:.4f} | "
+                 f"{r['proxy']:.4f} | {r['kl']:.4f} | {vs} |")
+  return "\n".join(lines) + "\n"
 
 
 def _cell(v) -> str:
