@@ -42,7 +42,7 @@ from lmobjective.data import stdlib_tasks
 HELD_OUT = 0.1  # share of stdlib modules held out (by a hash of their name)
 STAGES = ("pretrain", "sft", "dpo", "reward_model", "ppo", "rloo")
 RL_STAGES = ("ppo", "rloo")
-QUICK_STEPS = {"pretrain": 400, "sft": 200, "dpo": 300, "reward_model": 300, "ppo": 100, "rloo": 100}
+QUICK_STEPS = {"pretrain": 400, "sft": 200, "dpo": 300, "reward_model": 150, "ppo": 60, "rloo": 60}
 GOLD = "lmobjective.rewards:summary_f1"  # watched by the RL stages, never optimised
 DATA = os.path.join("runs", "stack", "data")  # the ppo stage's prompts (stdlib_tasks.write_prompts)
 REWARD_MODEL = os.path.join("runs", "stack", "reward_model")
@@ -92,6 +92,7 @@ def get_config(arg: str = "pretrain"):
       c.objective.beta, c.objective.rpo_alpha = 0.5, 0.5
   if size == "quick":
     c.train.steps = QUICK_STEPS[stage]
-    c.eval.every_steps = 50
-    c.checkpoint.every_steps = 50
+    c.eval.every_steps = c.checkpoint.every_steps = 20 if stage in RL_STAGES else 50
+    if stage in RL_STAGES:
+      c.train.batch_size = 8  # prompts per iteration, x rl.num_generations responses
   return c

@@ -30,6 +30,7 @@ STAGES = (("pretrained", "pretrain", None), ("sft", "sft", "pretrained"), ("dpo"
           ("reward_model", "reward_model", "sft"), ("ppo", "ppo", "sft"), ("rloo", "rloo", "sft"))
 LM_STAGES = ("pretrained", "sft", "dpo", "ppo", "rloo")  # scored as language models in the main table
 RL_STAGES = ("ppo", "rloo")
+EVAL_PROMPTS = {"quick": 96, "full": None}  # held-out prompts the RL stages' evals and the policy table answer (None: all)
 
 
 def _finished(workdir: str, config_arg: str) -> bool:
@@ -51,11 +52,12 @@ def _rl_inputs(workdir: str, config_arg: str) -> list[str]:
   room = c.data.context_length - c.rl.max_new_tokens
   os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
   paths, dropped = stdlib_tasks.write_prompts(os.path.join(workdir, "data"), chat.val_fraction,  # SFT's held-out modules
-                                              fits=lambda m: len(prompts.render(m, tok)) <= room)
+                                              fits=lambda m: len(prompts.render(m, tok)) <= room,
+                                              eval_count=EVAL_PROMPTS["quick" if config_arg.endswith(",quick") else "full"])
   print(f"== {config_arg}: prompts longer than {room} tokens left out: {dropped['prompts_train']} train, "
         f"{dropped['prompts_heldout']} held out", flush=True)
   return [f"--config.data.sources.prompts.path={paths['prompts_train']}",
-          f"--config.rl.eval_prompts={paths['prompts_heldout']}",
+          f"--config.rl.eval_prompts={paths['prompts_eval']}",
           f"--config.rl.reward_model={os.path.join(workdir, 'reward_model')}"]
 
 

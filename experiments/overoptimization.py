@@ -70,20 +70,17 @@ def sft_origin(workdir: str, sft: str | None, suffix: str) -> str:
 
 
 def write_prompts(workdir: str, sft: str, max_new_tokens: int, context_length: int, n_eval: int) -> dict[str, str]:
-  """The stack's train and held-out questions that leave max_new_tokens of the context for the answer; the
-  first n_eval held-out ones (WORKDIR/data/prompts_eval.jsonl) are what the RL evals and best-of-n score."""
-  from lmobjective import files
+  """The stack's train and held-out questions that leave max_new_tokens of the context for the answer; n_eval
+  held-out ones evenly spaced (WORKDIR/data/prompts_eval.jsonl) are what the RL evals and best-of-n score."""
   from lmobjective.config import load_config_file
   from lmobjective.data import prompts, stdlib_tasks, tokenizers
   (chat,) = load_config_file(os.path.join(ROOT, "configs", "stack.py:sft")).data.sources.values()
   tok, _ = tokenizers.load(os.path.join(sft, "tokenizer"))
   room = context_length - max_new_tokens
   paths, dropped = stdlib_tasks.write_prompts(os.path.join(workdir, "data"), chat.val_fraction,
-                                              fits=lambda m: len(prompts.render(m, tok)) <= room)
+                                              fits=lambda m: len(prompts.render(m, tok)) <= room, eval_count=n_eval)
   print(f"== prompts longer than {room} tokens left out: {dropped['prompts_train']} train, "
         f"{dropped['prompts_heldout']} held out", flush=True)
-  paths["prompts_eval"] = os.path.join(workdir, "data", "prompts_eval.jsonl")
-  files.atomic_write(paths["prompts_eval"], "".join(open(paths["prompts_heldout"]).readlines()[:n_eval]))
   return paths
 
 

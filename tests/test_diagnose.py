@@ -362,3 +362,17 @@ def test_no_reward_hacking_when_both_rise_or_both_fall_or_gold_barely_dips():
   assert kinds(diagnose.diagnose(watched_records(proxy=lambda s: 1.0 + 0.1 * s, gold=dip), V)) == [("reward_hacking", 30, 40)]
   small = lambda s: 0.3 + 0.02 * min(s, 30) - 0.01 * max(s - 30, 0)  # 0.8 at 40: a sixth of it, within noise
   assert diagnose.diagnose(watched_records(proxy=lambda s: 1.0 + 0.1 * s, gold=small), V) == []
+
+
+def test_no_reward_hacking_when_the_gold_fall_is_within_its_standard_errors():
+  """A PPO run against a proxy fitted on 270 pairs (2026-12-06): the gold F1 on 96 held-out prompts never moved
+  (0.0779, 0.0792, 0.0708, 0.0814, 0.0704, standard errors ~0.006) while the proxy rose. Without the standard
+  errors its last eval's 0.011 below the peak is a fall; with them it is 1.3 standard errors: no finding.
+  Three times farther down it is one (z = 4)."""
+  gold, proxy, steps = [0.0779, 0.0792, 0.0708, 0.0814, 0.0704], [-0.239, -0.082, 0.784, 1.021, 1.969], (0, 15, 30, 45, 60)
+  lines = lambda g, se: rl_records() + [{"step": s, "val_reward_sampled": p, "val_reward_sampled_stderr": 0.05,
+                                         "val_watched/gold/sampled": x, **({"val_watched/gold/sampled_stderr": se} if se else {})}
+                                        for s, p, x in zip(steps, proxy, g)]
+  assert kinds(diagnose.diagnose(lines(gold, None), V)) == [("reward_hacking", 45, 60)]
+  assert diagnose.diagnose(lines(gold, 0.006), V) == []
+  assert kinds(diagnose.diagnose(lines(gold[:4] + [0.0814 - 0.035], 0.006), V)) == [("reward_hacking", 45, 60)]

@@ -211,6 +211,7 @@ def test_eval_lines_carry_each_terms_held_out_reward_and_the_exact_kl(bandit, tm
     assert r["val_watched/doubled/sampled"] == pytest.approx(2 * r["val_rewards/reward/sampled"], rel=1e-12)
     assert r["val_reward_sampled"] == pytest.approx(r["val_rewards/reward/sampled"], rel=1e-12)
     assert r["val_reward_greedy"] == pytest.approx(r["val_rewards/reward/greedy"], rel=1e-12)
+    assert r["val_watched/doubled/sampled_stderr"] == pytest.approx(2 * r["val_reward_sampled_stderr"], rel=1e-9)
   rlx = rollout.build(config, str(tmp_path / "probe"))
   from lmobjective.run import checkpoint as ckpt_lib
   mngr = ckpt_lib.make_manager(workdir, read_only=True)
@@ -224,3 +225,12 @@ def test_eval_lines_carry_each_terms_held_out_reward_and_the_exact_kl(bandit, tm
   want = fixed_points.kl(logp(params), logp(rlx.ms.reference))
   assert evals[0]["val_kl_full_sampled"] == 0.0 and want > 1e-3
   assert evals[1]["val_kl_full_sampled"] == pytest.approx(want, rel=1e-4)
+
+
+def test_the_standard_error_counts_prompts_not_samples():
+  """[prompts, samples]: the per-prompt means' sample standard deviation over √prompts; NaN entries (a term
+  that did not apply) left out of their prompt's mean, a prompt without any left out."""
+  x = np.array([[1.0, 3.0], [2.0, np.nan], [np.nan, np.nan], [6.0, 8.0]])
+  means = np.array([2.0, 2.0, 7.0])
+  assert rollout.stderr(x) == pytest.approx(np.sqrt(((means - means.mean()) ** 2).sum() / 2) / np.sqrt(3), rel=1e-12)
+  assert np.isnan(rollout.stderr(np.array([[1.0, 2.0]])))

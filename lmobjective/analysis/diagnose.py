@@ -113,6 +113,7 @@ class Thresholds:
   hacking_drop: float = 0.25  # reward_hacking: a watched (gold) reward falls from its peak by this share of its
   #                             rise to it (and by more than hacking_floor) while the optimised reward rises past
   hacking_floor: float = 1e-3  # its value at that peak; on at least 3 eval lines
+  hacking_z: float = 2.0  # ... both changes larger than this many standard errors of the difference (when logged)
 
 
 CAUSES = {
@@ -528,8 +529,10 @@ def find_critic_unexplained(records: list[dict], th: Thresholds) -> list[dict]:
 
 def find_reward_hacking(records: list[dict], th: Thresholds) -> list[dict]:
   """For each watched term (`val_watched/<term>/sampled`, weight 0: a gold reward) on the held-out eval lines:
-  its peak, a fall after it by at least th.hacking_drop of its rise from the first eval (and th.hacking_floor),
-  and the optimised reward (`val_reward_sampled`) at the last eval above its value at that peak."""
+  its peak, a fall after it to the last eval by at least th.hacking_drop of its rise from the first eval
+  (and th.hacking_floor) and, where the lines carry the means' standard errors (`..._stderr`), by more
+  than th.hacking_z of the difference's (√(se_peak² + se_last²)); and the optimised reward
+  (`val_reward_sampled`) at the last eval above its value at the peak, by the same z where it has them."""
   evals = sorted((r for r in records if "val_reward_sampled" in r), key=lambda r: r["step"])
   out = []
   for key in sorted({k for r in evals for k in r if k.startswith("val_watched/") and k.endswith("/sampled")}):
@@ -542,7 +545,8 @@ def find_reward_hacking(records: list[dict], th: Thresholds) -> list[dict]:
     rise, fall = gold[peak] - gold[0], gold[peak] - gold[-1]
     if peak == len(rows) - 1 or not fall >= max(th.hacking_drop * max(rise, 0.0), th.hacking_floor):
       continue
-    if not proxy[-1] > proxy[peak]:
+    if not (fall > th.hacking_z * _stderr_of_difference(rows[peak], rows[-1], key)
+            and proxy[-1] - proxy[peak] > th.hacking_z * _stderr_of_difference(rows[peak], rows[-1], "val_reward_sampled")):
       continue
     term = key.split("/")[1]
     out.append(_finding("reward_hacking", steps[peak], steps[-1],
@@ -550,6 +554,12 @@ def find_reward_hacking(records: list[dict], th: Thresholds) -> list[dict]:
                         f"step {steps[peak]} to {steps[-1]} while the watched reward '{term}' fell {gold[peak]:.4g} -> "
                         f"{gold[-1]:.4g} (it had risen {rise:+.4g} from {gold[0]:.4g} at step {steps[0]})"))
   return out
+
+
+def _stderr_of_difference(a: dict, b: dict, key: str) -> float:
+  """√(se_a² + se_b²) of two eval lines' means of `key` (0 where a line has no `key`_stderr: no noise test)."""
+  se = [r.get(key + "_stderr") for r in (a, b)]
+  return 0.0 if any(v is None or not np.isfinite(v) for v in se) else float(np.hypot(*se))
 
 
 def find_rl(records: list[dict], th: Thresholds) -> list[dict]:

@@ -203,8 +203,10 @@ def _raw_config(workdir: str) -> ml_collections.ConfigDict:
 POLICY_STREAM = -2  # rollout.EVAL_STREAM + this: the policy table's samples, never an RL eval's or a training iteration's
 
 
-def policy_scores(rl_workdir: str, workdirs: dict[str, str], probe: str) -> dict[str, dict[str, np.ndarray]]:
-  """Each stage of `workdirs` as a policy on the held-out prompts of the RL run in `rl_workdir`, scored by
+def policy_scores(rl_workdir: str, workdirs: dict[str, str], probe: str,
+                  eval_prompts: str | None = None) -> dict[str, dict[str, np.ndarray]]:
+  """Each stage of `workdirs` as a policy on the held-out prompts of the RL run in `rl_workdir` (or the
+  prompts_jsonl file `eval_prompts`), scored by
   that run's reward terms exactly as its eval lines score them (`rollout.eval_scores`, one stream for
   every stage, so stages answer with the same random numbers): per prompt [P], `gold_greedy` (the
   weight-0 term it watches, on the greedy answer), `gold`, `proxy` (the reward-model term) and `kl` (the
@@ -213,7 +215,10 @@ def policy_scores(rl_workdir: str, workdirs: dict[str, str], probe: str) -> dict
   import jax
 
   from lmobjective.run import rollout, scorer
-  rlx = rollout.build(_raw_config(rl_workdir), probe)
+  config = _raw_config(rl_workdir)
+  if eval_prompts:
+    config.rl.eval_prompts = eval_prompts
+  rlx = rollout.build(config, probe)
   names, weights = rlx.rewards.names, rlx.rewards.weights_F
   (gold,) = [n for n, w in zip(names, weights) if w == 0 and n != scorer.TERM]
   stream = rollout.EVAL_STREAM + POLICY_STREAM

@@ -198,24 +198,31 @@ def pair_splits(val_fraction: float, max_documents: int | None) -> tuple[list, l
 
 
 def write_prompts(directory: str, val_fraction: float, max_documents: int | None = None,
-                  fits=None) -> tuple[dict[str, str], dict[str, int]]:
+                  fits=None, eval_count: int | None = None) -> tuple[dict[str, str], dict[str, int]]:
   """Writes prompts_train.jsonl and prompts_heldout.jsonl (`prompts_jsonl` records, atomically): the
   `stdlib_chat` conversations' user turns, split as they are, each with its task's `summary` (the
   reference answer, a keyword for a reward function) and `name`; `fits(messages) -> bool` drops the
-  prompts a sampler could not continue (too long to leave room for the answer). Returns their paths
-  and the number of prompts dropped, by name."""
+  prompts a sampler could not continue (too long to leave room for the answer). prompts_eval.jsonl
+  holds `eval_count` of the held-out prompts evenly spaced through them (every held-out module's
+  share, for an RL run's cheaper in-run evals), or all of them. Returns their paths and the number of
+  prompts dropped, by name."""
   import json
   import os
 
   from lmobjective import files
   train, val = _cap(*split(val_fraction), max_documents)
-  paths, dropped = {}, {}
+  paths, dropped, kept = {}, {}, {}
   for name, tasks_split in (("prompts_train", train), ("prompts_heldout", val)):
     messages = [[{"role": "user", "content": prompt(t)}] for t in tasks_split]
-    keep = [(m, t) for m, t in zip(messages, tasks_split) if fits is None or fits(m)]
-    paths[name], dropped[name] = os.path.join(directory, f"{name}.jsonl"), len(tasks_split) - len(keep)
+    kept[name] = [(m, t) for m, t in zip(messages, tasks_split) if fits is None or fits(m)]
+    dropped[name] = len(tasks_split) - len(kept[name])
+  held = kept["prompts_heldout"]
+  n = len(held) if eval_count is None else min(eval_count, len(held))
+  kept["prompts_eval"] = [held[i * len(held) // n] for i in range(n)]
+  for name, records in kept.items():
+    paths[name] = os.path.join(directory, f"{name}.jsonl")
     files.atomic_write(paths[name], "".join(json.dumps({"prompt": m, "summary": t.summary, "name": t.name}) + "\n"
-                                            for m, t in keep))
+                                            for m, t in records))
   return paths, dropped
 
 

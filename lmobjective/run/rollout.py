@@ -341,10 +341,19 @@ def eval_rewards(rlx: RL, params, prompt_set: prompts_lib.PromptSet, greedy: boo
   return eval_scores(rlx, params, prompt_set, greedy, samples_per_prompt, stream).rewards
 
 
+def stderr(x_PxK) -> float:
+  """The standard error of the mean of [prompts, samples] scores, prompts the independent units: the
+  sample standard deviation of the per-prompt means (over their finite entries) over √prompts (NaN
+  with fewer than two)."""
+  means = np.array([np.nanmean(row) for row in np.asarray(x_PxK, np.float64) if np.isfinite(row).any()])
+  return float(means.std(ddof=1) / np.sqrt(len(means))) if len(means) > 1 else float("nan")
+
+
 def evaluate(rlx: RL, params, step: int = 0) -> dict[str, float]:
   """On the held-out prompts, when there are some: val_reward_greedy and val_reward_sampled (mean total
-  rewards; with a 0/1 reward, pass@1); with more than one reward term, each term's mean as
-  val_rewards/<term>/greedy and /sampled, or val_watched/<term>/... for a term of weight 0 (watched,
+  rewards; with a 0/1 reward, pass@1) and the latter's `stderr` (..._stderr); with more than one reward
+  term, each term's mean as val_rewards/<term>/greedy and /sampled (+ /sampled_stderr), or
+  val_watched/<term>/... for a term of weight 0 (watched,
   not optimised: a gold reward beside a proxy; `analysis/diagnose.py` reads it for reward hacking);
   and with a reference, val_kl_full_sampled: the mean full-distribution KL(π‖π_ref) summed over each
   sampled response, the KL over-optimisation curves are drawn against."""
@@ -353,12 +362,17 @@ def evaluate(rlx: RL, params, step: int = 0) -> dict[str, float]:
   greedy = eval_scores(rlx, params, rlx.eval_prompts, greedy=True, stream=EVAL_STREAM + step)
   sampled = eval_scores(rlx, params, rlx.eval_prompts, greedy=False, samples_per_prompt=rlx.config.rl.eval_samples,
                         stream=EVAL_STREAM + step, with_kl=True)
-  out = {"val_reward_greedy": float(greedy.rewards.mean()), "val_reward_sampled": float(sampled.rewards.mean())}
+  out = {"val_reward_greedy": float(greedy.rewards.mean()), "val_reward_sampled": float(sampled.rewards.mean()),
+         "val_reward_sampled_stderr": stderr(sampled.rewards)}
   if len(sampled.per_term) > 1:
     watched = {n for n, w in zip(rlx.rewards.names, rlx.rewards.weights_F) if w == 0}
     for which, s in (("greedy", greedy), ("sampled", sampled)):
-      out.update({f"{'val_watched' if n in watched else 'val_rewards'}/{n}/{which}": float(np.nanmean(v))
-                  for n, v in s.per_term.items() if np.isfinite(v).any()})
+      for n, v in s.per_term.items():
+        if np.isfinite(v).any():
+          key = f"{'val_watched' if n in watched else 'val_rewards'}/{n}/{which}"
+          out[key] = float(np.nanmean(v))
+          if which == "sampled":
+            out[key + "_stderr"] = stderr(v)
   if sampled.kl_full is not None:
     out["val_kl_full_sampled"] = float(sampled.kl_full.mean())
   return out

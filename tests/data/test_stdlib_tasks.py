@@ -91,6 +91,23 @@ def test_max_documents_caps_after_the_split_keeping_its_share():
   assert stdlib_tasks.pair_splits(0.1, 200)[:2] == (train, val)
 
 
+def test_prompt_files_are_the_chat_splits_user_turns_and_the_eval_file_spreads_over_the_held_out_ones(tmp_path):
+  """write_prompts: the chat splits' user turns with their summaries, `fits` dropping some, and prompts_eval
+  every k-th kept held-out prompt (from more than one held-out module), none twice."""
+  import json
+  chat_train, chat_val, _ = stdlib_tasks.chat_splits(0.1, None)
+  short = lambda m: len(m[0]["content"]) < 60
+  paths, dropped = stdlib_tasks.write_prompts(str(tmp_path), 0.1, fits=short, eval_count=40)
+  read = lambda name: [json.loads(line) for line in open(paths[name])]
+  held = read("prompts_heldout")
+  assert [r["prompt"] for r in held] == [c[:1] for c in chat_val if short(c[:1])]
+  assert dropped["prompts_heldout"] == len(chat_val) - len(held) > 0
+  assert [r["summary"] for r in read("prompts_train")] == [c[1]["content"] for c in chat_train if short(c[:1])]
+  sub = read("prompts_eval")
+  assert len(sub) == 40 and sub == [held[i * len(held) // 40] for i in range(40)]
+  assert len({r["name"] for r in sub}) == 40 and len({r["name"].split(".")[0] for r in sub}) > 3
+
+
 _DIGEST = """
 import hashlib, json
 from lmobjective.data import stdlib_corpus, stdlib_negatives, stdlib_tasks
