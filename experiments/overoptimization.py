@@ -7,11 +7,12 @@
    (`rewards.summary_f1`, word F1 against the docstring summary) labels each pair by Bradley–Terry,
    P(a ≻ b) = σ((g_a − g_b)/τ); WORKDIR/data/pairs_{small,large}.jsonl hold the first quarter and all of them.
 2. Two proxy reward models (`configs/overoptimization.py:proxy`) are fitted to them from the SFT model.
-3. PPO and RLOO against the large proxy at each β of BETAS, and PPO against the small one at the first,
+3. PPO and RLOO against the large proxy (quick: at β 0.02; full: 0.01, 0.03, 0.1), and the runs that
+   optimise hard (β 0.001, learning rate 3e-4: PPO against the small proxy; full: the large one too),
    watching the gold reward (weight 0): every eval line has the held-out proxy and gold rewards and
    val_kl_full_sampled (the full-distribution KL of the sampled responses).
 4. Best-of-n, the baseline without training: M reference samples per held-out question scored by the large
-   proxy and by gold; for n = 1…64 the exact KL (`analysis/overoptimization.py`) and the kept response's rewards.
+   proxy and by gold; for n = 1, 2, 4, … up to M/4 the exact KL (`analysis/overoptimization.py`) and the kept response's rewards.
 5. The curves (gold and proxy, each minus its value at the reference, against d = √KL) in
    WORKDIR/overoptimization.png, Gao et al.'s forms fitted (d(α − β log d) for RL, d(α − β d) for best-of-n)
    with their coefficients in WORKDIR/overoptimization.md, and each RL run's reward_hacking finding.
@@ -30,12 +31,17 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SIZES = {  # train questions labelled; held-out questions the RL evals and best-of-n score; best-of-n samples each
-    "quick": {"pairs": 1200, "eval_prompts": 96, "bon_samples": 64, "betas": (0.02, 0.1)},
-    "full": {"pairs": 3600, "eval_prompts": 405, "bon_samples": 256, "betas": (0.01, 0.03, 0.1)},
+HARD = 3e-4  # the learning rate of the runs that optimise hard (the stages' own is 1e-4)
+SIZES = {  # train questions labelled; held-out questions the RL evals and best-of-n score; best-of-n samples each;
+    #        the RL runs (kind, proxy, β, learning rate)
+    "quick": {"pairs": 1200, "eval_prompts": 96, "bon_samples": 64,
+              "runs": (("ppo", "large", 0.02, 1e-4), ("rloo", "large", 0.02, 1e-4), ("ppo", "small", 0.001, HARD))},
+    "full": {"pairs": 3600, "eval_prompts": 405, "bon_samples": 256,
+             "runs": tuple((k, "large", b, 1e-4) for b in (0.01, 0.03, 0.1) for k in ("ppo", "rloo"))
+             + (("ppo", "large", 0.001, HARD), ("ppo", "small", 0.001, HARD))},
 }
 TAU = 0.1  # Bradley–Terry temperature of the gold labels (F1 differences are in [-1, 1])
-NS = (1, 2, 4, 8, 16, 32, 64)
+NS = (1, 2, 4, 8, 16, 32, 64)  # best-of-n's n, those with at least 4n reference samples per question (m >> n)
 BON_CHUNK = 8  # held-out questions sampled together for best-of-n
 CONFIG = os.path.join(ROOT, "configs", "overoptimization.py")
 
@@ -118,10 +124,10 @@ def label_pairs(workdir: str, sft: str, prompts_path: str, n_pairs: int, max_new
   return out
 
 
-def rl_runs(size: dict) -> list[tuple[str, str, str, float]]:
-  """(name, kind, proxy, β) of every RL run."""
-  runs = [(f"{kind}_large_b{b:g}", kind, "large", b) for b in size["betas"] for kind in ("ppo", "rloo")]
-  return runs + [(f"ppo_small_b{size['betas'][0]:g}", "ppo", "small", size["betas"][0])]
+def rl_runs(size: dict) -> list[tuple[str, str, str, float, float]]:
+  """(name, kind, proxy, β, learning rate) of every RL run."""
+  return [(f"{kind}_{proxy}_b{beta:g}" + (f"_lr{lr:g}" if lr != 1e-4 else ""), kind, proxy, beta, lr)
+          for kind, proxy, beta, lr in size["runs"]]
 
 
 def best_of_n(workdir: str, config_arg: str, sft: str, proxy: str, paths: dict, size: dict) -> list[dict]:
@@ -134,8 +140,9 @@ def best_of_n(workdir: str, config_arg: str, sft: str, proxy: str, paths: dict, 
   from lmobjective.data import prompts as prompts_lib
   from lmobjective.run import rollout
   cache = os.path.join(workdir, "best_of_n.json")
+  ns = [n for n in NS if 4 * n <= size["bon_samples"]]
   if os.path.exists(cache):
-    return json.load(open(cache))
+    return [p for p in json.load(open(cache)) if p["n"] in ns]
   c = config_lib.load_config_file(f"{CONFIG}:{config_arg}")
   for key, value in (("train.init_from", sft), ("rl.reward_model", proxy), ("data.sources.prompts.path", paths["prompts_train"]),
                      ("rl.eval_prompts", paths["prompts_eval"])):
@@ -149,7 +156,7 @@ def best_of_n(workdir: str, config_arg: str, sft: str, proxy: str, paths: dict, 
                             stream=rollout.EVAL_STREAM - 1 - first)  # not an RL eval's samples
     proxy.append(s.per_term["reward_model"])
     gold.append(s.per_term["summary_f1"])
-  curve = overoptimization.best_of_n_curve(np.concatenate(proxy), np.concatenate(gold), NS)
+  curve = overoptimization.best_of_n_curve(np.concatenate(proxy), np.concatenate(gold), ns)
   files.atomic_write(cache, json.dumps(curve))
   return curve
 
@@ -225,9 +232,10 @@ def main() -> None:
   for which in ("small", "large"):
     _cli(f"proxy_{which}", workdir, "proxy" + suffix, f"--config.train.init_from={sft}",
          f"--config.data.sources.pairs.path={pairs[which]}")
-  for name, kind, which, beta in rl_runs(size):
+  for name, kind, which, beta, lr in rl_runs(size):
     _cli(name, workdir, kind + suffix, f"--config.train.init_from={sft}",
          f"--config.rl.reward_model={os.path.join(workdir, 'proxy_' + which)}", f"--config.objective.beta={beta}",
+         f"--config.optimizer.learning_rate={lr}",
          f"--config.data.sources.prompts.path={paths['prompts_train']}", f"--config.rl.eval_prompts={paths['prompts_eval']}")
   curves = {"best_of_n": best_of_n(workdir, "ppo" + suffix, sft, os.path.join(workdir, "proxy_large"), paths, size)}
   curves.update({name: rl_curve(os.path.join(workdir, name)) for name, *_ in rl_runs(size)})
