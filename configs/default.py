@@ -82,15 +82,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.num_heads = 4
   c.model.num_kv_heads = placeholder(int)  # None = num_heads; fewer = grouped-query attention
   c.model.embed_dim = 256
+  c.model.head_dim = placeholder(int)  # None = embed_dim // num_heads (Qwen3 and others set it apart)
   c.model.mlp_dim = placeholder(int)  # None = 4*embed_dim (gelu, relu2) or 8/3*embed_dim rounded to 64 (swiglu)
   c.model.max_len = placeholder(int)  # longest context the model supports; None = data.context_length
   c.model.vocab_size = placeholder(int)  # None = the tokenizer's vocabulary size; larger pads the embedding and head, the padded ids' logits -inf everywhere
   c.model.position = "rope"  # rope | learned
   c.model.rope_theta = 10_000.0
   c.model.norm = "rmsnorm"  # rmsnorm | layernorm
+  c.model.norm_eps = placeholder(float)  # None = 1e-6 (rmsnorm) or 1e-5 (layernorm); imported models read theirs from config.json
   c.model.mlp = "swiglu"  # swiglu | gelu | relu2 (relu(x)^2, modded-nanogpt); gelu and relu2 are ungated
   c.model.qk_norm = False  # RMSNorm of q and k per head (learned scale over head_dim, 1 at init) before rope (OLMo 2, Gemma 3)
-  c.model.use_bias = False
+  c.model.use_bias = False  # biases on every projection and LayerNorm (GPT-2)
+  c.model.attention_bias = "none"  # none | qkv (Qwen2) | qkvo (Llama's attention_bias): biases there only
+  c.model.mlp_bias = False  # biases on the MLP's projections only (Llama's mlp_bias)
   c.model.tie_embeddings = True  # False = a separate LM head
   c.model.dropout = 0.0
   c.model.init_std = 0.02

@@ -76,6 +76,13 @@ def mlp_dim(model) -> int:
   return 4 * model.embed_dim if model.mlp != "swiglu" else 64 * -(-(8 * model.embed_dim // 3) // 64)
 
 
+def norm_eps(model) -> float:
+  """The norms' epsilon of `config.model`: model.norm_eps, or when unset 1e-6 (rmsnorm) or 1e-5 (layernorm)."""
+  if model.norm_eps is not None:
+    return float(model.norm_eps)
+  return 1e-6 if model.norm == "rmsnorm" else 1e-5
+
+
 def set_dotted(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
   """`cfg.a.b = value` for key "a.b" (what --config.a.b=value does), for scripts that build configs."""
   *parents, leaf = key.split(".")
@@ -179,15 +186,19 @@ class ModelSection:
   num_heads: int
   num_kv_heads: int | None
   embed_dim: int
+  head_dim: int | None
   mlp_dim: int | None
   max_len: int | None
   vocab_size: int | None
   position: str
   rope_theta: float
   norm: str
+  norm_eps: float | None
   mlp: str
   qk_norm: bool
   use_bias: bool
+  attention_bias: str
+  mlp_bias: bool
   tie_embeddings: bool
   dropout: float
   init_std: float
@@ -345,7 +356,8 @@ ADDED_KEYS = {"train.max_skipped_fraction": 0.1, "train.dead_grad_steps": 3, "tr
               "train.init_from": None, "objective.kind": "next_token", "objective.beta": 0.1,
               "objective.label_smoothing": 0.0, "objective.simpo_gamma": 0.0, "objective.reference": "live",
               "objective.rpo_alpha": 0.0, "objective.center_rewards_coefficient": 0.0,
-              "model.qk_norm": False, "optimizer.kind": "adamw", "optimizer.decay_fraction": 0.2,
+              "model.qk_norm": False, "model.head_dim": None, "model.norm_eps": None,
+              "model.attention_bias": "none", "model.mlp_bias": False, "optimizer.kind": "adamw", "optimizer.decay_fraction": 0.2,
               "optimizer.muon_learning_rate": 0.02, "optimizer.muon_weight_decay": 0.0, "optimizer.muon_momentum": 0.95,
               # the rl section (reward maximisation): runs before it had no RL objective, so its defaults
               "rl.num_generations": 4, "rl.max_new_tokens": 32, "rl.temperature": 1.0, "rl.top_k": 0,

@@ -13,7 +13,6 @@ without axis rules the names are inert.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -38,14 +37,18 @@ class ModelConfig:
   num_heads: int
   num_kv_heads: int
   embed_dim: int
+  head_dim: int
   mlp_dim: int
   max_len: int
   position: str
   rope_theta: float
   norm: str
+  norm_eps: float
   mlp: str
   qk_norm: bool
-  use_bias: bool
+  use_bias: bool  # every projection and LayerNorm (GPT-2)
+  attention_bias: str  # none | qkv | qkvo: biases on those projections only (Qwen2, Llama's attention_bias)
+  mlp_bias: bool  # the MLP's projections only (Llama's mlp_bias)
   tie_embeddings: bool
   dropout: float
   init_std: float
@@ -54,10 +57,6 @@ class ModelConfig:
   attention: str
   remat: str
   scan_layers: bool
-
-  @property
-  def head_dim(self) -> int:
-    return self.embed_dim // self.num_heads
 
   @classmethod
   def from_config(cls, m: ModelSection, vocab_size: int,
@@ -70,9 +69,11 @@ class ModelConfig:
     padded = m.vocab_size or vocab_size
     return cls(
         vocab_size=padded, vocab_limit=vocab_size if padded > vocab_size else None, num_layers=m.num_layers, num_heads=m.num_heads,
-        num_kv_heads=m.num_kv_heads or m.num_heads, embed_dim=m.embed_dim, mlp_dim=config_lib.mlp_dim(m),
+        num_kv_heads=m.num_kv_heads or m.num_heads, embed_dim=m.embed_dim,
+        head_dim=m.head_dim or m.embed_dim // m.num_heads, mlp_dim=config_lib.mlp_dim(m),
         max_len=m.max_len if m.max_len is not None else context_length, position=m.position,
-        rope_theta=m.rope_theta, norm=m.norm, mlp=m.mlp, qk_norm=m.qk_norm, use_bias=m.use_bias,
+        rope_theta=m.rope_theta, norm=m.norm, norm_eps=config_lib.norm_eps(m), mlp=m.mlp, qk_norm=m.qk_norm,
+        use_bias=m.use_bias, attention_bias=m.attention_bias, mlp_bias=m.mlp_bias,
         tie_embeddings=m.tie_embeddings, dropout=m.dropout, init_std=m.init_std,
         param_dtype=DTYPES[m.param_dtype], compute_dtype=DTYPES[m.compute_dtype],
         attention=m.attention, remat=m.remat, scan_layers=m.scan_layers)
@@ -92,6 +93,7 @@ class Projection(nn.Module):
   features: tuple[int, ...]
   axes: tuple[str | None, ...]  # logical names: input dims then output dims
   std: float
+  bias: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -104,7 +106,7 @@ class Projection(nn.Module):
     lead, k_in = x.shape[:x.ndim - n_in], kernel.shape[:n_in]
     x2 = x.reshape(-1, int(np.prod(k_in)))
     y = (x2 @ kernel.reshape(x2.shape[1], -1)).reshape(lead + self.features)
-    if cfg.use_bias:
+    if self.bias:
       bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), self.axes[n_in:])
       y = y + self.param("bias", bias_init, self.features, cfg.param_dtype).astype(cfg.compute_dtype)
     return y
@@ -126,26 +128,29 @@ class Embed(nn.Embed):
     return jnp.take(nn.with_logical_constraint(embedding, self.lookup_axes), inputs, axis=0)
 
 
-def _dense(cfg: ModelConfig, features, axes, std, name) -> nn.Module:
+def _dense(cfg: ModelConfig, features, axes, std, name, bias: bool = False) -> nn.Module:
+  """A projection; with a bias if `bias` or `cfg.use_bias` (biases everywhere)."""
   features = features if isinstance(features, tuple) else (features,)
-  return Projection(cfg, features, axes, std, name=name)
+  return Projection(cfg, features, axes, std, bias=bias or cfg.use_bias, name=name)
 
 
 def _norm(cfg: ModelConfig, name: str) -> nn.Module:
   scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
   if cfg.norm == "rmsnorm":
-    return nn.RMSNorm(epsilon=1e-6, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
+    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
                       scale_init=scale_init, name=name)
-  return nn.LayerNorm(epsilon=1e-5, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
+  return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
                       use_bias=cfg.use_bias, scale_init=scale_init,
                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
                       name=name)
 
 
 def _head_norm(cfg: ModelConfig, name: str) -> nn.Module:
-  """RMSNorm of each head's vector (over head_dim), one learned scale per head_dim channel: QK-norm."""
+  """RMSNorm of each head's vector (over head_dim), one learned scale per head_dim channel: QK-norm. Its
+  epsilon is the blocks' own under rmsnorm (Qwen3, OLMo 2), 1e-6 under layernorm."""
   scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("head_dim",))
-  return nn.RMSNorm(epsilon=1e-6, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
+  eps = cfg.norm_eps if cfg.norm == "rmsnorm" else 1e-6
+  return nn.RMSNorm(epsilon=eps, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
                     scale_init=scale_init, name=name)
 
 
@@ -241,10 +246,10 @@ class Attention(nn.Module):
   def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT, deterministic: bool, cache: dict | None = None):
     cfg = self.cfg
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    std = cfg.init_std
-    q_BxTxNxH = _dense(cfg, (N, H), ("embed", "heads", "head_dim"), std, "query")(x_BxTxD)
-    k_BxTxKxH = _dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), std, "key")(x_BxTxD)
-    v_BxTxKxH = _dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), std, "value")(x_BxTxD)
+    std, qkv_bias = cfg.init_std, cfg.attention_bias in ("qkv", "qkvo")
+    q_BxTxNxH = _dense(cfg, (N, H), ("embed", "heads", "head_dim"), std, "query", qkv_bias)(x_BxTxD)
+    k_BxTxKxH = _dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), std, "key", qkv_bias)(x_BxTxD)
+    v_BxTxKxH = _dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), std, "value", qkv_bias)(x_BxTxD)
     if cfg.qk_norm:  # before rope, which rotates pairs of channels and so keeps each head's RMS
       q_BxTxNxH = _head_norm(cfg, "query_norm")(q_BxTxNxH)
       k_BxTxKxH = _head_norm(cfg, "key_norm")(k_BxTxKxH)
@@ -259,7 +264,8 @@ class Attention(nn.Module):
       k_BxKxHxM, v_BxKxMxH, mask_Bx1xTxM, cache = _update_cache(cache, k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT)
       out_BxTxNxH = _cached_attention(q_BxTxNxH, k_BxKxHxM, v_BxKxMxH, mask_Bx1xTxM)
     out_std = std / (2 * cfg.num_layers) ** 0.5  # GPT-2: residual projections scaled by 1/sqrt(2L)
-    out_BxTxD = _dense(cfg, cfg.embed_dim, ("heads", "head_dim", "embed"), out_std, "out")(out_BxTxNxH)
+    out_BxTxD = _dense(cfg, cfg.embed_dim, ("heads", "head_dim", "embed"), out_std, "out",
+                       cfg.attention_bias == "qkvo")(out_BxTxNxH)
     return nn.Dropout(cfg.dropout)(out_BxTxD, deterministic=deterministic), cache
 
 
@@ -270,7 +276,7 @@ class Mlp(nn.Module):
   def __call__(self, x_BxTxD, deterministic: bool):
     cfg = self.cfg
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
-    up = functools.partial(_dense, cfg, cfg.mlp_dim, ("embed", "mlp"), cfg.init_std)
+    up = lambda name: _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), cfg.init_std, name, cfg.mlp_bias)
     if cfg.mlp == "swiglu":
       h_BxTxF = nn.silu(up("gate")(x_BxTxD)) * up("up")(x_BxTxD)
     elif cfg.mlp == "relu2":  # modded-nanogpt
@@ -278,7 +284,7 @@ class Mlp(nn.Module):
     else:
       h_BxTxF = nn.gelu(up("up")(x_BxTxD), approximate=True)
     h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("batch", "seq", "mlp"))
-    out_BxTxD = _dense(cfg, cfg.embed_dim, ("mlp", "embed"), out_std, "down")(h_BxTxF)
+    out_BxTxD = _dense(cfg, cfg.embed_dim, ("mlp", "embed"), out_std, "down", cfg.mlp_bias)(h_BxTxF)
     return nn.Dropout(cfg.dropout)(out_BxTxD, deterministic=deterministic)
 
 
@@ -331,8 +337,7 @@ class Transformer(nn.Module):
       self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.num_layers)]
     self.final_norm = _norm(cfg, "final_norm")
     if not cfg.tie_embeddings:  # no bias on the head, whatever use_bias says (GPT-2 has none)
-      head_cfg = dataclasses.replace(cfg, use_bias=False)
-      self.lm_head = Projection(head_cfg, (cfg.vocab_size,), ("embed", "vocab"), cfg.init_std, name="lm_head")
+      self.lm_head = Projection(cfg, (cfg.vocab_size,), ("embed", "vocab"), cfg.init_std, name="lm_head")
     self.drop = nn.Dropout(cfg.dropout)
 
   def embed(self, inputs_BxT, positions_BxT=None, deterministic: bool = True):
@@ -407,8 +412,7 @@ class ScoredTransformer(Transformer):
 
   def setup(self):
     super().setup()
-    head_cfg = dataclasses.replace(self.cfg, use_bias=True)
-    self.score_head = Projection(head_cfg, (1,), ("embed", None), self.cfg.init_std, name="score_head")
+    self.score_head = Projection(self.cfg, (1,), ("embed", None), self.cfg.init_std, bias=True, name="score_head")
 
   def score(self, inputs_BxT, positions_BxT=None, segment_ids_BxT=None, deterministic: bool = True):
     return self.score_of(self.hidden_states(inputs_BxT, positions_BxT, segment_ids_BxT, deterministic))
@@ -444,9 +448,12 @@ def matmul_params(cfg: ModelConfig) -> int:
   attn = D * cfg.num_heads * cfg.head_dim + 2 * D * cfg.num_kv_heads * cfg.head_dim
   attn += cfg.num_heads * cfg.head_dim * D
   mlp = (3 if cfg.mlp == "swiglu" else 2) * D * F
-  bias = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + D + (2 if cfg.mlp == "swiglu" else 1) * F + D
+  qkv_bias = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+  mlp_bias = (2 if cfg.mlp == "swiglu" else 1) * F + D
+  bias = (qkv_bias if cfg.use_bias or cfg.attention_bias != "none" else 0)
+  bias += (D if cfg.use_bias or cfg.attention_bias == "qkvo" else 0) + (mlp_bias if cfg.use_bias or cfg.mlp_bias else 0)
   norm = D * (2 if cfg.norm == "layernorm" and cfg.use_bias else 1)
-  per_layer = attn + mlp + 2 * norm + (bias if cfg.use_bias else 0) + (2 * cfg.head_dim if cfg.qk_norm else 0)
+  per_layer = attn + mlp + 2 * norm + bias + (2 * cfg.head_dim if cfg.qk_norm else 0)
   return L * per_layer + norm + V * D  # + the final norm and the head
 
 

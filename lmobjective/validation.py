@@ -172,11 +172,14 @@ def _validate_model(cfg) -> None:
   require_int(cfg, "model.num_layers", 1)
   require_int(cfg, "model.num_heads", 1)
   require_int(cfg, "model.embed_dim", 1)
-  if m.embed_dim % m.num_heads:
-    raise ConfigError("model.embed_dim", m.embed_dim, f"must be divisible by model.num_heads={m.num_heads}")
-  if m.position == "rope" and (m.embed_dim // m.num_heads) % 2:
-    raise ConfigError("model.embed_dim", m.embed_dim,
-                      f"embed_dim/num_heads={m.embed_dim // m.num_heads} must be even for rope positions")
+  require_int(cfg, "model.head_dim", 1, allow_none=True)
+  if m.head_dim is None and m.embed_dim % m.num_heads:
+    raise ConfigError("model.embed_dim", m.embed_dim, f"must be divisible by model.num_heads={m.num_heads} "
+                      "(or set model.head_dim)")
+  head_dim = m.head_dim or m.embed_dim // m.num_heads
+  if m.position == "rope" and head_dim % 2:
+    raise ConfigError("model.head_dim" if m.head_dim else "model.embed_dim", m.head_dim or m.embed_dim,
+                      f"the head dimension {head_dim} must be even for rope positions")
   require_int(cfg, "model.num_kv_heads", 1, allow_none=True)
   if m.num_kv_heads is not None and m.num_heads % m.num_kv_heads:
     raise ConfigError("model.num_kv_heads", m.num_kv_heads, f"must divide model.num_heads={m.num_heads}")
@@ -186,6 +189,10 @@ def _validate_model(cfg) -> None:
   require_choice(cfg, "model.position", ("rope", "learned"))
   require_float(cfg, "model.rope_theta", 0.0, lo_open=True)
   require_choice(cfg, "model.norm", ("rmsnorm", "layernorm"))
+  if m.norm_eps is not None:
+    require_float(cfg, "model.norm_eps", 0.0, lo_open=True)
+  require_choice(cfg, "model.attention_bias", ("none", "qkv", "qkvo"))
+  _require_bool(cfg, "model.mlp_bias")
   require_choice(cfg, "model.mlp", MLPS)
   _require_bool(cfg, "model.qk_norm")
   require_float(cfg, "model.dropout", 0.0, 1.0)

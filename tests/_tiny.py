@@ -33,7 +33,9 @@ def model_config(**fields):
 
   base = ModelConfig.from_config(load_config_file(os.path.join(ROOT, "configs", "default.py")).model,
                                  vocab_size=fields.get("vocab_size", 512), context_length=fields.get("max_len", 128))
-  return dataclasses.replace(base, **fields)
+  cfg = dataclasses.replace(base, **fields)
+  derived = {"head_dim": cfg.embed_dim // cfg.num_heads, "norm_eps": 1e-6 if cfg.norm == "rmsnorm" else 1e-5}
+  return dataclasses.replace(cfg, **{k: v for k, v in derived.items() if k not in fields})
 
 
 def run_on_8_devices(script: str, *args, timeout: int = 900) -> dict:

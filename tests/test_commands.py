@@ -3,7 +3,7 @@ console script in pyproject.toml, both opening the same `cli`.
 
 Every command runs in a subprocess from another directory (tmp_path), as from a researcher's shell;
 the environment is inherited as it is. Each `python -m` costs 0.1-3 s (JAX's import), so --help runs
-once per verb, all five at once, and each verb does one real call.
+once per verb, all six at once, and each verb does one real call.
 """
 
 import ast
@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VERBS = {
     "train": ("lmobjective.train", "lmobjective-train", "  --cpu_devices: "),
     "evaluate": ("lmobjective.evaluate", "lmobjective-evaluate", "  --pairs_file: "),
+    "export": ("lmobjective.export", "lmobjective-export", "  --max_shard_mb: "),
     "diagnose": ("lmobjective.diagnose", "lmobjective-diagnose", "  --workdir: Run directory holding metrics.jsonl."),
     "sweep": ("lmobjective.sweep.__main__", "lmobjective-sweep", "  --[no]results_only: "),
     "mixture_regression": ("lmobjective.mixture_regression", "lmobjective-mixture-regression", "  --min_weight: "),
@@ -97,6 +98,14 @@ def test_train_names_an_unknown_config_key(tmp_path):
 def test_evaluate_without_checkpoints(tmp_path):
   r = command("evaluate", "--workdir=nowhere", "--source=code", cwd=tmp_path)
   assert one_error_line(r) == f"error: no checkpoints in {tmp_path / 'nowhere' / 'checkpoints'}"
+
+
+def test_export_refuses_before_writing(tmp_path):
+  r = command("export", "--workdir=nowhere", "--out=hf", cwd=tmp_path)
+  assert one_error_line(r) == f"error: no checkpoints in {tmp_path / 'nowhere' / 'checkpoints'}"
+  (tmp_path / "hf").mkdir()
+  r = command("export", "--workdir=nowhere", "--out=hf", cwd=tmp_path)
+  assert one_error_line(r) == "error: --out=hf: exists; export writes a new directory"
 
 
 # A 2-step tiny run's metrics.jsonl (configs/tiny.py, vocab 512), trimmed to what diagnose reads.

@@ -1,6 +1,7 @@
 """The package layout is the architecture: each layer imports only the layers below it.
 
-core (lmobjective/*.py but the doors and the validator) < data < validation (the config boundary:
+core (lmobjective/*.py but the doors and the validator) < data < hf (Hugging Face checkpoints and
+tokenizers) < validation (the config boundary:
 it checks the data keys too) < run < analysis < sweep. The doors, `python -m lmobjective.<verb>`,
 sit above every layer: `lmobjective/train.py` (the training CLI) is the one module that joins run and
 analysis, and the others are a docstring and an import of the `cli` they open (tests/test_commands.py
@@ -12,8 +13,9 @@ import ast
 import os
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lmobjective")
-RANK = {"core": 0, "data": 1, "validation": 2, "run": 3, "analysis": 4, "sweep": 5}
-DOORS = ("lmobjective.train", "lmobjective.evaluate", "lmobjective.diagnose", "lmobjective.mixture_regression")
+RANK = {"core": 0, "data": 1, "hf": 2, "validation": 3, "run": 4, "analysis": 5, "sweep": 6}
+DOORS = ("lmobjective.train", "lmobjective.evaluate", "lmobjective.diagnose", "lmobjective.mixture_regression",
+         "lmobjective.export")
 
 
 def _layer(module: str) -> str:

@@ -15,7 +15,7 @@ from _tiny import model_config
 
 MODERN = model_config(vocab_size=512, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
                        mlp_dim=128, max_len=64)
-GPT2 = dataclasses.replace(MODERN, num_kv_heads=4, position="learned", norm="layernorm", mlp="gelu",
+GPT2 = dataclasses.replace(MODERN, num_kv_heads=4, position="learned", norm="layernorm", norm_eps=1e-5, mlp="gelu",
                            use_bias=True, tie_embeddings=False)
 
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import matplotlib.figure
 import numpy as np
 import pytest
@@ -136,3 +137,26 @@ def test_restore_of_a_run_without_checkpoints_names_the_folder_and_writes_nothin
   with pytest.raises(FileNotFoundError, match=f"no checkpoints in {empty}/checkpoints$"):
     lmobjective.restore(str(empty))
   assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_export_cli_writes_what_the_import_reads_back(run8, tmp_path):
+  """`python -m lmobjective.export` of the trained run (configs/tiny.py: RoPE, RMSNorm, SwiGLU, tied: Llama's
+  architecture): the directory imports back to the run's own params, bit for bit, and its logits."""
+  from lmobjective.hf import load as hf_load
+  workdir, _, _ = run8
+  out = tmp_path / "hf"
+  r = subprocess.run([sys.executable, "-m", "lmobjective.export", f"--workdir={workdir}", f"--out={out}"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr
+  lines = r.stdout.splitlines()
+  assert lines[0].startswith("note: the run's sentencepiece tokenizer has no tokenizer.json form here")
+  assert lines[1] == f"wrote {out} (step 6):" and any("model.safetensors" in l for l in lines)
+  assert json.load(open(out / "config.json"))["architectures"] == ["LlamaForCausalLM"]
+  run = lmobjective.restore(str(workdir))
+  model, params, _ = hf_load.import_model(str(out), context_length=run.context_length)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(run.params)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  ids = np.asarray([run.tokenizer.encode(TEXT)], np.int32)
+  np.testing.assert_array_equal(np.asarray(model.apply({"params": params}, ids)),
+                                np.asarray(run.model.apply({"params": run.params}, ids)))

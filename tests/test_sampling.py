@@ -28,7 +28,7 @@ EOS, END = TOK.eos_id, TOK.special_id("<|end|>")
 # Large init_std so the logits are far from uniform and greedy decoding does not repeat one token.
 MODERN = model_config(vocab_size=272, vocab_limit=TOK.vocab_size, num_layers=2, num_heads=4, num_kv_heads=2,
                       embed_dim=32, mlp_dim=64, max_len=48, init_std=0.5)  # rope + GQA
-GPT2 = dataclasses.replace(MODERN, num_kv_heads=4, position="learned", norm="layernorm", mlp="gelu",
+GPT2 = dataclasses.replace(MODERN, num_kv_heads=4, position="learned", norm="layernorm", norm_eps=1e-5, mlp="gelu",
                            use_bias=True, tie_embeddings=False)
 SCAN = dataclasses.replace(MODERN, scan_layers=True, num_kv_heads=1)  # MQA, stacked layer cache
 CONFIGS = pytest.mark.parametrize("cfg", [MODERN, pytest.param(GPT2, marks=pytest.mark.slow),

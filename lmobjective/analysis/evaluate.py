@@ -3,12 +3,14 @@
     python -m lmobjective.evaluate --workdir=runs/default --text_file=notes.txt
     python -m lmobjective.evaluate --workdir=runs/default --source=code [--num_batches=16] [--step=200]
     python -m lmobjective.evaluate --workdir=runs/sft --pairs_file=pairs.jsonl
+    python -m lmobjective.evaluate --hf=path/to/hf_model --text_file=notes.txt   # an imported model
 
 --text_file scores the file as one document (first token predicted from EOS, context-length rows).
 --source scores the validation rows of a configured source exactly as the training eval does
 (same rows, same eval step), so with the default --num_batches it reproduces val_loss/<source>; a
 pair source gives the preference accuracy on every held-out pair. --pairs_file scores any run on
-the pairs of a preference_jsonl file (reference-free: any stage can be scored).
+the pairs of a preference_jsonl file (reference-free: any stage can be scored). --hf scores a Hugging
+Face model directory (`lmobjective.restore_hf`) instead of a run: --text_file and --pairs_file.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from lmobjective.data import sources
 from lmobjective.objectives import next_token
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory (with checkpoints/ and tokenizer/).")
+_HF = flags.DEFINE_string("hf", None, "A Hugging Face model directory (config.json, model.safetensors, tokenizer.json) "
+                          "to score instead of a run.")
 _TEXT_FILE = flags.DEFINE_string("text_file", None, "A UTF-8 text file to score as one document.")
 _SOURCE = flags.DEFINE_string("source", None, "A configured source: score its validation split.")
 _PAIRS_FILE = flags.DEFINE_string("pairs_file", None, "A preference_jsonl file: the reference-free preference "
@@ -77,13 +81,16 @@ def format_metrics(m: dict, step_: int) -> str:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _WORKDIR.value is None or [_TEXT_FILE.value, _SOURCE.value, _PAIRS_FILE.value].count(None) != 2:
-    sys.exit("error: give --workdir and exactly one of --text_file, --source or --pairs_file")
+  if [_WORKDIR.value, _HF.value].count(None) != 1 or [_TEXT_FILE.value, _SOURCE.value, _PAIRS_FILE.value].count(None) != 2:
+    sys.exit("error: give --workdir or --hf, and exactly one of --text_file, --source or --pairs_file")
+  if _HF.value is not None and _SOURCE.value is not None:
+    sys.exit("error: --source needs a run's configured sources (--workdir); with --hf give --text_file or --pairs_file")
   if not flags.FLAGS["verbosity"].present:
     absl_logging.set_verbosity(absl_logging.WARNING)
   try:  # the text first (cheap); restore validates the checkpoint's config (a ConfigError is a ValueError)
     text = None if _TEXT_FILE.value is None else read_text_file(_TEXT_FILE.value)
-    run = inspection.restore(_WORKDIR.value, step=_STEP.value)
+    run = (inspection.restore(_WORKDIR.value, step=_STEP.value) if _HF.value is None
+           else inspection.restore_hf(_HF.value))
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   if _PAIRS_FILE.value is not None:

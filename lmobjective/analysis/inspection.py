@@ -152,9 +152,10 @@ class Run:
     return {cached: sampling.Sampler(self.model, self.mesh, cached=cached) for cached in (True, False)}
 
   def _chunks(self, ids: list[int]):
-    """(inputs, positions, targets, mask) [C, T] for a document: EOS + ids, cut into T-token rows."""
-    T, eos = self.context_length, self.tokenizer.eos_id
-    stream = np.asarray([eos] + list(ids), np.int64)
+    """(inputs, positions, targets, mask) [C, T] for a document: the opener (EOS; an imported Llama's BOS) +
+    ids, cut into T-token rows."""
+    T = self.context_length
+    stream = np.asarray([self.tokenizer.opener_id] + list(ids), np.int64)
     n = len(ids)
     C = max(1, -(-n // T))
     inputs, targets = np.zeros((C, T), np.int32), np.zeros((C, T), np.int32)
@@ -304,3 +305,27 @@ def restore(workdir: str, step: int | None = None, device=None) -> Run:
   metrics = metrics_log.read_metrics(path) if os.path.exists(path) else []
   return Run(workdir=workdir, config=config_lib.typed(config), params=params, tokenizer=tok, model=model, step=got_step,
              metrics=metrics)
+
+
+def restore_hf(path: str, context_length: int | None = None, device=None) -> Run:
+  """A Hugging Face model directory (config.json, model.safetensors[.index.json], tokenizer.json) as a `Run`
+  on `device` (default: the first): `loss_per_position`, `perplexity`, `next_token_distribution`,
+  `generate`, ... with the model's own tokenizer. A text opens with BOS where the model's tokenizer adds
+  it (Llama), else with EOS (GPT-2's <|endoftext|>). `context_length`: default the model's
+  max_position_embeddings, at most 2048."""
+  from lmobjective.data import hf_tokenizer
+  from lmobjective.hf import configs, load as hf_load
+  path = os.path.abspath(os.path.expanduser(path))
+  hf = configs.read(path)
+  tok = hf_tokenizer.load(path, hf)
+  longest = hf.get("max_position_embeddings") or hf.get("n_positions") or 2048
+  T = int(context_length or min(longest, 2048))
+  mesh = sharding.single_device_mesh(device)
+  model, params, _ = hf_load.import_model(path, mesh=mesh, context_length=T, tokenizer_vocab=tok.vocab_size)
+  config = config_lib.load_config_file(config_lib.DEFAULT_CONFIG)
+  for key, value in configs.model_keys(hf, os.path.join(path, "config.json"), T).items():
+    config.model[key] = value
+  config.data.context_length = T
+  validation.validate(config)
+  return Run(workdir=path, config=config_lib.typed(config), params=params, tokenizer=tok, model=model, step=0,
+             metrics=[])

@@ -93,7 +93,7 @@ def _load(name: str, path: str) -> PromptSet:
 def render(prompt: str | list[dict], tok: Tokenizer) -> list[int]:
   """The ids generation continues: chat -> `sft.render_prompt`; plain -> [EOS] + enc(prompt)."""
   if isinstance(prompt, str):
-    return [tok.eos_id] + tok.encode(prompt)
+    return [tok.opener_id] + tok.encode(prompt)
   return sft.render_prompt(prompt, tok)
 
 

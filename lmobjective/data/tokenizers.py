@@ -54,6 +54,12 @@ class Tokenizer(abc.ABC):
   def decode(self, ids) -> str:
     ...
 
+  @property
+  def opener_id(self) -> int:
+    """The id a document opens with when it is scored or prompted on its own: EOS, the separator the
+    pipeline puts between documents (an imported tokenizer may open with BOS: `hf_tokenizer`)."""
+    return self.eos_id
+
   @abc.abstractmethod
   def token_byte_lengths(self) -> np.ndarray:
     ...

@@ -180,6 +180,8 @@ def resolved_model(config: dict, vocab_size: int) -> dict:
   m["num_kv_heads"] = m.get("num_kv_heads") or m["num_heads"]
   m["max_len"] = m["max_len"] if m.get("max_len") is not None else config["data"]["context_length"]
   m["mlp_dim"] = config_lib.mlp_dim(ml_collections.ConfigDict(m))
+  m["head_dim"] = m.get("head_dim") or m["embed_dim"] // m["num_heads"]
+  m["norm_eps"] = config_lib.norm_eps(ml_collections.ConfigDict(m))
   return m
 
 
