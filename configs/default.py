@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.document_masking = True  # attend only within a document (False = GPT-style cross-document attention)
   c.data.cache_dir = placeholder(str)  # pre-tokenization cache; None = ~/.cache/lmobjective
   c.data.tokenizer = ml_collections.ConfigDict()
-  c.data.tokenizer.kind = "sentencepiece"  # sentencepiece | char | byte
+  c.data.tokenizer.kind = "sentencepiece"  # sentencepiece | char | byte | hf (a Hugging Face tokenizer.json: data.tokenizer.path = its directory)
   c.data.tokenizer.model_type = "bpe"  # bpe | unigram (sentencepiece only)
   c.data.tokenizer.vocab_size = 2048
   c.data.tokenizer.sample_lines = 200_000  # seeded sample of the mixture's train splits used to train it

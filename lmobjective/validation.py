@@ -235,7 +235,7 @@ def _validate_optimizer(cfg) -> None:
     raise ConfigError("optimizer.muon_momentum", o.muon_momentum, "must be in [0, 1)")
 
 
-TOKENIZER_KINDS = ("sentencepiece", "char", "byte")
+TOKENIZER_KINDS = ("sentencepiece", "char", "byte", "hf")
 PACKINGS = ("concat", "window")
 
 
@@ -267,6 +267,9 @@ def _validate_tokenizer(cfg) -> None:
   require_choice(cfg, "data.tokenizer.model_type", ("bpe", "unigram"))
   if cfg.data.tokenizer.kind == "sentencepiece" and cfg.data.tokenizer.path is None:
     require_int(cfg, "data.tokenizer.vocab_size", 300, 1 << 20)
+  if cfg.data.tokenizer.kind == "hf" and cfg.data.tokenizer.path is None:
+    raise ConfigError("data.tokenizer.path", None, "required for kind=hf: a directory with a Hugging Face "
+                      "tokenizer.json (and config.json, which names BOS and EOS)")
   require_int(cfg, "data.tokenizer.sample_lines", 1)
   require_int(cfg, "data.tokenizer.seed", 0)
 

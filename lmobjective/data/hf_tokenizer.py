@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from lmobjective.config import ConfigError
 from lmobjective.data.errors import DataError
 from lmobjective.data.tokenizers import Tokenizer
 
@@ -89,7 +90,8 @@ class HFTokenizer(Tokenizer):
   def special_id(self, marker: str) -> int:
     i = self._tok.token_to_id(marker)
     if i is None:
-      raise DataError(f"{FILE}: no token {marker!r} (chat markers are not added to an imported tokenizer yet)")
+      raise ConfigError("data.tokenizer.kind", "hf", f"{FILE} has no {marker!r}: chat messages need this package's "
+                        "chat markers, which are not added to an imported tokenizer yet; give plain-text prompts")
     return i
 
   def tokenizer_json(self) -> str:
@@ -105,6 +107,15 @@ def _token_id(tok_config: dict, field: str, vocab: dict) -> int | None:
   if isinstance(value, dict):  # older files: {"content": "<s>", ...}
     value = value.get("content")
   return vocab.get(value) if isinstance(value, str) else None
+
+
+def model_config(path: str) -> dict:
+  """`path/config.json` if there is one (the model's BOS and EOS ids), else {}."""
+  file = os.path.join(path, "config.json")
+  if not os.path.isfile(file):
+    return {}
+  with open(file, encoding="utf-8") as f:
+    return json.load(f)
 
 
 def load(path: str, hf_config: dict | None = None) -> HFTokenizer:

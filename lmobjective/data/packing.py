@@ -15,8 +15,14 @@ from __future__ import annotations
 import numpy as np
 
 
-def append_eos(ids: np.ndarray, lengths_D: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """(stream with EOS after every document, doc start offsets [D+1])."""
+def append_eos(ids: np.ndarray, lengths_D: np.ndarray, eos_id: int,
+               opener_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(stream with EOS after every document, doc start offsets [D+1]). With `opener_id` (a tokenizer whose
+  documents open with BOS: Llama's), every document also opens with it: [BOS doc EOS BOS doc EOS ...]."""
+  if opener_id is not None:
+    starts_D = np.concatenate([[0], np.cumsum(lengths_D)[:-1]]).astype(np.int64)
+    ids = np.insert(np.asarray(ids), starts_D, opener_id)
+    lengths_D = lengths_D + 1
   ends_D = np.cumsum(lengths_D + 1)
   stream = np.empty(int(ends_D[-1]) if len(ends_D) else 0, np.int64)
   is_eos = np.zeros(len(stream), bool)

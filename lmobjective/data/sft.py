@@ -77,13 +77,15 @@ def _plain_docs(pairs: list[dict], tok: Tokenizer) -> list[list[tuple[np.ndarray
   enc = tok.encode_batch([t for p in pairs for t in (p["prompt"], p["chosen"], p["rejected"])])
   out = []
   for k in range(0, len(enc), 3):
-    prompt = [tok.eos_id] + enc[k]  # EOS opens the document, as in pretraining streams
+    prompt = [tok.opener_id] + enc[k]  # EOS opens the document, as in pretraining streams (an imported Llama: BOS)
     out.append([(np.array(prompt + r + [tok.eos_id]), np.array([False] * len(prompt) + [True] * (len(r) + 1)))
                 for r in enc[k + 1:k + 3]])
   return out
 
 
 def _chat_docs(pairs: list[dict], tok: Tokenizer) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+  if not pairs:  # plain pairs only: a tokenizer without chat markers (an imported one) renders them
+    return []
   turns = [[{"role": "assistant", "content": p[r]}] for p in pairs for r in ("chosen", "rejected")]
   ids, lengths, flags = render([p["prompt"] for p in pairs] + turns, tok, only_train_on_assistant=True)
   cuts = np.cumsum(lengths)[:-1]

@@ -50,7 +50,8 @@ def _tokenize_split(docs: list, scfg, tok: Tokenizer) -> Split:
                if docs and scfg.kind in sources.PAIR_KINDS and sources.MARGIN in docs[0] else None)
     return Split(ids, np.concatenate([[0], np.cumsum(lengths)]), flags, margins)
   ids, lengths = tok.encode_flat(docs)
-  stream, starts = packing.append_eos(ids, lengths, tok.eos_id)
+  opener = None if tok.opener_id == tok.eos_id else tok.opener_id  # Llama's BOS; EOS already separates
+  stream, starts = packing.append_eos(ids, lengths, tok.eos_id, opener)
   return Split(stream, starts)
 
 

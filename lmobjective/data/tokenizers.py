@@ -28,6 +28,7 @@ from lmobjective.data.errors import DataError
 CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 META_FILE = "tokenizer.json"
 SPM_FILE = "spm.model"
+HF_FILE = "hf_tokenizer.json"  # a saved kind=hf tokenizer's own tokenizer.json (META_FILE is this package's)
 
 
 class Tokenizer(abc.ABC):
@@ -228,16 +229,22 @@ def save(tok: Tokenizer, directory: str, tok_spec: dict) -> None:
   meta = {"kind": tok.kind, "spec": tok_spec, "fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size}
   if isinstance(tok, CharTokenizer):
     meta["chars"] = tok.chars
+  if tok.kind == "hf":
+    meta["bos_id"], meta["eos_id"] = tok.bos_id, tok.eos_id
   with files.atomic_path(directory, directory=True) as tmp:
     if isinstance(tok, SentencePieceTokenizer):
       with open(os.path.join(tmp, SPM_FILE), "wb") as f:
         f.write(tok.payload())
+    if tok.kind == "hf":
+      with open(os.path.join(tmp, HF_FILE), "w", encoding="utf-8") as f:
+        f.write(tok.tokenizer_json())
     with open(os.path.join(tmp, META_FILE), "w") as f:
       json.dump(meta, f, ensure_ascii=True, indent=1)
 
 
 def load(path: str, key: str = "data.tokenizer.path") -> tuple[Tokenizer, dict]:
-  """A tokenizer directory (tokenizer.json [+ spm.model]) or a bare SentencePiece .model file."""
+  """A tokenizer directory (tokenizer.json [+ spm.model | hf_tokenizer.json]), a Hugging Face model or
+  tokenizer directory (its own tokenizer.json: kind hf), or a bare SentencePiece .model file."""
   if os.path.isfile(path):
     return _sentencepiece_file(path, key, path), {"kind": "sentencepiece"}
   meta_path = os.path.join(path, META_FILE)
@@ -246,6 +253,9 @@ def load(path: str, key: str = "data.tokenizer.path") -> tuple[Tokenizer, dict]:
   try:
     with open(meta_path, encoding="utf-8") as f:
       meta = json.load(f)
+    if isinstance(meta, dict) and "kind" not in meta and "model" in meta:  # Hugging Face's own tokenizer.json
+      from lmobjective.data import hf_tokenizer
+      return hf_tokenizer.load(path, hf_tokenizer.model_config(path)), {"kind": "hf"}
     kind = meta["kind"]
   except (ValueError, KeyError, TypeError):  # JSON or UTF-8 errors are ValueErrors
     raise ConfigError(key, path, f"{META_FILE} is damaged (not JSON naming the tokenizer's kind)") from None
@@ -255,6 +265,10 @@ def load(path: str, key: str = "data.tokenizer.path") -> tuple[Tokenizer, dict]:
     tok = CharTokenizer(meta["chars"])
   elif kind == "byte":
     tok = ByteTokenizer()
+  elif kind == "hf" and os.path.isfile(os.path.join(path, HF_FILE)):
+    from lmobjective.data import hf_tokenizer
+    with open(os.path.join(path, HF_FILE), encoding="utf-8") as f:
+      tok = hf_tokenizer.HFTokenizer(f.read(), meta.get("bos_id"), meta.get("eos_id"), where=os.path.join(path, HF_FILE))
   else:
     raise ConfigError(key, path, f"{META_FILE} is damaged (kind={kind!r})")
   return tok, meta.get("spec", {"kind": kind})

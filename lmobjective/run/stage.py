@@ -1,4 +1,5 @@
-"""The origin of a training stage: `train.init_from` = "WORKDIR" (its newest readable checkpoint) or "WORKDIR:STEP".
+"""The origin of a training stage: `train.init_from` = "WORKDIR" (its newest readable checkpoint), "WORKDIR:STEP",
+or "hf:PATH" (a Hugging Face model directory, imported onto the stage's shardings: `lmobjective.hf`).
 
 A stage starts at step 0 from another run's parameters: a fresh optimizer state, schedule and data
 position, the origin's tokenizer (`WORKDIR/tokenizer`, never trained again, so the ids match; the
@@ -11,6 +12,11 @@ checkpoint's meta; a resumed stage reloads the recorded step, never "the newest"
 moved on), and refuses if those parameters changed or are gone: its reference stays the one it
 started from. An origin that moved is found at its new path when `train.init_from` names it and
 `checkpoint.allow_config_change` is set (the recorded step and params are checked there).
+
+An `hf:` origin brings its model and tokenizer: `resolve_hf` sets `model.*` from its config.json (but the
+keys of FREE_MODEL_KEYS) and `data.tokenizer` to its tokenizer.json (kind hf) before the config is
+validated, so the saved config.json says what ran. It is recorded as step 0 with its params' sha256; a
+resumed stage imports it again and refuses if the weights changed.
 """
 
 from __future__ import annotations
@@ -29,11 +35,14 @@ import orbax.checkpoint as ocp
 from lmobjective import config as config_lib
 from lmobjective import objectives, step
 from lmobjective.config import ConfigError
-from lmobjective.data import tokenizers
+from lmobjective.data import hf_tokenizer, tokenizers
+from lmobjective.hf import configs as hf_configs
+from lmobjective.hf import load as hf_load
 from lmobjective.run import checkpoint as ckpt_lib
 from lmobjective.run import lock
 
 KEY = "train.init_from"
+HF = "hf:"  # train.init_from=hf:PATH
 # Keys of config.model that change how the parameters are computed or regularised, not what they
 # are: a stage may set them its own way (e.g. dropout for SFT). Every other key must match.
 FREE_MODEL_KEYS = ("remat", "attention", "compute_dtype", "dropout", "init_std")
@@ -42,9 +51,10 @@ FREE_MODEL_KEYS = ("remat", "attention", "compute_dtype", "dropout", "init_std")
 @dataclasses.dataclass(frozen=True)
 class Origin:
   """The checkpoint a stage started from."""
-  workdir: str  # absolute
-  step: int
+  workdir: str  # absolute (an hf: origin's model directory)
+  step: int  # 0 for an hf: origin
   params_fingerprint: str  # sha256 hex of the params' `checkpoint.checksums`
+  hf: bool = False
 
   def record(self) -> dict:
     return dataclasses.asdict(self)
@@ -57,6 +67,32 @@ class Request:
   workdir: str
   step: int | None
   fingerprint: str | None = None
+  hf: bool = False
+
+
+def hf_path(spec) -> str | None:
+  """PATH (absolute) of "hf:PATH", else None."""
+  if isinstance(spec, str) and spec.startswith(HF):
+    return os.path.abspath(os.path.expanduser(spec[len(HF):]))
+  return None
+
+
+def resolve_hf(raw_config) -> None:
+  """With train.init_from=hf:PATH: `model.*` from PATH/config.json (the keys a stage may set its own way
+  stay the config's) and the tokenizer PATH's (kind hf), in `raw_config`, before it is validated."""
+  path = hf_path(raw_config.train.get("init_from"))
+  if path is None:
+    return
+  try:
+    hf = hf_configs.read(path)
+    keys = hf_configs.model_keys(hf, os.path.join(path, "config.json"), int(raw_config.data.context_length))
+  except hf_configs.HFError as e:
+    raise ConfigError(KEY, raw_config.train.init_from, str(e)) from None
+  with raw_config.unlocked():
+    for key, value in keys.items():
+      if key not in FREE_MODEL_KEYS:
+        raw_config.model[key] = value
+    raw_config.data.tokenizer.kind, raw_config.data.tokenizer.path = "hf", path
 
 
 def parse(spec: str) -> tuple[str, int | None]:
@@ -79,6 +115,8 @@ def request(spec: str, workdir: str) -> Request:
   recorded = recorded_origin(workdir)
   if recorded is not None:
     return _resumed(spec, recorded)
+  if hf_path(spec) is not None:
+    return Request(spec, hf_path(spec), 0, hf=True)
   origin_dir, at = parse(spec)
   if origin_dir == os.path.abspath(workdir):
     raise ConfigError(KEY, spec, "is this run's own workdir; a stage starts from another run's checkpoint")
@@ -95,6 +133,11 @@ def _resumed(spec: str, recorded: dict) -> Request:
   """The recorded step, at the recorded path; if the origin moved, at `spec`'s path (`checkpoint.check_config`
   let a new path through only with allow_config_change), where `load` checks that its params are the same."""
   old, s = recorded["workdir"], recorded["step"]
+  if recorded.get("hf"):
+    if hf_path(spec) != old:
+      raise ConfigError(KEY, spec, f"this run started from hf:{old}; a resumed stage keeps its reference: name it, "
+                        "or use a new workdir")
+    return Request(spec, old, 0, recorded["params_fingerprint"], hf=True)
   new, at = parse(spec)
   if at is not None and at != s:
     raise ConfigError(KEY, spec, f"this run started from step {s} of its origin; a resumed stage keeps its "
@@ -147,6 +190,12 @@ def recorded_origin(workdir: str) -> dict | None:
 def prepare_tokenizer(data_cfg, workdir: str, req: Request):
   """(the origin's tokenizer, save) like `data.prepare_tokenizer`: refuses a setting that conflicts with it."""
   data_cfg = config_lib.section(config_lib.DataConfig, data_cfg, "data.")
+  if req.hf:  # its own tokenizer.json (resolve_hf set data.tokenizer to it)
+    try:
+      tok = hf_tokenizer.load(req.workdir, hf_configs.read(req.workdir))
+    except ValueError as e:  # HFError, DataError: one line naming the file
+      raise ConfigError(KEY, req.spec, str(e)) from None
+    return _saved_or_save(tok, workdir, {"kind": "hf"}, f"hf:{req.workdir}")
   origin_tok_dir = os.path.join(req.workdir, "tokenizer")
   tok, have = tokenizers.load(origin_tok_dir, key=KEY)
   tcfg = data_cfg.tokenizer
@@ -160,13 +209,17 @@ def prepare_tokenizer(data_cfg, workdir: str, req: Request):
       if have.get(field, value) != value:
         raise ConfigError(f"data.tokenizer.{field}", value, f"the origin's tokenizer ({origin_tok_dir}) has "
                           f"{field}={have.get(field)!r}; a stage reuses it: set the same")
+  return _saved_or_save(tok, workdir, have, origin_tok_dir)
+
+
+def _saved_or_save(tok, workdir: str, spec: dict, where: str):
+  """(the run's saved copy of the origin's tokenizer, no-op), or (`tok`, save it) in a new run."""
   run_dir = os.path.join(workdir, "tokenizer")
   if not os.path.isdir(run_dir):
-    return tok, functools.partial(tokenizers.save, tok, run_dir, have)
+    return tok, functools.partial(tokenizers.save, tok, run_dir, spec)
   own, _ = tokenizers.load(run_dir, key="workdir")
   if own.fingerprint() != tok.fingerprint():
-    raise ConfigError("data.tokenizer", run_dir, f"differs from the origin's tokenizer ({origin_tok_dir}); "
-                      "use a new workdir")
+    raise ConfigError("data.tokenizer", run_dir, f"differs from the origin's tokenizer ({where}); use a new workdir")
   return own, lambda: None
 
 
@@ -198,6 +251,8 @@ def check_model(saved: dict, current: dict, vocab_size: int, where: str) -> None
 def load(req: Request, raw_config, abstract_params, tokenizer) -> tuple[Origin, dict]:
   """(Origin, params on `abstract_params`' shardings) of the requested checkpoint, after the tokenizer and
   model checks."""
+  if req.hf:
+    return _import_hf(req, raw_config, abstract_params, tokenizer)
   steps = [req.step] if req.step is not None else sorted(ckpt_lib.finalized_steps(req.workdir), reverse=True)
   for s in steps:
     try:
@@ -223,6 +278,24 @@ def _restore(req: Request, s: int, raw_config, abstract_params, tokenizer):
   check_model(saved["config"], ckpt_lib.config_json(raw_config), tokenizer.vocab_size, f"{req.workdir} step {s}")
   got, params, _, _ = ckpt_lib.restore_params(req.workdir, s, _held_by(saved["config"], abstract_params))
   return got, params
+
+
+def _import_hf(req: Request, raw_config, abstract_params, tokenizer) -> tuple[Origin, dict]:
+  """The HF directory's params on the stage's shardings (all but a score head it lacks), as step 0."""
+  from lmobjective.model import ModelConfig
+  cfg = config_lib.typed(raw_config)
+  model_cfg = ModelConfig.from_config(cfg.model, tokenizer.vocab_size, cfg.data.context_length)
+  held = {k: v for k, v in abstract_params.items() if k != "score_head"}
+  try:
+    params = hf_load.load(req.workdir, hf_configs.read(req.workdir), model_cfg, held)
+  except hf_configs.HFError as e:
+    raise ConfigError(KEY, req.spec, str(e)) from None
+  origin = Origin(req.workdir, 0, params_fingerprint(params), hf=True)
+  if req.fingerprint is not None and origin.params_fingerprint != req.fingerprint:
+    raise ConfigError(KEY, req.spec, f"this run started from hf:{req.workdir} with params sha256 {req.fingerprint}, "
+                      f"which now has {origin.params_fingerprint}: its reference would change; restore those "
+                      "weights, or use a new workdir")
+  return origin, params
 
 
 def _held_by(origin_config: dict, abstract_params: dict) -> dict:

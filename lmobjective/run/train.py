@@ -42,7 +42,7 @@ from lmobjective import config as config_lib
 from lmobjective import faults, files, objectives, sharding
 from lmobjective.model import count_params
 from lmobjective.run import checkpoint as ckpt_lib
-from lmobjective.run import distributed, lock, metrics_log, save_watch
+from lmobjective.run import distributed, lock, metrics_log, save_watch, stage
 from lmobjective.run.loop_checks import (  # noqa: F401 (re-exported: train.Diverged, ...)
     Diverged, LoopState, NonFiniteLoss, check_data, check_resume_config, close_manager, fetch_pending, retry_hint,
     write_config)
@@ -218,6 +218,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, post_run: Sequence[Post
   checkpoint (the CLI passes `analysis.post_run.STEPS`: loss by position, plots, loss table, diagnostics),
   so training depends on no analysis code.
   """
+  stage.resolve_hf(config)  # train.init_from=hf:PATH brings model.* and the tokenizer from PATH
   validate(config)  # the one validator, before anything is built or written
   files.check_workdir(workdir)
   cfg = config_lib.typed(config)

@@ -80,3 +80,16 @@ def test_bad_tokenizer_is_one_line(tmp_path):
   (tmp_path / "tokenizer.json").write_text("{not json")
   with pytest.raises(DataError, match="tokenizer.json: not a tokenizers file"):
     hf_tokenizer.load(str(tmp_path), {"eos_token_id": 0})
+
+
+def test_saved_in_a_run_and_loaded_back(tmp_path):
+  """data.tokenizer.kind=hf: `tokenizers.load` opens a model directory's tokenizer.json (BOS/EOS from its
+  config.json) and a run's saved copy (hf_tokenizer.json beside this package's tokenizer.json) the same."""
+  from lmobjective.data import tokenizers
+  tok, spec = tokenizers.load(fixture_dir("llama"))
+  assert tok.kind == "hf" and spec == {"kind": "hf"} and (tok.bos_id, tok.eos_id) == (_load("llama").bos_id, _load("llama").eos_id)
+  tokenizers.save(tok, str(tmp_path / "tokenizer"), spec)
+  again, _ = tokenizers.load(str(tmp_path / "tokenizer"))
+  assert again.fingerprint() == tok.fingerprint() and again.opener_id == tok.bos_id
+  text = str(refs("llama")["text"])
+  assert again.encode(text) == tok.encode(text)

@@ -301,3 +301,10 @@ def test_evaluate_cli_on_an_imported_model(tmp_path):
                      capture_output=True, text=True, timeout=300, cwd=tmp_path)
   assert r.returncode == 1 and r.stderr.strip() == f"error: hf:{tmp_path}: no config.json (a Hugging Face model " \
       "directory has config.json and model.safetensors or model.safetensors.index.json)"
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused():
+  from lmobjective.hf import load
+  with pytest.raises(HFError, match=r"tokenizer.json: 289 ids; .*config.json.s vocab_size is 288: the tokenizer does "
+                     "not fit the model's embedding"):
+    load.import_model(fixture_dir("llama"), tokenizer_vocab=289)
