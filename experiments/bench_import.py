@@ -59,8 +59,10 @@ def write_checkpoint(path: str, layers: int, width: int, vocab: int, shard_mb: i
   return {"bytes": sum(sizes), "largest_tensor": max(sizes), "params": sum(sizes) // 4}
 
 
-def measure(path: str) -> dict:
-  """In this process (its XLA_FLAGS set by the parent): two imports, time and RssAnon."""
+def measure(path: str, warm_path: str | None = None) -> dict:
+  """In this process (its XLA_FLAGS set by the parent): two imports, time and RssAnon. With `warm_path`
+  (a tiny checkpoint of the same architecture) imported first, the runtime's one-time costs (thread pools,
+  the compiler itself) are paid before the baseline is read."""
   import jax
 
   from lmobjective import sharding
@@ -69,6 +71,8 @@ def measure(path: str) -> dict:
   shape = (2, 2, 2) if n == 8 else (1, 1, 1)
   mesh = jax.make_mesh(shape, sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
   jax.block_until_ready(jax.numpy.zeros(8) + 1)  # the runtime's own allocations before the baseline
+  if warm_path is not None:
+    jax.block_until_ready(load.import_model(warm_path, mesh=mesh)[1])
   out = {"devices": n, "mesh": list(shape)}
   for attempt in ("first", "second"):
     base, peak, stop = rss_anon(), [0], threading.Event()
@@ -95,22 +99,24 @@ def measure(path: str) -> dict:
 
 def main(argv) -> None:
   if len(argv) > 2 and argv[1] == "--measure":
-    print(json.dumps(measure(argv[2])))
+    print(json.dumps(measure(argv[2], argv[3] if len(argv) > 3 else None)))
     return
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "llama")
     start = time.perf_counter()
     info = write_checkpoint(path, _LAYERS.value, _WIDTH.value, _VOCAB.value, _SHARD_MB.value)
+    warm = os.path.join(tmp, "tiny")
+    write_checkpoint(warm, 2, 64, 512, _SHARD_MB.value)
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     print(f"checkpoint: llama, {_LAYERS.value} layers, width {_WIDTH.value}, vocab {_VOCAB.value}: "
           f"{info['params']:,} params, {info['bytes'] / 2**20:.1f} MiB in {len(files)} files, largest tensor "
           f"{info['largest_tensor'] / 2**20:.1f} MiB (written in {time.perf_counter() - start:.1f} s)")
-    print("| devices | mesh | import | placed | RssAnon peak above placed | / largest tensor | target <= 1.5x |")
-    print("|---|---|---|---|---|---|---|")
-    for devices in (1, 8):
+    print("| devices | mesh | process | import | placed | RssAnon peak above placed | / largest tensor | target <= 1.5x |")
+    print("|---|---|---|---|---|---|---|---|")
+    for devices, warmed in ((1, False), (1, True), (8, False), (8, True)):
       env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-      proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", path], env=env,
-                            capture_output=True, text=True)
+      proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", path] + ([warm] if warmed else []),
+                            env=env, capture_output=True, text=True)
       if proc.returncode:
         sys.exit(proc.stderr[-3000:])
       got = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -118,7 +124,8 @@ def main(argv) -> None:
         g = got[attempt]
         extra = g["rss_anon_peak_above_base"] - g["placed_bytes"]
         ratio = extra / info["largest_tensor"]
-        print(f"| {devices} | {tuple(got['mesh'])} | {g['wall_s']:.2f} s ({attempt}; "
+        process = "after a tiny import" if warmed else "fresh"
+        print(f"| {devices} | {tuple(got['mesh'])} | {process} | {g['wall_s']:.2f} s ({attempt}; "
               f"{info['bytes'] / 2**20 / g['wall_s']:.0f} MiB/s) | {g['placed_bytes'] / 2**20:.1f} MiB | "
               f"{extra / 2**20:+.1f} MiB | {ratio:.2f}x | {'met' if ratio <= 1.5 else 'NOT met'} |")
 

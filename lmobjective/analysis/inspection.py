@@ -313,11 +313,11 @@ def restore_hf(path: str, context_length: int | None = None, device=None) -> Run
   `generate`, ... with the model's own tokenizer. A text opens with BOS where the model's tokenizer adds
   it (Llama), else with EOS (GPT-2's <|endoftext|>). `context_length`: default the model's
   max_position_embeddings, at most 2048."""
-  from lmobjective.data import hf_tokenizer
+  from lmobjective.data import tokenizers as tokenizers_lib
   from lmobjective.hf import configs, load as hf_load
   path = os.path.abspath(os.path.expanduser(path))
   hf = configs.read(path)
-  tok = hf_tokenizer.load(path, hf)
+  tok = tokenizers_lib.load_hf(path, hf)
   longest = hf.get("max_position_embeddings") or hf.get("n_positions") or 2048
   T = int(context_length or min(longest, 2048))
   mesh = sharding.single_device_mesh(device)

@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from lmobjective import config as config_lib
 from lmobjective import objectives, step
 from lmobjective.config import ConfigError
-from lmobjective.data import hf_tokenizer, tokenizers
+from lmobjective.data import tokenizers
 from lmobjective.hf import configs as hf_configs
 from lmobjective.hf import load as hf_load
 from lmobjective.run import checkpoint as ckpt_lib
@@ -192,7 +192,7 @@ def prepare_tokenizer(data_cfg, workdir: str, req: Request):
   data_cfg = config_lib.section(config_lib.DataConfig, data_cfg, "data.")
   if req.hf:  # its own tokenizer.json (resolve_hf set data.tokenizer to it)
     try:
-      tok = hf_tokenizer.load(req.workdir, hf_configs.read(req.workdir))
+      tok = tokenizers.load_hf(req.workdir, hf_configs.read(req.workdir))
     except ValueError as e:  # HFError, DataError: one line naming the file
       raise ConfigError(KEY, req.spec, str(e)) from None
     return _saved_or_save(tok, workdir, {"kind": "hf"}, f"hf:{req.workdir}")

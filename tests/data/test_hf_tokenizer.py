@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from lmobjective.data import hf_tokenizer
+from lmobjective.data import tokenizers
 from lmobjective.data.errors import DataError
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "hf")
@@ -27,7 +27,7 @@ def _config(name):
 
 
 def _load(name):
-  return hf_tokenizer.load(fixture_dir(name), _config(name))
+  return tokenizers.load_hf(fixture_dir(name), _config(name))
 
 
 @pytest.mark.parametrize("name, opens_with_bos", [("gpt2", False), ("llama", True)])
@@ -70,22 +70,21 @@ def test_bos_and_eos_from_config_json():
   assert gpt2.bos_id == gpt2.eos_id and gpt2.decode([gpt2.eos_id]) == "<|endoftext|>"
   assert llama.opener_id == llama.bos_id != llama.eos_id and gpt2.opener_id == gpt2.eos_id  # what opens a document
   # without config.json's ids, tokenizer_config.json names them
-  alone = hf_tokenizer.load(fixture_dir("llama"))
+  alone = tokenizers.load_hf(fixture_dir("llama"))
   assert (alone.bos_id, alone.eos_id) == (llama.bos_id, llama.eos_id)
 
 
 def test_bad_tokenizer_is_one_line(tmp_path):
   with pytest.raises(DataError, match="no tokenizer.json"):
-    hf_tokenizer.load(str(tmp_path))
+    tokenizers.load_hf(str(tmp_path))
   (tmp_path / "tokenizer.json").write_text("{not json")
   with pytest.raises(DataError, match="tokenizer.json: not a tokenizers file"):
-    hf_tokenizer.load(str(tmp_path), {"eos_token_id": 0})
+    tokenizers.load_hf(str(tmp_path), {"eos_token_id": 0})
 
 
 def test_saved_in_a_run_and_loaded_back(tmp_path):
   """data.tokenizer.kind=hf: `tokenizers.load` opens a model directory's tokenizer.json (BOS/EOS from its
   config.json) and a run's saved copy (hf_tokenizer.json beside this package's tokenizer.json) the same."""
-  from lmobjective.data import tokenizers
   tok, spec = tokenizers.load(fixture_dir("llama"))
   assert tok.kind == "hf" and spec == {"kind": "hf"} and (tok.bos_id, tok.eos_id) == (_load("llama").bos_id, _load("llama").eos_id)
   tokenizers.save(tok, str(tmp_path / "tokenizer"), spec)

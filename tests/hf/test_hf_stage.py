@@ -79,8 +79,8 @@ def test_one_dpo_step_from_an_imported_gpt2(tmp_path):
 
 
 def test_the_pipeline_opens_documents_with_bos(tmp_path):
-  from lmobjective.data import hf_tokenizer, packing
-  tok = hf_tokenizer.load(fixture_dir("llama"), json.load(open(os.path.join(fixture_dir("llama"), "config.json"))))
+  from lmobjective.data import packing, tokenizers
+  tok = tokenizers.load_hf(fixture_dir("llama"), json.load(open(os.path.join(fixture_dir("llama"), "config.json"))))
   ids, lengths = tok.encode_flat(["ab", "cde"])
   stream, starts = packing.append_eos(ids, lengths, tok.eos_id, tok.opener_id)
   a, b = tok.encode("ab"), tok.encode("cde")
