@@ -4,7 +4,8 @@
 
 Writes a random Llama-architecture checkpoint (float32, untied head, sharded at --shard_mb with
 model.safetensors.index.json) with this package's own exporter, then in a fresh process per device
-count imports it with `hf.load.import_model` onto a (1,1,1) or (2,2,2) mesh and reports: the wall
+count imports it with `hf.load.import_model` onto a (1,1,1) or (2,2,2) mesh (in a fresh process, and
+in one that imported a tiny checkpoint first: the runtime's one-time costs paid) and reports: the wall
 time (the first import, compile included, and a second one), the placed arrays' bytes (every
 device's shards: replicated norms count once per device), and anonymous memory (RssAnon, sampled
 every 2 ms, from before the import to its peak and after it). File pages that safetensors maps are
