@@ -48,11 +48,12 @@ def write_checkpoint(path: str, layers: int, width: int, vocab: int, shard_mb: i
   import numpy as np
 
   from lmobjective.hf import export, load
+  from lmobjective.model import Transformer
   hf = {"model_type": "llama", "hidden_size": width, "num_attention_heads": 8, "num_key_value_heads": 4,
         "num_hidden_layers": layers, "intermediate_size": 3 * width, "vocab_size": vocab,
         "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
   cfg = load.model_config(hf, "config.json")
-  shapes = load.nn_unboxed_shapes(__import__("lmobjective.model", fromlist=["Transformer"]).Transformer(cfg))
+  shapes = load.nn_unboxed_shapes(Transformer(cfg))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: (rng.standard_normal(s.shape, np.float32) * 0.02), shapes)
   export.write(params, cfg, path, bos_id=0, eos_id=1, max_shard_size=shard_mb << 20)

@@ -84,8 +84,9 @@ def _groups(cfg, family: str, hf_vocab: int) -> list[keymap.Group]:
   return keymap.llama(cfg, hf_vocab, cfg.attention_bias, cfg.mlp_bias)
 
 
-def tensors(params: dict, cfg, family: str):
-  """(HF key, host array) of every tensor, in the key map's order, one group at a time."""
+def tensors(params: dict, cfg, family: str, shapes_only: bool = False):
+  """(HF key, host array) of every tensor, in the key map's order, one group at a time (`shapes_only`:
+  (HF key, ShapeDtypeStruct), nothing computed)."""
   hf_vocab = cfg.vocab_limit or cfg.vocab_size
   for g, layer, keys in keymap.expand(_groups(cfg, family, hf_vocab), cfg.num_layers):
     ours = []
@@ -94,6 +95,9 @@ def tensors(params: dict, cfg, family: str):
       for part in (keymap.layer_path(cfg, layer, p) if layer is not None else p):
         leaf = leaf[part]
       ours.append(leaf[layer] if layer is not None and cfg.scan_layers else leaf)
+    if shapes_only:
+      yield from zip(keys, jax.eval_shape(g.to_hf, *ours))
+      continue
     for key, array in zip(keys, jax.jit(g.to_hf)(*ours)):
       yield key, np.asarray(jax.device_get(array))
 
@@ -105,23 +109,25 @@ def write(params: dict, cfg, out: str, *, bos_id: int | None, eos_id: int | None
     raise HFError(f"{out}: exists; export writes a new directory")
   family = family or family_of(cfg)
   config = hf_config(cfg, family, bos_id, eos_id)
-  shapes = [(k, a) for k, a in tensors(params, cfg, family)]
-  shards, size = [[]], 0
-  for key, a in shapes:
-    if shards[-1] and size + a.nbytes > max_shard_size:
+  sizes = [(k, int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize)
+           for k, s in tensors(params, cfg, family, shapes_only=True)]
+  shards, size = [[]], 0  # planned from the shapes: the host holds one shard's tensors at a time
+  for key, nbytes in sizes:
+    if shards[-1] and size + nbytes > max_shard_size:
       shards.append([])
       size = 0
-    shards[-1].append((key, a))
-    size += a.nbytes
+    shards[-1].append(key)
+    size += nbytes
   from safetensors.numpy import save_file
   with files.atomic_path(out, directory=True) as tmp:
     names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                                                 for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-      save_file(dict(shard), os.path.join(tmp, name), metadata={"format": "pt"})
+    arrays = tensors(params, cfg, family)
+    for name, keys in zip(names, shards):
+      save_file(dict(next(arrays) for _ in keys), os.path.join(tmp, name), metadata={"format": "pt"})
     if len(shards) > 1:
-      index = {"metadata": {"total_size": int(sum(a.nbytes for _, a in shapes))},
-               "weight_map": {k: n for n, shard in zip(names, shards) for k, _ in shard}}
+      index = {"metadata": {"total_size": sum(n for _, n in sizes)},
+               "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
       with open(os.path.join(tmp, INDEX), "w") as f:
         json.dump(index, f, indent=2)
       names.append(INDEX)

@@ -23,6 +23,7 @@ class SafetensorsDir:
 
   def __init__(self, path: str):
     self.path = path
+    self._handles: dict[str, object] = {}  # file -> its open safe_open (memory-mapped once)
     index, single = os.path.join(path, INDEX), os.path.join(path, SINGLE)
     if os.path.isfile(index):
       with open(index) as f:
@@ -37,18 +38,14 @@ class SafetensorsDir:
       self.files = {k: single for k in self._open(single).keys()}
     else:
       raise HFError(f"hf:{path}: neither {SINGLE} nor {INDEX}")
-    self._handles: dict[str, object] = {}
 
   def _open(self, file: str):
-    handle = self._handles.get(file) if hasattr(self, "_handles") else None
-    if handle is None:
+    if file not in self._handles:
       try:
-        handle = safe_open(file, framework="numpy")
+        self._handles[file] = safe_open(file, framework="numpy")
       except Exception as e:  # safetensors raises its own error types for a damaged header
         raise HFError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-      if hasattr(self, "_handles"):
-        self._handles[file] = handle
-    return handle
+    return self._handles[file]
 
   def keys(self) -> list[str]:
     return sorted(self.files)
