@@ -8,6 +8,11 @@ transformers' own files: GPT-2's Conv1D stores [in,out] (no transpose), the Llam
 (transposed). RoPE needs no permutation: this model rotates halves, as transformers' Llama does
 (`model.apply_rope`).
 
+Most groups are one HF tensor for one param, and for those `slice_map` also says how each device's slice
+of the param comes from a slice of the tensor (our index -> (the HF index to read, a NumPy function of
+that slice)): the import then reads and transforms each device's slice on the host, straight onto the
+param's sharding (`load.load`), and never holds the tensor in its HF layout on the devices.
+
 Param paths are tuples within a block (`("attn", "query", "kernel")`) for per-layer groups, from the
 top of the params tree otherwise; `layer_path` places a block's path in the tree (`block_{i}`, or the
 stacked `blocks` of `model.scan_layers`).
@@ -19,8 +24,11 @@ import dataclasses
 from typing import Callable
 
 import jax.numpy as jnp
+import numpy as np
 
 Path = tuple[str, ...]
+Ranges = tuple[tuple[int, int], ...]  # [start, stop) per dimension
+SliceMap = Callable[[Ranges], "tuple[tuple[slice, ...], Callable[[np.ndarray], np.ndarray]] | None"]
 # HF tensors that are buffers, not parameters (older GPT-2 files; older Llama files' rotary cache)
 SKIPPED = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
@@ -32,10 +40,27 @@ class Group:
   to_ours: Callable  # (*hf arrays) -> tuple of our arrays
   to_hf: Callable  # (*our arrays) -> tuple of hf arrays
   per_layer: bool
+  slice_map: SliceMap | None = None  # one tensor, one param: our slice -> (HF slice, its transform); None: not a block
 
 
-def _one(hf: str, ours: Path, to_ours=lambda x: x, to_hf=lambda x: x, per_layer: bool = True) -> Group:
-  return Group((hf,), (ours,), lambda x: (to_ours(x),), lambda x: (to_hf(x),), per_layer)
+def _one(hf: str, ours: Path, to_ours=None, to_hf=lambda x: x, per_layer: bool = True,
+         slice_map: SliceMap | None = None) -> Group:
+  if to_ours is None:  # the identity: each slice is the same slice
+    to_ours, slice_map = (lambda x: x), (lambda r: (tuple(slice(a, b) for a, b in r), lambda w: w))
+  return Group((hf,), (ours,), lambda x: (to_ours(x),), lambda x: (to_hf(x),), per_layer, slice_map)
+
+
+def flat_range(ranges: Ranges, dims: tuple[int, ...]) -> tuple[int, int] | None:
+  """The [start, stop) of a block of a row-major array of shape `dims` in its flattening, or None when
+  the block is not contiguous there (a dimension split before the last one that is not taken whole)."""
+  partial = [i for i, ((a, b), n) in enumerate(zip(ranges, dims)) if (a, b) != (0, n)]
+  if not partial:
+    return 0, _prod(dims)
+  j = partial[-1]
+  if any(b - a != 1 for a, b in ranges[:j]):
+    return None
+  start = sum(a * _prod(dims[i + 1:]) for i, (a, _) in enumerate(ranges[:j + 1]))
+  return start, start + (ranges[j][1] - ranges[j][0]) * _prod(dims[j + 1:])
 
 
 def _linear(hf: str, ours: Path, in_shape: tuple[int, ...], out_shape: tuple[int, ...], transpose: bool) -> Group:
@@ -50,7 +75,16 @@ def _linear(hf: str, ours: Path, in_shape: tuple[int, ...], out_shape: tuple[int
   def to_hf(k):
     m = k.reshape(int(_prod(full[:n_in])), int(_prod(full[n_in:])))
     return m.T if transpose else m
-  return _one(hf, ours, to_ours, to_hf)
+
+  def slice_map(r: Ranges):
+    fin, fout = flat_range(r[:n_in], in_shape), flat_range(r[n_in:], out_shape)
+    if fin is None or fout is None:
+      return None
+    shard = tuple(b - a for a, b in r)
+    if transpose:
+      return (slice(*fout), slice(*fin)), lambda w: w.T.reshape(shard)
+    return (slice(*fin), slice(*fout)), lambda w: w.reshape(shard)
+  return _one(hf, ours, to_ours, to_hf, slice_map=slice_map)
 
 
 def _prod(xs) -> int:
@@ -62,7 +96,11 @@ def _prod(xs) -> int:
 
 def _vector(hf: str, ours: Path, shape: tuple[int, ...], per_layer: bool = True) -> Group:
   size = _prod(shape)
-  return _one(hf, ours, lambda b: b.reshape(shape), lambda b: b.reshape(size), per_layer)
+
+  def slice_map(r: Ranges):
+    flat = flat_range(r, shape)
+    return None if flat is None else ((slice(*flat),), lambda b: b.reshape(tuple(e - a for a, e in r)))
+  return _one(hf, ours, lambda b: b.reshape(shape), lambda b: b.reshape(size), per_layer, slice_map)
 
 
 def _embedding(hf: str, ours: Path, rows: int, hf_rows: int, transpose: bool = False) -> Group:
@@ -74,7 +112,17 @@ def _embedding(hf: str, ours: Path, rows: int, hf_rows: int, transpose: bool = F
 
   def to_hf(w):
     return (w.T if transpose else w)[:hf_rows]
-  return _one(hf, ours, to_ours, to_hf, per_layer=False)
+
+  def slice_map(r: Ranges):
+    (v0, v1), (d0, d1) = (r[1], r[0]) if transpose else r
+    stored = max(min(v1, hf_rows), v0)  # rows [v0, stored) are in the file, the rest are padding
+
+    def fn(w):
+      if stored < v1:
+        w = np.concatenate([w, np.zeros((v1 - stored, d1 - d0), w.dtype)])
+      return w.T if transpose else w
+    return (slice(v0, stored), slice(d0, d1)), fn
+  return _one(hf, ours, to_ours, to_hf, per_layer=False, slice_map=slice_map)
 
 
 def gpt2(cfg, hf_vocab: int, prefix: str = "transformer.") -> list[Group]:

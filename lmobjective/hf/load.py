@@ -1,16 +1,21 @@
 """Import a Hugging Face model directory onto a mesh: each device reads only its slice of each tensor.
 
-Every HF tensor is placed in its own layout with `jax.make_array_from_callback`, each device's callback
-reading its slice from the memory-mapped file, on the sharding that XLA propagates back from the params'
-own shardings through `keymap.Group.to_hf` (a transpose maps the head's [D,V] split to [V,D]'s): one
-jitted `to_ours` per group then reshapes/transposes it onto the params' shardings with no communication,
-and the source array is dropped. So a device reads exactly the part of each tensor it keeps, and the
-host never holds a full copy of the model: at most one group's slices. Every key and shape is checked
-before anything is read (`check`).
+A group of one tensor for one param whose every device slice is a block of the tensor (`Group.slice_map`:
+Llama's projections, embeddings and heads, norms; a transpose or reshape) is placed straight on the
+param's sharding with `jax.make_array_from_callback`, each device's callback reading its block from the
+file and transposing/reshaping it in NumPy: nothing but the param itself is ever on the devices, and the
+host holds one device's block at a time. Any other group (GPT-2's fused c_attn; a split that is no
+block) is placed in its own layout on the sharding that XLA propagates back from the params' own
+shardings through `keymap.Group.to_hf` (a transpose maps the head's [D,V] split to [V,D]'s), each device
+reading its slice, and one jitted `to_ours` per group then reshapes it onto the params' shardings with no
+communication, the source array dropped. So a device reads exactly the part of each tensor it keeps, and
+the host never holds a full copy of the model. Every key and shape is checked before anything is read
+(`check`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 
@@ -102,11 +107,58 @@ def read_placed(ckpt: SafetensorsDir, key: str, sharding, dtype, reads: list | N
   (key, index, the sharding's shard shape))."""
   shape = ckpt.shape(key)
 
+  blocks = {}  # replicas share one host array
+
   def callback(index):
     if reads is not None:
       reads.append((key, index, sharding.shard_shape(shape)))
-    return ckpt.read(key, index, dtype)
-  return jax.make_array_from_callback(shape, sharding, callback)
+    r = _ranges(index, shape)
+    if r not in blocks:
+      blocks[r] = ckpt.read(key, index, dtype)
+    return blocks[r]
+  array = jax.make_array_from_callback(shape, sharding, callback)
+  blocks.clear()
+  return array
+
+
+def _release_freed_memory() -> None:
+  """glibc keeps freed heap memory for reuse; give it back (the host's copies of one tensor are freed by now)."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc: nothing to do
+    pass
+
+
+def _ranges(index, shape) -> keymap.Ranges:
+  return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+
+
+def read_mapped(ckpt: SafetensorsDir, key: str, g: keymap.Group, shape, sharding, dtype,
+                reads: list | None = None) -> jax.Array | None:
+  """The param of one-tensor group `g` on `sharding`, each device's block read and transformed on the
+  host (`g.slice_map`); None when some device's slice is not a block of the tensor."""
+  plans = {}
+  for index in sharding.devices_indices_map(shape).values():
+    r = _ranges(index, shape)
+    plans[r] = g.slice_map(r)
+    if plans[r] is None:
+      return None
+
+  blocks = {}  # devices holding the same block (replicas) are given one host array
+
+  def callback(index):
+    r = _ranges(index, shape)
+    hf_index, transform = plans[r]
+    part = ckpt.view(key)[hf_index]
+    if reads is not None:
+      reads.append((key, hf_index, part.shape))
+    if r not in blocks:
+      out = np.asarray(transform(part), dtype=dtype, order="C")  # one copy out of the file: sliced, transposed
+      blocks[r] = out.copy() if np.may_share_memory(out, part) else out  # never the file's own pages
+    return blocks[r]
+  array = jax.make_array_from_callback(shape, sharding, callback)
+  blocks.clear()
+  return array
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,11 +178,16 @@ def load(path: str, hf: dict, cfg, abstract: dict, reads: list | None = None) ->
   for g, layer, keys in keymap.expand(groups, cfg.num_layers):
     placed = [_target(abstract, cfg, layer, p) for p in g.ours]
     targets = tuple(sh for _, sh in placed)
-    with sharding_lib.activate(mesh):
-      src = source_shardings(g.to_hf, tuple(jax.ShapeDtypeStruct(s, dtype, sharding=sh) for s, sh in placed))
-      sources = [read_placed(ckpt, k, sh, dtype, reads) for k, sh in zip(keys, src)]
-      outs = _placer(g.to_ours, targets)(*sources)
-    del sources
+    direct = None if g.slice_map is None else read_mapped(ckpt, keys[0], g, *placed[0], dtype, reads)
+    if direct is not None:
+      outs = (direct,)
+      _release_freed_memory()
+    else:
+      with sharding_lib.activate(mesh):
+        src = source_shardings(g.to_hf, tuple(jax.ShapeDtypeStruct(s, dtype, sharding=sh) for s, sh in placed))
+        sources = [read_placed(ckpt, k, sh, dtype, reads) for k, sh in zip(keys, src)]
+        outs = _placer(g.to_ours, targets)(*sources)
+      del sources
     for p, out in zip(g.ours, outs):
       if layer is not None and cfg.scan_layers:
         stacked.setdefault(p, []).append(out)

@@ -222,6 +222,53 @@ def test_sharded_placement_on_8_devices_equals_one_device():
   assert got["query_shard_shape"] == [16, 2, 16]
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_each_slice_map_gives_to_ours_of_the_whole_tensor_sliced(name):
+  """A one-tensor group's `slice_map` (read a block of the HF tensor, transform it in NumPy) against its
+  `to_ours` of the whole tensor, on every block of every split into halves of one or two dimensions
+  (the vocabulary padded past the file's rows, heads split, transposes); a split that is not a block of
+  the file (an inner dimension of a reshaped one: H of [N, H] from N·H) gives None, and the import falls
+  back to placing the tensor as it is."""
+  import itertools
+
+  from lmobjective.hf import keymap, load
+  _, params, hf = imported(name)
+  cfg = load.model_config(hf, "config.json", tokenizer_vocab=None)
+  cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size + 32)  # 32 padding rows past the file's
+  groups = load.groups_for(hf, cfg, hf["vocab_size"])
+  rng = np.random.default_rng(0)
+  checked = blocks = 0
+  for g, layer, _ in keymap.expand(groups, cfg.num_layers):
+    if g.slice_map is None or layer not in (None, 0):
+      continue
+    ours_shape = load._get(params, keymap.layer_path(cfg, 0, g.ours[0]) if layer is not None else g.ours[0]).shape
+    if g.ours[0] in (("token_embed", "embedding"),):
+      ours_shape = (cfg.vocab_size,) + ours_shape[1:]
+    elif g.ours[0] == ("lm_head", "kernel"):
+      ours_shape = ours_shape[:1] + (cfg.vocab_size,)
+    (hf_shape,) = [w.shape for w in jax.eval_shape(g.to_hf, jax.ShapeDtypeStruct(ours_shape, np.float32))]
+    w = rng.standard_normal(hf_shape).astype(np.float32)
+    (want,) = [np.asarray(x) for x in g.to_ours(w)]
+    assert want.shape == ours_shape
+    for dims in itertools.chain.from_iterable(itertools.combinations(range(len(ours_shape)), k) for k in (0, 1, 2)):
+      if any(ours_shape[d] % 2 for d in dims):
+        continue
+      for halves in itertools.product((0, 1), repeat=len(dims)):
+        r = [(0, n) for n in ours_shape]
+        for d, h in zip(dims, halves):
+          r[d] = (h * ours_shape[d] // 2, (h + 1) * ours_shape[d] // 2)
+        plan = g.slice_map(tuple(r))
+        if plan is None:
+          assert dims != (0,)  # a split of the first dimension is always a block
+          continue
+        hf_index, fn = plan
+        got = fn(w[hf_index])
+        np.testing.assert_array_equal(got, want[tuple(slice(a, b) for a, b in r)])
+        blocks += 1
+    checked += 1
+  assert checked >= 8 and blocks > 50
+
+
 def _main(name: str) -> dict:
   import sys
   sys.path.insert(0, HERE)
