@@ -68,7 +68,10 @@ def test_the_chunked_loss_equals_a_dense_float64_softmax_on_a_slice(restored):
   the 262,144 logits in float64 NumPy, the rows past the tokenizer's 512 at -inf, from the same
   hidden states and the tied embedding table."""
   run = restored
-  inputs, positions, targets, mask = run._chunks(run.tokenizer.encode(TEXT))
+  ids = run.tokenizer.encode(TEXT)
+  assert len(ids) <= run.context_length  # one window: the opener, then the text
+  inputs, targets = np.asarray([[run.tokenizer.opener_id] + ids[:-1]], np.int32), np.asarray([ids], np.int32)
+  positions, mask = np.arange(len(ids), dtype=np.int32)[None], np.ones((1, len(ids)), bool)
   h_TxD = np.asarray(run.model.apply({"params": run.params}, inputs, positions, mask.astype(np.int32),
                                      method="hidden_states")[0], np.float64)
   table_VxD = np.asarray(run.params["token_embed"]["embedding"], np.float64)  # tiny preset: tied embeddings
@@ -114,7 +117,7 @@ def test_notebook_evaluate_and_generation_stay_within_the_chunked_bound(restored
   assert isinstance(run.generate(TEXT, max_new_tokens=8), str)
   top = run.next_token_distribution(TEXT, top_k=20)
   assert len(top) == 20 and all(i < run.tokenizer.vocab_size for _, i, _ in top)
-  for label, program in (("loss_per_position", run._token_losses), ("evaluate --source", run.eval_program),
+  for label, program in (("loss_per_position", run.row_losses), ("evaluate --source", run.eval_program),
                          ("generation", run._samplers[True].program),
                          ("next token", run._samplers[True].first_program)):
     _within_chunked_bound(_temp(program), label)

@@ -3,7 +3,8 @@
 core (lmobjective/*.py but the doors and the validator) < data < hf (Hugging Face checkpoints and
 tokenizers) < validation (the config boundary:
 it checks the data keys too) < run < analysis < sweep. The doors, `python -m lmobjective.<verb>`,
-sit above every layer: `lmobjective/train.py` (the training CLI) is the one module that joins run and
+sit above every layer (and so does `lmobjective.harness`, the lm-evaluation-harness adapter's name):
+`lmobjective/train.py` (the training CLI) is the one module that joins run and
 analysis, and the others are a docstring and an import of the `cli` they open (tests/test_commands.py
 keeps them that thin). Read from the source (lazy imports inside functions included), so a shortcut
 upward fails here.
@@ -15,7 +16,7 @@ import os
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lmobjective")
 RANK = {"core": 0, "data": 1, "hf": 2, "validation": 3, "run": 4, "analysis": 5, "sweep": 6}
 DOORS = ("lmobjective.train", "lmobjective.evaluate", "lmobjective.diagnose", "lmobjective.mixture_regression",
-         "lmobjective.export")
+         "lmobjective.export", "lmobjective.harness")
 
 
 def _layer(module: str) -> str:

@@ -129,6 +129,15 @@ def test_evaluate_cli(run8, tmp_path):
   out = dict(l.split(None, 1) for l in r.stdout.strip().splitlines())
   assert int(out["bytes"]) == len(TEXT.encode())
   assert float(out["perplexity"]) == pytest.approx(math.exp(float(out["loss"].split()[0])), rel=1e-4)
+  # the same text as a one-row per-document table: the same scored positions, the same loss
+  table = tmp_path / "docs.jsonl"
+  r = subprocess.run([sys.executable, "-m", "lmobjective.evaluate", f"--workdir={workdir}",
+                      f"--text_file={tmp_path / 't.txt'}", f"--per_document={table}"], cwd=ROOT, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr
+  (row,) = [json.loads(l) for l in table.read_text().splitlines()]
+  assert row["id"] == "t.txt" and row["bytes"] == len(TEXT.encode())
+  assert row["loss"] == pytest.approx(float(out["loss"].split()[0]), abs=2e-6)
 
 
 def test_restore_of_a_run_without_checkpoints_names_the_folder_and_writes_nothing(tmp_path):

@@ -4,7 +4,8 @@ Needs only the run directory (checkpoints/, tokenizer/, metrics.jsonl), restores
 onto this process's first device (any device count, CPU included) and knows nothing of the
 optimizer. Every method scores text the way training did: a text is one document, so its first
 token is predicted from EOS (the document separator), and every later token from the ones before
-it; text longer than the context is cut into context-length chunks, as the eval rows are.
+it; text longer than the context is scored in lm-evaluation-harness's rolling windows
+(`analysis/loglikelihood.py`: each token once, a window's first token from the token before it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from lmobjective import config as config_lib
 from lmobjective import objectives, sampling, sharding, step, validation
-from lmobjective.analysis import pairs
+from lmobjective.analysis import loglikelihood, pairs
 from lmobjective.objectives import next_token, preference, reward_model
 from lmobjective.data import prompts, sft, tokenizers
 from lmobjective.model import ModelConfig, Transformer
@@ -85,14 +86,12 @@ class Run:
     return sharding.single_device_mesh(next(iter(placed.device_set)))
 
   @functools.cached_property
-  def _token_losses(self):
+  def row_losses(self):
+    """(params, batch of `inputs`, `targets`, `positions`, `segment_ids`, `loss_mask` [B,T]) -> `TokenLosses`:
+    the one program every text score here runs (`analysis.loglikelihood.score`), chunked as the run was."""
     chunk = int(self.config.objective.loss_chunk_size)
-
-    def fn(params, inputs_BxT, positions_BxT, targets_BxT, mask_BxT):
-      batch = {"inputs": inputs_BxT, "positions": positions_BxT, "targets": targets_BxT,
-               "loss_mask": mask_BxT, "segment_ids": mask_BxT.astype(jnp.int32)}
-      return next_token.score(self.model, params, batch, chunk_size=chunk)
-    return sharding.Program(fn, self.mesh)
+    return sharding.Program(lambda params, batch: next_token.score(self.model, params, batch, chunk_size=chunk),
+                            self.mesh)
 
   @functools.cached_property
   def eval_program(self):
@@ -151,31 +150,15 @@ class Run:
     """The core sampler on this run's mesh: KV-cached (True) and the uncached reference (False)."""
     return {cached: sampling.Sampler(self.model, self.mesh, cached=cached) for cached in (True, False)}
 
-  def _chunks(self, ids: list[int]):
-    """(inputs, positions, targets, mask) [C, T] for a document: the opener (EOS; an imported Llama's BOS) +
-    ids, cut into T-token rows."""
-    T = self.context_length
-    stream = np.asarray([self.tokenizer.opener_id] + list(ids), np.int64)
-    n = len(ids)
-    C = max(1, -(-n // T))
-    inputs, targets = np.zeros((C, T), np.int32), np.zeros((C, T), np.int32)
-    mask = np.zeros((C, T), bool)
-    for c in range(C):
-      seg = stream[c * T: c * T + T + 1]
-      inputs[c, :len(seg) - 1], targets[c, :len(seg) - 1], mask[c, :len(seg) - 1] = seg[:-1], seg[1:], True
-    positions = np.broadcast_to(np.arange(T, dtype=np.int32), (C, T))
-    return inputs, positions, targets, mask
-
   def loss_per_position(self, text: str) -> PositionLosses:
-    """One sentence is many training samples: the loss of predicting each of its tokens from the ones before."""
-    ids = self.tokenizer.encode(text)
-    inputs, positions, targets, mask = self._chunks(ids)
-    losses = jax.device_get(self._token_losses(self.params, inputs, positions, targets, mask))
-    valid = np.asarray(losses.valid).ravel()
-    tgt = targets.ravel()[valid]
-    return PositionLosses(tokens=[self.tokenizer.decode([int(t)]) for t in tgt], target_ids=tgt,
-                          p_target=np.asarray(losses.p_target).ravel()[valid],
-                          nll=np.asarray(losses.nll).ravel()[valid], num_bytes=len(text.encode("utf-8")))
+    """One sentence is many training samples: the loss of predicting each of its tokens from the ones
+    before (`loglikelihood.score_text`: the first from the opener, a text longer than the context in
+    lm-evaluation-harness's rolling windows)."""
+    scored = loglikelihood.score_text(self, self.tokenizer.encode(text))
+    nll = -scored.token_logprobs
+    return PositionLosses(tokens=[self.tokenizer.decode([int(t)]) for t in scored.token_ids],
+                          target_ids=scored.token_ids, p_target=np.exp(-nll), nll=nll,
+                          num_bytes=len(text.encode("utf-8")))
 
   def perplexity(self, texts: str | list[str]) -> dict[str, float]:
     """Token-weighted loss over `texts` (each its own document): loss, perplexity, bits per token and byte."""
@@ -216,9 +199,16 @@ class Run:
     stops = {self.stop_ids(p) for p in prompts}
     if len(stops) > 1:
       raise ValueError("prompts: plain and chat prompts end at different tokens; sample them in separate batches")
+    return self.sample_ids([self.prompt_ids(p) for p in prompts], stops.pop(), max_new_tokens, temperature, top_k,
+                           top_p, seed, use_cache)
+
+  def sample_ids(self, prompt_ids: list[list[int]], stop_ids: tuple[int, ...], max_new_tokens: int = 50,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 use_cache: bool = True) -> sampling.Samples:
+    """`sampling.Samples` (NumPy) of prompts given as token ids, each row stopping at any of `stop_ids`."""
     cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
-                                  top_p=float(top_p), stop_ids=stops.pop(), pad_id=self.tokenizer.pad_id)
-    out, _, _ = self._samplers[bool(use_cache)](self.params, [self.prompt_ids(p) for p in prompts], cfg, seed=seed)
+                                  top_p=float(top_p), stop_ids=tuple(stop_ids), pad_id=self.tokenizer.pad_id)
+    out, _, _ = self._samplers[bool(use_cache)](self.params, prompt_ids, cfg, seed=seed)
     return sampling.Samples(*jax.device_get(out))
 
   def generate_ids(self, prompt: str | list[dict], max_new_tokens: int = 50, temperature: float = 1.0,
