@@ -7,7 +7,8 @@ stage's checkpoint (`train.init_from`), in WORKDIR/{pretrained,sft,dpo,reward_mo
 whose final checkpoint exists is reused. The PPO and RLOO stages sample answers to the SFT conversations'
 prompts (WORKDIR/data/prompts_*.jsonl, written first), are rewarded by the reward model and watch the
 gold reward (the answer's word F1 against the docstring summary). Then `analysis/stack.py` scores every
-language-model stage on the same held-out sets (and the pairs by kind of negative), every policy from
+language-model stage on the same held-out sets (and the pairs by kind of negative, and the shipped
+multiple-choice task: a held-out function's docstring summary among four), every policy from
 SFT on on the held-out prompts (gold and proxy reward, pass@1, KL to SFT, each against SFT), the reward
 model on every held-out pair, reads the RL stages' lines, and writes WORKDIR/stack.md, WORKDIR/stack.csv
 and WORKDIR/stack.png.

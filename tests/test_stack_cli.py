@@ -171,6 +171,7 @@ def test_the_stack_table_agrees_with_each_stages_own_eval_lines(stack, tmp_path)
   assert rows["dpo"]["pref_accuracy_norm"] == last(d / "dpo")["val_preference_accuracy_normalized"]
   assert rows["dpo"]["rewards/margins"] == last(d / "dpo")["val_rewards/margins"]
   assert rows["sft"]["rewards/margins"] is None and rows["dpo"]["num_pairs"] == 24
+  assert rows["sft"]["docstring_acc"] is None  # the task is the stdlib SFT source's held-out modules: not this one
   logps = last(d / "dpo")
   assert abs(rows["dpo"]["logp_margin"] - (logps["val_logps/chosen"] - logps["val_logps/rejected"])) < 1e-4
   md, path_csv = stack_table.save(list(rows.values()), str(tmp_path))

@@ -10,7 +10,10 @@ Every stage's model is scored on the same three held-out sets, whatever it was t
     log π(rejected|x)), `pref_accuracy_norm` (the same with length-averaged log-probs),
     `logp_margin` (mean log π(chosen|x) − log π(rejected|x), nats) and `num_pairs`;
 and the DPO row adds TRL's `rewards/accuracies` and `rewards/margins` from its last val line (they
-need the reference, so only the DPO stage has them). When the pairs are `stdlib_pairs`, `kind_rows`
+need the reference, so only the DPO stage has them). `docstring_acc` and `docstring_acc_norm` are the shipped
+multiple-choice task (`data/stdlib_choice.py`: a held-out function's docstring summary among four,
+scored as lm-evaluation-harness scores multiple choice, `analysis/choice.py`), where the SFT source is the
+stdlib's conversations (`stdlib_chat`), whose held-out modules it is built from. When the pairs are `stdlib_pairs`, `kind_rows`
 breaks the preference accuracy down by the kind of negative (`data/stdlib_negatives.py`), and
 `comparisons` says whether a stage's raw preference accuracy differs from the stage before it by more
 than chance: on the same pairs, an exact McNemar test of the pairs only one of the two ranks right.
@@ -35,11 +38,11 @@ import ml_collections
 import numpy as np
 
 from lmobjective import files
-from lmobjective.analysis import evaluate, inspection, pairs
+from lmobjective.analysis import choice, evaluate, inspection, pairs
 from lmobjective.objectives import preference
 
 COLUMNS = ("stage", "step", "pretrain_val_loss", "sft_val_loss", "pref_accuracy", "pref_accuracy_norm",
-           "logp_margin", "num_pairs", "rewards/accuracies", "rewards/margins")
+           "logp_margin", "num_pairs", "rewards/accuracies", "rewards/margins", "docstring_acc", "docstring_acc_norm")
 
 
 def _token_weighted(run: inspection.Run) -> float:
@@ -54,6 +57,9 @@ def rows(workdirs: dict[str, str]) -> list[dict]:
   runs = {stage: inspection.restore(w) for stage, w in workdirs.items()}
   pre, sft, dpo = runs["pretrained"], runs["sft"], runs["dpo"]
   (chat,), (pair_source,) = list(sft.config.data.sources), list(dpo.config.data.sources)
+  from lmobjective.data import stdlib_choice
+  chat_source = sft.config.data.sources[chat]  # the task is held out where SFT is the stdlib's conversations
+  items = stdlib_choice.items(float(chat_source.val_fraction)) if chat_source.kind == "stdlib_chat" else None
   out = []
   for stage, run in runs.items():
     on = lambda other: dataclasses.replace(other, params=run.params)  # this stage's model, other's data
@@ -63,8 +69,11 @@ def rows(workdirs: dict[str, str]) -> list[dict]:
     row = {"stage": stage, "step": run.step, "pretrain_val_loss": _token_weighted(on(pre)), "sft_val_loss": sft_loss,
            "pref_accuracy": acc["preference_accuracy"], "pref_accuracy_norm": acc["preference_accuracy_normalized"],
            "logp_margin": acc["logps/margin"], "num_pairs": acc["num_pairs"],
-           "rewards/accuracies": None, "rewards/margins": None,
+           "rewards/accuracies": None, "rewards/margins": None, "docstring_acc": None, "docstring_acc_norm": None,
            "pair_correct": (np.asarray(logps.chosen) > np.asarray(logps.rejected))[valid_P]}
+    if items:
+      task = choice.evaluate(run, items)
+      row.update({"docstring_acc": task["acc"], "docstring_acc_norm": task["acc_norm"]})
     if stage == "dpo":
       last = [r for r in run.metrics if "val_loss" in r][-1]  # its last eval line: TRL's val rewards
       row.update({"rewards/accuracies": last.get("val_rewards/accuracies"), "rewards/margins": last.get("val_rewards/margins")})
