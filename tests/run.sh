@@ -2,15 +2,14 @@
 # The whole test suite, set-up included (slow tests too):  bash tests/run.sh [pytest args]
 # The fast tier, before each commit:                      bash tests/run.sh -m "not slow"
 #
-# The whole suite runs in one process, file by file (its kill -9, lock and throughput tests time
-# themselves against an unloaded machine). The fast tier runs on two pytest-xdist workers, one test
-# file per worker at a time (module fixtures are built once); LMOBJECTIVE_TEST_WORKERS=0 runs it in
-# one process. Either way one XLA compilation cache serves the session (tests/conftest.py).
+# Both run on two pytest-xdist workers (the machine's two cores), one test file per worker at a time
+# (--dist loadfile: a file's module fixtures are built once). LMOBJECTIVE_TEST_WORKERS=0 runs in one
+# process, LMOBJECTIVE_TEST_WORKERS=N on N workers. Either way one XLA compilation cache serves the
+# session (tests/conftest.py). The tests that time something (kill -9 at a step, the lock's renewal,
+# positions/s) wait on what they watch with deadlines, not on an idle machine.
 source "$(dirname "${BASH_SOURCE[0]}")/../experiments/_venv.sh"
 workers=()
-for arg in "$@"; do
-  if [ "$arg" = "not slow" ] && [ "${LMOBJECTIVE_TEST_WORKERS:-2}" != 0 ]; then
-    workers=(-n "${LMOBJECTIVE_TEST_WORKERS:-2}" --dist loadfile)
-  fi
-done
+if [ "${LMOBJECTIVE_TEST_WORKERS:-2}" != 0 ]; then
+  workers=(-n "${LMOBJECTIVE_TEST_WORKERS:-2}" --dist loadfile)
+fi
 exec "$PY" -m pytest tests --durations=25 "${workers[@]}" "$@"
