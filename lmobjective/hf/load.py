@@ -15,6 +15,7 @@ the host never holds a full copy of the model. Every key and shape is checked be
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -123,10 +124,8 @@ def read_placed(ckpt: SafetensorsDir, key: str, sharding, dtype, reads: list | N
 
 def _release_freed_memory() -> None:
   """glibc keeps freed heap memory for reuse; give it back (the host's copies of one tensor are freed by now)."""
-  try:
+  with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to give back
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):  # not glibc: nothing to do
-    pass
 
 
 def _ranges(index, shape) -> keymap.Ranges:
