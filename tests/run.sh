@@ -10,6 +10,6 @@
 source "$(dirname "${BASH_SOURCE[0]}")/../experiments/_venv.sh"
 workers=()
 if [ "${LMOBJECTIVE_TEST_WORKERS:-2}" != 0 ]; then
-  workers=(-n "${LMOBJECTIVE_TEST_WORKERS:-2}" --dist loadfile)
+  workers=(-n "${LMOBJECTIVE_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder)
 fi
 exec "$PY" -m pytest tests --durations=25 "${workers[@]}" "$@"

@@ -8,6 +8,7 @@ once per verb, all six at once, and each verb does one real call.
 
 import ast
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -162,3 +163,15 @@ def test_sweep_plans_and_mixture_regression_fits_it(tmp_path):
   assert fit["sources"] == sorted(LAW) and sorted(fit["runs"]) == sorted(plan["runs"])
   for s, b in LAW.items():
     assert fit["params"][s]["b"] == pytest.approx(b, rel=1e-6)
+
+
+def test_the_suites_longest_first_files_exist_and_run_sh_keeps_their_order():
+  """tests/conftest.py orders the longest files first; a renamed file would silently fall to the end,
+  and xdist's own reordering (most tests first) would undo the order unless tests/run.sh turns it off."""
+  spec = importlib.util.spec_from_file_location("suite_conftest", os.path.join(ROOT, "tests", "conftest.py"))
+  conftest = importlib.util.module_from_spec(spec)  # by path: tests/data/conftest.py is also 'conftest'
+  spec.loader.exec_module(conftest)
+  LONGEST_FIRST = conftest.LONGEST_FIRST
+  assert [p for p in LONGEST_FIRST if not os.path.isfile(os.path.join(ROOT, p))] == []
+  assert len(set(LONGEST_FIRST)) == len(LONGEST_FIRST)
+  assert "--dist loadfile --no-loadscope-reorder" in open(os.path.join(ROOT, "tests", "run.sh")).read()
