@@ -5,10 +5,10 @@
 1. The SFT model of the objective stack (`--sft`, or the stack's pretrain and SFT stages run into
    WORKDIR/stack) samples two answers to each of N train questions of the docstring task; the gold reward
    (`rewards.summary_f1`, word F1 against the docstring summary) labels each pair by Bradley–Terry,
-   P(a ≻ b) = σ((g_a − g_b)/τ); WORKDIR/data/pairs_{small,large}.jsonl hold the first quarter and all of them.
+   P(a ≻ b) = σ((g_a − g_b)/τ); WORKDIR/data/pairs_{small,large}.jsonl hold the first eighth and all of them.
 2. Two proxy reward models (`configs/overoptimization.py:proxy`) are fitted to them from the SFT model.
 3. PPO and RLOO against the large proxy (quick: at β 0.02; full: 0.01, 0.03, 0.1), and the runs that
-   optimise hard (β 0.001, learning rate 3e-4: PPO against the small proxy; full: the large one too),
+   optimise hard (β 0.001, learning rate 1e-3: PPO against the small proxy; full: the large one too),
    watching the gold reward (weight 0): every eval line has the held-out proxy and gold rewards and
    val_kl_full_sampled (the full-distribution KL of the sampled responses).
 4. Best-of-n, the baseline without training: M reference samples per held-out question scored by the large
@@ -31,7 +31,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-HARD = 3e-4  # the learning rate of the runs that optimise hard (the stages' own is 1e-4)
+HARD = 1e-3  # the learning rate of the runs that optimise hard (the stages' own is 1e-4)
 SIZES = {  # train questions labelled; held-out questions the RL evals and best-of-n score; best-of-n samples each;
     #        the RL runs (kind, proxy, β, learning rate)
     "quick": {"pairs": 1200, "eval_prompts": 96, "bon_samples": 64,
@@ -40,6 +40,7 @@ SIZES = {  # train questions labelled; held-out questions the RL evals and best-
              "runs": tuple((k, "large", b, 1e-4) for b in (0.01, 0.03, 0.1) for k in ("ppo", "rloo"))
              + (("ppo", "large", 0.001, HARD), ("ppo", "small", 0.001, HARD))},
 }
+SMALL = 8  # the small proxy is fitted to the first 1/SMALL of the pairs (a quarter until 2026-12-07: docs/objectives.md)
 TAU = 0.1  # Bradley–Terry temperature of the gold labels (F1 differences are in [-1, 1])
 NS = (1, 2, 4, 8, 16, 32, 64)  # best-of-n's n, those with at least 4n reference samples per question (m >> n)
 BON_CHUNK = 8  # held-out questions sampled together for best-of-n
@@ -91,7 +92,7 @@ def write_prompts(workdir: str, sft: str, max_new_tokens: int, context_length: i
 
 
 def label_pairs(workdir: str, sft: str, prompts_path: str, n_pairs: int, max_new_tokens: int) -> dict[str, str]:
-  """Two SFT samples per train question, gold-labelled by Bradley–Terry: pairs_small.jsonl (a quarter) and
+  """Two SFT samples per train question, gold-labelled by Bradley–Terry: pairs_small.jsonl (an eighth) and
   pairs_large.jsonl (all); identical answers are left out. Reused when both files exist."""
   from lmobjective import files, rewards
   from lmobjective.analysis import inspection, overoptimization
@@ -118,7 +119,7 @@ def label_pairs(workdir: str, sft: str, prompts_path: str, n_pairs: int, max_new
     if a.strip() and b.strip() and a != b:
       pairs.append({"prompt": asked[2 * i], "chosen": a if wins else b, "rejected": b if wins else a})
   files.atomic_write(out["large"], "".join(json.dumps(p) + "\n" for p in pairs))
-  files.atomic_write(out["small"], "".join(json.dumps(p) + "\n" for p in pairs[:len(pairs) // 4]))
+  files.atomic_write(out["small"], "".join(json.dumps(p) + "\n" for p in pairs[:len(pairs) // SMALL]))
   print(f"== pairs: {len(pairs)} gold-labelled pairs from {len(idx)} questions (mean gold F1 of the samples "
         f"{sum(gold) / len(gold):.3f}) in {time.time() - t0:.0f} s", flush=True)
   return out

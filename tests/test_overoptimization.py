@@ -66,6 +66,8 @@ def test_bad_input_is_refused():
     oo.best_of_n_kl([1.0, 2.0], 2, weights_M=[0.5, 0.6])
   with pytest.raises(ValueError, match="form='ppo'"):
     oo.fit_gao([0.1, 0.2, 0.3], [0, 0, 0], "ppo")
+  with pytest.raises(ValueError, match="3 points with d > 0"):  # the origin and two more fit exactly
+    oo.fit_gao([0.0, 1.0, 2.0], [0.0, 0.1, 0.15], "rl")
 
 
 @pytest.mark.parametrize("form, alpha, beta", [("best_of_n", 1.2, 0.35), ("rl", 0.8, 0.4)])

@@ -92,10 +92,16 @@ def gao_curve(d, alpha: float, beta: float, form: str) -> np.ndarray:
 
 
 def fit_gao(d, gold, form: str) -> dict[str, float]:
-  """Least-squares (α, β) of `gold` ≈ R(d) in `form`, and the fit's RMS residual and R²."""
+  """Least-squares (α, β) of `gold` ≈ R(d) in `form`, and the fit's RMS residual and R².
+
+  Both forms vanish at d = 0, so a point there says nothing about (α, β): at least 3 points with d > 0
+  are needed, or two of them would fit exactly (RMS 0) whatever the curve between and beyond them."""
   d, gold = np.asarray(d, np.float64).reshape(-1), np.asarray(gold, np.float64).reshape(-1)
-  if d.shape != gold.shape or len(d) < 3 or (d < 0).any() or not (np.isfinite(d).all() and np.isfinite(gold).all()):
-    raise ValueError("fit_gao needs at least 3 finite points (d >= 0, one gold value each)")
+  if d.shape != gold.shape or (d < 0).any() or not (np.isfinite(d).all() and np.isfinite(gold).all()):
+    raise ValueError("fit_gao needs finite points (d >= 0, one gold value each)")
+  if (d > 0).sum() < 3:
+    raise ValueError(f"fit_gao needs at least 3 points with d > 0 (got {(d > 0).sum()}): both forms vanish at d = 0, "
+                     "so two points fit exactly")
   X = _features(d, form)
   (alpha, beta), *_ = np.linalg.lstsq(X, gold, rcond=None)
   resid = gold - X @ np.array([alpha, beta])
