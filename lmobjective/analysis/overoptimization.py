@@ -99,8 +99,9 @@ def fit_gao(d, gold, form: str) -> dict[str, float]:
   d, gold = np.asarray(d, np.float64).reshape(-1), np.asarray(gold, np.float64).reshape(-1)
   if d.shape != gold.shape or (d < 0).any() or not (np.isfinite(d).all() and np.isfinite(gold).all()):
     raise ValueError("fit_gao needs finite points (d >= 0, one gold value each)")
-  if (d > 0).sum() < 3:
-    raise ValueError(f"fit_gao needs at least 3 points with d > 0 (got {(d > 0).sum()}): both forms vanish at d = 0, "
+  informative = int((d > 0).sum())
+  if informative < 3:
+    raise ValueError(f"fit_gao needs at least 3 points with d > 0 (got {informative}): both forms vanish at d = 0, "
                      "so two points fit exactly")
   X = _features(d, form)
   (alpha, beta), *_ = np.linalg.lstsq(X, gold, rcond=None)
