@@ -1,10 +1,12 @@
 """The objective stack as one experiment: pretrain -> SFT -> DPO and SFT -> reward model -> PPO | RLOO, then the tables.
 
-    python experiments/objective_stack.py --workdir=runs/stack [--size=quick|full]
+    python experiments/objective_stack.py --workdir=runs/stack [--size=quick|full] [--jobs=N]
 
 Each stage is the training CLI a researcher would type (printed before it runs), from the previous
 stage's checkpoint (`train.init_from`), in WORKDIR/{pretrained,sft,dpo,reward_model,ppo,rloo}; a stage
-whose final checkpoint exists is reused. The PPO and RLOO stages sample answers to the SFT conversations'
+whose final checkpoint exists is reused. Stages whose inputs are ready run two at a time on a CPU machine
+(DPO beside the reward model, then PPO beside RLOO; `lmobjective/run/schedule.py`: their logs in
+WORKDIR/logs, one XLA compilation cache in WORKDIR/xla_cache); `--jobs=1` runs them one after another. The PPO and RLOO stages sample answers to the SFT conversations'
 prompts (WORKDIR/data/prompts_*.jsonl, written first), are rewarded by the reward model and watch the
 gold reward (the answer's word F1 against the docstring summary). Then `analysis/stack.py` scores every
 language-model stage on the same held-out sets (and the pairs by kind of negative, and the shipped
@@ -16,12 +18,12 @@ and WORKDIR/stack.png.
 
 from __future__ import annotations
 
+import argparse
+import functools
 import os
-import subprocess
 import sys
 import time
-
-import argparse
+from typing import Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -32,14 +34,6 @@ STAGES = (("pretrained", "pretrain", None), ("sft", "sft", "pretrained"), ("dpo"
 LM_STAGES = ("pretrained", "sft", "dpo", "ppo", "rloo")  # scored as language models in the main table
 RL_STAGES = ("ppo", "rloo")
 EVAL_PROMPTS = {"quick": 96, "full": None}  # held-out prompts the RL stages' evals and the policy table answer (None: all)
-
-
-def _finished(workdir: str, config_arg: str) -> bool:
-  from lmobjective.config import load_config_file
-  from lmobjective.run import checkpoint
-  c = load_config_file(os.path.join(ROOT, "configs", f"stack.py:{config_arg}"))
-  updates = c.train.steps * (c.rl.epochs * c.rl.num_minibatches if c.objective.kind in RL_STAGES else 1)
-  return os.path.isdir(workdir) and updates in checkpoint.finalized_steps(workdir)
 
 
 def _rl_inputs(workdir: str, config_arg: str) -> list[str]:
@@ -62,35 +56,46 @@ def _rl_inputs(workdir: str, config_arg: str) -> list[str]:
           f"--config.rl.reward_model={os.path.join(workdir, 'reward_model')}"]
 
 
-def run_stage(workdir: str, name: str, config_arg: str, origin: str | None) -> None:
-  path = os.path.join(workdir, name)
-  if _finished(path, config_arg):
-    print(f"== {name}: reusing the finished stage in {path}", flush=True)
-    return
-  cmd = [sys.executable, "-m", "lmobjective.train", f"--config={os.path.join(ROOT, 'configs', 'stack.py')}:{config_arg}",
-         f"--workdir={path}"]
-  if origin:
-    cmd.append(f"--config.train.init_from={os.path.join(workdir, origin)}")
-  if name in RL_STAGES:
-    cmd += _rl_inputs(workdir, config_arg)
-  print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
-  t0 = time.time()
-  code = subprocess.call(cmd, cwd=ROOT)
-  if code:
-    sys.exit(f"error: stage {name} exited with status {code}")
-  print(f"== {name}: done in {time.time() - t0:.0f} s", flush=True)
+def _with_rl_inputs(argv: list[str], workdir: str, config_arg: str) -> list[str]:
+  return argv + _rl_inputs(workdir, config_arg)
+
+
+def stages(workdir: str, suffix: str, names: Sequence[str] = tuple(s[0] for s in STAGES)) -> list:
+  """The training CLI of each stage named (printed before it runs), from its origin's checkpoint; a stage
+  whose final checkpoint exists is reused."""
+  from lmobjective.config import load_config_file
+  from lmobjective.run import schedule
+  out = []
+  for name, stage, origin in STAGES:
+    if name not in names:
+      continue
+    config = os.path.join(ROOT, "configs", "stack.py") + f":{stage}{suffix}"
+    path = os.path.join(workdir, name)
+    argv = ["-m", "lmobjective.train", f"--config={config}", f"--workdir={path}"]
+    if origin:
+      argv.append(f"--config.train.init_from={os.path.join(workdir, origin)}")
+    if name in RL_STAGES:  # its prompts are written from the SFT stage's tokenizer when it starts
+      argv = functools.partial(_with_rl_inputs, argv, workdir, stage + suffix)
+    after = tuple(a for a in ((origin,) if origin else ()) + (("reward_model",) if name in RL_STAGES else ())
+                  if a in names)
+    out.append(schedule.Stage(name, argv, after, schedule.trained(path, load_config_file(config))))
+  return out
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="runs/stack", help="where the stages and the tables go")
   parser.add_argument("--size", choices=("quick", "full"), default="quick", help="quick: the CPU setting")
+  parser.add_argument("--jobs", type=int, default=None,
+                      help="stages run at once where their inputs allow (default: 2 on a CPU machine, 1 with a GPU)")
   args = parser.parse_args()
   workdir = os.path.abspath(args.workdir)
+  from lmobjective.run import schedule
+  args.jobs = args.jobs or schedule.default_jobs()
+  os.environ.update(schedule.cache_env(workdir))  # the tables' programs too (before JAX is imported)
   suffix = ",quick" if args.size == "quick" else ""
   t0 = time.time()
-  for name, stage, origin in STAGES:
-    run_stage(workdir, name, stage + suffix, origin)
+  schedule.run(stages(workdir, suffix), workdir, args.jobs)
   from lmobjective.analysis import stack
   workdirs = {name: os.path.join(workdir, name) for name in LM_STAGES}
   table, kinds = stack.rows(workdirs), stack.kind_rows(workdirs)

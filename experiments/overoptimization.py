@@ -1,6 +1,6 @@
 """Reward over-optimisation as an experiment (Gao et al. 2022): gold and proxy reward against √KL(π‖π_ref).
 
-    python experiments/overoptimization.py --workdir=runs/overopt [--size=quick|full] [--sft=runs/stack/sft]
+    python experiments/overoptimization.py --workdir=runs/overopt [--size=quick|full] [--sft=runs/stack/sft] [--jobs=N]
 
 1. The SFT model of the objective stack (`--sft`, or the stack's pretrain and SFT stages run into
    WORKDIR/stack) samples two answers to each of N train questions of the docstring task; the gold reward
@@ -16,7 +16,9 @@
 5. The curves (gold and proxy, each minus its value at the reference, against d = √KL) in
    WORKDIR/overoptimization.png, Gao et al.'s forms fitted (d(α − β log d) for RL, d(α − β d) for best-of-n)
    with their coefficients in WORKDIR/overoptimization.md, and each RL run's reward_hacking finding.
-Held-out questions only (the stack's held-out modules). Finished stages are reused.
+Held-out questions only (the stack's held-out modules). Finished stages are reused. Stages whose inputs are
+ready run two at a time on a CPU machine (the two proxies; then the RL runs and best-of-n;
+`lmobjective/run/schedule.py`: their logs in WORKDIR/logs, one XLA compilation cache in WORKDIR/xla_cache).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -45,34 +46,26 @@ TAU = 0.1  # Bradley–Terry temperature of the gold labels (F1 differences are 
 NS = (1, 2, 4, 8, 16, 32, 64)  # best-of-n's n, those with at least 4n reference samples per question (m >> n)
 BON_CHUNK = 8  # held-out questions sampled together for best-of-n
 CONFIG = os.path.join(ROOT, "configs", "overoptimization.py")
+BON_FILE = "best_of_n.json"
 
 
-def _cli(name: str, workdir: str, config_arg: str, *flags: str) -> None:
-  """`python -m lmobjective.train` for one stage, skipped when its final checkpoint exists."""
+def _stage(name: str, workdir: str, config_arg: str, after: tuple[str, ...], *flags: str):
+  """`python -m lmobjective.train` for one stage, reused when its final checkpoint exists."""
   from lmobjective.config import load_config_file
-  from lmobjective.run import checkpoint
+  from lmobjective.run import schedule
   path = os.path.join(workdir, name)
-  c = load_config_file(f"{CONFIG}:{config_arg}")
-  updates = c.train.steps * (c.rl.epochs * c.rl.num_minibatches if c.objective.kind in ("ppo", "rloo") else 1)
-  if os.path.isdir(path) and updates in checkpoint.finalized_steps(path):
-    print(f"== {name}: reusing the finished stage in {path}", flush=True)
-    return
-  cmd = [sys.executable, "-m", "lmobjective.train", f"--config={CONFIG}:{config_arg}", f"--workdir={path}", *flags]
-  print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
-  t0 = time.time()
-  if subprocess.call(cmd, cwd=ROOT):
-    sys.exit(f"error: stage {name} failed")
-  print(f"== {name}: done in {time.time() - t0:.0f} s", flush=True)
+  argv = ["-m", "lmobjective.train", f"--config={CONFIG}:{config_arg}", f"--workdir={path}", *flags]
+  return schedule.Stage(name, argv, after, schedule.trained(path, load_config_file(f"{CONFIG}:{config_arg}")))
 
 
-def sft_origin(workdir: str, sft: str | None, suffix: str) -> str:
+def sft_origin(workdir: str, sft: str | None, suffix: str, jobs: int) -> str:
   if sft:
     return os.path.abspath(sft)
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   import objective_stack
+  from lmobjective.run import schedule
   stack = os.path.join(workdir, "stack")
-  objective_stack.run_stage(stack, "pretrained", "pretrain" + suffix, None)
-  objective_stack.run_stage(stack, "sft", "sft" + suffix, "pretrained")
+  schedule.run(objective_stack.stages(stack, suffix, ("pretrained", "sft")), workdir, jobs)
   return os.path.join(stack, "sft")
 
 
@@ -140,7 +133,7 @@ def best_of_n(workdir: str, config_arg: str, sft: str, proxy: str, paths: dict, 
   from lmobjective.analysis import overoptimization
   from lmobjective.data import prompts as prompts_lib
   from lmobjective.run import rollout
-  cache = os.path.join(workdir, "best_of_n.json")
+  cache = os.path.join(workdir, BON_FILE)
   ns = [n for n in NS if 4 * n <= size["bon_samples"]]
   if os.path.exists(cache):
     return [p for p in json.load(open(cache)) if p["n"] in ns]
@@ -221,24 +214,39 @@ def main() -> None:
   parser.add_argument("--workdir", default="runs/overopt")
   parser.add_argument("--size", choices=tuple(SIZES), default="quick", help="quick: the CPU setting")
   parser.add_argument("--sft", default=None, help="a finished SFT run of the stack (configs/stack.py:sft) to start from")
+  parser.add_argument("--jobs", type=int, default=None,
+                      help="stages run at once where their inputs allow (default: 2 on a CPU machine, 1 with a GPU)")
+  parser.add_argument("--best_of_n_only", action="store_true",
+                      help="only the best-of-n samples (WORKDIR/best_of_n.json): the stage the driver runs beside the RL runs")
   args = parser.parse_args()
   workdir, size, suffix = os.path.abspath(args.workdir), SIZES[args.size], ",quick" if args.size == "quick" else ""
   t0 = time.time()
+  from lmobjective.run import schedule
+  jobs = args.jobs or schedule.default_jobs()
+  os.environ.update(schedule.cache_env(workdir))  # the driver's own programs too (before JAX is imported)
   from lmobjective.config import load_config_file
   rl_cfg = load_config_file(f"{CONFIG}:ppo{suffix}")
-  sft = sft_origin(workdir, args.sft, suffix)
+  sft = sft_origin(workdir, args.sft, suffix, jobs)
   os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
   paths = write_prompts(workdir, sft, rl_cfg.rl.max_new_tokens, rl_cfg.data.context_length, size["eval_prompts"])
+  proxy_large = os.path.join(workdir, "proxy_large")
+  if args.best_of_n_only:
+    best_of_n(workdir, "ppo" + suffix, sft, proxy_large, paths, size)
+    return
   pairs = label_pairs(workdir, sft, paths["prompts_train"], size["pairs"], rl_cfg.rl.max_new_tokens)
-  for which in ("small", "large"):
-    _cli(f"proxy_{which}", workdir, "proxy" + suffix, f"--config.train.init_from={sft}",
-         f"--config.data.sources.pairs.path={pairs[which]}")
+  stages = [_stage(f"proxy_{which}", workdir, "proxy" + suffix, (), f"--config.train.init_from={sft}",
+                   f"--config.data.sources.pairs.path={pairs[which]}") for which in ("small", "large")]
   for name, kind, which, beta, lr in rl_runs(size):
-    _cli(name, workdir, kind + suffix, f"--config.train.init_from={sft}",
-         f"--config.rl.reward_model={os.path.join(workdir, 'proxy_' + which)}", f"--config.objective.beta={beta}",
-         f"--config.optimizer.learning_rate={lr}",
-         f"--config.data.sources.prompts.path={paths['prompts_train']}", f"--config.rl.eval_prompts={paths['prompts_eval']}")
-  curves = {"best_of_n": best_of_n(workdir, "ppo" + suffix, sft, os.path.join(workdir, "proxy_large"), paths, size)}
+    stages.append(_stage(name, workdir, kind + suffix, (f"proxy_{which}",), f"--config.train.init_from={sft}",
+                         f"--config.rl.reward_model={os.path.join(workdir, 'proxy_' + which)}",
+                         f"--config.objective.beta={beta}", f"--config.optimizer.learning_rate={lr}",
+                         f"--config.data.sources.prompts.path={paths['prompts_train']}",
+                         f"--config.rl.eval_prompts={paths['prompts_eval']}"))
+  stages.append(schedule.Stage("best_of_n", [os.path.abspath(__file__), f"--workdir={workdir}", f"--size={args.size}",
+                                             f"--sft={sft}", "--best_of_n_only"], ("proxy_large",),
+                               os.path.exists(os.path.join(workdir, BON_FILE))))
+  schedule.run(stages, workdir, jobs)
+  curves = {"best_of_n": best_of_n(workdir, "ppo" + suffix, sft, proxy_large, paths, size)}
   curves.update({name: rl_curve(os.path.join(workdir, name)) for name, *_ in rl_runs(size)})
   table = report(workdir, curves)
   from lmobjective import files

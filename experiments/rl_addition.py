@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -78,21 +77,17 @@ def load_stage_config(stage: str, flags: dict[str, str | int]):
   return c
 
 
-def run_stage(workdir: str, name: str, stage: str, origin: str | None, seed: int = 0) -> None:
-  from lmobjective.run import checkpoint
-  path = os.path.join(workdir, name)
-  flags = stage_flags(workdir, stage, origin, seed)
-  if os.path.isdir(path) and load_stage_config(stage, flags).train.steps in checkpoint.finalized_steps(path):
-    print(f"== {name}: reusing the finished stage in {path}", flush=True)
-    return
-  cmd = [sys.executable, "-m", "lmobjective.train", f"--config={CONFIG}:{stage}", f"--workdir={path}",
-         *(f"--config.{k}={v}" for k, v in flags.items())]
-  print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
-  t0 = time.time()
-  code = subprocess.call(cmd, cwd=ROOT)
-  if code:
-    sys.exit(f"error: stage {name} exited with status {code}")
-  print(f"== {name}: done in {time.time() - t0:.0f} s", flush=True)
+def stages(workdir: str, seed: int = 0) -> list:
+  """Each stage's training CLI (printed before it runs), one after another; a stage whose final checkpoint
+  exists is reused."""
+  from lmobjective.run import schedule
+  out = []
+  for name, stage, origin in STAGES:
+    path, flags = os.path.join(workdir, name), stage_flags(workdir, stage, origin, seed)
+    argv = ["-m", "lmobjective.train", f"--config={CONFIG}:{stage}", f"--workdir={path}",
+            *(f"--config.{k}={v}" for k, v in flags.items())]
+    out.append(schedule.Stage(name, argv, (origin,) if origin else (), schedule.trained(path, load_stage_config(stage, flags))))
+  return out
 
 
 def score(workdir: str, seed: int = 0) -> dict:
@@ -147,8 +142,8 @@ def main() -> None:
   task = _config_module().TASK
   paths = arithmetic.write_task(os.path.join(workdir, "data"), **task)
   print(f"== data: {task} -> {os.path.dirname(paths['pretrain'])}", flush=True)
-  for name, stage, origin in STAGES:
-    run_stage(workdir, name, stage, origin, args.seed)
+  from lmobjective.run import schedule
+  schedule.run(stages(workdir, args.seed), workdir, jobs=1)  # each stage needs the one before
   s = score(workdir, args.seed)
   md = markdown(s)
   with open(os.path.join(workdir, "rl_addition.md"), "w") as f:
