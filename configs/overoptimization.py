@@ -23,7 +23,7 @@ from lmobjective.config import load_config_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("proxy", "ppo", "rloo")
-STEPS = {"proxy": (100, 400), "ppo": (40, 200), "rloo": (40, 200)}  # (quick, full)
+STEPS = {"proxy": (60, 400), "ppo": (30, 200), "rloo": (30, 200)}  # (quick, full)
 
 
 def get_config(arg: str = "proxy"):
@@ -39,7 +39,7 @@ def get_config(arg: str = "proxy"):
     c = load_config_file(os.path.join(HERE, f"stack.py:{stage}"))  # gold watched, the reward model optimised
     c.rl.max_new_tokens, c.rl.eval_samples = 32, 2
     c.train.batch_size = 8 if quick else 16
-    c.eval.every_steps = 10 if quick else 25  # 5 points per curve (Gao et al.'s forms have 2 coefficients)
+    c.eval.every_steps = 10 if quick else 25  # 4 (quick) or 9 points per curve (Gao et al.'s forms have 2 coefficients)
     if stage == "ppo":
       c.rl.vf_coef = 0.5  # the stack's 0.1 left the critic explaining nothing (docs/objectives.md)
   c.train.steps = STEPS[stage][0 if quick else 1]

@@ -8,7 +8,7 @@
    P(a ≻ b) = σ((g_a − g_b)/τ); WORKDIR/data/pairs_{small,large}.jsonl hold the first eighth and all of them.
 2. Two proxy reward models (`configs/overoptimization.py:proxy`) are fitted to them from the SFT model.
 3. PPO and RLOO against the large proxy (quick: at β 0.02; full: 0.01, 0.03, 0.1), and the runs that
-   optimise hard (β 0.001, learning rate 1e-3: PPO against the small proxy; full: the large one too),
+   optimise hard (β 0.001, learning rate 3e-4: PPO against the small proxy; full: the large one too),
    watching the gold reward (weight 0): every eval line has the held-out proxy and gold rewards and
    val_kl_full_sampled (the full-distribution KL of the sampled responses).
 4. Best-of-n, the baseline without training: M reference samples per held-out question scored by the large
@@ -32,7 +32,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-HARD = 1e-3  # the learning rate of the runs that optimise hard (the stages' own is 1e-4)
+HARD = 3e-4  # the learning rate of the runs that optimise hard (the stages' own is 1e-4; 1e-3 until 2026-12-07: docs/objectives.md)
 SIZES = {  # train questions labelled; held-out questions the RL evals and best-of-n score; best-of-n samples each;
     #        the RL runs (kind, proxy, β, learning rate)
     "quick": {"pairs": 1200, "eval_prompts": 96, "bon_samples": 64,
