@@ -86,12 +86,10 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="runs/stack", help="where the stages and the tables go")
   parser.add_argument("--size", choices=("quick", "full"), default="quick", help="quick: the CPU setting")
-  parser.add_argument("--jobs", type=int, default=None,
-                      help="stages run at once where their inputs allow (default: 2 on a CPU machine, 1 with a GPU)")
+  from lmobjective.run import schedule
+  schedule.add_jobs_flag(parser)
   args = parser.parse_args()
   workdir = os.path.abspath(args.workdir)
-  from lmobjective.run import schedule
-  args.jobs = args.jobs or schedule.default_jobs()
   os.environ.update(schedule.cache_env(workdir))  # the tables' programs too (before JAX is imported)
   suffix = ",quick" if args.size == "quick" else ""
   t0 = time.time()

@@ -58,7 +58,7 @@ def _stage(name: str, workdir: str, config_arg: str, after: tuple[str, ...], *fl
   return schedule.Stage(name, argv, after, schedule.trained(path, load_config_file(f"{CONFIG}:{config_arg}")))
 
 
-def sft_origin(workdir: str, sft: str | None, suffix: str, jobs: int) -> str:
+def sft_origin(workdir: str, sft: str | None, suffix: str, jobs: int | None) -> str:
   if sft:
     return os.path.abspath(sft)
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -214,19 +214,17 @@ def main() -> None:
   parser.add_argument("--workdir", default="runs/overopt")
   parser.add_argument("--size", choices=tuple(SIZES), default="quick", help="quick: the CPU setting")
   parser.add_argument("--sft", default=None, help="a finished SFT run of the stack (configs/stack.py:sft) to start from")
-  parser.add_argument("--jobs", type=int, default=None,
-                      help="stages run at once where their inputs allow (default: 2 on a CPU machine, 1 with a GPU)")
+  from lmobjective.run import schedule
+  schedule.add_jobs_flag(parser)
   parser.add_argument("--best_of_n_only", action="store_true",
                       help="only the best-of-n samples (WORKDIR/best_of_n.json): the stage the driver runs beside the RL runs")
   args = parser.parse_args()
   workdir, size, suffix = os.path.abspath(args.workdir), SIZES[args.size], ",quick" if args.size == "quick" else ""
   t0 = time.time()
-  from lmobjective.run import schedule
-  jobs = args.jobs or schedule.default_jobs()
   os.environ.update(schedule.cache_env(workdir))  # the driver's own programs too (before JAX is imported)
   from lmobjective.config import load_config_file
   rl_cfg = load_config_file(f"{CONFIG}:ppo{suffix}")
-  sft = sft_origin(workdir, args.sft, suffix, jobs)
+  sft = sft_origin(workdir, args.sft, suffix, args.jobs)
   os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
   paths = write_prompts(workdir, sft, rl_cfg.rl.max_new_tokens, rl_cfg.data.context_length, size["eval_prompts"])
   proxy_large = os.path.join(workdir, "proxy_large")
@@ -245,7 +243,7 @@ def main() -> None:
   stages.append(schedule.Stage("best_of_n", [os.path.abspath(__file__), f"--workdir={workdir}", f"--size={args.size}",
                                              f"--sft={sft}", "--best_of_n_only"], ("proxy_large",),
                                os.path.exists(os.path.join(workdir, BON_FILE))))
-  schedule.run(stages, workdir, jobs)
+  schedule.run(stages, workdir, args.jobs)
   curves = {"best_of_n": best_of_n(workdir, "ppo" + suffix, sft, proxy_large, paths, size)}
   curves.update({name: rl_curve(os.path.join(workdir, name)) for name, *_ in rl_runs(size)})
   table = report(workdir, curves)

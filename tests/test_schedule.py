@@ -78,3 +78,14 @@ def test_default_jobs_is_one_where_a_gpu_plugin_is_installed(monkeypatch):
   monkeypatch.setattr(schedule.importlib.util, "find_spec", lambda m: None)
   monkeypatch.setattr(schedule.os, "cpu_count", lambda: 8)
   assert schedule.default_jobs() == 2
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "two"])
+def test_the_jobs_flag_refuses_what_is_not_a_positive_count_in_one_line(text, capsys):
+  import argparse
+  parser = argparse.ArgumentParser()
+  schedule.add_jobs_flag(parser)
+  assert parser.parse_args(["--jobs=2"]).jobs == 2 and parser.parse_args([]).jobs is None
+  with pytest.raises(SystemExit):
+    parser.parse_args([f"--jobs={text}"])
+  assert f"argument --jobs: must be a positive integer, got {text!r}" in capsys.readouterr().err

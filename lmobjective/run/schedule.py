@@ -23,6 +23,7 @@ computes changes.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import os
@@ -59,6 +60,16 @@ def default_jobs() -> int:
   if any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin")):
     return 1
   return min(2, os.cpu_count() or 1)
+
+
+def add_jobs_flag(parser) -> None:
+  """The drivers' `--jobs` (argparse): a positive count, refused in one line otherwise; None: `default_jobs`."""
+  def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+      raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+  parser.add_argument("--jobs", type=positive, default=None,
+                      help="stages run at once where their inputs allow (default: 2 on a CPU machine, 1 with a GPU)")
 
 
 def cache_env(workdir: str) -> dict[str, str]:
@@ -116,9 +127,11 @@ def _start(stage: Stage, workdir: str, jobs: int, env: dict) -> _Running:
   return _Running(stage.name, proc, log, time.time())
 
 
-def run(stages: Sequence[Stage], workdir: str, jobs: int = 1) -> dict[str, float]:
-  """Runs the unfinished stages; returns each one's wall seconds. Exits with one line if one fails."""
+def run(stages: Sequence[Stage], workdir: str, jobs: int | None = None) -> dict[str, float]:
+  """Runs the unfinished stages, `jobs` at a time (None: `default_jobs`); returns each one's wall seconds.
+  Exits with one line if one fails."""
   _check(stages)
+  jobs = jobs or default_jobs()
   env = cache_env(workdir)
   done = {s.name for s in stages if s.finished}
   for s in stages:
