@@ -204,6 +204,26 @@ def test_run_all_skips_finished_runs_and_runs_n_at_a_time(tmp_path, monkeypatch)
   assert sorted(launched) == sorted(names[1:]) and peak[0] == 2
 
 
+def test_a_launch_caught_between_its_start_line_and_its_popen_by_the_stop_does_not_run(tmp_path, monkeypatch):
+  """The race CI hit once: SIGTERM landed after run 2's directory and "start" line but before its subprocess
+  was registered, so the sweep's stop missed it and it trained to the end and was marked done."""
+  p = sweep.plan(write_spec(tmp_path), str(tmp_path / "s"), {})
+  p["shared_tokenizer"] = False
+  names = list(p["runs"])
+  monkeypatch.setattr(sweep, "command", lambda plan, name: [sys.executable, "-c", "pass"])
+  log = sweep._log
+
+  def log_then_stop(workdir, **event):  # the interrupted main thread's `stop` runs right after run 2's start line
+    log(workdir, **event)
+    if event == {"event": "start", "run": names[1]}:
+      sweep._CHILDREN.stop()
+
+  monkeypatch.setattr(sweep, "_log", log_then_stop)
+  assert sweep.run_all(p, names) == names[1:]
+  assert [sweep.is_done(os.path.join(p["workdir"], n)) for n in names] == [True, False, False, False]
+  assert events(p["workdir"], "done") == {names[0]: 1}
+
+
 def test_position_loss_bins_are_token_weighted():
   from lmobjective.sweep import results
   x, y = results.log_binned([1, 2, 3, 4, 5, 6, 7, 8.0], [1, 1, 1, 1, 1, 1, 3, 1])

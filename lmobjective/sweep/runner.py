@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from lmobjective import config as config_lib
@@ -36,7 +37,31 @@ DONE_FILE = "DONE.json"
 LOG_FILE = "sweep_log.jsonl"  # one line per launch and per outcome: the launch counter
 SPEC_FILE = "sweep.json"
 ROOT = config_lib.PROJECT_ROOT
-_LIVE: set = set()  # running training subprocesses, terminated if the sweep itself is interrupted
+
+
+class _Children:
+  """The sweep's running training subprocesses. Once `stop` ran (the sweep was interrupted) none starts:
+  a launch that was between its "start" line and its Popen when the signal came is not left running."""
+
+  def __init__(self):
+    self.lock, self.procs, self.stopped = threading.Lock(), set(), False
+
+  def start(self, cmd: list[str], **popen_kw) -> subprocess.Popen | None:
+    with self.lock:
+      if self.stopped:
+        return None
+      proc = subprocess.Popen(cmd, **popen_kw)
+      self.procs.add(proc)
+      return proc
+
+  def stop(self) -> None:
+    with self.lock:
+      self.stopped = True
+      for proc in self.procs:
+        proc.terminate()
+
+
+_CHILDREN = _Children()  # replaced by each run_all
 
 
 # ---- the plan ----------------------------------------------------------------------------------
@@ -142,12 +167,8 @@ def launch(p: dict, name: str) -> bool:
   with open(os.path.join(run_dir, "train.log"), "a") as log:
     log.write(f"$ {shlex.join(cmd)}\n")
     log.flush()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    _LIVE.add(proc)
-    try:
-      rc = proc.wait()
-    finally:
-      _LIVE.discard(proc)
+    proc = _CHILDREN.start(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    rc = proc.wait() if proc is not None else -signal.SIGTERM  # None: the sweep was stopped first
   wall = time.time() - t0
   _log(p["workdir"], event="done" if rc == 0 else "failed", run=name, rc=rc, wall_s=wall)
   if rc != 0:
@@ -172,12 +193,13 @@ def run_all(p: dict, names: list[str], parallel: int = 1) -> list[str]:
         f"{f', {parallel} at a time' if parallel > 1 else ''}", flush=True)
   if todo and p["shared_tokenizer"]:
     shared_tokenizer(p)
+  global _CHILDREN
+  _CHILDREN = _Children()
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
     try:
       ok = list(pool.map(lambda n: launch(p, n), todo))
     except BaseException:  # Ctrl-C or SIGTERM: stop the children (they checkpoint and exit), then leave
-      for proc in list(_LIVE):
-        proc.terminate()
+      _CHILDREN.stop()
       raise
   return [n for n, good in zip(todo, ok) if not good]
 
