@@ -24,6 +24,11 @@ def default_dir() -> str:
   return os.path.join(os.path.expanduser("~"), ".cache", "lmobjective")
 
 
+def directory(data_cfg, override: str | None = None) -> str:
+  """Where the caches of a run's data go: `override`, else `data.cache_dir`, else `default_dir()`."""
+  return os.path.expanduser(override or data_cfg.cache_dir or default_dir())
+
+
 def key(parts: dict) -> str:
   return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 

@@ -14,7 +14,6 @@ refused, some of them are warned about once.
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from typing import Any
@@ -34,10 +33,6 @@ FIELDS = MODEL_FIELDS  # what a batch carries for the model (plus source_ids, fo
 _READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
 
 
-def resolve_cache_dir(data_cfg, cache_dir: str | None) -> str:
-  return os.path.expanduser(cache_dir or data_cfg.cache_dir or cache.default_dir())
-
-
 class Pipeline:
   rows_per_example = 1  # rows a batch holds per example of train.batch_size
 
@@ -51,7 +46,7 @@ class Pipeline:
     self.source_names = tuple(data_cfg.sources.keys())
     self.weights = mixture.normalise({n: s.weight for n, s in data_cfg.sources.items()})
     self.stages = mixture.parse_stages(data_cfg.mixture_stages, self.source_names)  # [(step, weights)]
-    directory = resolve_cache_dir(data_cfg, cache_dir)
+    directory = cache.directory(data_cfg, cache_dir)
     files.check_dir("data.cache_dir", directory)  # one line, not a traceback at the first cache write
     self.kinds = [data_cfg.sources[n].kind for n in self.source_names]
     self.rows_per_example = _rows_per_example(self.source_names, self.kinds)  # 2: pairs (chosen, rejected)

@@ -131,7 +131,8 @@ class _Reader:
     return self.text(raw, path, check=not builtin)
 
 
-def load_source(name: str, scfg) -> SourceDocs:
+def load_source(name: str, scfg, cache_dir: str | None = None) -> SourceDocs:
+  """The source's documents, split; `cache_dir` keeps what is slow to derive (`stdlib_corpus`'s docstrings)."""
   reader, info = _Reader(name), {"kind": scfg.kind}
   if scfg.kind == "text":
     files = resolve_paths(name, scfg.path)
@@ -142,7 +143,7 @@ def load_source(name: str, scfg) -> SourceDocs:
   elif scfg.kind == "python_stdlib":
     docs = stdlib_corpus.code_documents(lambda p: reader.file(p, builtin=True), excluded(name, scfg))
   elif scfg.kind == "stdlib_prose":
-    docs = stdlib_corpus.prose_documents(lambda p: reader.file(p, builtin=True), excluded(name, scfg))
+    docs = stdlib_corpus.prose_documents(lambda p: reader.file(p, builtin=True), excluded(name, scfg), cache_dir)
   elif scfg.kind in ("stdlib_chat", "stdlib_pairs"):  # split by held-out module, then capped
     splits = stdlib_tasks.chat_splits if scfg.kind == "stdlib_chat" else stdlib_tasks.pair_splits
     train, val, more = splits(scfg.val_fraction, scfg.max_documents)

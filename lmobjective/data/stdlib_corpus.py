@@ -5,16 +5,26 @@
 function) joined into one document, plus every `pydoc_data.topics` page.
 A module is a file's dotted name under the stdlib root (`json/decoder.py` -> `json.decoder`,
 `json/__init__.py` -> `json`); `exclude` drops those modules' files from both corpora.
+
+Parsing 700+ modules for their docstrings takes ~4 s, paid by every tokenizer trained and every
+token cache built on `stdlib_prose`. Each file's document is kept by the sha256 of its text: in
+this process, and given a cache directory, in `<cache_dir>/stdlib_docstrings-<key>.json` (a hit
+needs the same bytes, so a changed file is parsed again whatever the interpreter says).
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
 import os
 import sys
 import sysconfig
+import warnings
 
+from lmobjective import files
 from lmobjective.config import ConfigError
+from lmobjective.data.errors import DataWarning
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idle_test", "tests", "test"}
 
@@ -70,11 +80,50 @@ def code_documents(read, exclude: tuple[str, ...] = ()) -> list[str]:
   return [t for t in map(read, _files(exclude)) if t.strip()]
 
 
-def prose_documents(read, exclude: tuple[str, ...] = ()) -> list[str]:
-  docs = [d for d in (_module_docstrings(read(p)) for p in _files(exclude)) if d]
+def prose_documents(read, exclude: tuple[str, ...] = (), cache_dir: str | None = None) -> list[str]:
+  """Each module's docstrings joined (modules without any left out), then the pydoc topic pages."""
+  docs = [d for d in docstring_documents([read(p) for p in _files(exclude)], cache_dir) if d]
   from pydoc_data import topics  # the pages behind `help('topic')`
   docs += [topics.topics[k].strip() for k in sorted(topics.topics) if topics.topics[k].strip()]
   return docs
+
+
+_DOCSTRINGS: dict[str, str] = {}  # sha256 of a module's text -> its docstring document ("" if none)
+_CACHE_FORMAT = 1
+
+
+def docstring_documents(texts: list[str], cache_dir: str | None = None) -> list[str]:
+  """`_module_docstrings` of each text, parsing only the texts neither this process nor the cache file has seen."""
+  keys = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
+  path = cache_dir and os.path.join(os.path.expanduser(cache_dir), _cache_name())
+  stored = _read_cache(path) if path and any(k not in _DOCSTRINGS for k in keys) else {}
+  _DOCSTRINGS.update(stored)
+  new = {k: _module_docstrings(t) for k, t in zip(keys, texts) if k not in _DOCSTRINGS}
+  _DOCSTRINGS.update(new)
+  if path and new:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    files.write_json(path, {"format": _CACHE_FORMAT, "documents": {**stored, **{k: _DOCSTRINGS[k] for k in keys}}})
+  return [_DOCSTRINGS[k] for k in keys]
+
+
+def _cache_name() -> str:
+  """One file per interpreter, so that caches of several Pythons do not grow one file."""
+  return f"stdlib_docstrings-{hashlib.sha256(fingerprint().encode()).hexdigest()[:20]}.json"
+
+
+def _read_cache(path: str) -> dict[str, str]:
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path) as f:
+      data = json.load(f)
+    if data["format"] != _CACHE_FORMAT or not all(isinstance(v, str) for v in data["documents"].values()):
+      raise ValueError(f"format {data['format']!r}")
+    return dict(data["documents"])
+  except Exception as e:  # a truncated or foreign file must not stop the run: parse again, rewrite it
+    warnings.warn(f"cache {path}: unreadable ({type(e).__name__}); parsing the modules again", DataWarning,
+                  stacklevel=2)
+    return {}
 
 
 def _module_docstrings(source: str) -> str:

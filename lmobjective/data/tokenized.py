@@ -59,9 +59,9 @@ def _typed(name: str, scfg) -> config_lib.SourceConfig:
   return config_lib.section(config_lib.SourceConfig, scfg, f"data.sources.{name}.")
 
 
-def tokenize(name: str, scfg, tok: Tokenizer) -> TokenizedSource:
+def tokenize(name: str, scfg, tok: Tokenizer, cache_dir: str | None = None) -> TokenizedSource:
   scfg = _typed(name, scfg)
-  docs = sources.load_source(name, scfg)
+  docs = sources.load_source(name, scfg, cache_dir)
   out = TokenizedSource(name, _tokenize_split(docs.train, scfg, tok), _tokenize_split(docs.val, scfg, tok), docs.info)
   for split_name, split in (("train", out.train), ("val", out.val)):
     tok.check_ids(split.ids, f"data.sources.{name} ({split_name} split)")
@@ -90,7 +90,7 @@ def load(name: str, scfg, tok: Tokenizer, cache_dir: str | None) -> TokenizedSou
     for s, split in splits.items():
       tok.check_ids(split.ids, f"data.sources.{name} ({s} split, cache {path})")
     return TokenizedSource(name, splits["train"], splits["val"], meta["info"])
-  src = tokenize(name, scfg, tok)
+  src = tokenize(name, scfg, tok, cache_dir)
   arrays = {}
   for s, split in (("train", src.train), ("val", src.val)):
     arrays[f"{s}_ids"], arrays[f"{s}_starts"] = split.ids, split.doc_starts

@@ -16,8 +16,9 @@ from typing import Callable
 import numpy as np
 
 from lmobjective import config as config_lib
+from lmobjective import files
 from lmobjective.config import ConfigError
-from lmobjective.data import sources, tokenizers
+from lmobjective.data import cache, sources, tokenizers
 from lmobjective.data.tokenizers import Tokenizer
 
 _MAX_LINE_CHARS = 256  # longer lines are cut into chunks (markov documents are single long lines)
@@ -47,11 +48,13 @@ def training_lines(data_cfg) -> list[str]:
   """~sample_lines lines drawn from the sources' train splits in proportion to their weights."""
   weights = source_weights(data_cfg)
   total = sum(weights.values())
+  cache_dir = cache.directory(data_cfg)
+  files.check_dir("data.cache_dir", cache_dir)  # the pipeline's one line, before the first cache write
   out = []
   for name, scfg in data_cfg.sources.items():
     if weights[name] <= 0:
       continue
-    lines = _lines(sources.load_source(name, scfg).train)
+    lines = _lines(sources.load_source(name, scfg, cache_dir).train)
     quota = int(round(data_cfg.tokenizer.sample_lines * weights[name] / total))
     if len(lines) > quota:
       rng = np.random.default_rng([data_cfg.tokenizer.seed, zlib.crc32(name.encode())])

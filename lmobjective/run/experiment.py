@@ -147,7 +147,7 @@ def build(raw_config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
   if cached:  # before the eval batches are cut: they carry the values too
     pipeline.attach_reference(reference_cache.prepare(
         config, pipeline, model, model_cfg, mesh, params_sharding, reference, origin.params_fingerprint,
-        data.pipeline.resolve_cache_dir(config.data, config.data.cache_dir)))
+        data.cache.directory(config.data)))
   token_bytes = jnp.asarray(tokenizer.token_byte_lengths(), jnp.int32)
   train_fn, eval_fn = _step_programs(config, objective, model, tx, mesh, state_sharding, params_sharding,
                                      token_bytes, reference_params=None if cached else reference)

@@ -80,6 +80,43 @@ def test_stdlib_prose_has_docstrings_and_topic_pages():
   assert "def " not in json_doc[:200]
 
 
+def _read(path):
+  return open(path, encoding="utf-8", errors="replace").read()
+
+
+def _parsed_here(texts):
+  """The reference: each text parsed now, nothing memoised or read from a cache."""
+  return [stdlib_corpus._module_docstrings(t) for t in texts]
+
+
+def test_cached_docstrings_are_what_parsing_gives_from_memory_and_from_the_file(tmp_path, monkeypatch):
+  texts = [_read(p) for p in stdlib_corpus.stdlib_files()[::12]]  # 60-odd modules, nested defs among them
+  want = _parsed_here(texts)
+  monkeypatch.setattr(stdlib_corpus, "_DOCSTRINGS", {})
+  assert stdlib_corpus.docstring_documents(texts, str(tmp_path)) == want  # parsed, then written
+  (cache_file,) = tmp_path.iterdir()
+  assert cache_file.name == stdlib_corpus._cache_name()
+  assert stdlib_corpus.docstring_documents(texts, str(tmp_path)) == want  # from this process's memo
+  monkeypatch.setattr(stdlib_corpus, "_DOCSTRINGS", {})
+  parse = stdlib_corpus._module_docstrings
+  monkeypatch.setattr(stdlib_corpus, "_module_docstrings", lambda t: pytest.fail("parsed a cached text"))
+  assert stdlib_corpus.docstring_documents(texts, str(tmp_path)) == want  # from the file, nothing parsed
+  changed = texts[0] + '\n\ndef added():\n  """A docstring the cache has never seen."""\n'
+  monkeypatch.setattr(stdlib_corpus, "_module_docstrings", parse)
+  assert stdlib_corpus.docstring_documents([changed], str(tmp_path)) == _parsed_here([changed])
+  assert "A docstring the cache has never seen." in stdlib_corpus.docstring_documents([changed])[0]
+
+
+def test_a_damaged_docstring_cache_is_warned_parsed_again_and_rewritten(tmp_path, monkeypatch):
+  texts = [_read(p) for p in stdlib_corpus.stdlib_files()[:5]]
+  monkeypatch.setattr(stdlib_corpus, "_DOCSTRINGS", {})
+  path = tmp_path / stdlib_corpus._cache_name()
+  path.write_text('{"format": 1, "documents": {"ab')  # cut short by a full disk
+  with pytest.warns(DataWarning, match="unreadable.*parsing the modules again"):
+    assert stdlib_corpus.docstring_documents(texts, str(tmp_path)) == _parsed_here(texts)
+  assert len(json.loads(path.read_text())["documents"]) == len(set(texts))
+
+
 def test_max_documents_caps_with_a_seeded_subsample(tmp_path):
   (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"d{i}"}) + "\n" for i in range(100)))
   a = _load("jsonl", tmp_path / "d.jsonl", max_documents=10, val_fraction=0.2)
