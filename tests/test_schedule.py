@@ -2,6 +2,10 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -57,6 +61,32 @@ def test_a_failed_stage_stops_the_others_and_names_itself(tmp_path):
   assert str(e.value) == (f"error: stage bad exited with status 3; its log: "
                           f"{os.path.join(str(tmp_path), schedule.LOG_DIR, 'bad.log')}")
   assert not os.path.exists(tmp_path / "slow.json") and not os.path.exists(tmp_path / "next.json")  # stopped, not started
+
+
+# A stage that marks it started, then on SIGTERM marks it stopped and exits 143 (as a training run does after saving).
+STOPPABLE = ("import signal, sys, time, pathlib; d = pathlib.Path(sys.argv[1]); "
+             "signal.signal(signal.SIGTERM, lambda *_: (d.with_suffix('.stopped').write_text('1'), sys.exit(143))); "
+             "d.with_suffix('.started').write_text('1'); time.sleep(60)")
+DRIVER = """import sys
+from lmobjective.run import schedule
+stop = lambda name, *after: schedule.Stage(name, ["-c", {stage!r}, {d!r} + "/" + name], after)
+schedule.run([stop("a"), stop("b"), stop("c", "a")], {d!r}, jobs=2)
+"""
+
+
+def test_sigterm_to_the_driver_stops_every_running_stage_starts_no_other_and_exits_143(tmp_path):
+  driver = subprocess.Popen([sys.executable, "-c", DRIVER.format(stage=STOPPABLE, d=str(tmp_path))],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 60
+  while not ((tmp_path / "a.started").exists() and (tmp_path / "b.started").exists()):
+    assert driver.poll() is None and time.time() < deadline, driver.communicate()[0]
+    time.sleep(0.05)
+  driver.send_signal(signal.SIGTERM)
+  out, _ = driver.communicate(timeout=60)
+  assert driver.returncode == 143, out
+  assert "== stopping a, b: each saves a checkpoint and exits; the same command goes on from there" in out
+  assert (tmp_path / "a.stopped").exists() and (tmp_path / "b.stopped").exists()  # each got to save
+  assert not (tmp_path / "c.started").exists()
 
 
 def test_a_stage_needing_one_not_listed_before_it_is_refused_before_anything_runs(tmp_path):

@@ -8,7 +8,9 @@ taking a free slot. With `jobs` 1 a stage's output goes to the terminal as it ru
 writes WORKDIR/logs/NAME.log: the log of the stage started first is echoed as it grows, another's
 whole when it ends, so the output reads stage by stage. A stage whose argv is a callable builds it just before it starts
 (inputs the driver writes from an earlier stage's output). A failed stage stops the others (SIGTERM: they checkpoint and
-exit) and ends the driver with one line naming it and its log.
+exit) and ends the driver with one line naming it and its log. SIGTERM or Ctrl-C to the driver does the same to
+every running stage and exits 143 / 130 once they have saved (`preemption.py`); the same command resumes them.
+The signal is acted on between the driver's steps, so a stage it lands beside is never left running unwatched.
 
 On 2 CPU cores two stages at once gain where a stage leaves a core idle (tracing, compiling, decoding
 token by token, writing checkpoints): two 10-iteration PPO runs took 173 s together against 127 s each
@@ -31,6 +33,8 @@ import subprocess
 import sys
 import time
 from typing import Callable, Sequence
+
+from lmobjective.run import preemption
 
 CACHE_DIR = "xla_cache"
 LOG_DIR = "logs"
@@ -140,34 +144,54 @@ def run(stages: Sequence[Stage], workdir: str, jobs: int | None = None) -> dict[
   todo = [s for s in stages if not s.finished]
   running: dict[str, _Running] = {}
   seconds: dict[str, float] = {}
-  try:
-    while todo or running:
-      for s in [s for s in todo if all(a in done for a in s.after)][:max(jobs - len(running), 0)]:
-        todo.remove(s)
-        running[s.name] = _start(s, workdir, jobs, env)
-      if not running:
-        raise RuntimeError(f"stages {[s.name for s in todo]} wait on stages that never ran")
-      name = _wait_any(running)
-      r = running.pop(name)
-      seconds[name] = time.time() - r.t0
-      r.echo(final=True)
-      if r.proc.returncode:
-        sys.exit(f"error: stage {name} exited with status {r.proc.returncode}" + (f"; its log: {r.log}" if r.log else ""))
-      print(f"== {name}: done in {seconds[name]:.0f} s", flush=True)
-      done.add(name)
-  finally:
-    for r in running.values():  # a failed stage, Ctrl-C or SIGTERM: the others checkpoint and exit
-      r.proc.terminate()
-    for r in running.values():
-      r.proc.wait()
+  with preemption.preemption_signals() as stop:
+    try:
+      _loop(todo, running, done, seconds, workdir, jobs, env, stop)
+    finally:
+      for r in running.values():  # a failed stage, Ctrl-C or SIGTERM: the others checkpoint and exit
+        r.proc.terminate()
+      for r in running.values():
+        r.proc.wait()
   return seconds
 
 
-def _wait_any(running: dict[str, _Running]) -> str:
-  """The name of a stage that ended; meanwhile the log of the stage started first is echoed as it grows."""
-  while True:
+def _loop(todo, running, done, seconds, workdir, jobs, env, stop) -> None:
+  while todo or running:
+    _stop_if_asked(stop, running)
+    for s in [s for s in todo if all(a in done for a in s.after)][:max(jobs - len(running), 0)]:
+      todo.remove(s)
+      running[s.name] = _start(s, workdir, jobs, env)
+    if not running:
+      raise RuntimeError(f"stages {[s.name for s in todo]} wait on stages that never ran")
+    name = _wait_any(running, stop)
+    if name is not None:
+      r = running.pop(name)
+      _finish(name, r, seconds, done)
+
+
+def _finish(name: str, r: _Running, seconds: dict, done: set) -> None:
+  seconds[name] = time.time() - r.t0
+  r.echo(final=True)
+  if r.proc.returncode:
+    sys.exit(f"error: stage {name} exited with status {r.proc.returncode}" + (f"; its log: {r.log}" if r.log else ""))
+  print(f"== {name}: done in {seconds[name]:.0f} s", flush=True)
+  done.add(name)
+
+
+def _stop_if_asked(stop: preemption.StopRequest, running: dict[str, _Running]) -> None:
+  if stop.signum is not None:
+    print(f"== stopping {', '.join(running) or 'nothing running'}: each saves a checkpoint and exits; "
+          "the same command goes on from there", flush=True)
+    raise preemption.Preempted(preemption.EXIT_CODES[stop.signum])
+
+
+def _wait_any(running: dict[str, _Running], stop: preemption.StopRequest) -> str | None:
+  """The name of a stage that ended, or None once a signal asked the driver to stop; meanwhile the log of
+  the stage started first is echoed as it grows."""
+  while stop.signum is None:
     next(iter(running.values())).echo()
     for name, r in running.items():
       if r.proc.poll() is not None:
         return name
     time.sleep(0.2)
+  return None
