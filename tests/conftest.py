@@ -24,32 +24,32 @@ def pytest_configure(config):
 
 
 # The files that take longest, longest first (setup + call + teardown under two workers, measured
-# with `bash tests/run.sh --durations=0` on 2026-12-07; docs/testing.md). tests/run.sh passes
+# with `bash tests/run.sh --durations=0` on 2026-12-07, after the docstring cache; docs/testing.md). tests/run.sh passes
 # --no-loadscope-reorder, so the two xdist workers take whole files in this order and the short files
 # fill in at the end (xdist's own order, most tests first, started the longest files last).
 LONGEST_FIRST = (
-    "tests/test_sharding.py",
-    "tests/test_train.py",
-    "tests/test_checkpoint.py",
-    "tests/test_stack_cli.py",
-    "tests/test_multihost.py",
     "tests/faults/test_run_faults.py",
     "tests/test_reward_model.py",
     "tests/test_rl_fixed_points.py",
+    "tests/test_multihost.py",
     "tests/test_sampling.py",
+    "tests/test_stack_cli.py",
     "tests/test_generic_step.py",
-    "tests/test_step.py",
+    "tests/test_sharding.py",
     "tests/test_model.py",
     "tests/test_dpo_optimum.py",
+    "tests/test_step.py",
     "tests/test_rollout.py",
-    "tests/test_diagnose.py",
-    "tests/test_restore.py",
-    "tests/test_hlo.py",
-    "tests/test_large_vocab.py",
-    "tests/test_sweep.py",
-    "tests/test_preference_sharding.py",
     "tests/test_preference_step.py",
+    "tests/test_train.py",
+    "tests/test_sweep.py",
+    "tests/test_checkpoint.py",
+    "tests/test_restore.py",
+    "tests/hf/test_load.py",
+    "tests/test_hlo.py",
+    "tests/test_chunked_loss.py",
     "tests/test_gpu_check.py",
+    "tests/test_preference_sharding.py",
 )
 
 

@@ -166,8 +166,8 @@ def test_checkpoint_saved_under_fsdp_restores_on_one_device(result):
 
 
 @pytest.mark.slow
-def test_muon_state_is_sharded_like_the_params(tmp_path):
-  r = run_worker(tmp_path, "--muon")
+def test_muon_state_is_sharded_like_the_params(result):
+  r = result["muon"]
   for key in r["losses"]:
     assert r["mismatched"][key] == [], key
     assert r["muon_leaves"][key] == 2 * 7  # 2 layers x (q, k, v, out, gate, up, down)
@@ -176,11 +176,9 @@ def test_muon_state_is_sharded_like_the_params(tmp_path):
   assert r["mu_up"] == {"1x1x1": [64, 192], "2x2x2": [32, 96], "1x4x2": [16, 96]}
 
 
-if __name__ == "__main__":
-  if "--muon" in sys.argv[2:]:
-    print(json.dumps(muon_worker(sys.argv[1])))
-  else:
-    print(json.dumps(worker(sys.argv[1], break_mesh="--break" in sys.argv[2:])))
+if __name__ == "__main__":  # both workers in one process: one JAX start-up, one tokenizer and token cache
+  out = worker(sys.argv[1], break_mesh="--break" in sys.argv[2:])
+  print(json.dumps({**out, "muon": muon_worker(sys.argv[1])}))
 
 
 # Each parameter's mesh axes, read by hand from sharding.RULES (embed -> fsdp; vocab, heads, kv_heads,
